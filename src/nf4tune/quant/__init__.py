@@ -1,0 +1,16 @@
+"""The 4-bit core: NF4 / FP4 blockwise quantization with double quantization. Knows nothing of models."""
+
+from .codes import bits_per_parameter, code_4bit, dynamic_code, fp4_code, nf4_code
+from .tensor import SUPPORTED_BLOCKSIZES, QuantizationError, QuantizedTensor, quantize
+
+__all__ = [
+    "QuantizationError",
+    "QuantizedTensor",
+    "SUPPORTED_BLOCKSIZES",
+    "bits_per_parameter",
+    "code_4bit",
+    "dynamic_code",
+    "fp4_code",
+    "nf4_code",
+    "quantize",
+]
