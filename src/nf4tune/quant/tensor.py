@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import Nf4tuneError
 from . import blockwise
 from .codes import QUANT_TYPES, bits_per_parameter, code_4bit, dynamic_code
 
@@ -17,7 +18,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-class QuantizationError(ValueError):
+class QuantizationError(Nf4tuneError, ValueError):
     """A tensor that cannot be quantized or a quantized state that cannot be read."""
 
 
@@ -118,14 +119,15 @@ class QuantizedTensor:
     def bnb_state_dict(self, key: str) -> dict[str, torch.Tensor]:
         """The tensors bitsandbytes writes for this weight into a Hugging Face `*-bnb-4bit`
         checkpoint, under `key` (e.g. "model.layers.0.mlp.up_proj.weight")."""
+        # The code tables are cloned: tensors in one state dict must not share memory (safetensors).
         tensors = {
             key: self.packed,
             f"{key}.absmax": self.absmax,
-            f"{key}.quant_map": code_4bit(self.quant_type).to(self.device),
+            f"{key}.quant_map": code_4bit(self.quant_type).to(self.device, copy=True),
         }
         if self.double_quant:
             tensors[f"{key}.nested_absmax"] = self.nested_absmax
-            tensors[f"{key}.nested_quant_map"] = dynamic_code().to(self.device)
+            tensors[f"{key}.nested_quant_map"] = dynamic_code().to(self.device, copy=True)
         blob = json.dumps(self.quant_state_json()).encode("utf-8")
         tensors[f"{key}.quant_state.bitsandbytes__{self.quant_type}"] = torch.tensor(list(blob), dtype=torch.uint8)
         return tensors
@@ -181,11 +183,6 @@ def _check_input(w: torch.Tensor, name: str, quant_type: str, blocksize: int) ->
         )
     if w.numel() == 0:
         raise QuantizationError(f"cannot quantize {name}: it is empty (shape {list(w.shape)}).")
-    if not torch.isfinite(w).all():
-        bad = int((~torch.isfinite(w)).sum())
-        raise QuantizationError(
-            f"cannot quantize {name}: it holds {bad} NaN or Inf value(s); the checkpoint is likely corrupt or overflowed."
-        )
 
 
 def quantize(
@@ -209,6 +206,12 @@ def quantize(
 
     _check_input(w, name, quant_type, blocksize)
     packed, absmax = quantize_4bit(w, quant_type, blocksize)
+    # A NaN or Inf anywhere makes its block's absmax NaN or Inf: checking absmax is 64x cheaper.
+    if not torch.isfinite(absmax).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise QuantizationError(
+            f"cannot quantize {name}: it holds {bad} NaN or Inf value(s); the checkpoint is likely corrupt or overflowed."
+        )
     if not double_quant:
         return QuantizedTensor(packed, absmax, w.shape, w.dtype, quant_type, blocksize)
     offset = absmax.mean()

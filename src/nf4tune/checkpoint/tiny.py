@@ -1,0 +1,57 @@
+"""Tiny random checkpoints, built offline: for the demo, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+# Architectures with a tiny config each; the values keep every dimension a multiple of 16.
+_TINY_CONFIGS = {
+    "llama": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "qwen2": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (printable ASCII plus <unk> <s> </s> <pad>), no download needed."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def build_tiny_checkpoint(
+    path: str | Path,
+    arch: str = "llama",
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: str | None = "100KB",
+    seed: int = 0,
+    **overrides,
+) -> Path:
+    """Write a small random causal LM with tokenizer to `path` as a sharded safetensors checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = char_tokenizer()
+    kwargs = dict(_TINY_CONFIGS[arch], vocab_size=len(tokenizer), tie_word_embeddings=False,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    kwargs.update(overrides)
+    config = AutoConfig.for_model(arch, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    path = Path(path)
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **save_kwargs)
+    tokenizer.save_pretrained(path)
+    return path
