@@ -81,9 +81,9 @@ def iter_tensors(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise Nf4tuneError(f"{shard} cannot be read ({e}); the file may be truncated or corrupt.") from e
 
 
-def build_meta_model(config: dict):
-    """Instantiate the causal LM of `config` on the meta device (no memory), or explain why not."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def to_config(config: dict):
+    """A transformers config object from config.json's dict, or a clear error for an unknown model."""
+    from transformers import AutoConfig
 
     model_type = config.get("model_type")
     try:
@@ -98,12 +98,26 @@ def build_meta_model(config: dict):
             f"unknown architecture {model_type!r} ({reason}); nf4tune knows the causal LMs of the installed "
             "transformers: upgrade transformers or check config.json."
         )
+    return cfg
+
+
+def model_class(cfg):
+    """The transformers auto class for `cfg`: a causal LM, or a seq2seq LM (T5) for encoder-decoders."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def build_meta_model(config: dict):
+    """Instantiate the language model of `config` on the meta device (no memory), or explain why not."""
+    cfg = to_config(config)
+    model_type = config.get("model_type")
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(cfg)
+            return model_class(cfg).from_config(cfg)
     except ValueError as e:
         raise Nf4tuneError(
-            f"architecture {model_type!r} is not a causal language model transformers can build "
+            f"architecture {model_type!r} is not a language model transformers can build "
             f"({str(e).splitlines()[0]})."
         ) from e
 
@@ -130,13 +144,31 @@ def _matches(name: str, patterns: set[str]) -> bool:
     return any(re.match(rf"(?:{re.escape(p)}){boundary}", name) or name.endswith(p) for p in patterns)
 
 
-def linear_weight_keys(config: dict) -> set[str]:
-    """Checkpoint keys of the weights transformers + bitsandbytes quantize for this config: every plain
-    nn.Linear's weight except the output head and the modules they keep in 16-bit."""
-    model = build_meta_model(config)
+def quantizable_linears(model) -> list[str]:
+    """Names of the modules transformers + bitsandbytes quantize in `model`: every plain nn.Linear
+    except the output head and the modules they keep in 16-bit."""
     skip = _not_converted_modules(model)
-    return {
-        f"{name}.weight"
-        for name, module in model.named_modules()
-        if type(module) is torch.nn.Linear and not _matches(name, skip)
-    }
+    return [name for name, module in model.named_modules() if type(module) is torch.nn.Linear and not _matches(name, skip)]
+
+
+def linear_weight_keys(config: dict) -> set[str]:
+    """Checkpoint keys of the weights transformers + bitsandbytes quantize for this config."""
+    return {f"{name}.weight" for name in quantizable_linears(build_meta_model(config))}
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A local checkpoint folder as it is, or a Hugging Face Hub id downloaded (safetensors, config and
+    tokenizer files only) into the local Hub cache."""
+    path = Path(name_or_path)
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_path), allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:
+        raise Nf4tuneError(
+            f"{name_or_path} is neither a local folder nor a model that could be downloaded from the Hugging Face Hub "
+            f"({str(e).splitlines()[0]})."
+        ) from e

@@ -8,10 +8,16 @@ from pathlib import Path
 import torch
 
 # Architectures with a tiny config each; the values keep every dimension a multiple of 16.
+_DECODER = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 _TINY_CONFIGS = {
-    "llama": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "mistral": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "qwen2": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "qwen3": dict(_DECODER, head_dim=16),
+    "gemma": dict(_DECODER, head_dim=16),
+    "phi3": _DECODER,
+    "t5": dict(d_model=64, d_kv=16, d_ff=192, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu"),
+    "opt": dict(hidden_size=64, ffn_dim=192, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64),
 }
 
 
@@ -40,16 +46,20 @@ def build_tiny_checkpoint(
     **overrides,
 ) -> Path:
     """Write a small random causal LM with tokenizer to `path` as a sharded safetensors checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from .hf import model_class
 
     tokenizer = char_tokenizer()
     kwargs = dict(_TINY_CONFIGS[arch], vocab_size=len(tokenizer), tie_word_embeddings=False,
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
+    if arch == "t5":
+        kwargs["decoder_start_token_id"] = tokenizer.pad_token_id
     kwargs.update(overrides)
     config = AutoConfig.for_model(arch, **kwargs)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = model_class(config).from_config(config, dtype=dtype)
     path = Path(path)
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **save_kwargs)

@@ -1,0 +1,125 @@
+"""`Linear4bit`: a frozen 4-bit linear layer with an optional LoRA adapter, as one autograd function.
+
+y = x W^T + b + scaling * (dropout(x) A^T) B^T
+
+W is stored quantized (NF4/FP4) and dequantized on the fly in forward, and again in backward for
+the input gradient, so no full-precision copy of W outlives a call. Only A and B (and whatever
+upstream needs the input gradient) receive gradients. The LoRA product runs in the adapters' dtype
+(float32 by default), the frozen product in the compute dtype, as PEFT + bitsandbytes do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..quant import QuantizedTensor
+
+
+class _Lora4bitMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_lora, lora_A, lora_B, scaling, bias, weight: QuantizedTensor):
+        w = weight.dequantize(x.dtype)
+        y = x @ w.t()
+        del w
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        h = None
+        if lora_A is not None:
+            h = x_lora @ lora_A.t()
+            y = y + ((h @ lora_B.t()) * scaling).to(y.dtype)
+        ctx.weight, ctx.scaling, ctx.x_dtype = weight, scaling, x.dtype
+        ctx.save_for_backward(x_lora, lora_A, lora_B, h)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_lora, lora_A, lora_B, h = ctx.saved_tensors
+        grad_x = grad_x_lora = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ ctx.weight.dequantize(grad_y.dtype)
+        if lora_A is not None:
+            g = grad_y.to(lora_B.dtype) * ctx.scaling
+            g2 = g.reshape(-1, g.shape[-1])
+            if ctx.needs_input_grad[3]:
+                grad_B = g2.t() @ h.reshape(-1, h.shape[-1])
+            g_h = g @ lora_B
+            if ctx.needs_input_grad[2]:
+                grad_A = g_h.reshape(-1, g_h.shape[-1]).t() @ x_lora.reshape(-1, x_lora.shape[-1])
+            if ctx.needs_input_grad[1]:
+                grad_x_lora = g_h @ lora_A
+        return grad_x, grad_x_lora, grad_A, grad_B, None, None, None
+
+
+class Linear4bit(nn.Module):
+    """A linear layer whose weight is frozen in 4-bit, optionally with a trainable LoRA adapter.
+
+    The weight's storage is registered as buffers (`weight_packed`, `weight_absmax`,
+    `weight_nested_absmax`) so `.to(device)` moves it; the bias, if any, is a frozen parameter.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight_packed", None)
+        self.register_buffer("weight_absmax", None)
+        self.register_buffer("weight_nested_absmax", None)
+        self._quant_meta: dict = {}
+        self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
+        self.lora_A: nn.Parameter | None = None
+        self.lora_B: nn.Parameter | None = None
+        self.lora_dropout: nn.Module = nn.Identity()
+        self.scaling = 0.0
+        self.r = 0
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedTensor, bias: torch.Tensor | None = None,
+                       compute_dtype: torch.dtype = torch.bfloat16) -> "Linear4bit":
+        out_features, in_features = q.shape
+        layer = cls(in_features, out_features, bias is not None, compute_dtype)
+        layer.set_weight(q)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+        return layer
+
+    def set_weight(self, q: QuantizedTensor) -> None:
+        if tuple(q.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"a {list(q.shape)} weight does not fit a {self.in_features}->{self.out_features} layer")
+        self.weight_packed, self.weight_absmax, self.weight_nested_absmax = q.packed, q.absmax, q.nested_absmax
+        self._quant_meta = dict(shape=q.shape, dtype=q.dtype, quant_type=q.quant_type, blocksize=q.blocksize,
+                                offset=q.offset, nested_blocksize=q.nested_blocksize)
+
+    @property
+    def quantized_weight(self) -> QuantizedTensor:
+        """The weight as a `QuantizedTensor` (a view of this layer's buffers)."""
+        return QuantizedTensor(self.weight_packed, self.weight_absmax, nested_absmax=self.weight_nested_absmax,
+                               **self._quant_meta)
+
+    def add_lora(self, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 dtype: torch.dtype = torch.float32) -> None:
+        """Attach a LoRA adapter: A Kaiming-uniform (as nn.Linear and PEFT), B zero, so the output is
+        unchanged until B learns. scaling = alpha / r (alpha / sqrt(r) with rsLoRA)."""
+        device = self.weight_packed.device if self.weight_packed is not None else None
+        self.r = r
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        x = x.to(self.compute_dtype)
+        x_lora = self.lora_dropout(x).to(self.lora_A.dtype) if self.lora_A is not None else None
+        y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, self.scaling, self.bias, self.quantized_weight)
+        return y.to(in_dtype)
+
+    def extra_repr(self) -> str:
+        meta = self._quant_meta
+        s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        s += f", {meta.get('quant_type', '?')}, compute_dtype={self.compute_dtype}"
+        return s + (f", lora_r={self.r}" if self.r else "")

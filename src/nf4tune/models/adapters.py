@@ -1,0 +1,146 @@
+"""LoRA adapters on disk in PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+Keys are `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, as PEFT writes them, so
+`peft.PeftModel.from_pretrained(base, dir)` reads what `save_adapter` writes, and `load_adapter`
+reads what PEFT writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import Nf4tuneError
+from ..layers.linear4bit import Linear4bit
+from ..layers.lora import LoraConfig, lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapter_config(model, layers: list[str]) -> dict:
+    """PEFT's adapter_config.json for the adapters of `model` on `layers`."""
+    cfg: LoraConfig = getattr(model, "nf4tune_lora_config", None) or LoraConfig()
+    encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
+    return {
+        "peft_type": "LORA",
+        "task_type": "SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM",
+        "base_model_name_or_path": getattr(model, "nf4tune_base", None) or getattr(model.config, "_name_or_path", None),
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": sorted(layers),
+        "use_rslora": cfg.use_rslora,
+        "use_dora": False,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+
+
+def save_adapter(model, directory: str | Path) -> Path:
+    """Write the model's LoRA adapters to `directory` in PEFT's format (each file replaced atomically)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise Nf4tuneError("this model has no LoRA adapters to save; load it with lora=LoraConfig(...) or adapter=DIR.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+    config = adapter_config(model, list(layers))
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    return directory
+
+
+def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(adapter_config, {module name: {"A": tensor, "B": tensor}}) of a PEFT LoRA adapter folder."""
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file():
+        raise Nf4tuneError(f"{directory} has no {CONFIG_NAME}; is it a LoRA adapter folder?")
+    if not (directory / WEIGHTS_NAME).is_file():
+        extra = " (it has adapter_model.bin: re-save it with safetensors)" if (directory / "adapter_model.bin").is_file() else ""
+        raise Nf4tuneError(f"{directory} has no {WEIGHTS_NAME}{extra}.")
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text())
+        tensors = load_file(directory / WEIGHTS_NAME)
+    except Exception as e:
+        raise Nf4tuneError(f"the adapter in {directory} cannot be read ({str(e).splitlines()[0]}).") from e
+    if config.get("peft_type", "LORA") != "LORA":
+        raise Nf4tuneError(f"{directory} is a {config.get('peft_type')} adapter; nf4tune loads LoRA adapters.")
+    if config.get("use_dora"):
+        raise Nf4tuneError(f"{directory} is a DoRA adapter; nf4tune loads plain LoRA adapters.")
+    if config.get("alpha_pattern"):
+        raise Nf4tuneError(f"{directory} sets a per-module alpha_pattern, which nf4tune does not support yet.")
+    if not isinstance(config.get("r"), int) or config["r"] <= 0:
+        raise Nf4tuneError(f"{directory}: adapter rank r={config.get('r')!r}; a LoRA rank must be a positive integer.")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise Nf4tuneError(
+                f"{directory}: tensor {key} is not a LoRA A/B weight; adapters with modules_to_save or biases are not supported yet."
+            )
+        pairs.setdefault(m["module"], {})[m["which"]] = t
+    for name, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise Nf4tuneError(f"{directory}: {name} has lora_{next(iter(pair))} but not its partner.")
+    return config, pairs
+
+
+def load_adapter(model, directory: str | Path) -> list[str]:
+    """Attach the LoRA adapters saved in `directory` (by nf4tune or PEFT) to `model`, checking they fit."""
+    config, pairs = read_adapter(directory)
+    modules = dict(model.named_modules())
+    for name, pair in pairs.items():
+        layer = modules.get(name)
+        if not isinstance(layer, Linear4bit):
+            raise Nf4tuneError(
+                f"the adapter in {directory} targets {name}, which is not a 4-bit linear layer of this model; "
+                f"it was trained on another base model (its base: {config.get('base_model_name_or_path')})."
+            )
+        a, b = pair["A"], pair["B"]
+        if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features or a.shape[0] != b.shape[1]:
+            raise Nf4tuneError(
+                f"the adapter in {directory} does not fit this model: {name} is {layer.in_features}->"
+                f"{layer.out_features} but the adapter has A {list(a.shape)}, B {list(b.shape)}; "
+                f"it was trained on another base model (its base: {config.get('base_model_name_or_path')})."
+            )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = LoraConfig(r=config["r"], alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
+                      target_modules=sorted(pairs), use_rslora=bool(config.get("use_rslora", False)))
+    for name, pair in pairs.items():
+        layer = modules[name]
+        layer.add_lora(pair["A"].shape[0], lora.alpha, lora.dropout, lora.use_rslora)  # rank from the tensors
+        with torch.no_grad():
+            layer.lora_A.copy_(pair["A"])
+            layer.lora_B.copy_(pair["B"])
+    model.nf4tune_lora_config = lora
+    return sorted(pairs)

@@ -1,0 +1,233 @@
+"""`load_model`: a Hugging Face checkpoint as a transformers model with 4-bit linear layers.
+
+The model is built with its parameters on the meta device (no memory), its linear layers are
+swapped for `Linear4bit`, and the safetensors shards are streamed in one tensor at a time: linear
+weights are quantized as they arrive (on the target device), everything else is cast and placed.
+The full 16-bit model never exists in memory. Pre-quantized `*-bnb-4bit` checkpoints are read as
+they are, without bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..checkpoint.hf import _matches, iter_tensors, model_class, open_checkpoint, quantizable_linears, resolve, to_config
+from ..errors import Nf4tuneError
+from ..layers.linear4bit import Linear4bit
+from ..layers.lora import LoraConfig, inject_lora
+from ..quant import QuantizedTensor, quantize
+
+log = logging.getLogger("nf4tune")
+
+# Families whose layer choice is tested; others fall back to "every nn.Linear but the head", with a warning.
+KNOWN_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "t5", "mt5"}
+_BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
+                 ".quant_state.bitsandbytes__fp4")
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Create parameters on the meta device (buffers stay real: rotary tables are computed in __init__)."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_compute_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the device supports it (all CPUs, Ampere+ GPUs), else float16.
+
+    On CPU, bfloat16 was measured faster than float32 for a training step on an AVX-512 CPU
+    (BENCHMARKS.md); float32 remains available with compute_dtype=torch.float32.
+    """
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def _bnb_weight_key(key: str) -> str | None:
+    for suffix in _BNB_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return None
+
+
+def _place(model: nn.Module, key: str, tensor: torch.Tensor, device, dtype, fp32_modules) -> bool:
+    """Put `tensor` into the parameter or buffer `key` of `model`; False if the model has no such tensor."""
+    module_name, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    if tensor.is_floating_point():
+        tensor = tensor.to(torch.float32 if fp32_modules and _matches(module_name, fp32_modules) else dtype)
+    tensor = tensor.to(device)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        return False
+    return True
+
+
+def load_model(
+    path: str | Path,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    lora: LoraConfig | None = None,
+    adapter: str | Path | None = None,
+    blocksize: int = 64,
+    gradient_checkpointing: bool = True,
+    progress: bool = True,
+):
+    """Load a causal LM (or T5) with every linear layer of its blocks in 4-bit.
+
+    Args:
+        path: a local checkpoint folder or a Hugging Face Hub id; 16-bit or `*-bnb-4bit`.
+        quant_type, double_quant, blocksize: how 16-bit weights are quantized (ignored for a
+            pre-quantized checkpoint, which keeps its own).
+        compute_dtype: dtype of activations and of the frozen matmuls; default bfloat16 where the
+            device supports it, else float16.
+        device: default CUDA if available, else CPU.
+        lora: attach fresh adapters (trainable; everything else frozen).
+        adapter: load adapters saved by `save_adapter` or by PEFT (overrides `lora`).
+        gradient_checkpointing: recompute each decoder layer in backward (when training adapters).
+
+    Returns:
+        (model, tokenizer): a transformers `PreTrainedModel` in eval mode, and its tokenizer (None if
+        the checkpoint has none).
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve(path)
+    ckpt = open_checkpoint(path)
+    device = torch.device(device) if device is not None else default_device()
+    if compute_dtype is None:
+        compute_dtype = default_compute_dtype(device)
+        log.info("nf4tune: computing in %s on %s", str(compute_dtype).removeprefix("torch."), device)
+
+    config = dict(ckpt.config)
+    qcfg = config.pop("quantization_config", None)
+    if qcfg is not None and not (qcfg.get("quant_method") == "bitsandbytes" and qcfg.get("load_in_4bit")):
+        raise Nf4tuneError(
+            f"{path} is quantized with {qcfg.get('quant_method')} (8-bit or another method); nf4tune reads 16-bit "
+            "and bitsandbytes 4-bit checkpoints."
+        )
+    cfg = to_config(config)
+    model_type = config.get("model_type")
+    with _parameters_on_meta():
+        model = model_class(cfg).from_config(cfg, dtype=compute_dtype)
+    fp32_modules = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+    targets = quantizable_linears(model)
+    if model_type not in KNOWN_FAMILIES:
+        log.warning("nf4tune: %r is not a tested family; quantizing every nn.Linear but the output head: %s",
+                    model_type, sorted({t.rsplit('.', 1)[-1] for t in targets}))
+    for name in targets:
+        linear = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child,
+                Linear4bit(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype))
+    weight_keys = {f"{t}.weight": t for t in targets}
+
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    unexpected: list[str] = []
+    loaded: set[str] = set()
+    with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
+        for shard in ckpt.shards:
+            for key, tensor in iter_tensors(shard):
+                bar.update(tensor.nbytes)
+                owner = _bnb_weight_key(key) or key
+                if qcfg is not None and owner in weight_keys:
+                    parts = pending.setdefault(owner, {})
+                    parts[key] = tensor
+                    if _complete(parts, owner):
+                        q = QuantizedTensor.from_bnb_state_dict(pending.pop(owner), owner).to(device)
+                        model.get_submodule(weight_keys[owner]).set_weight(q)
+                        loaded.add(owner)
+                elif key in weight_keys:
+                    q = quantize(tensor.to(device), quant_type, blocksize, double_quant, name=key)
+                    model.get_submodule(weight_keys[key]).set_weight(q)
+                    loaded.add(key)
+                elif _place(model, key, tensor, device, compute_dtype, fp32_modules):
+                    loaded.add(key)
+                else:
+                    unexpected.append(key)
+                del tensor
+    if unexpected:
+        log.warning("nf4tune: %d checkpoint tensor(s) have no place in the model and were skipped: %s",
+                    len(unexpected), ", ".join(unexpected[:5]))
+    _finish(model, weight_keys, loaded, device, path)
+
+    if adapter is not None:
+        from .adapters import load_adapter
+
+        load_adapter(model, adapter)
+    elif lora is not None:
+        inject_lora(model, lora)
+        model.nf4tune_lora_config = lora
+    model.nf4tune_base = str(path)
+    if gradient_checkpointing and (adapter is not None or lora is not None):
+        _enable_checkpointing(model)
+    model.eval()
+
+    tokenizer = None
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _enable_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (transformers renamed the method in v5)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _complete(parts: dict[str, torch.Tensor], key: str) -> bool:
+    state = next((k for k in parts if ".quant_state." in k), None)
+    if key not in parts or f"{key}.absmax" not in parts or state is None:
+        return False
+    import json
+
+    meta = json.loads(bytes(parts[state].tolist()).decode("utf-8"))
+    return "nested_offset" not in meta or f"{key}.nested_absmax" in parts
+
+
+def _finish(model: nn.Module, weight_keys: dict[str, str], loaded: set[str], device, path) -> None:
+    """Tie shared weights, move the remaining buffers, and refuse a model with missing tensors."""
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing_linear = [k for k in weight_keys if k not in loaded]
+    missing = missing_linear + [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise Nf4tuneError(
+            f"{path} lacks {len(missing)} tensor(s) the model needs (first: {missing[0]}); the checkpoint is "
+            "incomplete or belongs to another architecture."
+        )
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
