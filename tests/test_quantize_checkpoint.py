@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from nf4tune import Nf4tuneError
 from nf4tune.checkpoint import quantize as quantize_mod
+from nf4tune.checkpoint import writer as writer_mod
 from nf4tune.checkpoint.quantize import quantize_checkpoint
 from nf4tune.checkpoint.tiny import build_tiny_checkpoint
 from nf4tune.cli.main import main
@@ -74,7 +75,7 @@ def test_identical_to_transformers_bitsandbytes_save_pretrained(tmp_path, arch, 
 def test_streams_one_shard_at_a_time(tmp_path, monkeypatch):
     src = build_tiny_checkpoint(tmp_path / "src")
     events = []
-    real_iter, real_save = quantize_mod.iter_tensors, quantize_mod.save_file
+    real_iter, real_save = quantize_mod.iter_tensors, writer_mod.save_file
 
     def iter_tensors(shard):
         events.append(("open", Path(shard).name))
@@ -85,7 +86,7 @@ def test_streams_one_shard_at_a_time(tmp_path, monkeypatch):
         real_save(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(quantize_mod, "iter_tensors", iter_tensors)
-    monkeypatch.setattr(quantize_mod, "save_file", save_file)
+    monkeypatch.setattr(writer_mod, "save_file", save_file)
     quantize_checkpoint(src, tmp_path / "out", progress=False)
     kinds = [kind for kind, _ in events]
     assert kinds == ["open", "save"] * (len(kinds) // 2) and len(kinds) >= 4

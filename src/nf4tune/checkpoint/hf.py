@@ -138,7 +138,7 @@ def _not_converted_modules(model) -> set[str]:
     return {n.removesuffix(".weight") for n in names}
 
 
-def _matches(name: str, patterns: set[str]) -> bool:
+def matches_module(name: str, patterns: set[str]) -> bool:
     # As transformers does: a pattern matches from the start up to a module boundary, or as a suffix.
     boundary = r"(?:(?<=\.)|(?=\.|$))"
     return any(re.match(rf"(?:{re.escape(p)}){boundary}", name) or name.endswith(p) for p in patterns)
@@ -148,7 +148,7 @@ def quantizable_linears(model) -> list[str]:
     """Names of the modules transformers + bitsandbytes quantize in `model`: every plain nn.Linear
     except the output head and the modules they keep in 16-bit."""
     skip = _not_converted_modules(model)
-    return [name for name, module in model.named_modules() if type(module) is torch.nn.Linear and not _matches(name, skip)]
+    return [name for name, module in model.named_modules() if type(module) is torch.nn.Linear and not matches_module(name, skip)]
 
 
 def linear_weight_keys(config: dict) -> set[str]:

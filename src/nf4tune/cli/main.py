@@ -7,7 +7,7 @@ import logging
 import sys
 
 from ..errors import Nf4tuneError
-from . import quantize
+from . import merge, quantize
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nf4tune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     quantize.add_parser(sub)
+    merge.add_parser(sub)
     return parser
 
 

@@ -105,7 +105,8 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch
         m = _KEY.match(key)
         if m is None:
             raise Nf4tuneError(
-                f"{directory}: tensor {key} is not a LoRA A/B weight; adapters with modules_to_save or biases are not supported yet."
+                f"{directory}: tensor {key} is not a LoRA A/B weight; "
+                "adapters with modules_to_save or biases are not supported yet."
             )
         pairs.setdefault(m["module"], {})[m["which"]] = t
     for name, pair in pairs.items():

@@ -17,18 +17,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint.hf import _matches, iter_tensors, model_class, open_checkpoint, quantizable_linears, resolve, to_config
+from ..checkpoint.bnb4bit import QuantizedWeightAssembler
+from ..checkpoint.hf import iter_tensors, matches_module, model_class, open_checkpoint, quantizable_linears, resolve, to_config
 from ..errors import Nf4tuneError
 from ..layers.linear4bit import Linear4bit
 from ..layers.lora import LoraConfig, inject_lora
-from ..quant import QuantizedTensor, quantize
+from ..quant import quantize
 
 log = logging.getLogger("nf4tune")
 
 # Families whose layer choice is tested; others fall back to "every nn.Linear but the head", with a warning.
 KNOWN_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "t5", "mt5"}
-_BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
-                 ".quant_state.bitsandbytes__fp4")
 
 
 @contextlib.contextmanager
@@ -63,13 +62,6 @@ def default_compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-def _bnb_weight_key(key: str) -> str | None:
-    for suffix in _BNB_SUFFIXES:
-        if key.endswith(suffix):
-            return key[: -len(suffix)]
-    return None
-
-
 def _place(model: nn.Module, key: str, tensor: torch.Tensor, device, dtype, fp32_modules) -> bool:
     """Put `tensor` into the parameter or buffer `key` of `model`; False if the model has no such tensor."""
     module_name, _, attr = key.rpartition(".")
@@ -78,7 +70,7 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, device, dtype, fp32
     except AttributeError:
         return False
     if tensor.is_floating_point():
-        tensor = tensor.to(torch.float32 if fp32_modules and _matches(module_name, fp32_modules) else dtype)
+        tensor = tensor.to(torch.float32 if fp32_modules and matches_module(module_name, fp32_modules) else dtype)
     tensor = tensor.to(device)
     if attr in module._parameters:
         module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
@@ -151,20 +143,18 @@ def load_model(
                 Linear4bit(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype))
     weight_keys = {f"{t}.weight": t for t in targets}
 
-    pending: dict[str, dict[str, torch.Tensor]] = {}
+    assembler = QuantizedWeightAssembler(set(weight_keys) if qcfg is not None else set())
     unexpected: list[str] = []
     loaded: set[str] = set()
     with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
         for shard in ckpt.shards:
             for key, tensor in iter_tensors(shard):
                 bar.update(tensor.nbytes)
-                owner = _bnb_weight_key(key) or key
-                if qcfg is not None and owner in weight_keys:
-                    parts = pending.setdefault(owner, {})
-                    parts[key] = tensor
-                    if _complete(parts, owner):
-                        q = QuantizedTensor.from_bnb_state_dict(pending.pop(owner), owner).to(device)
-                        model.get_submodule(weight_keys[owner]).set_weight(q)
+                if assembler.owner(key):
+                    done = assembler.add(key, tensor)
+                    if done:
+                        owner, q = done
+                        model.get_submodule(weight_keys[owner]).set_weight(q.to(device))
                         loaded.add(owner)
                 elif key in weight_keys:
                     q = quantize(tensor.to(device), quant_type, blocksize, double_quant, name=key)
@@ -204,16 +194,6 @@ def _enable_checkpointing(model) -> None:
         model.activation_checkpointing_enable({"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _complete(parts: dict[str, torch.Tensor], key: str) -> bool:
-    state = next((k for k in parts if ".quant_state." in k), None)
-    if key not in parts or f"{key}.absmax" not in parts or state is None:
-        return False
-    import json
-
-    meta = json.loads(bytes(parts[state].tolist()).decode("utf-8"))
-    return "nested_offset" not in meta or f"{key}.nested_absmax" in parts
 
 
 def _finish(model: nn.Module, weight_keys: dict[str, str], loaded: set[str], device, path) -> None:

@@ -1,0 +1,132 @@
+"""Merging a LoRA adapter into its base model's 16-bit weights: W' = W + scaling * B @ A.
+
+By default the adapter is merged into the base checkpoint's original 16-bit weights (a clean merge,
+what PEFT's `merge_and_unload` gives on a 16-bit model). With `dequantized=True` it is merged into
+the 4-bit weights it was trained against, dequantized: the exact function the adapter learned.
+A 4-bit (`*-bnb-4bit`) base has no original weights, so it is always merged dequantized.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from ..checkpoint.bnb4bit import QuantizedWeightAssembler
+from ..checkpoint.hf import iter_tensors, open_checkpoint, resolve
+from ..checkpoint.writer import CheckpointWriter
+from ..errors import Nf4tuneError
+from ..quant import quantize
+from .adapters import read_adapter
+
+log = logging.getLogger("nf4tune")
+
+
+@dataclass
+class MergeReport:
+    out_dir: Path
+    merged: int
+    dequantized: bool
+
+
+def _scaling(config: dict, r: int) -> float:
+    alpha = config.get("lora_alpha", 8)
+    return alpha / r**0.5 if config.get("use_rslora") else alpha / r
+
+
+def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """w + (B @ A) * scaling, computed in float32 and rounded once to w's dtype (as PEFT merges)."""
+    delta = (b.float() @ a.float()) * scaling
+    return (w.float() + delta).to(w.dtype)
+
+
+def _header_shapes(ckpt) -> dict[str, list[int]]:
+    """Every tensor's shape, read from the safetensors headers only."""
+    shapes = {}
+    for shard in ckpt.shards:
+        with safe_open(str(shard), framework="pt") as f:
+            shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
+    return shapes
+
+
+def _check_shapes(ckpt, shapes: dict, pairs: dict, adapter_dir) -> None:
+    for name, pair in pairs.items():
+        shape = shapes.get(f"{name}.weight")
+        expected = [pair["B"].shape[0], pair["A"].shape[1]]
+        if shape is None:
+            raise Nf4tuneError(f"the adapter in {adapter_dir} targets {name}, which {ckpt.path} does not have; "
+                               "it was trained on another base model.")
+        if list(shape) != expected:
+            raise Nf4tuneError(f"the adapter in {adapter_dir} does not fit {ckpt.path}: {name}.weight is {list(shape)} "
+                               f"but the adapter makes {expected}; it was trained on another base model.")
+
+
+def merge_adapter(
+    base: str | Path,
+    adapter: str | Path,
+    out_dir: str | Path,
+    dequantized: bool = False,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    progress: bool = True,
+) -> MergeReport:
+    """Write `base` with `adapter` merged in as a standard 16-bit safetensors checkpoint in `out_dir`.
+
+    Streams shard by shard. `quant_type`, `double_quant` and `blocksize` say how the 4-bit weights
+    the adapter trained against were made (used with `dequantized=True` on a 16-bit base).
+    """
+    ckpt = open_checkpoint(resolve(base))
+    config, pairs = read_adapter(adapter)
+    qcfg = ckpt.config.get("quantization_config")
+    prequantized = qcfg is not None
+    if prequantized and not (qcfg.get("quant_method") == "bitsandbytes" and qcfg.get("load_in_4bit")):
+        raise Nf4tuneError(f"{ckpt.path} is quantized with {qcfg.get('quant_method')}; merge needs a 16-bit or 4-bit bnb base.")
+    shapes = _header_shapes(ckpt)
+    quantized = {k for k in shapes if f"{k}.absmax" in shapes}  # 4-bit weights of a bnb checkpoint
+    if prequantized:
+        log.info("nf4tune: %s is 4-bit; merging into its dequantized weights.", ckpt.path)
+        dequantized = True
+    else:
+        _check_shapes(ckpt, shapes, pairs, adapter)
+    targets = {f"{name}.weight": pair for name, pair in pairs.items()}
+
+    merged = 0
+    with CheckpointWriter(out_dir, ckpt.path, len(ckpt.shards)) as writer:
+        assembler = QuantizedWeightAssembler(quantized)
+        with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc="merging", disable=not progress) as bar:
+            for shard in ckpt.shards:
+                out: dict[str, torch.Tensor] = {}
+                for key, tensor in iter_tensors(shard):
+                    bar.update(tensor.nbytes)
+                    if assembler.owner(key):
+                        done = assembler.add(key, tensor)
+                        if done is None:
+                            continue
+                        key, tensor = done[0], done[1].dequantize()
+                    elif key in targets and dequantized:
+                        tensor = quantize(tensor, quant_type, blocksize, double_quant, name=key).dequantize()
+                    if key in targets:
+                        pair = targets[key]
+                        if list(tensor.shape) != [pair["B"].shape[0], pair["A"].shape[1]]:
+                            raise Nf4tuneError(f"the adapter in {adapter} does not fit {ckpt.path}: {key} is "
+                                               f"{list(tensor.shape)}; it was trained on another base model.")
+                        tensor = merged_weight(tensor, pair["A"], pair["B"], _scaling(config, pair["A"].shape[0]))
+                        merged += 1
+                    out[key] = tensor
+                writer.write_shard(out)
+                del out
+        if assembler.pending:
+            raise Nf4tuneError(f"{ckpt.path} has incomplete 4-bit weights ({next(iter(assembler.pending))}); "
+                               "the checkpoint is damaged.")
+        if merged != len(targets):
+            raise Nf4tuneError(f"{ckpt.path} lacks {len(targets) - merged} weight(s) the adapter targets; "
+                               "it was trained on another base model.")
+        out_config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+        writer.finish(out_config)
+    return MergeReport(Path(out_dir), merged, dequantized)
+
