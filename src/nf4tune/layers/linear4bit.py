@@ -4,8 +4,11 @@ y = x W^T + b + scaling * (dropout(x) A^T) B^T
 
 W is stored quantized (NF4/FP4) and dequantized on the fly in forward, and again in backward for
 the input gradient, so no full-precision copy of W outlives a call. Only A and B (and whatever
-upstream needs the input gradient) receive gradients. The LoRA product runs in the adapters' dtype
-(float32 by default), the frozen product in the compute dtype, as PEFT + bitsandbytes do.
+upstream needs the input gradient) receive gradients.
+
+Everything runs in the compute dtype: A and B are kept in float32 (the optimizer's master copy) and
+cast to the compute dtype for the products, as PEFT does under bf16 autocast, which is how QLoRA
+trains. Casting the r x d adapters instead of the tokens x d activations keeps the LoRA path cheap.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from ..quant import QuantizedTensor
+from .dropout import LoraDropout
 
 
 class _Lora4bitMatmul(torch.autograd.Function):
@@ -26,30 +30,31 @@ class _Lora4bitMatmul(torch.autograd.Function):
         del w
         if bias is not None:
             y = y + bias.to(y.dtype)
-        h = None
+        a = b = h = None
         if lora_A is not None:
-            h = x_lora @ lora_A.t()
-            y = y + ((h @ lora_B.t()) * scaling).to(y.dtype)
-        ctx.weight, ctx.scaling, ctx.x_dtype = weight, scaling, x.dtype
-        ctx.save_for_backward(x_lora, lora_A, lora_B, h)
+            a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
+            h = x_lora @ a.t()
+            y = y + (h @ b.t()) * scaling
+        ctx.weight, ctx.scaling = weight, scaling
+        ctx.adapter_dtype = lora_A.dtype if lora_A is not None else None
+        ctx.save_for_backward(x_lora, a, b, h)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_lora, lora_A, lora_B, h = ctx.saved_tensors
+        x_lora, a, b, h = ctx.saved_tensors
         grad_x = grad_x_lora = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ ctx.weight.dequantize(grad_y.dtype)
-        if lora_A is not None:
-            g = grad_y.to(lora_B.dtype) * ctx.scaling
-            g2 = g.reshape(-1, g.shape[-1])
+        if a is not None:
+            g = grad_y.reshape(-1, grad_y.shape[-1])
             if ctx.needs_input_grad[3]:
-                grad_B = g2.t() @ h.reshape(-1, h.shape[-1])
-            g_h = g @ lora_B
+                grad_B = ((g.t() @ h.reshape(-1, h.shape[-1])) * ctx.scaling).to(ctx.adapter_dtype)
+            g_h = (grad_y @ b) * ctx.scaling
             if ctx.needs_input_grad[2]:
-                grad_A = g_h.reshape(-1, g_h.shape[-1]).t() @ x_lora.reshape(-1, x_lora.shape[-1])
+                grad_A = (g_h.reshape(-1, g_h.shape[-1]).t() @ x_lora.reshape(-1, x_lora.shape[-1])).to(ctx.adapter_dtype)
             if ctx.needs_input_grad[1]:
-                grad_x_lora = g_h @ lora_A
+                grad_x_lora = g_h @ a
         return grad_x, grad_x_lora, grad_A, grad_B, None, None, None
 
 
@@ -72,7 +77,7 @@ class Linear4bit(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
-        self.lora_dropout: nn.Module = nn.Identity()
+        self.lora_dropout = LoraDropout(0.0)
         self.scaling = 0.0
         self.r = 0
 
@@ -109,13 +114,16 @@ class Linear4bit(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = LoraDropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
         x = x.to(self.compute_dtype)
-        x_lora = self.lora_dropout(x).to(self.lora_A.dtype) if self.lora_A is not None else None
-        y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, self.scaling, self.bias, self.quantized_weight)
+        x_lora, scaling = None, self.scaling
+        if self.lora_A is not None:
+            x_lora, keep_scale = self.lora_dropout(x)
+            scaling *= keep_scale
+        y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.quantized_weight)
         return y.to(in_dtype)
 
     def extra_repr(self) -> str:
