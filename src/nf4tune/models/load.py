@@ -54,7 +54,7 @@ def default_device() -> torch.device:
 def default_compute_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 where the device supports it (all CPUs, Ampere+ GPUs), else float16.
 
-    On CPU, bfloat16 was measured faster than float32 for a training step on an AVX-512 CPU
+    On CPU, bfloat16 trained 1.8x faster than float32 on an AVX-512 CPU
     (BENCHMARKS.md); float32 remains available with compute_dtype=torch.float32.
     """
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -70,8 +70,12 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, device, dtype, fp32
     except AttributeError:
         return False
     if tensor.is_floating_point():
-        tensor = tensor.to(torch.float32 if fp32_modules and matches_module(module_name, fp32_modules) else dtype)
-    tensor = tensor.to(device)
+        dtype = torch.float32 if fp32_modules and matches_module(module_name, fp32_modules) else dtype
+    else:
+        dtype = tensor.dtype
+    # Always a copy: safetensors tensors are views of the mmapped shard, and keeping one would keep
+    # the whole shard's pages resident after it has been read.
+    tensor = tensor.to(device=device, dtype=dtype, copy=True)
     if attr in module._parameters:
         module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
     elif attr in module._buffers:
