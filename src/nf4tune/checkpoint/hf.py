@@ -159,6 +159,10 @@ def linear_weight_keys(config: dict) -> set[str]:
 def resolve(name_or_path: str | Path) -> Path:
     """A local checkpoint folder as it is, or a Hugging Face Hub id downloaded (safetensors, config and
     tokenizer files only) into the local Hub cache."""
+    if str(name_or_path).startswith("tiny-random:"):
+        from .tiny import builtin_path
+
+        return builtin_path(str(name_or_path))
     path = Path(name_or_path)
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
         return path

@@ -65,3 +65,38 @@ def build_tiny_checkpoint(
     model.save_pretrained(path, **save_kwargs)
     tokenizer.save_pretrained(path)
     return path
+
+
+# Built-in tiny models, addressed as "tiny-random:<name>" wherever a model path is taken: built
+# deterministically on first use into the cache folder, for offline demos and tests.
+BUILTIN = {
+    "llama-demo": dict(arch="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_shard_size=None),
+}
+
+
+def builtin_path(name: str) -> Path:
+    """The folder of built-in tiny model `name`, building it on first use."""
+    import os
+
+    key = name.removeprefix("tiny-random:")
+    if key not in BUILTIN:
+        from ..errors import Nf4tuneError
+
+        raise Nf4tuneError(f"unknown built-in model {name!r}; built-in models: "
+                           + ", ".join(f"tiny-random:{k}" for k in BUILTIN))
+    root = Path(os.environ.get("NF4TUNE_CACHE", Path.home() / ".cache" / "nf4tune"))
+    path = root / key
+    if not (path / "config.json").is_file():
+        import shutil
+        import tempfile
+
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+        try:
+            build_tiny_checkpoint(tmp / "model", **BUILTIN[key])
+            shutil.rmtree(path, ignore_errors=True)
+            (tmp / "model").rename(path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -37,6 +37,16 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _vocab_module_names(model) -> dict[str, torch.nn.Module]:
+    """The input embedding and output head modules by name (one if tied)."""
+    wanted = [model.get_input_embeddings(), model.get_output_embeddings()]
+    found = {}
+    for name, module in model.named_modules():
+        if any(module is w for w in wanted if w is not None) and all(module.weight is not m.weight for m in found.values()):
+            found[name] = module
+    return found
+
+
 def adapter_config(model, layers: list[str]) -> dict:
     """PEFT's adapter_config.json for the adapters of `model` on `layers`."""
     cfg: LoraConfig = getattr(model, "nf4tune_lora_config", None) or LoraConfig()
@@ -55,7 +65,8 @@ def adapter_config(model, layers: list[str]) -> dict:
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted(n.rsplit(".", 1)[-1] for n in _vocab_module_names(model))
+        if getattr(model, "nf4tune_new_tokens_from", None) is not None else None,
         "rank_pattern": {},
         "alpha_pattern": {},
         "revision": None,
@@ -73,14 +84,18 @@ def save_adapter(model, directory: str | Path) -> Path:
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+    if getattr(model, "nf4tune_new_tokens_from", None) is not None:  # trained new-token rows travel whole
+        for name, module in _vocab_module_names(model).items():
+            tensors[f"{PREFIX}{name}.weight"] = module.weight.detach().contiguous().cpu()
     config = adapter_config(model, list(layers))
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
     return directory
 
 
-def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """(adapter_config, {module name: {"A": tensor, "B": tensor}}) of a PEFT LoRA adapter folder."""
+def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(adapter_config, {module name: {"A": tensor, "B": tensor}}, {module name: full weight}) of a PEFT
+    LoRA adapter folder; full weights are the `modules_to_save` (embeddings and head with new tokens)."""
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
         raise Nf4tuneError(f"{directory} has no {CONFIG_NAME}; is it a LoRA adapter folder?")
@@ -101,23 +116,30 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch
     if not isinstance(config.get("r"), int) or config["r"] <= 0:
         raise Nf4tuneError(f"{directory}: adapter rank r={config.get('r')!r}; a LoRA rank must be a positive integer.")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    saved: dict[str, torch.Tensor] = {}
+    to_save = set(config.get("modules_to_save") or [])
     for key, t in tensors.items():
         m = _KEY.match(key)
-        if m is None:
-            raise Nf4tuneError(
-                f"{directory}: tensor {key} is not a LoRA A/B weight; "
-                "adapters with modules_to_save or biases are not supported yet."
-            )
-        pairs.setdefault(m["module"], {})[m["which"]] = t
+        if m is not None:
+            pairs.setdefault(m["module"], {})[m["which"]] = t
+            continue
+        module = key.removeprefix(PREFIX).removesuffix(".weight")
+        if key.endswith(".weight") and module.rsplit(".", 1)[-1] in to_save:
+            saved[module] = t
+            continue
+        raise Nf4tuneError(f"{directory}: tensor {key} is not a LoRA A/B weight nor a module_to_save; "
+                           "adapters with biases are not supported yet.")
     for name, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise Nf4tuneError(f"{directory}: {name} has lora_{next(iter(pair))} but not its partner.")
-    return config, pairs
+    return config, pairs, saved
 
 
 def load_adapter(model, directory: str | Path) -> list[str]:
     """Attach the LoRA adapters saved in `directory` (by nf4tune or PEFT) to `model`, checking they fit."""
-    config, pairs = read_adapter(directory)
+    config, pairs, saved = read_adapter(directory)
+    if saved:
+        _load_saved_modules(model, saved, directory)
     modules = dict(model.named_modules())
     for name, pair in pairs.items():
         layer = modules.get(name)
@@ -145,3 +167,22 @@ def load_adapter(model, directory: str | Path) -> list[str]:
             layer.lora_B.copy_(pair["B"])
     model.nf4tune_lora_config = lora
     return sorted(pairs)
+
+
+def _load_saved_modules(model, saved: dict[str, torch.Tensor], directory) -> None:
+    """Put whole saved embedding / head matrices in place, growing the vocabulary to their size."""
+    from ..train.tokens import resize_vocab
+
+    modules = dict(model.named_modules())
+    rows = {t.shape[0] for t in saved.values()}
+    for name, t in saved.items():
+        if name not in modules or t.shape[1:] != modules[name].weight.shape[1:]:
+            raise Nf4tuneError(f"the adapter in {directory} saves {name} {list(t.shape)}, which does not fit this model.")
+    if len(rows) == 1 and next(iter(rows)) != model.get_input_embeddings().weight.shape[0]:
+        resize_vocab(model, next(iter(rows)))
+        modules = dict(model.named_modules())
+    for name, t in saved.items():
+        weight = modules[name].weight
+        modules[name].weight = torch.nn.Parameter(t.to(weight.device, weight.dtype), requires_grad=False)
+    if model.config.tie_word_embeddings and len(saved) == 1:
+        model.tie_weights()

@@ -81,7 +81,10 @@ def merge_adapter(
     the adapter trained against were made (used with `dequantized=True` on a 16-bit base).
     """
     ckpt = open_checkpoint(resolve(base))
-    config, pairs = read_adapter(adapter)
+    config, pairs, saved = read_adapter(adapter)
+    if saved:
+        raise Nf4tuneError(f"the adapter in {adapter} adds tokens (it saves {', '.join(sorted(saved))}); "
+                           "merging vocabulary changes is not supported yet.")
     qcfg = ckpt.config.get("quantization_config")
     prequantized = qcfg is not None
     if prequantized and not (qcfg.get("quant_method") == "bitsandbytes" and qcfg.get("load_in_4bit")):

@@ -1,0 +1,59 @@
+"""`nf4tune train RECIPE.yaml [key=value ...]`: QLoRA fine-tuning from a recipe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..train.config import load_recipe, recipe_to_dict
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune with QLoRA from a YAML recipe",
+        description="Fine-tune a 4-bit model with LoRA adapters as a YAML recipe says. Overrides are key=value with "
+        "dotted keys (training.learning_rate=1e-4). Checkpoints, metrics.jsonl, loss.png and the final adapter go "
+        "to training.output_dir.",
+    )
+    p.add_argument("recipe", help="recipe file (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. training.max_steps=100")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in output_dir, or from CHECKPOINT")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
+        return 0
+    from ..train.loop import train
+
+    result = train(recipe, resume=args.resume, progress=args.progress, measure_exact_match=recipe.eval.exact_match)
+    minutes, seconds = divmod(int(result.seconds), 60)
+    print(f"\ntrained {result.steps} steps in {minutes}m{seconds:02d}s on {result.tokens:,} tokens; "
+          f"final loss {result.final_loss:.4f}")
+    data = result.data
+    if data is not None:
+        print(f"  data: {data.used} examples from {data.source} ({data.format} format), {data.skipped} rows skipped, "
+              f"{data.truncated} truncated")
+    if result.skipped_steps:
+        print(f"  {result.skipped_steps} step(s) skipped for NaN/Inf loss or gradients")
+    if result.best_eval_loss is not None:
+        print(f"  best eval loss {result.best_eval_loss:.4f} at {result.best_checkpoint}")
+    if result.exact_match:
+        em = result.exact_match
+        if "before" in em:
+            print(f"  exact match on held-out prompts: {em['before']:.1%} before -> {em['after']:.1%} after training")
+        else:
+            print(f"  exact match on held-out prompts: {em['after']:.1%}")
+    print(f"  adapter: {result.adapter_dir}  (load with nf4tune.load_model(base, adapter=...) or peft)")
+    print(f"  metrics: {result.output_dir / 'metrics.jsonl'}, plot: {result.output_dir / 'loss.png'}")
+    if args.progress is False:
+        print(json.dumps({"exact_match": result.exact_match}))
+    return 0

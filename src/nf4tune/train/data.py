@@ -1,0 +1,205 @@
+"""Training data: rows from files or the Hub, rendered by format, tokenized, batched deterministically."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import Nf4tuneError
+from .formats import FORMATS, BadRow, Example, detect_format, to_example
+
+log = logging.getLogger("nf4tune")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class DataStats:
+    """What reading a dataset found, for the run summary."""
+
+    source: str
+    format: str = ""
+    rows: int = 0
+    used: int = 0
+    skipped: int = 0
+    truncated: int = 0
+    skip_reasons: list[str] = field(default_factory=list)
+
+
+def read_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict]]:
+    """(row number, row) from a .jsonl/.json/.csv/.parquet file, or a Hugging Face Hub dataset.
+    Row numbers count from 1 (the line number for JSONL and CSV data rows)."""
+    p = Path(path)
+    suffix = "".join(p.suffixes[-1:]).lower()
+    if not p.exists():
+        if suffix in (".jsonl", ".json", ".csv", ".parquet") or path.startswith((".", "/")):
+            raise Nf4tuneError(f"data file {path} does not exist.")
+        yield from _hub_rows(path, split)
+        return
+    if suffix == ".jsonl":
+        with p.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise BadRowError(path, n, "-", f"is not valid JSON ({e.msg})") from e
+                yield n, row
+    elif suffix == ".json":
+        try:
+            rows = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise Nf4tuneError(f"{path} is not valid JSON ({e}).") from e
+        if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
+            rows = next(iter(rows.values()))
+        if not isinstance(rows, list):
+            raise Nf4tuneError(f"{path} must hold a JSON list of rows.")
+        yield from enumerate(rows, 1)
+    elif suffix == ".csv":
+        with p.open(encoding="utf-8", newline="") as f:
+            yield from ((n + 1, row) for n, row in enumerate(csv.DictReader(f), 1))
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise Nf4tuneError(f"reading {path} needs pyarrow: pip install pyarrow.") from e
+        yield from enumerate(pq.read_table(p).to_pylist(), 1)
+    else:
+        raise Nf4tuneError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json, .csv or .parquet.")
+
+
+def _hub_rows(name: str, split: str) -> Iterator[tuple[int, dict]]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise Nf4tuneError(f"{name} is not a local file; loading Hub datasets needs `pip install datasets`.") from e
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise Nf4tuneError(f"dataset {name!r} (split {split!r}) could not be loaded: {str(e).splitlines()[0]}") from e
+    yield from enumerate(ds, 1)
+
+
+class BadRowError(Nf4tuneError):
+    def __init__(self, path, row, field, problem):
+        super().__init__(f"{path}, row {row}: field {field!r} {problem}." if field != "-" else f"{path}, row {row} {problem}.")
+
+
+def _resolve_format(fmt: str, row: dict) -> str:
+    if fmt != "auto":
+        return fmt
+    found = detect_format(set(row))
+    if found == "text" and isinstance(row.get("text"), str):
+        if "<human>: " in row["text"] and "\n<bot>: " in row["text"]:
+            return "chip2"
+        if "### Human:" in row["text"]:
+            return "oasst1"
+    return found
+
+
+def tokenize_example(ex: Example, tokenizer, source_max_len: int, target_max_len: int,
+                     train_on_source: bool) -> tuple[Tokenized, bool]:
+    """Token ids and labels (IGNORE_INDEX where no loss is taken); and whether anything was cut."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] if text else []  # noqa: E731
+    if ex.segments is not None:  # chat: the template supplies the special tokens
+        ids, labels = [], []
+        for text, trained in ex.segments:
+            t = encode(text)
+            ids += t
+            labels += t if (trained or train_on_source) else [IGNORE_INDEX] * len(t)
+        limit = source_max_len + target_max_len
+        return Tokenized(ids[:limit], labels[:limit]), len(ids) > limit
+    source, target = encode(ex.source), encode(ex.target)
+    truncated = len(source) > source_max_len or len(target) + 1 > target_max_len
+    source = source[:source_max_len]
+    target = target[: target_max_len - 1] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = bos + source + target
+    prompt_labels = bos + source if train_on_source else [IGNORE_INDEX] * (len(bos) + len(source))
+    return Tokenized(ids, prompt_labels + target), truncated
+
+
+def load_examples(path: str, split: str, fmt: str, tokenizer, source_max_len: int, target_max_len: int,
+                  train_on_source: bool, on_bad_row: str = "error", max_samples: int | None = None
+                  ) -> tuple[list[Tokenized], DataStats]:
+    """Read, render and tokenize a dataset. Bad rows raise (naming file, row and field) or are
+    skipped and counted, as `on_bad_row` says. An empty result is an error."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise Nf4tuneError(f"data.format is {fmt!r}; use auto or one of {', '.join(FORMATS)}.")
+    stats = DataStats(source=path)
+    examples: list[Tokenized] = []
+    for number, row in read_rows(path, split):
+        if max_samples is not None and stats.rows >= max_samples:
+            break
+        stats.rows += 1
+        try:
+            if not isinstance(row, dict):
+                raise BadRow("-", f"is a {type(row).__name__}, not an object")
+            row_format = _resolve_format(fmt, row)
+            if not stats.format:
+                stats.format = row_format
+            tokenized, cut = tokenize_example(to_example(row, row_format, tokenizer), tokenizer,
+                                              source_max_len, target_max_len, train_on_source)
+            if all(label == IGNORE_INDEX for label in tokenized.labels):
+                raise BadRow("-", "leaves nothing to train on after truncation")
+        except BadRow as e:
+            if on_bad_row == "error":
+                raise BadRowError(path, number, e.field, e.problem) from None
+            stats.skipped += 1
+            if len(stats.skip_reasons) < 3:
+                stats.skip_reasons.append(f"row {number}: {e}")
+            continue
+        stats.truncated += cut
+        examples.append(tokenized)
+    stats.used = len(examples)
+    if not examples:
+        raise Nf4tuneError(f"{path} gives no usable examples ({stats.rows} rows read, {stats.skipped} skipped).")
+    if stats.truncated:
+        log.warning("nf4tune: %d of %d examples from %s were truncated to source_max_len / target_max_len.",
+                    stats.truncated, stats.used, path)
+    return examples, stats
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """The batches of one epoch as lists of example indices, the same for the same seed and epoch.
+
+    With group_by_length, examples are shuffled, cut into mega-batches of 50 batches, and sorted by
+    length inside each (as transformers' LengthGroupedSampler), so batches pad little.
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    if group_by_length:
+        mega = batch_size * 50
+        order = [i for start in range(0, len(order), mega)
+                 for i in sorted(order[start:start + mega], key=lambda i: -lengths[i])]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length and len(batches) > 1:  # keep the longest batch first: memory problems show at once
+        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+        batches[0], batches[longest] = batches[longest], batches[0]
+    return batches
+
+
+def collate(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,61 @@
+"""New tokens: grow the vocabulary, start the new rows at the mean of the old ones, train only them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def add_tokens(model, tokenizer, tokens: list[str], special_tokens: list[str]) -> int:
+    """Add `tokens` and `special_tokens` to the tokenizer and the model. The new embedding (and output
+    head) rows start at the mean of the existing rows, as the QLoRA code does, and become trainable
+    in float32 while the old rows stay frozen. Returns the number of rows added."""
+    old = model.get_input_embeddings().weight.shape[0]
+    tokenizer.add_tokens([t for t in tokens if t not in tokenizer.get_vocab()])
+    if special_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": special_tokens}, replace_extra_special_tokens=False)
+    new = len(tokenizer)
+    if new <= old:
+        return 0
+    resize_vocab(model, new)
+    for module in _vocab_modules(model):
+        with torch.no_grad():
+            module.weight[old:] = module.weight[:old].float().mean(0).to(module.weight.dtype)
+    train_new_rows(model, old)
+    return new - old
+
+
+def _vocab_modules(model) -> list[nn.Module]:
+    modules = [model.get_input_embeddings()]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not modules[0].weight:
+        modules.append(head)
+    return modules
+
+
+def resize_vocab(model, size: int) -> None:
+    """Resize the input embeddings and output head to `size` rows (new rows are left to the caller)."""
+    model.resize_token_embeddings(size, mean_resizing=False)
+    for module in _vocab_modules(model):
+        module.weight.requires_grad_(False)
+
+
+def train_new_rows(model, first_new: int) -> None:
+    """Make the vocabulary matrices float32 and trainable, with gradients kept only on rows >= first_new.
+    Activations stay in the compute dtype: the embedding output is cast back, the head's input up."""
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    compute = embed.weight.dtype if embed.weight.dtype != torch.float32 else None
+    for module in _vocab_modules(model):
+        module.weight = nn.Parameter(module.weight.detach().float(), requires_grad=True)
+        mask = torch.zeros(module.weight.shape[0], 1, device=module.weight.device)
+        mask[first_new:] = 1
+        module.weight.register_hook(lambda g, mask=mask: g * mask)
+    if tied:
+        head.weight = embed.weight
+    if compute is not None:
+        embed.register_forward_hook(lambda m, args, out: out.to(compute))
+        if head is not None:
+            head.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype),) + tuple(args[1:]))
+    model.nf4tune_new_tokens_from = first_new
