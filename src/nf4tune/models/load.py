@@ -186,9 +186,12 @@ def load_model(
         _enable_checkpointing(model)
     model.eval()
 
+    # An adapter trained with new tokens carries its tokenizer; otherwise the base model's is used.
     tokenizer = None
-    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    for folder in ([Path(adapter)] if adapter is not None else []) + [path]:
+        if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            break
     return model, tokenizer
 
 

@@ -47,7 +47,7 @@ class LoraSection:
 @dataclass
 class DataSection:
     path: str = REQUIRED  # type: ignore[assignment]  # a .jsonl/.json/.csv/.parquet file, or a Hub dataset name
-    format: str = "auto"  # auto | alpaca | oasst1 | prompt_completion | input_output | chip2 | hh_rlhf | longform | messages | text
+    format: str = "auto"  # auto, or one of train.formats.FORMATS (alpaca, oasst1, prompt_completion, messages, ...)
     split: str = "train"
     source_max_len: int = 512
     target_max_len: int = 256
@@ -135,6 +135,11 @@ def _check_type(where: str, value, hint):
         return [_check_type(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is bool and not isinstance(value, bool):
         raise Nf4tuneError(f"{where} must be true or false, got {value!r}.")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):

@@ -190,7 +190,7 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     compute_dtype = next(m for m in model.modules() if hasattr(m, "compute_dtype")).compute_dtype
     scaler = torch.amp.GradScaler(model.device.type) if compute_dtype == torch.float16 else None
 
-    step, tokens, history, best, best_path, skipped, bad_in_a_row = 0, 0, [], None, None, 0, 0
+    step, tokens, best, best_path, skipped, bad_in_a_row = 0, 0, None, None, 0, 0
     if resume_from is not None:
         saved = ckpt.load_trainer_state(resume_from)
         ckpt.restore_adapter(model, resume_from)
@@ -220,18 +220,19 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     start_time, window_loss, window_tokens, window_start, last_loss = time.time(), 0.0, 0, time.time(), float("nan")
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not progress)
     metrics = (out / "metrics.jsonl").open("a")
+    board = _tensorboard(out)
     try:
         while step < total:
             micro = [collate(stream.next(), tokenizer.pad_token_id) for _ in range(t.gradient_accumulation_steps)]
             targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-            step_loss = 0.0
+            step_loss, step_tokens = 0.0, 0
             for batch in micro:
                 batch = {k: v.to(model.device) for k, v in batch.items()}
                 s, _ = loss_sum(model, batch, t.loss_chunk_tokens)
                 loss = s / max(1, targets)
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += loss.item()
-                tokens += int(batch["attention_mask"].sum())
+                step_tokens += int(batch["attention_mask"].sum())
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
@@ -260,7 +261,8 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
             scheduler.step()
             step += 1
             last_loss = step_loss
-            window_loss, window_tokens = window_loss + step_loss, window_tokens + sum(int(b["attention_mask"].sum()) for b in micro)
+            tokens += step_tokens
+            window_loss, window_tokens = window_loss + step_loss, window_tokens + step_tokens
             record = {}
             if step % t.logging_steps == 0 or step == total:
                 n = t.logging_steps if step % t.logging_steps == 0 else step % t.logging_steps
@@ -282,7 +284,10 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
             if record:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-                history.append(record)
+                if board is not None:
+                    for key, value in record.items():
+                        if key != "step":
+                            board.add_scalar(f"{'eval' if key.startswith('eval') else 'train'}/{key}", value, step)
             if step % t.save_steps == 0 or step == total:
                 _save(out, step, model, tokenizer, optimizer, scheduler, scaler, stream, tokens, skipped, best, best_path)
                 ckpt.prune(out, t.save_total_limit, keep=best_path)
@@ -290,6 +295,8 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     finally:
         bar.close()
         metrics.close()
+        if board is not None:
+            board.close()
 
     adapter_dir = out / "adapter"
     save_adapter(model, adapter_dir)
@@ -304,6 +311,15 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
         if "exact_match" in before:
             result.exact_match["before"] = result.exact_match.pop("exact_match")
     return result
+
+
+def _tensorboard(out: Path):
+    """A TensorBoard writer into OUTPUT/runs when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "runs"))
 
 
 def _save(out, step, model, tokenizer, optimizer, scheduler, scaler, stream, tokens, skipped, best, best_path):

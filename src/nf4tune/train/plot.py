@@ -110,8 +110,9 @@ def plot_losses(records: list[dict], path: str | Path) -> Path:
         for series, color in ((train, TRAIN), (evals, EVAL)):
             for (x0, y0), (x1, y1) in zip(series, series[1:]):
                 _line(img, px(x0), py(y0), px(x1), py(y1), color)
-            for x, y in series if len(series) < 60 else []:
-                img[max(0, int(py(y)) - 2):int(py(y)) + 3, max(0, int(px(x)) - 2):int(px(x)) + 3] = torch.tensor(color, dtype=torch.uint8)
+            for x, y in series if len(series) < 60 else []:  # markers on sparse series
+                cx, cy = int(px(x)), int(py(y))
+                img[max(0, cy - 2):cy + 3, max(0, cx - 2):cx + 3] = torch.tensor(color, dtype=torch.uint8)
     _line(img, LEFT, TOP, LEFT, H - BOTTOM, AXIS, 1)
     _line(img, LEFT, H - BOTTOM, W - RIGHT, H - BOTTOM, AXIS, 1)
     _text(img, (W - 24) // 2, H - 14, "step", AXIS)

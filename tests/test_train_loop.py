@@ -1,0 +1,137 @@
+"""The training loop: exact resume, NaN guards, new tokens, outputs, and the offline demo."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import nf4tune
+from nf4tune import Nf4tuneError
+from nf4tune.checkpoint.tiny import build_tiny_checkpoint
+from nf4tune.cli.main import main
+from nf4tune.train import loop as loop_mod
+from nf4tune.train.config import recipe_from_dict
+from nf4tune.train.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model = build_tiny_checkpoint(root / "model")
+    rows = [{"prompt": f"Is {n} even or odd? ", "completion": "even" if n % 2 == 0 else "odd"} for n in range(100, 260)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root, model
+
+
+def _recipe(root, model, out, **training):
+    raw = {
+        "model": {"name_or_path": str(model)},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.1},
+        "data": {"path": str(root / "train.jsonl"), "source_max_len": 32, "target_max_len": 8},
+        "eval": {"size": 16, "per_device_eval_batch_size": 8},
+        "training": {"output_dir": str(out), "max_steps": 6, "per_device_train_batch_size": 4,
+                     "gradient_accumulation_steps": 2, "learning_rate": 2e-3, "lr_scheduler_type": "cosine",
+                     "warmup_steps": 2, "logging_steps": 1, "save_steps": 3, "eval_steps": 3, "seed": 3, **training},
+    }
+    return recipe_from_dict(raw)
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(setup):
+    root, model = setup
+    out = root / "run"
+    train(_recipe(root, model, out), progress=False)
+    uninterrupted = {r["step"]: r["loss"] for r in _metrics(out) if "loss" in r}
+    assert len(uninterrupted) == 6 and len(set(uninterrupted.values())) == 6
+
+    # Pretend the run died after checkpoint-3: drop what came later, then resume.
+    shutil.rmtree(out / "checkpoint-6")
+    shutil.rmtree(out / "adapter")
+    result = train(_recipe(root, model, out), resume=True, progress=False)
+    resumed = {r["step"]: r["loss"] for r in _metrics(out) if "loss" in r}
+    assert resumed == uninterrupted  # steps 4-6 recomputed from the checkpoint, exactly
+    assert result.steps == 6 and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_outputs_metrics_plot_checkpoints_and_summary(setup, capsys):
+    root, model = setup
+    out = root / "outputs"
+    recipe = _recipe(root, model, out, max_steps=9, save_total_limit=1)
+    result = train(recipe, progress=False)
+    records = _metrics(out)
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, 10))
+    assert all({"step", "loss", "lr", "tokens_per_s", "grad_norm", "memory_gib"} <= r.keys() for r in logged)
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6, 9]
+    assert all(math.isclose(r["eval_perplexity"], math.exp(r["eval_loss"])) for r in evals)
+    assert result.best_eval_loss == min(r["eval_loss"] for r in evals)
+    assert logged[0]["lr"] == 0.0 and logged[2]["lr"] == pytest.approx(2e-3)  # warmup, then the peak
+    png = (out / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    kept = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert "checkpoint-9" in kept and result.best_checkpoint.name in kept and len(kept) <= 2  # newest + best
+    assert not list(out.glob(".*partial"))
+    # The final adapter is a PEFT-format adapter that loads back.
+    trained, _ = nf4tune.load_model(model, device="cpu", adapter=result.adapter_dir)
+    assert len(nf4tune.layers.lora_layers(trained)) == 14
+
+
+def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_cause(setup, monkeypatch):
+    root, model = setup
+    real = loop_mod.loss_sum
+    calls = {"n": 0}
+
+    def sometimes_nan(model, batch, chunk):
+        calls["n"] += 1
+        s, n = real(model, batch, chunk)
+        return (s * float("nan"), n) if calls["n"] in (3, 4) else (s, n)  # step 2 (micro-batches 3, 4)
+
+    monkeypatch.setattr(loop_mod, "loss_sum", sometimes_nan)
+    result = train(_recipe(root, model, root / "nan1", max_steps=4), progress=False)
+    assert result.skipped_steps == 1 and result.steps == 4
+
+    monkeypatch.setattr(loop_mod, "loss_sum", lambda m, b, c: (real(m, b, c)[0] * float("inf"), 1))
+    with pytest.raises(Nf4tuneError, match="NaN/Inf for 5 steps in a row.*learning rate.*No checkpoint"):
+        train(_recipe(root, model, root / "nan2", max_steps=8), progress=False)
+
+
+def test_new_tokens_train_their_rows_and_travel_with_the_adapter(setup):
+    root, model = setup
+    out = root / "tokens"
+    recipe = _recipe(root, model, out, max_steps=4)
+    recipe.model.add_special_tokens = ["<|answer|>"]
+    recipe.model.add_tokens = ["even", "odd"]
+    before, _ = nf4tune.load_model(model, device="cpu")
+    old = before.get_input_embeddings().weight.float()
+    result = train(recipe, progress=False)
+
+    loaded, tok = nf4tune.load_model(model, device="cpu", adapter=result.adapter_dir)
+    emb = loaded.get_input_embeddings().weight.float()
+    assert emb.shape[0] == old.shape[0] + 3 and len(tok) == emb.shape[0]
+    assert tok.convert_tokens_to_ids("<|answer|>") == old.shape[0] + 2
+    assert torch.equal(emb[: old.shape[0]], old)  # old rows untouched
+    assert not torch.allclose(emb[old.shape[0]:], old.mean(0).expand(3, -1), atol=1e-6)  # new rows trained
+    head = loaded.get_output_embeddings().weight
+    assert head.shape[0] == emb.shape[0]
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["embed_tokens", "lm_head"]
+
+
+@pytest.mark.slow
+def test_the_readme_demo_learns_the_skill(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NF4TUNE_CACHE", str(tmp_path / "cache"))
+    assert main(["train", str(ROOT / "recipes" / "demo.yaml"), f"training.output_dir={tmp_path / 'demo'}",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    em = json.loads(out.strip().splitlines()[-1])["exact_match"]
+    assert em["before"] <= 0.1 and em["after"] >= 0.9, em
+    assert "before ->" in out and "adapter:" in out
