@@ -135,3 +135,34 @@ def test_the_readme_demo_learns_the_skill(tmp_path, monkeypatch, capsys):
     em = json.loads(out.strip().splitlines()[-1])["exact_match"]
     assert em["before"] <= 0.1 and em["after"] >= 0.9, em
     assert "before ->" in out and "adapter:" in out
+
+
+def test_packing_keeps_examples_apart(setup):
+    from nf4tune.train.data import collate, load_examples, pack
+    from nf4tune.train.loss import loss_sum
+
+    root, model_dir = setup
+    model, tok = nf4tune.load_model(model_dir, device="cpu", compute_dtype=torch.float32)
+    examples, _ = load_examples(str(root / "train.jsonl"), "train", "auto", tok, 32, 8, False, max_samples=12)
+    rows = pack(examples, 64, seed=0)
+    assert len(rows) < len(examples) and sum(len(r.input_ids) for r in rows) == sum(len(e.input_ids) for e in examples)
+    # A packed example computes what it computes alone; without the boundaries it would not.
+    a, b = examples[0], examples[1]
+    packed = collate(pack([a, b], 64, seed=0), tok.pad_token_id)
+    first = packed["position_ids"][0].tolist().index(0, 1)  # where the second example starts
+    second = packed["input_ids"][0, first:]
+    with torch.no_grad():
+        alone = model.model(input_ids=second[None], use_cache=False).last_hidden_state[0]
+        inside = model.model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                             use_cache=False).last_hidden_state[0, first:]
+        leaky = model.model(input_ids=packed["input_ids"], use_cache=False).last_hidden_state[0, first:]
+        assert (inside - alone).abs().max() < 1e-4 < (leaky - alone).abs().max()
+        total, count = loss_sum(model, collate(rows, tok.pad_token_id))
+        separate = [loss_sum(model, collate([e], tok.pad_token_id)) for e in examples]
+    assert count == sum(n for _, n in separate)
+    assert torch.allclose(total, sum(s for s, _ in separate), rtol=1e-5)
+
+    recipe = _recipe(root, model_dir, root / "packed", max_steps=3, save_steps=3)
+    recipe.data.packing = True
+    result = train(recipe, progress=False)
+    assert result.steps == 3 and math.isfinite(result.final_loss)

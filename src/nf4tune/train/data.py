@@ -22,6 +22,7 @@ IGNORE_INDEX = -100
 class Tokenized:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None  # set on packed rows: positions restart at each example
 
 
 @dataclass
@@ -191,8 +192,41 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     return batches
 
 
+def pack(examples: list[Tokenized], max_len: int, seed: int) -> list[Tokenized]:
+    """Concatenate short examples into rows of at most `max_len` tokens (first fit, in a seeded
+    order). Positions restart at each example, from which transformers builds a block-diagonal
+    causal mask: no token attends across an example boundary. The first label of each example is
+    dropped, so nothing is learned across one either."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    rows: list[Tokenized] = []
+    for i in order:
+        e = examples[i]
+        labels = [IGNORE_INDEX] + e.labels[1:]
+        positions = list(range(len(e.input_ids)))
+        row = next((r for r in rows if len(r.input_ids) + len(e.input_ids) <= max_len), None)
+        if row is None:
+            rows.append(Tokenized(list(e.input_ids), labels, positions))
+        else:
+            row.input_ids += e.input_ids
+            row.labels += labels
+            row.position_ids += positions
+    return rows
+
+
 def collate(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask / labels."""
+    """Right-padded input_ids / attention_mask / labels; packed rows get position_ids instead of a mask
+    (padding then counts as one more sequence, with no labels)."""
+    if examples[0].position_ids is not None:
+        width = max(len(e.input_ids) for e in examples)
+        ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, e in enumerate(examples):
+            n = len(e.input_ids)
+            ids[row, :n], labels[row, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels)
+            positions[row, :n] = torch.tensor(e.position_ids)
+            positions[row, n:] = torch.arange(width - n)
+        return {"input_ids": ids, "position_ids": positions, "labels": labels}
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)

@@ -19,7 +19,7 @@ from ..models.adapters import save_adapter
 from ..models.load import load_model
 from . import state as ckpt
 from .config import Recipe, recipe_to_dict
-from .data import IGNORE_INDEX, DataStats, Tokenized, batch_order, collate, load_examples
+from .data import IGNORE_INDEX, DataStats, Tokenized, batch_order, collate, load_examples, pack
 from .loss import loss_sum
 from .tokens import add_tokens
 
@@ -176,6 +176,12 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
         examples, eval_examples = _split_eval(recipe, examples)
     eval_examples = eval_examples[: recipe.eval.max_eval_samples] if recipe.eval.max_eval_samples else eval_examples
 
+    if d.packing:
+        if model.config.is_encoder_decoder:
+            raise Nf4tuneError("data.packing is for decoder-only models; turn it off for encoder-decoders such as T5.")
+        unpacked = len(examples)
+        examples = pack(examples, d.source_max_len + d.target_max_len + 2, t.seed)
+        log.info("nf4tune: packed %d examples into %d rows", unpacked, len(examples))
     stream = BatchStream(examples, t.per_device_train_batch_size, t.seed, d.group_by_length)
     total = t.max_steps if t.max_steps > 0 else math.ceil(
         t.num_train_epochs * stream.batches_per_epoch() / t.gradient_accumulation_steps)
@@ -223,16 +229,16 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     board = _tensorboard(out)
     try:
         while step < total:
-            micro = [collate(stream.next(), tokenizer.pad_token_id) for _ in range(t.gradient_accumulation_steps)]
+            drawn = [stream.next() for _ in range(t.gradient_accumulation_steps)]
+            micro = [collate(examples_, tokenizer.pad_token_id) for examples_ in drawn]
             targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-            step_loss, step_tokens = 0.0, 0
+            step_loss, step_tokens = 0.0, sum(len(e.input_ids) for examples_ in drawn for e in examples_)
             for batch in micro:
                 batch = {k: v.to(model.device) for k, v in batch.items()}
                 s, _ = loss_sum(model, batch, t.loss_chunk_tokens)
                 loss = s / max(1, targets)
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += loss.item()
-                step_tokens += int(batch["attention_mask"].sum())
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))

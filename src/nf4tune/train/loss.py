@@ -25,12 +25,15 @@ def loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024) ->
     """(sum of token losses, number of target tokens) for one batch."""
     labels = batch["labels"]
     if model.config.model_type not in CHUNKED_FAMILIES:  # T5 and unknown heads: the model's own loss
-        out = model(**batch)
+        out = model(**batch, use_cache=False)
         count = int((labels[:, 1:] != IGNORE_INDEX).sum()) if not model.config.is_encoder_decoder else \
             int((labels != IGNORE_INDEX).sum())
         return out.loss * count, count
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    # No KV cache: training needs none, and transformers reads packed rows' boundaries from
+    # position_ids only when there is no cache.
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                      position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[:, :-1][keep], targets[keep]
