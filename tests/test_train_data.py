@@ -121,3 +121,12 @@ def test_collate_pads_right_and_masks_labels(tok):
     assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, 3]]
     assert batch["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_parquet_files(tmp_path, tok):
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow reads Parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist([{"instruction": "Add", "input": "1 2", "output": "3"}]), tmp_path / "d.parquet")
+    examples, stats = load_examples(str(tmp_path / "d.parquet"), "train", "auto", tok, 256, 16, False)
+    assert stats.format == "alpaca" and _trained_text(tok, examples[0]) == "3</s>"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..train.config import load_recipe, recipe_to_dict
 
@@ -34,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from ..train.loop import train
 
-    result = train(recipe, resume=args.resume, progress=args.progress, measure_exact_match=recipe.eval.exact_match)
+    result = train(recipe, resume=args.resume, progress=args.progress)
     minutes, seconds = divmod(int(result.seconds), 60)
     print(f"\ntrained {result.steps} steps in {minutes}m{seconds:02d}s on {result.tokens:,} tokens; "
           f"final loss {result.final_loss:.4f}")
@@ -53,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"  exact match on held-out prompts: {em['after']:.1%}")
     print(f"  adapter: {result.adapter_dir}  (load with nf4tune.load_model(base, adapter=...) or peft)")
-    print(f"  metrics: {result.output_dir / 'metrics.jsonl'}, plot: {result.output_dir / 'loss.png'}")
-    if args.progress is False:
-        print(json.dumps({"exact_match": result.exact_match}))
+    print(f"  metrics: {result.output_dir / 'metrics.jsonl'}, plot: {result.output_dir / 'loss.png'}, "
+          f"summary: {result.output_dir / 'summary.json'}")
     return 0

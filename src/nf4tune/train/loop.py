@@ -141,8 +141,7 @@ def _split_eval(recipe: Recipe, examples: list[Tokenized]) -> tuple[list[Tokeniz
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in order[:n]]
 
 
-def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = True,
-          measure_exact_match: bool = False) -> TrainResult:
+def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = True) -> TrainResult:
     """Run the recipe. Writes checkpoints, `metrics.jsonl`, `loss.png` and the final adapter to
     `training.output_dir`; with `resume`, continues from a checkpoint exactly."""
     t, d = recipe.training, recipe.data
@@ -214,9 +213,8 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
         (out / "metrics.jsonl").write_text("")
     (out / "recipe.json").write_text(json.dumps(recipe_to_dict(recipe), indent=2) + "\n")
 
-    before = {}
-    if measure_exact_match and eval_examples and resume_from is None:
-        before["exact_match"] = exact_match(model, tokenizer, eval_examples)
+    measure = recipe.eval.exact_match and bool(eval_examples)
+    before = exact_match(model, tokenizer, eval_examples) if measure and resume_from is None else None
     trainable, all_params = trainable_parameters(model)
     log.info("nf4tune: %d training examples (%s format), %d held out; %d steps; trainable parameters %s of %s (%.2f%%)",
              len(examples), stats.format, len(eval_examples), total, f"{trainable:,}", f"{all_params:,}",
@@ -312,10 +310,16 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
 
     plot_losses(_read_metrics(out / "metrics.jsonl"), out / "loss.png")
     result = TrainResult(out, adapter_dir, step, tokens, time.time() - start_time, last_loss, best, best_path, skipped, stats)
-    if measure_exact_match and eval_examples:
-        result.exact_match = {**before, "after": exact_match(model, tokenizer, eval_examples)}
-        if "exact_match" in before:
-            result.exact_match["before"] = result.exact_match.pop("exact_match")
+    if measure:
+        result.exact_match = {"after": exact_match(model, tokenizer, eval_examples)}
+        if before is not None:
+            result.exact_match["before"] = before
+    summary = {"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),
+               "final_loss": result.final_loss, "best_eval_loss": best, "best_checkpoint": str(best_path) if best_path else None,
+               "adapter": str(adapter_dir), "skipped_steps": skipped, "exact_match": result.exact_match,
+               "data": {"rows": stats.rows, "used": stats.used, "skipped": stats.skipped, "truncated": stats.truncated,
+                        "format": stats.format}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return result
 
 
