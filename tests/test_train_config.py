@@ -22,7 +22,7 @@ def test_shipped_recipes_parse_and_follow_the_paper():
         assert r.training.warmup_ratio == 0.03 and r.training.max_grad_norm == 0.3 and r.training.max_steps == 1875
         assert r.training.per_device_train_batch_size * r.training.gradient_accumulation_steps == 16
         assert (r.data.source_max_len, r.data.target_max_len, r.data.group_by_length) == (16, 512, True)
-        assert r.training.adam_beta2 == 0.999
+        assert r.training.adam_beta2 == 0.999 and r.training.optim == "paged_adamw_32bit"
     demo = load_recipe(RECIPES / "demo.yaml")
     assert Path(demo.data.path).is_file() and Path(demo.eval.path).is_file()  # found beside the recipe
 

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from ..errors import Nf4tuneError
-from . import merge, quantize, train
+from . import estimate, merge, quantize, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_parser(sub)
     merge.add_parser(sub)
     train.add_parser(sub)
+    estimate.add_parser(sub)
     return parser
 
 

@@ -118,11 +118,15 @@ def _lut_8bit(code_key: tuple[float, ...], device: torch.device) -> torch.Tensor
     return lut.to(torch.uint8).to(device)
 
 
-def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256,
+                  rounding: str = "lut") -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise 8-bit quantization with a sorted 256-value `code` (the dynamic code, say).
 
-    Rounds like bitsandbytes' CPU kernel, which double quantization on CPU goes through: the scaled
-    value is mapped to one of 65536 bins over [-1, 1] and the bin's precomputed nearest code taken.
+    rounding="lut" rounds like bitsandbytes' CPU kernel, which double quantization on CPU goes
+    through: the scaled value is mapped to one of 65536 bins over [-1, 1] and the bin's precomputed
+    nearest code taken. rounding="nearest" takes the exact nearest code (ties to the lower), as
+    bitsandbytes' GPU kernels do; optimizer states need it, since the bins cannot tell apart the
+    small values the dynamic code is made for.
     Returns (uint8 codes shaped like x, float32 absmax per block).
     """
     flat = x.reshape(-1).float()
@@ -133,6 +137,10 @@ def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256) -> 
     zero_block = absmax == 0
     inv = torch.where(zero_block, 0.0, 1.0 / absmax)
     scaled = (padded * inv.unsqueeze(1)).clamp_(-1, 1)
+    if rounding == "nearest":
+        midpoints = (code[:-1] + code[1:]) / 2
+        codes = torch.bucketize(scaled, midpoints.to(x.device)).to(torch.uint8)
+        return codes.view(-1)[:n].view(x.shape), absmax
     # (v + 1) * 0.5 * 65535 + 0.5 in float32, then truncated: the kernel's bin index.
     index = ((scaled + 1.0) * 0.5 * (_LUT_BINS - 1) + 0.5).to(torch.int32)
     lut = _lut_8bit(tuple(code.tolist()), x.device)

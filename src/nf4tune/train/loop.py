@@ -17,6 +17,7 @@ from ..errors import Nf4tuneError
 from ..layers.lora import LoraConfig, trainable_parameters
 from ..models.adapters import save_adapter
 from ..models.load import load_model
+from ..optim import PagedAdamW, PagedAdamW8bit
 from . import state as ckpt
 from .config import Recipe, recipe_to_dict
 from .data import IGNORE_INDEX, DataStats, Tokenized, batch_order, collate, load_examples, pack
@@ -190,7 +191,9 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     groups = [{"params": [p for p in params if all(p is not v for v in vocab)], "weight_decay": t.weight_decay}]
     if vocab:
         groups.append({"params": vocab, "weight_decay": 0.0})  # decay would move the frozen old rows
-    optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+    optimizer_class = {"paged_adamw_32bit": PagedAdamW, "paged_adamw_8bit": PagedAdamW8bit,
+                       "adamw_torch": torch.optim.AdamW}[t.optim]
+    optimizer = optimizer_class(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.lr_scheduler_type, warmup, total))
     compute_dtype = next(m for m in model.modules() if hasattr(m, "compute_dtype")).compute_dtype
     scaler = torch.amp.GradScaler(model.device.type) if compute_dtype == torch.float16 else None

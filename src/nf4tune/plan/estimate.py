@@ -1,0 +1,171 @@
+"""`estimate`: how much GPU memory a QLoRA fine-tune with nf4tune takes, from config.json alone.
+
+The model is built on the meta device (no weights) so every parameter is counted exactly; what
+training adds is sized the way nf4tune trains:
+  - quantized linear weights: 4 bits each, plus their constants (4.127 bits in all with NF4 double
+    quantization at block size 64, 4.5 without);
+  - everything else (embeddings, norms, output head) in bf16;
+  - LoRA A and B in float32 (the optimizer's master copy) and their float32 gradients;
+  - AdamW states: 8 bytes per LoRA parameter (32-bit) or about 2.03 (8-bit); paged optimizers can
+    move them to host memory, so the total is given with and without them;
+  - activations, bf16: with gradient checkpointing, each decoder layer's input plus one layer
+    recomputed in full; without it every layer's. A layer keeps about 12 hidden-size and 4
+    intermediate-size values per token (norm inputs and outputs, q/k/v, attention output, the
+    MLP's gate, up, activation and product; attention itself is memory-efficient);
+  - logits: the chunked loss holds 1024 tokens x vocabulary of float32 logits, their softmax and
+    gradient, never batch x sequence x vocabulary;
+  - 0.75 GiB for the CUDA context and allocator slack.
+These are estimates: BENCHMARKS.md compares them with measured peaks where a GPU was available.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..checkpoint.hf import build_meta_model, quantizable_linears
+from ..errors import Nf4tuneError
+from ..quant.codes import bits_per_parameter
+
+GIB = 2**30
+GPUS_GB = (24, 40, 48, 80)
+OPTIM_BYTES = {"paged_adamw_32bit": 8.0, "adamw_torch": 8.0, "paged_adamw_8bit": 2 + 8 / 256}
+CUDA_OVERHEAD = 0.75 * GIB
+LOSS_CHUNK_TOKENS = 1024
+
+
+@dataclass
+class Estimate:
+    """Bytes per component, and what the totals mean."""
+
+    model_type: str
+    parameters: int
+    quantized_parameters: int
+    lora_parameters: int
+    weights_4bit: float
+    quant_constants: float
+    weights_16bit: float
+    lora: float
+    gradients: float
+    optimizer_states: float
+    optimizer_pageable: bool
+    activations: float
+    activations_without_checkpointing: float
+    activations_with_checkpointing: float
+    logits: float
+    overhead: float
+    total: float
+    total_without_paged_states: float
+
+    def fits(self) -> dict[int, bool]:
+        """For 24/40/48/80 GB cards: whether the run fits (paged states may live on the host)."""
+        need = self.total_without_paged_states
+        return {gb: need <= gb * GIB for gb in GPUS_GB}
+
+    def as_json(self) -> dict:
+        return {**asdict(self), "fits_gb": {str(k): v for k, v in self.fits().items()}}
+
+
+def _config(model: str) -> dict:
+    import json
+
+    path = Path(model)
+    if path.is_dir():
+        file = path / "config.json"
+        if not file.is_file():
+            raise Nf4tuneError(f"{path} has no config.json; give a Hugging Face model folder or Hub id.")
+    elif path.suffix == ".json" and path.is_file():
+        file = path
+    elif path.exists() or str(model).startswith((".", "/")) or str(model).count("/") != 1:
+        raise Nf4tuneError(f"{model} is neither a model folder, a config.json nor a Hub id.")
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            file = Path(hf_hub_download(str(model), "config.json"))
+        except Exception as e:
+            raise Nf4tuneError(f"the config of {model} could not be downloaded ({str(e).splitlines()[0]}).") from e
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:
+        raise Nf4tuneError(f"{file} is not valid JSON ({e}).") from e
+
+
+def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, target: str = "all-linear",
+             optim: str = "paged_adamw_32bit", checkpointing: bool = True, gpus: int = 1,
+             double_quant: bool = True, blocksize: int = 64) -> Estimate:
+    """Estimate the GPU memory of fine-tuning `model` (folder, config.json or Hub id) with nf4tune."""
+    if seq_len <= 0 or batch <= 0 or r <= 0 or gpus <= 0:
+        raise Nf4tuneError(f"--seq-len, --batch, --r and --gpus must be positive (got {seq_len}, {batch}, {r}, {gpus}).")
+    if optim not in OPTIM_BYTES:
+        raise Nf4tuneError(f"--optim {optim!r}: use one of {', '.join(OPTIM_BYTES)}.")
+    config = _config(model)
+    meta = build_meta_model(config)
+    cfg = meta.config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "num_layers", None)
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "d_ff", None) or getattr(cfg, "ffn_dim", None)
+    vocab = getattr(cfg, "vocab_size", None)
+    if not all((hidden, layers, inter, vocab)):
+        raise Nf4tuneError(f"cannot size the {config.get('model_type')!r} architecture: its config lacks hidden, "
+                           "layer, intermediate or vocabulary sizes.")
+
+    linears = quantizable_linears(meta)
+    modules = dict(meta.named_modules())
+    quantized = sum(modules[n].weight.numel() for n in linears)
+    total_params = sum(p.numel() for p in meta.parameters())
+    wanted = None if target == "all-linear" else {t.strip() for t in target.split(",")}
+    lora = sum(r * (modules[n].in_features + modules[n].out_features) for n in linears
+               if wanted is None or n.rsplit(".", 1)[-1] in wanted)
+    if lora == 0:
+        raise Nf4tuneError(f"--target {target!r} matches no linear layer of this model.")
+
+    tokens = seq_len * batch
+    per_layer_token = 2 * (12 * hidden + 4 * inter)
+    full = layers * per_layer_token * tokens
+    checkpointed = layers * 2 * hidden * tokens + per_layer_token * tokens
+    logits = 3 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * vocab
+
+    shard = 1 / gpus  # weights, adapters and states split across GPUs (FSDP); activations stay per GPU
+    est = Estimate(
+        model_type=config.get("model_type", "?"), parameters=total_params, quantized_parameters=quantized,
+        lora_parameters=lora,
+        weights_4bit=quantized * 0.5 * shard,
+        quant_constants=quantized * (bits_per_parameter(blocksize, double_quant) - 4) / 8 * shard,
+        weights_16bit=(total_params - quantized) * 2 * shard,
+        lora=lora * 4 * shard, gradients=lora * 4 * shard, optimizer_states=lora * OPTIM_BYTES[optim] * shard,
+        optimizer_pageable=optim.startswith("paged"),
+        activations=checkpointed if checkpointing else full,
+        activations_without_checkpointing=full, activations_with_checkpointing=checkpointed,
+        logits=logits, overhead=CUDA_OVERHEAD, total=0.0, total_without_paged_states=0.0,
+    )
+    base = (est.weights_4bit + est.quant_constants + est.weights_16bit + est.lora + est.gradients
+            + est.activations + est.logits + est.overhead)
+    est.total = base + est.optimizer_states
+    est.total_without_paged_states = base if est.optimizer_pageable else est.total
+    return est
+
+
+def format_table(est: Estimate, args_line: str) -> str:
+    """The human-readable table `nf4tune estimate` prints."""
+    gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+    rows = [
+        ("4-bit weights", est.weights_4bit, f"{est.quantized_parameters / 1e9:.2f}B quantized parameters"),
+        ("quantization constants", est.quant_constants, "absmax, double-quantized"),
+        ("16-bit parts", est.weights_16bit, "embeddings, norms, output head (bf16)"),
+        ("LoRA parameters", est.lora, f"{est.lora_parameters / 1e6:.1f}M in float32"),
+        ("gradients", est.gradients, "LoRA only, float32"),
+        ("optimizer states", est.optimizer_states, "pageable to host memory" if est.optimizer_pageable else "on the GPU"),
+        ("activations", est.activations, f"with checkpointing {est.activations_with_checkpointing / GIB:.2f} GiB, "
+                                         f"without {est.activations_without_checkpointing / GIB:.2f} GiB"),
+        ("logits", est.logits, "chunked loss"),
+        ("CUDA context, allocator", est.overhead, ""),
+    ]
+    lines = [f"# {args_line}", f"{'component':<26}{'memory':>13}   note"]
+    lines += [f"{name:<26}{gib(b):>13}   {note}" for name, b, note in rows]
+    lines.append(f"{'total':<26}{gib(est.total):>13}")
+    if est.optimizer_pageable:
+        lines.append(f"{'total, states paged out':<26}{gib(est.total_without_paged_states):>13}")
+    fits = est.fits()
+    lines.append("fits on: " + ", ".join(f"{gb} GB {'yes' if ok else 'no'}" for gb, ok in fits.items()))
+    return "\n".join(lines)
