@@ -183,3 +183,16 @@ def test_cuda_matches_cpu():
     gpu = nf4tune.quantize(w.cuda())
     assert torch.equal(gpu.packed.cpu(), cpu.packed)
     assert torch.equal(gpu.dequantize().cpu(), cpu.dequantize())
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_nearest_8bit_table_lookup_equals_a_binary_search(signed):
+    code = dynamic_code(signed=signed)
+    assert blockwise._nearest_tables(tuple(code.tolist()), torch.device("cpu")) is not None  # the fast path is taken
+    mids = (code[:-1] + code[1:]) / 2
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(500_000, generator=gen) * 2 - 1, torch.randn(50_000, generator=gen) * 1e-6, mids, code,
+                   torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+                   torch.tensor([0.0, -0.0, 1.0, -1.0])]).clamp(-1, 1)
+    x = x if signed else x.abs()
+    assert torch.equal(blockwise._nearest_code(x, code), torch.bucketize(x, mids).to(torch.uint8))

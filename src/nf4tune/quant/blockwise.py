@@ -118,6 +118,38 @@ def _lut_8bit(code_key: tuple[float, ...], device: torch.device) -> torch.Tensor
     return lut.to(torch.uint8).to(device)
 
 
+@functools.cache
+def _nearest_tables(code_key: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Exact nearest-code lookup by the top 16 bits of a float32.
+
+    All floats sharing their top 16 bits (sign, exponent, 7 mantissa bits) form an interval narrow
+    enough to hold at most one midpoint between codes, so the nearest code of x in bin b is
+    base[b] + (x > mid[b]), with mid[b] = inf where the bin holds no midpoint: the same answer as a
+    binary search over the midpoints, ties to the lower code. None if some bin holds two midpoints.
+    """
+    code = torch.tensor(code_key, dtype=torch.float32)
+    midpoints = (code[:-1] + code[1:]) / 2
+    bins = torch.arange(65536, dtype=torch.int64) << 16
+    edges = torch.stack([bins, bins | 0xFFFF]).to(torch.int32).view(torch.float32).nan_to_num(0.0).clamp(-1, 1)
+    low, high = edges.min(0).values, edges.max(0).values
+    inf_or_nan = ((torch.arange(65536) >> 7) & 0xFF) == 0xFF  # never met: inputs are clamped to [-1, 1]
+    low[inf_or_nan], high[inf_or_nan] = 1.0, 1.0
+    base, top = torch.bucketize(low, midpoints), torch.bucketize(high, midpoints)
+    if (top - base > 1).any():
+        return None
+    mid = torch.where(top > base, midpoints[base.clamp(max=len(midpoints) - 1)], torch.tensor(float("inf")))
+    return base.to(torch.uint8).to(device), mid.to(device)
+
+
+def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    tables = _nearest_tables(tuple(code.tolist()), scaled.device)
+    if tables is None:
+        return torch.bucketize(scaled, ((code[:-1] + code[1:]) / 2).to(scaled.device)).to(torch.uint8)
+    base, mid = tables
+    b = (scaled.contiguous().view(torch.int32) >> 16) & 0xFFFF
+    return base[b] + (scaled > mid[b]).to(torch.uint8)
+
+
 def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256,
                   rounding: str = "lut") -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise 8-bit quantization with a sorted 256-value `code` (the dynamic code, say).
@@ -138,9 +170,7 @@ def quantize_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int = 256,
     inv = torch.where(zero_block, 0.0, 1.0 / absmax)
     scaled = (padded * inv.unsqueeze(1)).clamp_(-1, 1)
     if rounding == "nearest":
-        midpoints = (code[:-1] + code[1:]) / 2
-        codes = torch.bucketize(scaled, midpoints.to(x.device)).to(torch.uint8)
-        return codes.view(-1)[:n].view(x.shape), absmax
+        return _nearest_code(scaled, code).view(-1)[:n].view(x.shape), absmax
     # (v + 1) * 0.5 * 65535 + 0.5 in float32, then truncated: the kernel's bin index.
     index = ((scaled + 1.0) * 0.5 * (_LUT_BINS - 1) + 0.5).to(torch.int32)
     lut = _lut_8bit(tuple(code.tolist()), x.device)
