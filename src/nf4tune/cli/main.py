@@ -7,7 +7,7 @@ import logging
 import sys
 
 from ..errors import Nf4tuneError
-from . import estimate, merge, quantize, train
+from . import estimate, inference, merge, quantize, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_parser(sub)
     train.add_parser(sub)
     estimate.add_parser(sub)
+    inference.add_parsers(sub)
     return parser
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ..errors import Nf4tuneError
 from ..layers.linear4bit import Linear4bit
@@ -135,11 +136,7 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch
     return config, pairs, saved
 
 
-def load_adapter(model, directory: str | Path) -> list[str]:
-    """Attach the LoRA adapters saved in `directory` (by nf4tune or PEFT) to `model`, checking they fit."""
-    config, pairs, saved = read_adapter(directory)
-    if saved:
-        _load_saved_modules(model, saved, directory)
+def _check_fits(model, pairs: dict, config: dict, directory) -> None:
     modules = dict(model.named_modules())
     for name, pair in pairs.items():
         layer = modules.get(name)
@@ -155,10 +152,23 @@ def load_adapter(model, directory: str | Path) -> list[str]:
                 f"{layer.out_features} but the adapter has A {list(a.shape)}, B {list(b.shape)}; "
                 f"it was trained on another base model (its base: {config.get('base_model_name_or_path')})."
             )
+
+
+def _lora_config(config: dict, pairs: dict) -> LoraConfig:
+    return LoraConfig(r=config["r"], alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
+                      target_modules=sorted(pairs), use_rslora=bool(config.get("use_rslora", False)))
+
+
+def load_adapter(model, directory: str | Path) -> list[str]:
+    """Attach the LoRA adapters saved in `directory` (by nf4tune or PEFT) to `model`, checking they fit."""
+    config, pairs, saved = read_adapter(directory)
+    if saved:
+        _load_saved_modules(model, saved, directory)
+    _check_fits(model, pairs, config, directory)
+    modules = dict(model.named_modules())
     for p in model.parameters():
         p.requires_grad_(False)
-    lora = LoraConfig(r=config["r"], alpha=config.get("lora_alpha", 8), dropout=config.get("lora_dropout", 0.0),
-                      target_modules=sorted(pairs), use_rslora=bool(config.get("use_rslora", False)))
+    lora = _lora_config(config, pairs)
     for name, pair in pairs.items():
         layer = modules[name]
         layer.add_lora(pair["A"].shape[0], lora.alpha, lora.dropout, lora.use_rslora)  # rank from the tensors
@@ -167,6 +177,46 @@ def load_adapter(model, directory: str | Path) -> list[str]:
             layer.lora_B.copy_(pair["B"])
     model.nf4tune_lora_config = lora
     return sorted(pairs)
+
+
+class AdapterBank:
+    """Several LoRA adapters held for one 4-bit base, switched in by reference (no copies, no merging).
+
+        bank = AdapterBank(model, {"chat": "adapters/chat", "sql": "adapters/sql"})
+        bank.activate("sql")   # or None for the base model alone
+    """
+
+    def __init__(self, model, adapters: dict[str, str | Path]):
+        self.model = model
+        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+        self.adapters: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        self.active: str | None = None
+        for name, directory in adapters.items():
+            config, pairs, saved = read_adapter(directory)
+            if saved:
+                raise Nf4tuneError(f"the adapter {name!r} in {directory} adds tokens; serve it alone with --adapter {directory}.")
+            _check_fits(model, pairs, config, directory)
+            lora = _lora_config(config, pairs)
+            device, dtype = next(iter(self.layers.values())).weight_packed.device, torch.float32
+            self.adapters[name] = {
+                module: (pair["A"].to(device, dtype), pair["B"].to(device, dtype),
+                         lora.alpha / (pair["A"].shape[0] ** 0.5 if lora.use_rslora else pair["A"].shape[0]))
+                for module, pair in pairs.items()
+            }
+        self.activate(None)
+
+    def activate(self, name: str | None) -> None:
+        """Make adapter `name` (None: none) the one every 4-bit layer applies."""
+        if name is not None and name not in self.adapters:
+            raise Nf4tuneError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}.")
+        chosen = self.adapters.get(name, {})
+        for module, layer in self.layers.items():
+            if module in chosen:
+                a, b, scaling = chosen[module]
+                layer.lora_A, layer.lora_B, layer.scaling = nn.Parameter(a, False), nn.Parameter(b, False), scaling
+            else:
+                layer.lora_A = layer.lora_B = None
+        self.active = name
 
 
 def _load_saved_modules(model, saved: dict[str, torch.Tensor], directory) -> None:

@@ -1,0 +1,5 @@
+"""Inference on top of the QLoRA model: the batching engine, the OpenAI-compatible server."""
+
+from .engine import Engine, QueueFull, Request, Sampling, render_chat
+
+__all__ = ["Engine", "QueueFull", "Request", "Sampling", "render_chat"]

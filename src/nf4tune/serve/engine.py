@@ -1,0 +1,217 @@
+"""The generation engine: one 4-bit base, several adapters, requests batched and streamed.
+
+Requests wait in a bounded queue; a worker thread takes the oldest and, with it, every waiting
+request that uses the same adapter and sampling settings (up to `max_batch`), generates them as one
+left-padded batch with the KV cache, and streams each request's text as its tokens arrive. A full
+queue refuses new requests at once (the server answers 429) instead of running out of memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from ..errors import Nf4tuneError
+from ..models.adapters import AdapterBank
+
+GUANACO_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def render_chat(tokenizer, messages: list[dict], style: str = "auto") -> str:
+    """The prompt for `messages`: the tokenizer's chat template, or the Guanaco format
+    ("### Human: ... ### Assistant:") that QLoRA's OASST1 adapters were trained on."""
+    if style == "auto":
+        style = "template" if getattr(tokenizer, "chat_template", None) else "guanaco"
+    if style == "template":
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    system = next((m["content"] for m in messages if m["role"] == "system"), GUANACO_SYSTEM)
+    turns = "".join(f"### {'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
+                    for m in messages if m["role"] in ("user", "assistant"))
+    return f"{system}{turns}### Assistant:"
+
+
+class QueueFull(Nf4tuneError):
+    """The engine has as many requests waiting as it accepts."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def check(self) -> "Sampling":
+        if self.max_new_tokens <= 0 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 \
+                or self.repetition_penalty <= 0:
+            raise Nf4tuneError(f"invalid sampling settings: {dataclasses.asdict(self)}.")
+        return self
+
+
+@dataclass
+class Request:
+    prompt: str
+    adapter: str | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+    # Filled in by the engine:
+    deltas: "queue.Queue[str | None]" = field(default_factory=queue.Queue)
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def stream(self):
+        """Yield text pieces as they are generated."""
+        while (piece := self.deltas.get()) is not None:
+            yield piece
+
+    def wait(self, timeout: float | None = None) -> "Request":
+        self.done.wait(timeout)
+        return self
+
+
+class _BatchStreamer(BaseStreamer):
+    """Routes the tokens generate() produces for a batch to each request, as text."""
+
+    def __init__(self, engine: "Engine", requests: list[Request]):
+        self.engine, self.requests = engine, requests
+        self.ids: list[list[int]] = [[] for _ in requests]
+        self.finished = [False] * len(requests)
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first passes the prompts
+            self.prompt_seen = True
+            return
+        eos = self.engine.eos_ids
+        for row, token in enumerate(value.view(-1).tolist()):
+            request = self.requests[row]
+            if self.finished[row]:
+                continue
+            if token in eos:
+                self.finished[row], request.finish_reason = True, "stop"
+                continue
+            self.ids[row].append(token)
+            text = self.engine.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete character: wait for the rest of its bytes
+                continue
+            delta, request.text = text[len(request.text):], text
+            request.completion_tokens = len(self.ids[row])
+            if delta:
+                request.deltas.put(delta)
+            if len(self.ids[row]) >= request.sampling.max_new_tokens:
+                self.finished[row], request.finish_reason = True, "length"
+
+    def end(self) -> None:
+        for row, request in enumerate(self.requests):
+            request.completion_tokens = len(self.ids[row])
+            request.finish_reason = request.finish_reason or "length"
+
+
+class Engine:
+    """Generation for one model with optional named adapters, batched on a worker thread."""
+
+    def __init__(self, model, tokenizer, adapters: dict[str, str] | None = None, max_batch: int = 8,
+                 max_queue: int = 64):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.bank = AdapterBank(model, adapters or {}) if adapters else None
+        self.max_batch, self.max_queue = max_batch, max_queue
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self._waiting: list[Request] = []
+        self._lock = threading.Condition()
+        self.gate = threading.Event()  # cleared, the worker holds back (tests use it to fill the queue)
+        self.gate.set()
+        self._stopped = False
+        self._worker = threading.Thread(target=self._run, name="nf4tune-engine", daemon=True)
+        self._worker.start()
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.bank.adapters) if self.bank else []
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request; raises QueueFull when `max_queue` requests are already waiting."""
+        request.sampling.check()
+        if request.adapter is not None and request.adapter not in self.adapter_names:
+            raise Nf4tuneError(f"no adapter named {request.adapter!r}.")
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the server has {len(self._waiting)} requests waiting; retry shortly.")
+            self._waiting.append(request)
+            self._lock.notify()
+        return request
+
+    def generate(self, prompt: str, adapter: str | None = None, **sampling) -> Request:
+        """Submit one prompt and wait for it."""
+        return self.submit(Request(prompt, adapter, Sampling(**sampling))).wait()
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
+
+    def _take_batch(self) -> list[Request]:
+        with self._lock:
+            while not self._waiting and not self._stopped:
+                self._lock.wait()
+            if self._stopped:
+                return []
+            first = self._waiting[0]
+            batch = [r for r in self._waiting if (r.adapter, r.sampling) == (first.adapter, first.sampling)][: self.max_batch]
+            for r in batch:
+                self._waiting.remove(r)
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            self.gate.wait()
+            batch = self._take_batch()
+            if not batch:
+                return
+            try:
+                self._generate(batch)
+            except Exception as e:  # one bad batch must not take the server down
+                for r in batch:
+                    r.error = f"generation failed: {str(e).splitlines()[0]}"
+            finally:
+                for r in batch:
+                    r.deltas.put(None)
+                    r.done.set()
+
+    @torch.no_grad()
+    def _generate(self, batch: list[Request]) -> None:
+        if self.bank is not None and self.bank.active != batch[0].adapter:
+            self.bank.activate(batch[0].adapter)
+        s = batch[0].sampling
+        enc = self.tokenizer([r.prompt for r in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        for r, mask in zip(batch, enc["attention_mask"]):
+            r.prompt_tokens = int(mask.sum())
+        if s.seed is not None:
+            torch.manual_seed(s.seed)
+        kwargs = dict(max_new_tokens=s.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                      eos_token_id=list(self.eos_ids), repetition_penalty=s.repetition_penalty)
+        if s.temperature > 0:
+            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        self.model.generate(input_ids=enc["input_ids"].to(self.model.device),
+                            attention_mask=enc["attention_mask"].to(self.model.device),
+                            streamer=_BatchStreamer(self, batch), **kwargs)
