@@ -130,8 +130,10 @@ def test_chat_page(setup, tmp_path):
         pytest.skip("headless Chromium is not installed; the page was checked over HTTP only")
     shot = tmp_path / "page.png"
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    f"--screenshot={shot}", f"http://{host}:{port}/"], check=True, timeout=60, capture_output=True)
-    assert shot.stat().st_size > 1000
+                    "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                    "--virtual-time-budget=5000", f"--screenshot={shot}", f"http://{host}:{port}/"],
+                   check=True, timeout=120, capture_output=True)
+    assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 5000  # the page rendered
 
 
 def test_generate_command_writes_completions_and_names_bad_lines(setup, tmp_path, capsys):
