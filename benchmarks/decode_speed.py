@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from harness import run_side as run_child  # noqa: E402
 from train_step import build  # noqa: E402
 
 
@@ -69,13 +69,8 @@ def main() -> None:
         build(Path(tmp))
         results = {}
         for side in ("nf4tune", "transformers+bnb"):
-            out = subprocess.run([sys.executable, __file__, "--side", side, "--model", tmp, "--device", args.device,
-                                  "--new-tokens", str(args.new_tokens), "--prompt", str(args.prompt)],
-                                 capture_output=True, text=True)
-            if out.returncode:
-                print(out.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{side} failed")
-            results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+            results[side] = run_child(__file__, side, "--model", tmp, "--device", args.device,
+                                      "--new-tokens", str(args.new_tokens), "--prompt", str(args.prompt))
     print(f"# {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, batch 1")
     print("| side | prefill ms | decode tokens/s |")

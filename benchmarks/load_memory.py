@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_step import PeakRSS, rss_bytes  # noqa: E402
+from harness import PeakRSS, rss_bytes  # noqa: E402
+from harness import run_side as run_child
 
 
 def build(path: Path, layers: int, shard: str) -> None:
@@ -85,11 +85,7 @@ def main() -> None:
         largest, total = max(s.stat().st_size for s in shards), sum(s.stat().st_size for s in shards)
         results = []
         for side in ("nf4tune", "transformers+bnb"):
-            out = subprocess.run([sys.executable, __file__, "--side", side, "--model", tmp], capture_output=True, text=True)
-            if out.returncode:
-                print(out.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{side} failed")
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            results.append(run_child(__file__, side, "--model", tmp))
     quantized = results[0]["model_gib"]
     target = quantized + largest / 2**30 + 0.5
     print(f"# checkpoint: {len(shards)} shards, {total / 2**30:.2f} GiB bf16, largest shard {largest / 2**30:.2f} GiB; "

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from harness import peak_rss_bytes  # noqa: E402
+from harness import run_side as run_child
 from train_step import CONFIG  # noqa: E402
 
 WORDS = "the a model learns to answer questions about numbers words and colors quickly with care".split()
@@ -110,19 +110,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.side:
         result = (run_nf4tune if args.side == "nf4tune" else run_peer)(Path(args.root), args)
-        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+        result["peak_rss_gib"] = peak_rss_bytes() / 2**30
         print(json.dumps(result))
         return
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp))
         results = {}
         for side in ("nf4tune", "transformers+peft+bnb"):
-            out = subprocess.run([sys.executable, __file__, "--side", side, "--root", tmp, "--steps", str(args.steps),
-                                  "--device", args.device], capture_output=True, text=True)
-            if out.returncode:
-                print(out.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{side} failed")
-            results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+            results[side] = run_child(__file__, side, "--root", tmp, "--steps", str(args.steps), "--device", args.device)
     print(f"# {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.steps} steps of batch 4")
     print("| side | tokens/s | peak RSS GiB |")
     print("|---|---|---|")

@@ -14,43 +14,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import PeakRSS, peak_rss_bytes  # noqa: E402
+from harness import run_side as run_child
+
 CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
               num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-class PeakRSS:
-    """Samples this process's resident memory in a thread while the block runs."""
-
-    def __enter__(self):
-        self.peak, self.running = rss_bytes(), True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
 
 
 def build(path: Path) -> None:
@@ -109,7 +86,7 @@ def run_side(side: str, path: Path, args) -> dict:
         "step_s": statistics.median(times),
         "tokens_per_s": args.batch * args.seq / statistics.median(times),
         "peak_rss_during_steps_gib": peak.peak / 2**30,
-        "peak_rss_process_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
+        "peak_rss_process_gib": peak_rss_bytes() / 2**30,
         "first_loss": first_loss,
     }
     if args.device == "cuda":
@@ -135,13 +112,8 @@ def main() -> None:
         build(Path(tmp))
         results = []
         for side in args.sides.split(","):
-            cmd = [sys.executable, __file__, "--side", side, "--model", tmp, "--steps", str(args.steps),
-                   "--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                print(out.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{side} failed")
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            results.append(run_child(__file__, side, "--model", tmp, "--steps", str(args.steps), "--device", args.device,
+                                     "--batch", str(args.batch), "--seq", str(args.seq)))
     print(f"# {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, batch {args.batch} x {args.seq}")
     print("| side | step s | tokens/s | peak RSS in steps GiB | peak RSS process GiB | first loss |")
     print("|---|---|---|---|---|---|")

@@ -214,26 +214,18 @@ def pack(examples: list[Tokenized], max_len: int, seed: int) -> list[Tokenized]:
 
 
 def collate(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask / labels; packed rows get position_ids instead of a mask
-    (padding then counts as one more sequence, with no labels)."""
-    if examples[0].position_ids is not None:
-        width = max(len(e.input_ids) for e in examples)
-        ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-        positions = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, e in enumerate(examples):
-            n = len(e.input_ids)
-            ids[row, :n], labels[row, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels)
-            positions[row, :n] = torch.tensor(e.position_ids)
-            positions[row, n:] = torch.arange(width - n)
-        return {"input_ids": ids, "position_ids": positions, "labels": labels}
+    """Right-padded input_ids / labels, with an attention_mask; packed rows get position_ids instead
+    of a mask (their padding then counts as one more sequence, with no labels)."""
+    packed = examples[0].position_ids is not None
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    extra = torch.zeros((len(examples), width), dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        ids[row, :n], labels[row, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels)
+        if packed:
+            extra[row, :n], extra[row, n:] = torch.tensor(e.position_ids), torch.arange(width - n)
+        else:
+            extra[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "position_ids" if packed else "attention_mask": extra}
