@@ -166,3 +166,13 @@ def test_packing_keeps_examples_apart(setup):
     recipe.data.packing = True
     result = train(recipe, progress=False)
     assert result.steps == 3 and math.isfinite(result.final_loss)
+
+
+def test_a_bad_row_is_reported_before_the_model_loads(setup, tmp_path, monkeypatch):
+    root, model = setup
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    recipe = _recipe(root, model, tmp_path / "out")
+    recipe.data.path = str(tmp_path / "bad.jsonl")
+    monkeypatch.setattr(loop_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the data"))
+    with pytest.raises(Nf4tuneError, match=r"bad.jsonl, row 2: field 'completion' is missing"):
+        train(recipe, progress=False)

@@ -148,9 +148,9 @@ def load_examples(path: str, split: str, fmt: str, tokenizer, source_max_len: in
         try:
             if not isinstance(row, dict):
                 raise BadRow("-", f"is a {type(row).__name__}, not an object")
-            row_format = _resolve_format(fmt, row)
-            if not stats.format:
-                stats.format = row_format
+            if not stats.format:  # detected once, from the first row; every row must then fit it
+                stats.format = _resolve_format(fmt, row)
+            row_format = stats.format
             tokenized, cut = tokenize_example(to_example(row, row_format, tokenizer), tokenizer,
                                               source_max_len, target_max_len, train_on_source)
             if all(label == IGNORE_INDEX for label in tokenized.labels):

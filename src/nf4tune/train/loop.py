@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoint.hf import resolve
 from ..errors import Nf4tuneError
 from ..layers.lora import LoraConfig, trainable_parameters
 from ..models.adapters import save_adapter
@@ -22,7 +23,7 @@ from . import state as ckpt
 from .config import Recipe, recipe_to_dict
 from .data import IGNORE_INDEX, DataStats, Tokenized, batch_order, collate, load_examples, pack
 from .loss import loss_sum
-from .tokens import add_tokens
+from .tokens import add_tokens_to_tokenizer, grow_vocab
 
 log = logging.getLogger("nf4tune")
 
@@ -152,19 +153,16 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     random.seed(t.seed)
     torch.manual_seed(t.seed)
 
-    lora = LoraConfig(r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
-                      target_modules=recipe.lora.target_modules, use_rslora=recipe.lora.use_rslora)
-    model, tokenizer = load_model(recipe.model.name_or_path, recipe.quant.quant_type, recipe.quant.double_quant,
-                                  _dtype(recipe.model.compute_dtype), _device(recipe.model.device), lora=lora,
-                                  blocksize=recipe.quant.blocksize,
-                                  gradient_checkpointing=recipe.model.gradient_checkpointing, progress=progress)
-    if tokenizer is None:
+    # The tokenizer and the data first: a bad row is reported before minutes of model loading.
+    from transformers import AutoTokenizer
+
+    model_path = resolve(recipe.model.name_or_path)
+    if not any((model_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise Nf4tuneError(f"{recipe.model.name_or_path} has no tokenizer files; training needs one.")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    added = add_tokens(model, tokenizer, recipe.model.add_tokens, recipe.model.add_special_tokens)
-    if added:
-        log.info("nf4tune: added %d token(s); their embedding rows train with the adapter", added)
+    add_tokens_to_tokenizer(tokenizer, recipe.model.add_tokens, recipe.model.add_special_tokens)
 
     examples, stats = load_examples(d.path, d.split, d.format, tokenizer, d.source_max_len, d.target_max_len,
                                     d.train_on_source, d.on_bad_row, d.max_samples)
@@ -175,6 +173,16 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     else:
         examples, eval_examples = _split_eval(recipe, examples)
     eval_examples = eval_examples[: recipe.eval.max_eval_samples] if recipe.eval.max_eval_samples else eval_examples
+
+    lora = LoraConfig(r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
+                      target_modules=recipe.lora.target_modules, use_rslora=recipe.lora.use_rslora)
+    model, _ = load_model(model_path, recipe.quant.quant_type, recipe.quant.double_quant,
+                          _dtype(recipe.model.compute_dtype), _device(recipe.model.device), lora=lora,
+                          blocksize=recipe.quant.blocksize,
+                          gradient_checkpointing=recipe.model.gradient_checkpointing, progress=progress)
+    added = grow_vocab(model, len(tokenizer))
+    if added:
+        log.info("nf4tune: added %d token(s); their embedding rows train with the adapter", added)
 
     if d.packing:
         if model.config.is_encoder_decoder:

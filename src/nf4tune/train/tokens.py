@@ -6,23 +6,26 @@ import torch
 from torch import nn
 
 
-def add_tokens(model, tokenizer, tokens: list[str], special_tokens: list[str]) -> int:
-    """Add `tokens` and `special_tokens` to the tokenizer and the model. The new embedding (and output
-    head) rows start at the mean of the existing rows, as the QLoRA code does, and become trainable
-    in float32 while the old rows stay frozen. Returns the number of rows added."""
-    old = model.get_input_embeddings().weight.shape[0]
+def add_tokens_to_tokenizer(tokenizer, tokens: list[str], special_tokens: list[str]) -> None:
+    """Add `tokens` and `special_tokens` to the tokenizer (before the data is tokenized with it)."""
     tokenizer.add_tokens([t for t in tokens if t not in tokenizer.get_vocab()])
     if special_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": special_tokens}, replace_extra_special_tokens=False)
-    new = len(tokenizer)
-    if new <= old:
+
+
+def grow_vocab(model, size: int) -> int:
+    """Grow the model's vocabulary to `size` rows for tokens added to its tokenizer. The new
+    embedding (and output head) rows start at the mean of the existing rows, as the QLoRA code does,
+    and become trainable in float32 while the old rows stay frozen. Returns the number of rows added."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if size <= old:
         return 0
-    resize_vocab(model, new)
+    resize_vocab(model, size)
     for module in _vocab_modules(model):
         with torch.no_grad():
             module.weight[old:] = module.weight[:old].float().mean(0).to(module.weight.dtype)
     train_new_rows(model, old)
-    return new - old
+    return size - old
 
 
 def _vocab_modules(model) -> list[nn.Module]:
