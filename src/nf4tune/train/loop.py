@@ -289,8 +289,10 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
                                 mem=f"{record['memory_gib']:.2f}G")
                 window_loss, window_tokens, window_start = 0.0, 0, time.time()
             if eval_examples and t.eval_steps and (step % t.eval_steps == 0 or step == total):
+                eval_start = time.time()
                 eval_loss = evaluate(model, eval_examples, recipe.eval.per_device_eval_batch_size, tokenizer.pad_token_id,
                                      t.loss_chunk_tokens)
+                window_start += time.time() - eval_start  # tokens/s measures training only
                 record.update(step=step, eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50)))
                 if best is None or eval_loss < best:
                     best = eval_loss
