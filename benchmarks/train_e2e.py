@@ -2,7 +2,7 @@
 
     python benchmarks/train_e2e.py [--steps 8] [--device cpu]
 
-Same model (random bf16 Llama: hidden 1024, 8 layers, 16 heads, intermediate 2816, character
+Same model (random bf16 Llama: hidden 1024, 8 layers, 16 heads, intermediate 2816, a 32,000-word
 tokenizer), same data (600 synthetic Alpaca rows, tokenized the same way: the prompt masked, the
 response trained), same batch (4), LoRA (r=16, alpha=16, dropout 0.05, all linear layers), AdamW at
 lr 2e-4, gradient checkpointing, bf16. The peer is the QLoRA recipe as users run it: Trainer with
@@ -33,13 +33,28 @@ WORDS = "the a model learns to answer questions about numbers words and colors q
 
 
 def build(root: Path) -> None:
-    from nf4tune.checkpoint.tiny import build_tiny_checkpoint
+    """The model (random bf16 weights) and a 32,000-word tokenizer, so the output head costs what it
+    does in real models; the data are sentences over those words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    cfg = {k: v for k, v in CONFIG.items() if k != "vocab_size"}
-    build_tiny_checkpoint(root / "model", max_shard_size="200MB", **cfg)
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    template = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    words = specials + sorted(set(WORDS + template.split() + ["###", "Instruction:", "Response:"]))
+    words += [f"w{i}" for i in range(CONFIG["vocab_size"] - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                                         pad_token_id=3)).to(torch.bfloat16)
+    model.save_pretrained(root / "model", max_shard_size="200MB")
+    fast.save_pretrained(root / "model")
     rng = random.Random(0)
-    rows = [{"instruction": " ".join(rng.choices(WORDS, k=rng.randint(8, 30))), "input": "",
-             "output": " ".join(rng.choices(WORDS, k=rng.randint(10, 60)))} for _ in range(600)]
+    vocab = words[len(specials):]
+    rows = [{"instruction": " ".join(rng.choices(vocab, k=rng.randint(8, 30))), "input": "",
+             "output": " ".join(rng.choices(vocab, k=rng.randint(10, 60)))} for _ in range(600)]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 

@@ -7,7 +7,9 @@ bf16 weights built once into a temporary folder. LoRA r=16, alpha=16, dropout 0.
 layer of the blocks, gradient checkpointing on for both. The peer runs as QLoRA users run it:
 `BitsAndBytesConfig(nf4, double quant, bf16 compute)`, `prepare_model_for_kbit_training`,
 `get_peft_model`. Each side runs in its own process, so peak memory (RSS, sampled every 2 ms during
-the steps; and the whole process's peak including loading) is its own.
+the steps; and the whole process's peak including loading) is its own. Each side computes the loss
+its own way: the peer through the model (full logits), nf4tune as its training loop does (from the
+hidden states, a chunk of tokens at a time).
 """
 
 from __future__ import annotations
@@ -68,7 +70,13 @@ def run_side(side: str, path: Path, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        if side.startswith("nf4tune"):  # nf4tune's training loss: chunked, from the hidden states
+            from nf4tune.train.loss import loss_sum
+
+            total, count = loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+            loss = total / count
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
         sync()
