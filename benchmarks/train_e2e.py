@@ -1,6 +1,6 @@
 """End-to-end QLoRA fine-tuning throughput: `nf4tune train` vs a transformers Trainer + peft + bitsandbytes script.
 
-    python benchmarks/train_e2e.py [--steps 8] [--device cpu]
+    python benchmarks/train_e2e.py [--steps 8] [--rounds 3] [--device cpu]
 
 Same model (random bf16 Llama: hidden 1024, 8 layers, 16 heads, intermediate 2816, a 32,000-word
 tokenizer), same data (600 synthetic Alpaca rows, tokenized the same way: the prompt masked, the
@@ -119,6 +119,7 @@ def run_peer(root: Path, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of both sides, interleaved (the machine drifts)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
@@ -128,18 +129,24 @@ def main() -> None:
         result["peak_rss_gib"] = peak_rss_bytes() / 2**30
         print(json.dumps(result))
         return
+    sides = ("nf4tune", "transformers+peft+bnb")
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp))
-        results = {}
-        for side in ("nf4tune", "transformers+peft+bnb"):
-            results[side] = run_child(__file__, side, "--root", tmp, "--steps", str(args.steps), "--device", args.device)
-    print(f"# {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.steps} steps of batch 4")
-    print("| side | tokens/s | peak RSS GiB |")
-    print("|---|---|---|")
-    for side, r in results.items():
-        print(f"| {side} | {r['tokens_per_s']:.0f} | {r['peak_rss_gib']:.2f} |")
-    ours, peer = results["nf4tune"], results["transformers+peft+bnb"]
-    print(f"\nnf4tune / peer tokens/s: {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x")
+        for _ in range(args.rounds):
+            rounds.append({side: run_child(__file__, side, "--root", tmp, "--steps", str(args.steps), "--device", args.device)
+                           for side in sides})
+    print(f"# {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, {args.steps} steps of batch 4, "
+          f"{args.rounds} interleaved rounds")
+    print("| side | tokens/s per round | median tokens/s | peak RSS GiB |")
+    print("|---|---|---|---|")
+    for side in sides:
+        rates = [r[side]["tokens_per_s"] for r in rounds]
+        print(f"| {side} | {', '.join(f'{x:.0f}' for x in rates)} | {statistics.median(rates):.0f} | "
+              f"{max(r[side]['peak_rss_gib'] for r in rounds):.2f} |")
+    ratios = [r["nf4tune"]["tokens_per_s"] / r["transformers+peft+bnb"]["tokens_per_s"] for r in rounds]
+    print(f"\nnf4tune / peer tokens/s per round: {', '.join(f'{x:.2f}x' for x in ratios)}; "
+          f"median {statistics.median(ratios):.2f}x")
 
 
 if __name__ == "__main__":

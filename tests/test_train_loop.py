@@ -176,3 +176,28 @@ def test_a_bad_row_is_reported_before_the_model_loads(setup, tmp_path, monkeypat
     monkeypatch.setattr(loop_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the data"))
     with pytest.raises(Nf4tuneError, match=r"bad.jsonl, row 2: field 'completion' is missing"):
         train(recipe, progress=False)
+
+
+def test_chunked_loss_has_the_gradients_of_the_full_logits_loss(setup):
+    from nf4tune.train.data import collate, load_examples
+    from nf4tune.train.loss import loss_sum
+    from nf4tune.train.tokens import train_new_rows
+
+    root, model_dir = setup
+    model, tok = nf4tune.load_model(model_dir, device="cpu", compute_dtype=torch.float32,
+                                    lora=nf4tune.LoraConfig(r=4, dropout=0.0))
+    for layer in nf4tune.layers.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    train_new_rows(model, first_new=90)  # the head trains too, as with new tokens
+    examples, _ = load_examples(str(root / "train.jsonl"), "train", "auto", tok, 32, 8, False, max_samples=6)
+    batch = collate(examples, tok.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    total, count = loss_sum(model, batch, chunk_tokens=5)  # several chunks
+    chunked = torch.autograd.grad(total / count, params)
+    reference = model(**batch, use_cache=False).loss  # transformers' full-logits mean loss
+    full = torch.autograd.grad(reference, params)
+    assert torch.allclose(total / count, reference, rtol=1e-5)
+    for a, b in zip(chunked, full):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert chunked[-1].abs().sum() > 0  # the head's gradient is there, on the new rows only

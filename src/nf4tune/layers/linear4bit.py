@@ -34,7 +34,10 @@ class _Lora4bitMatmul(torch.autograd.Function):
         if lora_A is not None:
             a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
             h = x_lora @ a.t()
-            y = y + (h @ b.t()) * scaling
+            # scaling folded into the small B, and the product accumulated into y by the GEMM itself:
+            # no extra passes over the tokens x out output.
+            y2 = y.view(-1, y.shape[-1])
+            y2.addmm_(h.view(-1, h.shape[-1]), (b * scaling).t())
         ctx.weight, ctx.scaling = weight, scaling
         ctx.adapter_dtype = lora_A.dtype if lora_A is not None else None
         ctx.save_for_backward(x_lora, a, b, h)
