@@ -201,3 +201,13 @@ def test_chunked_loss_has_the_gradients_of_the_full_logits_loss(setup):
     for a, b in zip(chunked, full):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
     assert chunked[-1].abs().sum() > 0  # the head's gradient is there, on the new rows only
+
+
+def test_float16_compute_trains_with_loss_scaling(setup):
+    root, model = setup
+    recipe = _recipe(root, model, root / "fp16", max_steps=3, save_steps=3)
+    recipe.model.compute_dtype = "float16"
+    result = train(recipe, progress=False)
+    assert result.steps == 3 and math.isfinite(result.final_loss)
+    state = torch.load(result.output_dir / "checkpoint-3" / "trainer_state.pt", weights_only=False)
+    assert state["scaler"] is not None and state["scaler"]["scale"] > 0  # the loss scaler ran and is saved
