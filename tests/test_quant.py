@@ -1,7 +1,6 @@
 """The 4-bit core against bitsandbytes (the oracle) and a float64 reference."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -169,10 +168,9 @@ def test_compiled_cpu_path_is_bit_exact_with_the_reference(monkeypatch, quant_ty
     assert not fast._compile_broken, "the compiled path fell back to the reference"
 
 
-def test_quantize_keeps_the_device_and_moves():
+def test_moving_to_the_same_device_is_free():
     q = nf4tune.quantize(torch.randn(10, 10))
     assert q.device.type == "cpu" and q.to("cpu") is q
-    assert math.prod(q.shape) == 100
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

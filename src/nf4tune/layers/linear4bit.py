@@ -22,6 +22,11 @@ from ..quant import QuantizedTensor
 from .dropout import LoraDropout
 
 
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor on B @ A: alpha / r, or alpha / sqrt(r) with rank-stabilized LoRA (as PEFT)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 class _Lora4bitMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, lora_A, lora_B, scaling, bias, weight: QuantizedTensor):
@@ -113,7 +118,7 @@ class Linear4bit(nn.Module):
         unchanged until B learns. scaling = alpha / r (alpha / sqrt(r) with rsLoRA)."""
         device = self.weight_packed.device if self.weight_packed is not None else None
         self.r = r
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(alpha, r, use_rslora)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import Nf4tuneError
-from ..layers.linear4bit import Linear4bit
+from ..layers.linear4bit import Linear4bit, lora_scaling
 from ..layers.lora import LoraConfig, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
@@ -200,7 +200,7 @@ class AdapterBank:
             device, dtype = next(iter(self.layers.values())).weight_packed.device, torch.float32
             self.adapters[name] = {
                 module: (pair["A"].to(device, dtype), pair["B"].to(device, dtype),
-                         lora.alpha / (pair["A"].shape[0] ** 0.5 if lora.use_rslora else pair["A"].shape[0]))
+                         lora_scaling(lora.alpha, pair["A"].shape[0], lora.use_rslora))
                 for module, pair in pairs.items()
             }
         self.activate(None)

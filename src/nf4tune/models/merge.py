@@ -20,6 +20,7 @@ from ..checkpoint.bnb4bit import QuantizedWeightAssembler
 from ..checkpoint.hf import iter_tensors, open_checkpoint, resolve
 from ..checkpoint.writer import CheckpointWriter
 from ..errors import Nf4tuneError
+from ..layers.linear4bit import lora_scaling
 from ..quant import quantize
 from .adapters import read_adapter
 
@@ -31,11 +32,6 @@ class MergeReport:
     out_dir: Path
     merged: int
     dequantized: bool
-
-
-def _scaling(config: dict, r: int) -> float:
-    alpha = config.get("lora_alpha", 8)
-    return alpha / r**0.5 if config.get("use_rslora") else alpha / r
 
 
 def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -118,7 +114,9 @@ def merge_adapter(
                         if list(tensor.shape) != [pair["B"].shape[0], pair["A"].shape[1]]:
                             raise Nf4tuneError(f"the adapter in {adapter} does not fit {ckpt.path}: {key} is "
                                                f"{list(tensor.shape)}; it was trained on another base model.")
-                        tensor = merged_weight(tensor, pair["A"], pair["B"], _scaling(config, pair["A"].shape[0]))
+                        tensor = merged_weight(tensor, pair["A"], pair["B"],
+                                                lora_scaling(config.get("lora_alpha", 8), pair["A"].shape[0],
+                                                             bool(config.get("use_rslora"))))
                         merged += 1
                     out[key] = tensor
                 writer.write_shard(out)

@@ -33,8 +33,6 @@ class PagedAdamW(torch.optim.Optimizer):
             True (always page on CUDA), False (never). Ignored on CPU.
     """
 
-    state_bits = 32
-
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, paging: bool | str = "auto"):
         if lr < 0 or eps < 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or weight_decay < 0:
@@ -174,8 +172,6 @@ class PagedAdamW(torch.optim.Optimizer):
 
 class PagedAdamW8bit(PagedAdamW):
     """PagedAdamW with states quantized blockwise to 8 bits (about 2.03 bytes per parameter)."""
-
-    state_bits = 8
 
     def _new_state(self, p: torch.Tensor) -> dict:
         if p.numel() < MIN_8BIT_NUMEL:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 W, H, LEFT, RIGHT, TOP, BOTTOM = 720, 420, 70, 20, 20, 45
-TRAIN, EVAL, AXIS, GRID, WHITE = (31, 119, 180), (255, 127, 14), (40, 40, 40), (225, 225, 225), (255, 255, 255)
+TRAIN, EVAL, AXIS, GRID = (31, 119, 180), (255, 127, 14), (40, 40, 40), (225, 225, 225)
 
 _FONT = {  # 5x7 glyphs, rows top to bottom
     "0": "01110 10001 10011 10101 11001 10001 01110", "1": "00100 01100 00100 00100 00100 00100 01110",
