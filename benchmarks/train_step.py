@@ -45,7 +45,8 @@ def load_side(side: str, path: Path, device: str, compute: torch.dtype):
         import nf4tune
 
         model, _ = nf4tune.load_model(path, device=device, compute_dtype=compute, progress=False,
-                                      lora=nf4tune.LoraConfig(r=16, alpha=16, dropout=0.05))
+                                      lora=nf4tune.LoraConfig(r=16, alpha=16, dropout=0.05),
+                                      gradient_checkpointing=not side.endswith("-nogc"))
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

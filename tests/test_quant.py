@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import nf4tune
+from nf4tune import compiled
 from nf4tune.quant import blockwise, fast
 from nf4tune.quant.codes import dynamic_code, fp4_code, nf4_code
 
@@ -153,8 +154,8 @@ def test_bad_input_gets_one_clear_error_naming_the_tensor(w, blocksize, match):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_compiled_cpu_path_is_bit_exact_with_the_reference(monkeypatch, quant_type):
-    monkeypatch.setattr(fast, "COMPILE_MIN_NUMEL", 0)
-    monkeypatch.setattr(fast, "_compile_broken", False)
+    monkeypatch.setattr(compiled, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(compiled, "broken", False)
     gen = torch.Generator().manual_seed(1)
     for shape, blocksize in [((257, 512), 64), ((100, 300), 128)]:  # the second has a partial block
         w = torch.randn(shape, generator=gen).to(torch.bfloat16)
@@ -165,7 +166,7 @@ def test_compiled_cpu_path_is_bit_exact_with_the_reference(monkeypatch, quant_ty
         for dtype in (torch.bfloat16, torch.float32):
             got = fast.dequantize_4bit(packed, absmax, shape, quant_type, blocksize, dtype)
             assert torch.equal(got, blockwise.dequantize_4bit(packed, absmax, shape, quant_type, blocksize, dtype))
-    assert not fast._compile_broken, "the compiled path fell back to the reference"
+    assert not compiled.broken, "the compiled path fell back to the reference"
 
 
 def test_moving_to_the_same_device_is_free():

@@ -178,7 +178,9 @@ def test_a_bad_row_is_reported_before_the_model_loads(setup, tmp_path, monkeypat
         train(recipe, progress=False)
 
 
-def test_chunked_loss_has_the_gradients_of_the_full_logits_loss(setup):
+@pytest.mark.parametrize("compile_kernels", [False, True], ids=["eager", "compiled"])
+def test_chunked_loss_has_the_gradients_of_the_full_logits_loss(setup, monkeypatch, compile_kernels):
+    from nf4tune import compiled
     from nf4tune.train.data import collate, load_examples
     from nf4tune.train.loss import loss_sum
     from nf4tune.train.tokens import train_new_rows
@@ -192,6 +194,9 @@ def test_chunked_loss_has_the_gradients_of_the_full_logits_loss(setup):
     examples, _ = load_examples(str(root / "train.jsonl"), "train", "auto", tok, 32, 8, False, max_samples=6)
     batch = collate(examples, tok.pad_token_id)
     params = [p for p in model.parameters() if p.requires_grad]
+    if compile_kernels:  # tiny inputs normally stay eager; force the compiled kernels
+        monkeypatch.setattr(compiled, "COMPILE_MIN_NUMEL", 0)
+        monkeypatch.setattr(compiled, "broken", False)
 
     total, count = loss_sum(model, batch, chunk_tokens=5)  # several chunks
     chunked = torch.autograd.grad(total / count, params)
@@ -201,6 +206,7 @@ def test_chunked_loss_has_the_gradients_of_the_full_logits_loss(setup):
     for a, b in zip(chunked, full):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
     assert chunked[-1].abs().sum() > 0  # the head's gradient is there, on the new rows only
+    assert not compiled.broken, "the compiled loss fell back to the reference"
 
 
 def test_float16_compute_trains_with_loss_scaling(setup):

@@ -20,16 +20,23 @@ from torch import nn
 _SPARSE_MAX_P = 0.25
 
 
+def _gaps(count: int, p: float, device: torch.device) -> torch.Tensor:
+    """`count` Geometric(p) draws (values >= 1), as int64: ceil(log(1 - U) / log(1 - p)). Vectorized
+    float32 rand + log1p is twice as fast as `geometric_`; its 24-bit uniforms only cut the tail
+    beyond gaps of about 17 / p, which has probability below 1e-7."""
+    u = torch.rand(count, device=device)
+    return u.neg_().log1p_().div_(math.log1p(-p)).ceil_().clamp_(min=1).to(torch.int64)
+
+
 def dropped_positions(n: int, p: float, device: torch.device) -> torch.Tensor:
     """Indices in [0, n) each included independently with probability p."""
     expected = n * p
     count = int(expected + 8 * math.sqrt(expected) + 64)  # covers n with overwhelming probability
-    ends = torch.empty(count, dtype=torch.float64, device=device).geometric_(p).cumsum_(0)
+    ends = _gaps(count, p, device).cumsum_(0)
     while ends[-1] <= n:  # rarely, the gaps fall short of n: draw more
-        more = torch.empty(count, dtype=torch.float64, device=device).geometric_(p).cumsum_(0) + ends[-1]
-        ends = torch.cat([ends, more])
+        ends = torch.cat([ends, _gaps(count, p, device).cumsum_(0) + ends[-1]])
     ends -= 1  # a gap of k means the k-th position from here is dropped
-    return ends[ends < n].long()
+    return ends[ends < n]
 
 
 class _ZeroPositions(torch.autograd.Function):

@@ -6,46 +6,18 @@ tables are unrolled into constants so the nearest-code search becomes 15 vector 
 Small tensors, other devices, and any machine where compilation fails use the reference kernels in
 `blockwise`, which the tests hold the fast paths to, byte for byte.
 
-Set NF4TUNE_COMPILE=0 to always use the reference kernels.
+Set NF4TUNE_COMPILE=0 to always use the reference kernels (see `nf4tune.compiled`).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import os
 
 import torch
 
+from .. import compiled
 from . import blockwise
 from .codes import code_4bit
-
-log = logging.getLogger(__name__)
-
-# Below this many elements compilation costs more than it saves.
-COMPILE_MIN_NUMEL = 1 << 20
-_compile_broken = False
-
-
-def _use_compiled(t: torch.Tensor, numel: int) -> bool:
-    return (
-        not _compile_broken
-        and t.device.type == "cpu"
-        and numel >= COMPILE_MIN_NUMEL
-        and os.environ.get("NF4TUNE_COMPILE", "1") != "0"
-    )
-
-
-def _run_compiled(compiled, fallback, *args):
-    """Call the compiled kernel; if the compiler is unusable here, say so once and fall back."""
-    global _compile_broken
-    try:
-        return compiled(*args)
-    except Exception as e:  # a missing C++ compiler, an unsupported platform, ...
-        _compile_broken = True
-        log.warning("nf4tune: torch.compile is unavailable (%s); using the reference kernels.", str(e).splitlines()[0])
-        return fallback()
-
 
 @functools.cache
 def _quantize_kernel(quant_type: str, blocksize: int):
@@ -89,10 +61,10 @@ def quantize_4bit(w: torch.Tensor, quant_type: str, blocksize: int) -> tuple[tor
     """Same result as `blockwise.quantize_4bit`, faster where it can be."""
     n = w.numel()
     full = n - n % blocksize
-    if not _use_compiled(w, full):
+    if not compiled.enabled(w, full):
         return blockwise.quantize_4bit(w, quant_type, blocksize)
     flat = w.reshape(-1)
-    head = _run_compiled(_quantize_kernel(quant_type, blocksize), lambda: None, flat[:full])
+    head = compiled.run(_quantize_kernel(quant_type, blocksize), lambda _: None, flat[:full])
     if head is None:
         return blockwise.quantize_4bit(w, quant_type, blocksize)
     packed, absmax = head
@@ -119,7 +91,7 @@ def dequantize_4bit(
     def reference():
         return blockwise.dequantize_4bit(packed, absmax, shape, quant_type, blocksize, dtype)
 
-    if not _use_compiled(packed, full):
+    if not compiled.enabled(packed, full):
         return reference()
     flat = packed.reshape(-1)
     if flat.data_ptr() % 8:  # viewing bytes as int64 words needs 8-byte alignment (mmapped files may lack it)
@@ -127,8 +99,8 @@ def dequantize_4bit(
     blocks = full // blocksize
     code = code_4bit(quant_type)
     shifts = torch.tensor(_WORD_SHIFTS, dtype=torch.int64)
-    head = _run_compiled(
-        _dequantize_kernel(quant_type, blocksize, dtype), lambda: None,
+    head = compiled.run(
+        _dequantize_kernel(quant_type, blocksize, dtype), lambda *_: None,
         flat[: full // 2], absmax[:blocks].float(), code, shifts,
     )
     if head is None:
