@@ -18,13 +18,18 @@ import math
 import torch
 from torch import nn
 
-from ..quant import QuantizedTensor
+from ..quant import QuantizedTensor, native
 from .dropout import LoraDropout
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     """The factor on B @ A: alpha / r, or alpha / sqrt(r) with rank-stabilized LoRA (as PEFT)."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+# Up to this many tokens, inference multiplies through the 4-bit weight directly (native.matmul_4bit);
+# beyond, dequantizing once and calling the BLAS matmul is faster (BENCHMARKS.md).
+FUSED_MAX_TOKENS = 8
 
 
 class _Lora4bitMatmul(torch.autograd.Function):
@@ -125,6 +130,8 @@ class Linear4bit(nn.Module):
         self.lora_dropout = LoraDropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and self._fused_decode_fits(x):
+            return self._fused_decode(x)
         in_dtype = x.dtype
         x = x.to(self.compute_dtype)
         x_lora, scaling = None, self.scaling
@@ -133,6 +140,24 @@ class Linear4bit(nn.Module):
             scaling *= keep_scale
         y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.quantized_weight)
         return y.to(in_dtype)
+
+    def _fused_decode_fits(self, x: torch.Tensor) -> bool:
+        meta = self._quant_meta
+        return (x.device.type == "cpu" and self.weight_packed.device.type == "cpu" and self.weight_packed.is_contiguous()
+                and x.numel() <= FUSED_MAX_TOKENS * self.in_features
+                and self.in_features % meta["blocksize"] == 0 and meta["blocksize"] % 32 == 0
+                and native.kernels() is not None)
+
+    def _fused_decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference on a few tokens: the 4-bit weight is decoded in registers, never written out.
+        The adapter is added unmerged, in float32 (r x d products, negligible next to the weight)."""
+        x_c = x.to(self.compute_dtype)
+        y = native.matmul_4bit(x_c, self.quantized_weight)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        if self.lora_A is not None:
+            y = y + (x_c @ self.lora_A.to(x_c.dtype).t()) @ (self.lora_B * self.scaling).to(x_c.dtype).t()
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         meta = self._quant_meta

@@ -16,7 +16,7 @@ import functools
 import torch
 
 from .. import compiled
-from . import blockwise
+from . import blockwise, native
 from .codes import code_4bit
 
 @functools.cache
@@ -91,21 +91,28 @@ def dequantize_4bit(
     def reference():
         return blockwise.dequantize_4bit(packed, absmax, shape, quant_type, blocksize, dtype)
 
-    if not compiled.enabled(packed, full):
-        return reference()
     flat = packed.reshape(-1)
+    if packed.device.type == "cpu" and full and native.supports(flat, absmax, blocksize):
+        head = native.dequantize_4bit(flat, absmax, code_4bit(quant_type), n, blocksize, dtype)
+    elif compiled.enabled(packed, full):
+        head = _dequantize_compiled(flat, absmax, full, quant_type, blocksize, dtype)
+    else:
+        return reference()
+    if head is None:
+        return reference()
+    if full < n:
+        tail = blockwise.dequantize_4bit(flat[full // 2 :], absmax[full // blocksize:], (n - full,), quant_type, blocksize, dtype)
+        head = torch.cat([head, tail])
+    return head.view(shape)
+
+
+def _dequantize_compiled(flat, absmax, full, quant_type, blocksize, dtype):
     if flat.data_ptr() % 8:  # viewing bytes as int64 words needs 8-byte alignment (mmapped files may lack it)
         flat = flat.clone()
     blocks = full // blocksize
     code = code_4bit(quant_type)
     shifts = torch.tensor(_WORD_SHIFTS, dtype=torch.int64)
-    head = compiled.run(
+    return compiled.run(
         _dequantize_kernel(quant_type, blocksize, dtype), lambda *_: None,
         flat[: full // 2], absmax[:blocks].float(), code, shifts,
     )
-    if head is None:
-        return reference()
-    if full < n:
-        tail = blockwise.dequantize_4bit(flat[full // 2 :], absmax[blocks:], (n - full,), quant_type, blocksize, dtype)
-        head = torch.cat([head, tail])
-    return head.view(shape)

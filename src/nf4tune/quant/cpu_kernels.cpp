@@ -1,0 +1,147 @@
+// Hand-vectorized AVX-512 kernels for 4-bit weights on CPU, loaded by native.py through ctypes.
+//
+// Why by hand: a 4-bit code is an index into a 16-entry table, and the one instruction that looks
+// 16 floats up at once (vpermps) is something torch.compile's C++ backend never emits; it falls back
+// to a scalar gather, 20-30x slower than this. The pure-PyTorch reference (blockwise.py) stays the
+// definition: tests hold both kernels to it.
+//
+// Layout (bitsandbytes'): weights are a flat row-major N x K array, two codes per byte, the first
+// element in the high nibble; one float absmax per `blocksize` consecutive elements. The kernels
+// need K % blocksize == 0 (blocks never straddle rows) and blocksize % 32 == 0; native.py checks.
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+// Codes 2i and 2i+1 of 8 bytes as 16 int32 lanes: high nibble first, as bitsandbytes packs.
+static inline __m512i codes16(const uint8_t* p) {
+    __m128i bytes = _mm_loadl_epi64((const __m128i*)p);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
+    __m128i lo = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+    return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
+}
+
+// float32 -> bfloat16, round to nearest even (inputs are finite: codes times absmax).
+static inline __m256i to_bf16(__m512 w) {
+#ifdef __AVX512BF16__
+    return (__m256i)_mm512_cvtneps_pbh(w);
+#else
+    __m512i bits = _mm512_castps_si512(w);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
+#endif
+}
+
+// out (n_elems) = code[q] * absmax[block], as float32 or rounded to bfloat16 (round to nearest even,
+// as torch's .to(torch.bfloat16)).
+extern "C" void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* code, int64_t n_elems,
+                                int64_t blocksize, void* out, int out_bf16, int threads) {
+    const __m512 table = _mm512_loadu_ps(code);
+    const int64_t blocks = n_elems / blocksize;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const __m512 scale = _mm512_set1_ps(absmax[b]);
+        for (int64_t i = b * blocksize; i < (b + 1) * blocksize; i += 16) {
+            __m512 w = _mm512_mul_ps(_mm512_permutexvar_ps(codes16(packed + i / 2), table), scale);
+            if (out_bf16)
+                _mm256_storeu_si256((__m256i*)((uint16_t*)out + i), to_bf16(w));
+            else
+                _mm512_storeu_ps((float*)out + i, w);
+        }
+    }
+}
+
+// The absmax of block g: a float32, or with double quantization an 8-bit code of the dynamic table
+// times its group's float32 scale plus the offset (the reference's float_absmax, same rounding).
+struct Absmax {
+    const float* fp32;      // plain absmax, or NULL
+    const uint8_t* codes;   // double-quantized absmax
+    const float* nested;    // one scale per `group` codes
+    const float* table;     // the 256-entry dynamic code
+    float offset;
+    int64_t group;
+    inline float operator()(int64_t g) const {
+        if (fp32) return fp32[g];
+        float scaled = table[codes[g]] * nested[g / group];
+        return scaled + offset;
+    }
+};
+
+// R rows of x times one row of W: R is a template argument so the accumulators live in registers.
+template <int R>
+static inline float* rows_times_weight_row(const float* x, int64_t K, const uint8_t* row, const Absmax& absmax,
+                                           int64_t first_block, int64_t blocksize, __m512 table, float* sums) {
+    __m512 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < K / blocksize; b++) {
+        // a block's products summed unscaled, then scaled once: one multiply per block
+        __m512 part[R];
+        for (int r = 0; r < R; r++) part[r] = _mm512_setzero_ps();
+        for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 32) {
+            __m128i bytes = _mm_loadu_si128((const __m128i*)(row + k / 2));
+            __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
+            __m128i lo = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+            __m512 w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), table);
+            __m512 w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), table);
+            for (int r = 0; r < R; r++) {
+                part[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + k), part[r]);
+                part[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * K + k + 16), part[r]);
+            }
+        }
+        const __m512 scale = _mm512_set1_ps(absmax(first_block + b));
+        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(part[r], scale, acc[r]);
+    }
+    for (int r = 0; r < R; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
+    return sums;
+}
+
+typedef float* (*RowsKernel)(const float*, int64_t, const uint8_t*, const Absmax&, int64_t, int64_t, __m512, float*);
+static const RowsKernel ROWS[] = {rows_times_weight_row<1>, rows_times_weight_row<2>, rows_times_weight_row<3>,
+                                  rows_times_weight_row<4>, rows_times_weight_row<5>, rows_times_weight_row<6>,
+                                  rows_times_weight_row<7>, rows_times_weight_row<8>};
+
+static inline uint16_t bf16_bits(float f) {  // round to nearest even, as torch
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+// out (M x N) = x (M x K) @ W^T for a 4-bit W (N x K), x and out both float32 or both bfloat16, the
+// sums in float32. Each weight is decoded once in registers and used for up to 8 rows of x: for
+// decoding (M = batch), where reading the weights is the whole cost.
+extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, int64_t K, const uint8_t* packed,
+                            const float* absmax_fp32, const uint8_t* absmax_codes, const float* nested,
+                            const float* dynamic_table, float offset, int64_t group, const float* code, int64_t N,
+                            int64_t blocksize, void* out, int threads) {
+    const __m512 table = _mm512_loadu_ps(code);
+    const Absmax absmax{absmax_fp32, absmax_codes, nested, dynamic_table, offset, group};
+    std::vector<float> converted;
+    const float* x = (const float*)x_in;
+    if (bf16) {  // widen x once: bfloat16 is the top half of a float32
+        converted.resize(M * K);
+        const uint16_t* xb = (const uint16_t*)x_in;
+        for (int64_t i = 0; i < M * K; i++) {
+            uint32_t bits = (uint32_t)xb[i] << 16;
+            memcpy(&converted[i], &bits, 4);
+        }
+        x = converted.data();
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        const int rows = M - m0 < 8 ? (int)(M - m0) : 8;
+        const RowsKernel kernel = ROWS[rows - 1];
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            float sums[8];
+            kernel(x + m0 * K, K, packed + n * (K / 2), absmax, n * (K / blocksize), blocksize, table, sums);
+            for (int r = 0; r < rows; r++) {
+                if (bf16)
+                    ((uint16_t*)out)[(m0 + r) * N + n] = bf16_bits(sums[r]);
+                else
+                    ((float*)out)[(m0 + r) * N + n] = sums[r];
+            }
+        }
+    }
+}

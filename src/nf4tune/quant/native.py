@@ -1,0 +1,125 @@
+"""The AVX-512 CPU kernels of `cpu_kernels.cpp`: built on first use with the system C++ compiler
+(the one torch.compile also needs), cached, and called through ctypes.
+
+Two kernels: `dequantize_4bit` (bit-exact with `blockwise.dequantize_4bit`) and `matmul_4bit`
+(x @ W^T with W decoded in registers, for decoding a few tokens at a time). Where the CPU lacks
+AVX-512, no compiler is found or the build fails, `kernels()` returns None once with a warning and
+callers keep the PyTorch paths. NF4TUNE_NATIVE=0 turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .codes import code_4bit, dynamic_code
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+# -ffp-contract=off: no fused multiply-adds the source did not ask for, so dequantized values round
+# exactly as the PyTorch reference's.
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True, text=True)
+        os.replace(out, target)  # atomic: a concurrent process sees no half-written library
+
+
+@functools.cache
+def kernels() -> ctypes.CDLL | None:
+    """The loaded library, or None where it cannot be had here."""
+    if os.environ.get("NF4TUNE_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    flags = _cpu_flags()
+    if "avx512f" not in flags:
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        log.warning("nf4tune: no C++ compiler found; 4-bit CPU inference uses the slower PyTorch path.")
+        return None
+    # -march=native ties the library to this CPU: its flags are part of the key.
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, *sorted(flags)]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("NF4TUNE_CACHE", Path.home() / ".cache" / "nf4tune"))
+    target = root / "kernels" / f"cpu-{key}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning("nf4tune: could not build the AVX-512 kernels (%s); using the PyTorch path.",
+                    detail.strip().splitlines()[0] if detail.strip() else type(e).__name__)
+        return None
+    lib.dequantize_4bit.argtypes = [_P, _P, _P, _I64, _I64, _P, _INT, _INT]
+    lib.matmul_4bit.argtypes = [_P, _INT, _I64, _I64, _P, _P, _P, _P, _P, _F, _I64, _P, _I64, _I64, _P, _INT]
+    return lib
+
+
+def supports(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> bool:
+    return (packed.device.type == "cpu" and packed.is_contiguous() and absmax.dtype == torch.float32
+            and absmax.is_contiguous() and blocksize % 32 == 0 and kernels() is not None)
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, blocksize: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The first n // blocksize * blocksize values, in `dtype` (bfloat16 rounded in the kernel; other
+    dtypes from float32, as the reference does)."""
+    full = n - n % blocksize
+    out = torch.empty(full, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    code = code.float().contiguous()
+    kernels().dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), full, blocksize,
+                              out.data_ptr(), int(out.dtype == torch.bfloat16), torch.get_num_threads())
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def matmul_4bit(x: torch.Tensor, q) -> torch.Tensor:
+    """x (..., K) @ W^T for the 4-bit `QuantizedTensor` q (N x K, K a multiple of its blocksize, on CPU),
+    in x's dtype when it is bfloat16 or float32 (else float32), summed in float32. The absmax is
+    read as stored: double quantization is undone in the kernel, not in a float32 copy."""
+    n, k = q.shape
+    x2 = x.reshape(-1, k)
+    if x2.dtype not in (torch.bfloat16, torch.float32):
+        x2 = x2.float()
+    x2 = x2.contiguous()
+    out = torch.empty(x2.shape[0], n, dtype=x2.dtype)
+    code = code_4bit(q.quant_type)
+    absmax = q.absmax.contiguous() if q.double_quant else q.absmax.float().contiguous()  # kept alive for the call
+    if q.double_quant:
+        fp32, codes, nested, table = None, absmax.data_ptr(), q.nested_absmax.data_ptr(), _dynamic_table().data_ptr()
+    else:
+        fp32, codes, nested, table = absmax.data_ptr(), None, None, None
+    kernels().matmul_4bit(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.shape[0], k, q.packed.data_ptr(),
+                          fp32, codes, nested, table, q.offset or 0.0, q.nested_blocksize, code.data_ptr(), n,
+                          q.blocksize, out.data_ptr(), torch.get_num_threads())
+    return out.view(*x.shape[:-1], n)
+
+
+@functools.cache
+def _dynamic_table() -> torch.Tensor:
+    return dynamic_code().float().contiguous()

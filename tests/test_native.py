@@ -1,0 +1,90 @@
+"""The AVX-512 CPU kernels against the PyTorch reference: bit-exact dequantization, matmuls within
+float32 rounding of a float64 product, and the 4-bit layer's inference path against its training path."""
+
+import logging
+
+import pytest
+import torch
+
+import nf4tune
+from nf4tune.layers import linear4bit
+from nf4tune.quant import blockwise, native
+from nf4tune.quant.codes import code_4bit
+
+needs_kernels = pytest.mark.skipif(native.kernels() is None,
+                                   reason="the native kernels need an x86-64 CPU with AVX-512 and a C++ compiler")
+
+
+@needs_kernels
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [64, 256])
+def test_dequantize_is_bit_exact_with_the_reference(quant_type, blocksize):
+    gen = torch.Generator().manual_seed(blocksize)
+    for shape in [(96, 256), (7, 100)]:  # the second ends in a partial block
+        w = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        w.view(-1)[:blocksize] = 0  # an all-zero block
+        q = nf4tune.quantize(w, quant_type=quant_type, blocksize=blocksize)
+        absmax = q.float_absmax()
+        for dtype in (torch.bfloat16, torch.float32, torch.float16):
+            ref = blockwise.dequantize_4bit(q.packed, absmax, q.shape, quant_type, blocksize, dtype)
+            got = q.dequantize(dtype)  # takes the native path where it can
+            assert got.dtype == dtype and torch.equal(got, ref), (shape, dtype)
+            n = w.numel() - w.numel() % blocksize
+            direct = native.dequantize_4bit(q.packed.view(-1), absmax, code_4bit(quant_type), w.numel(), blocksize, dtype)
+            assert torch.equal(direct, ref.view(-1)[:n])
+
+
+@needs_kernels
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_matmul_matches_a_float64_product(quant_type, double_quant):
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(200, 512, generator=gen).to(torch.bfloat16)
+    q = nf4tune.quantize(w, quant_type=quant_type, double_quant=double_quant)
+    weight = q.dequantize(torch.float32).double()
+    for rows in (1, 3, 8, 11):  # one pass of the 8-row kernel, two passes, and partial ones
+        for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 8e-3)):
+            x = torch.randn(rows, 512, generator=gen).to(dtype)
+            got = native.matmul_4bit(x, q)
+            ref = x.double() @ weight.t()
+            assert got.dtype == dtype and got.shape == (rows, 200)
+            assert (got.double() - ref).abs().max() <= tol * ref.abs().max(), (rows, dtype)
+
+
+@needs_kernels
+def test_the_layer_decodes_through_the_fused_kernel_with_the_same_result(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    q = nf4tune.quantize(torch.randn(96, 128, generator=gen))
+    layer = nf4tune.Linear4bit.from_quantized(q, bias=torch.randn(96, generator=gen), compute_dtype=torch.float32)
+    layer.add_lora(r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=gen)
+    x = torch.randn(2, 3, 128, generator=gen)
+    training_path = layer(x)  # with grad enabled: dequantize and multiply
+
+    calls = []
+    real = native.matmul_4bit
+    monkeypatch.setattr(native, "matmul_4bit", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fused = layer(x)
+        assert len(calls) == 1 and fused.shape == training_path.shape
+        assert torch.allclose(fused, training_path, rtol=1e-5, atol=1e-5)
+        layer(torch.randn(linear4bit.FUSED_MAX_TOKENS + 1, 128))  # more tokens: back to dequantize + matmul
+        assert len(calls) == 1
+
+
+def test_without_a_compiler_the_kernels_step_aside_with_a_warning(monkeypatch, tmp_path, caplog):
+    if native.kernels() is None:
+        pytest.skip("no native kernels on this machine to begin with")
+    monkeypatch.setenv("NF4TUNE_CACHE", str(tmp_path))  # nothing cached: a build is needed
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    native.kernels.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert native.kernels() is None
+        assert "could not build the AVX-512 kernels" in caplog.text
+        layer = nf4tune.Linear4bit.from_quantized(nf4tune.quantize(torch.randn(32, 64)), compute_dtype=torch.float32)
+        with torch.no_grad():  # the layer still works, on the PyTorch path
+            assert layer(torch.ones(1, 64)).shape == (1, 32)
+    finally:
+        native.kernels.cache_clear()
