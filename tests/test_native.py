@@ -8,7 +8,8 @@ import torch
 
 import nf4tune
 from nf4tune.layers import linear4bit
-from nf4tune.quant import blockwise, native
+from nf4tune.kernels import cpu as native
+from nf4tune.quant import blockwise
 from nf4tune.quant.codes import code_4bit
 
 needs_kernels = pytest.mark.skipif(native.kernels() is None,
@@ -88,3 +89,27 @@ def test_without_a_compiler_the_kernels_step_aside_with_a_warning(monkeypatch, t
             assert layer(torch.ones(1, 64)).shape == (1, 32)
     finally:
         native.kernels.cache_clear()
+
+
+@needs_kernels
+def test_the_output_head_decodes_through_the_bf16_kernel(monkeypatch):
+    from nf4tune.layers.head import OutputHead
+
+    if not native.supports_bf16_matmul(torch.ones(1, 128, dtype=torch.bfloat16), torch.ones(8, 128, dtype=torch.bfloat16)):
+        pytest.skip("this CPU lacks AVX512-BF16")
+    gen = torch.Generator().manual_seed(5)
+    linear = torch.nn.Linear(128, 300, bias=False).to(torch.bfloat16)
+    head = OutputHead.wrap(linear)
+    assert head.weight is linear.weight  # shared, so tied embeddings stay tied
+    hidden = torch.randn(2, 7, 128, generator=gen).to(torch.bfloat16)
+    last = hidden[:, -1:, :]  # what transformers passes when it keeps only the last logits
+    calls = []
+    real = native.matmul_bf16
+    monkeypatch.setattr(native, "matmul_bf16", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        ref = last.double() @ linear.weight.double().t()
+        got = head(last)
+        assert calls and got.shape == (2, 1, 300)
+        assert (got.double() - ref).abs().max() <= 8e-3 * ref.abs().max()
+        assert torch.equal(head(hidden), linear(hidden))  # many tokens: the plain product
+    assert len(calls) == 1

@@ -7,7 +7,8 @@ import torch
 
 import nf4tune
 from nf4tune import compiled
-from nf4tune.quant import blockwise, fast, native
+from nf4tune.kernels import cpu as native
+from nf4tune.quant import blockwise, fast
 from nf4tune.quant.codes import dynamic_code, fp4_code, nf4_code
 
 bnb_F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is the oracle for these tests")

@@ -18,7 +18,8 @@ import math
 import torch
 from torch import nn
 
-from ..quant import QuantizedTensor, native
+from ..kernels import cpu as native
+from ..quant import QuantizedTensor
 from .dropout import LoraDropout
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..checkpoint.bnb4bit import QuantizedWeightAssembler
 from ..checkpoint.hf import iter_tensors, matches_module, model_class, open_checkpoint, quantizable_linears, resolve, to_config
 from ..errors import Nf4tuneError
+from ..layers.head import OutputHead
 from ..layers.linear4bit import Linear4bit
 from ..layers.lora import LoraConfig, inject_lora
 from ..quant import quantize
@@ -185,8 +186,8 @@ def load_model(
     if gradient_checkpointing and (adapter is not None or lora is not None):
         _enable_checkpointing(model)
     head = model.get_output_embeddings()
-    if head is not None:
-        head.register_forward_pre_hook(_standard_strides)
+    if type(head) is nn.Linear:
+        model.set_output_embeddings(OutputHead.wrap(head))
     model.eval()
 
     # An adapter trained with new tokens carries its tokenizer; otherwise the base model's is used.
@@ -196,21 +197,6 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(folder)
             break
     return model, tokenizer
-
-
-def _standard_strides(module, args):
-    """transformers hands the head `hidden[:, -1:, :]` when it keeps only the last logits: a view whose
-    size-1 dimension keeps the sequence's stride. PyTorch's CPU matmul then takes a batched path that
-    copies the transposed vocab x hidden weight, 25x slower than the plain product (128 ms against 5
-    for a 32000 x 1024 head, BENCHMARKS.md). Re-laying out the one row restores the fast path."""
-    x = args[0]
-    strides, step = [], 1
-    for size in reversed(x.shape):
-        strides.insert(0, step)
-        step *= size
-    if x.dim() > 2 and x.device.type == "cpu" and x.stride() != tuple(strides):
-        return (x.clone(memory_format=torch.contiguous_format), *args[1:])
-    return None
 
 
 def _enable_checkpointing(model) -> None:

@@ -16,7 +16,8 @@ import functools
 import torch
 
 from .. import compiled
-from . import blockwise, native
+from ..kernels import cpu as native
+from . import blockwise
 from .codes import code_4bit
 
 @functools.cache

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .codes import code_4bit, dynamic_code
+from ..quant.codes import code_4bit, dynamic_code
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,8 @@ def kernels() -> ctypes.CDLL | None:
                     detail.strip().splitlines()[0] if detail.strip() else type(e).__name__)
         return None
     lib.dequantize_4bit.argtypes = [_P, _P, _P, _I64, _I64, _P, _INT, _INT]
+    if hasattr(lib, "matmul_bf16"):  # built where the CPU has AVX512-BF16
+        lib.matmul_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _P, _INT]
     lib.matmul_4bit.argtypes = [_P, _INT, _I64, _I64, _P, _P, _P, _P, _P, _F, _I64, _P, _I64, _I64, _P, _INT]
     return lib
 
@@ -123,3 +125,20 @@ def matmul_4bit(x: torch.Tensor, q) -> torch.Tensor:
 @functools.cache
 def _dynamic_table() -> torch.Tensor:
     return dynamic_code().float().contiguous()
+
+
+def supports_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `matmul_bf16` takes x (..., K) @ weight^T: bfloat16 on CPU, at most 8 rows, K % 64 == 0."""
+    lib = kernels()
+    return (lib is not None and hasattr(lib, "matmul_bf16") and x.dtype == weight.dtype == torch.bfloat16
+            and x.device.type == weight.device.type == "cpu" and weight.is_contiguous()
+            and weight.shape[1] % 64 == 0 and 0 < x.numel() <= 8 * weight.shape[1])
+
+
+def matmul_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ weight^T for bfloat16 tensors, summed in float32 (see `supports_bf16_matmul`)."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k).contiguous()
+    out = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
+    kernels().matmul_bf16(x2.data_ptr(), x2.shape[0], k, weight.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
+    return out.view(*x.shape[:-1], n)

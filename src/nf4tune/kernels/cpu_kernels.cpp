@@ -23,6 +23,12 @@ static inline __m512i codes16(const uint8_t* p) {
     return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
 }
 
+static inline uint16_t bf16_bits(float f) {  // round to nearest even, as torch
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
 // float32 -> bfloat16, round to nearest even (inputs are finite: codes times absmax).
 static inline __m256i to_bf16(__m512 w) {
 #ifdef __AVX512BF16__
@@ -98,16 +104,48 @@ static inline float* rows_times_weight_row(const float* x, int64_t K, const uint
     return sums;
 }
 
+#ifdef __AVX512BF16__
+// The same for bfloat16 x with bfloat16 dot products (vdpbf16ps: 32 products per instruction). The
+// 16 code values are rounded to bfloat16 once, and the absmax scales the float32 block sums, so the
+// result differs from the dequantize-then-multiply path by bfloat16 rounding only.
+// One byte holds elements 2i (high nibble) and 2i+1 (low nibble), and one 32-bit lane of a dot
+// product holds a pair: a byte's two codes become one lane's two 16-bit indices.
+template <int R>
+static inline float* rows_times_weight_row_bf16(const uint16_t* x, int64_t K, const uint8_t* row, const Absmax& absmax,
+                                                int64_t first_block, int64_t blocksize, __m512i table,
+                                                float* sums) {
+    __m512 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < K / blocksize; b++) {
+        __m512 part[R];
+        for (int r = 0; r < R; r++) part[r] = _mm512_setzero_ps();
+        for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 32) {
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + k / 2)));
+            __m512i pairs = _mm512_or_si512(_mm512_srli_epi32(bytes, 4),
+                                            _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), 16));
+            __m512bh w = (__m512bh)_mm512_permutexvar_epi16(pairs, table);
+            for (int r = 0; r < R; r++)
+                part[r] = _mm512_dpbf16_ps(part[r], w, (__m512bh)_mm512_loadu_si512(x + r * K + k));
+        }
+        const __m512 scale = _mm512_set1_ps(absmax(first_block + b));
+        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(part[r], scale, acc[r]);
+    }
+    for (int r = 0; r < R; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
+    return sums;
+}
+
+typedef float* (*RowsKernelBf16)(const uint16_t*, int64_t, const uint8_t*, const Absmax&, int64_t, int64_t, __m512i,
+                                 float*);
+static const RowsKernelBf16 ROWS_BF16[] = {
+    rows_times_weight_row_bf16<1>, rows_times_weight_row_bf16<2>, rows_times_weight_row_bf16<3>,
+    rows_times_weight_row_bf16<4>, rows_times_weight_row_bf16<5>, rows_times_weight_row_bf16<6>,
+    rows_times_weight_row_bf16<7>, rows_times_weight_row_bf16<8>};
+#endif
+
 typedef float* (*RowsKernel)(const float*, int64_t, const uint8_t*, const Absmax&, int64_t, int64_t, __m512, float*);
 static const RowsKernel ROWS[] = {rows_times_weight_row<1>, rows_times_weight_row<2>, rows_times_weight_row<3>,
                                   rows_times_weight_row<4>, rows_times_weight_row<5>, rows_times_weight_row<6>,
                                   rows_times_weight_row<7>, rows_times_weight_row<8>};
-
-static inline uint16_t bf16_bits(float f) {  // round to nearest even, as torch
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
 
 // out (M x N) = x (M x K) @ W^T for a 4-bit W (N x K), x and out both float32 or both bfloat16, the
 // sums in float32. Each weight is decoded once in registers and used for up to 8 rows of x: for
@@ -118,6 +156,25 @@ extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, int64_t K, co
                             int64_t blocksize, void* out, int threads) {
     const __m512 table = _mm512_loadu_ps(code);
     const Absmax absmax{absmax_fp32, absmax_codes, nested, dynamic_table, offset, group};
+#ifdef __AVX512BF16__
+    if (bf16) {
+        uint16_t table16[32];
+        for (int i = 0; i < 32; i++) table16[i] = bf16_bits(code[i % 16]);
+        const __m512i table_bf16 = _mm512_loadu_si512(table16);
+        const uint16_t* xb = (const uint16_t*)x_in;
+        for (int64_t m0 = 0; m0 < M; m0 += 8) {
+            const int rows = M - m0 < 8 ? (int)(M - m0) : 8;
+            const RowsKernelBf16 kernel = ROWS_BF16[rows - 1];
+#pragma omp parallel for num_threads(threads) schedule(static)
+            for (int64_t n = 0; n < N; n++) {
+                float sums[8];
+                kernel(xb + m0 * K, K, packed + n * (K / 2), absmax, n * (K / blocksize), blocksize, table_bf16, sums);
+                for (int r = 0; r < rows; r++) ((uint16_t*)out)[(m0 + r) * N + n] = bf16_bits(sums[r]);
+            }
+        }
+        return;
+    }
+#endif
     std::vector<float> converted;
     const float* x = (const float*)x_in;
     if (bf16) {  // widen x once: bfloat16 is the top half of a float32
@@ -145,3 +202,37 @@ extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, int64_t K, co
         }
     }
 }
+
+#ifdef __AVX512BF16__
+// out (M x N, bfloat16) = x (M x K) @ W^T for bfloat16 x and W, M <= 8, K % 64 == 0, summed in float32.
+// For the 16-bit output head while decoding: two accumulators per row hide the dot product's latency.
+template <int R>
+static inline void rows_times_bf16_row(const uint16_t* x, int64_t K, const uint16_t* w, float* sums) {
+    __m512 acc[R][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 64) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
+        for (int r = 0; r < R; r++) {
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, (__m512bh)_mm512_loadu_si512(x + r * K + k));
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, (__m512bh)_mm512_loadu_si512(x + r * K + k + 32));
+        }
+    }
+    for (int r = 0; r < R; r++) sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+
+typedef void (*Bf16RowsKernel)(const uint16_t*, int64_t, const uint16_t*, float*);
+static const Bf16RowsKernel BF16_ROWS[] = {rows_times_bf16_row<1>, rows_times_bf16_row<2>, rows_times_bf16_row<3>,
+                                           rows_times_bf16_row<4>, rows_times_bf16_row<5>, rows_times_bf16_row<6>,
+                                           rows_times_bf16_row<7>, rows_times_bf16_row<8>};
+
+extern "C" void matmul_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, uint16_t* out,
+                            int threads) {
+    const Bf16RowsKernel kernel = BF16_ROWS[M - 1];
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float sums[8];
+        kernel(x, K, w + n * K, sums);
+        for (int r = 0; r < M; r++) out[r * N + n] = bf16_bits(sums[r]);
+    }
+}
+#endif
