@@ -105,37 +105,60 @@ static inline float* rows_times_weight_row(const float* x, int64_t K, const uint
 }
 
 #ifdef __AVX512BF16__
-// The same for bfloat16 x with bfloat16 dot products (vdpbf16ps: 32 products per instruction). The
-// 16 code values are rounded to bfloat16 once, and the absmax scales the float32 block sums, so the
-// result differs from the dequantize-then-multiply path by bfloat16 rounding only.
-// One byte holds elements 2i (high nibble) and 2i+1 (low nibble), and one 32-bit lane of a dot
-// product holds a pair: a byte's two codes become one lane's two 16-bit indices.
+// The same for bfloat16 x, with bfloat16 dot products (vdpbf16ps: 32 products per instruction) and
+// the codes turned into bfloat16 bit patterns by byte shuffles (vpshufb: 64 lookups per instruction,
+// the low and high byte of each pattern looked up apart). The 16 code values are rounded to
+// bfloat16 once and the absmax scales float32 block sums, so the result differs from the
+// dequantize-then-multiply path by bfloat16 rounding only.
+//
+// 128 weights (64 bytes) per step. The shuffles leave weights in a fixed order: register j, 16-bit
+// element 8l + e holds weight 32l + 16(j & 1) + 2e + (j >> 1). x is laid out once per call in the same
+// order (`shuffle_x`), which a dot product does not mind. 32-bit lane q of the sums then covers
+// weights 32(q / 4) ..+31 of the step, so one block scale per 128-bit lane suffices.
+static void shuffle_x(const uint16_t* x, int64_t count, uint16_t* out) {
+    for (int64_t c = 0; c < count; c += 128)
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 4; l++)
+                for (int e = 0; e < 8; e++)
+                    out[c + 32 * j + 8 * l + e] = x[c + 32 * l + 16 * (j & 1) + 2 * e + (j >> 1)];
+}
+
 template <int R>
 static inline float* rows_times_weight_row_bf16(const uint16_t* x, int64_t K, const uint8_t* row, const Absmax& absmax,
-                                                int64_t first_block, int64_t blocksize, __m512i table,
+                                                int64_t first_block, int64_t blocksize, const __m512i* tables,
                                                 float* sums) {
+    const __m512i low_bytes = tables[0], high_bytes = tables[1], nibble = _mm512_set1_epi8(0x0F);
+    // block of each 128-bit lane relative to the step's first block; a row's scales decoded once
+    const __m512i lane_block = _mm512_set_epi32(
+        96 / blocksize, 96 / blocksize, 96 / blocksize, 96 / blocksize, 64 / blocksize, 64 / blocksize, 64 / blocksize,
+        64 / blocksize, 32 / blocksize, 32 / blocksize, 32 / blocksize, 32 / blocksize, 0, 0, 0, 0);
+    float scales[K / blocksize + 4];
+    for (int64_t b = 0; b < K / blocksize; b++) scales[b] = absmax(first_block + b);
     __m512 acc[R];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < K / blocksize; b++) {
-        __m512 part[R];
-        for (int r = 0; r < R; r++) part[r] = _mm512_setzero_ps();
-        for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 32) {
-            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + k / 2)));
-            __m512i pairs = _mm512_or_si512(_mm512_srli_epi32(bytes, 4),
-                                            _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), 16));
-            __m512bh w = (__m512bh)_mm512_permutexvar_epi16(pairs, table);
-            for (int r = 0; r < R; r++)
-                part[r] = _mm512_dpbf16_ps(part[r], w, (__m512bh)_mm512_loadu_si512(x + r * K + k));
+    for (int64_t k = 0; k < K; k += 128) {
+        __m512i bytes = _mm512_loadu_si512(row + k / 2);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble), lo = _mm512_and_si512(bytes, nibble);
+        __m512i hl = _mm512_shuffle_epi8(low_bytes, hi), hh = _mm512_shuffle_epi8(high_bytes, hi);
+        __m512i ll = _mm512_shuffle_epi8(low_bytes, lo), lh = _mm512_shuffle_epi8(high_bytes, lo);
+        __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(hl, hh), w1 = (__m512bh)_mm512_unpackhi_epi8(hl, hh);
+        __m512bh w2 = (__m512bh)_mm512_unpacklo_epi8(ll, lh), w3 = (__m512bh)_mm512_unpackhi_epi8(ll, lh);
+        const __m512 scale = _mm512_permutexvar_ps(lane_block, _mm512_loadu_ps(scales + k / blocksize));
+        for (int r = 0; r < R; r++) {
+            const uint16_t* xr = x + r * K + k;
+            __m512 even = _mm512_dpbf16_ps(_mm512_setzero_ps(), w0, (__m512bh)_mm512_loadu_si512(xr));
+            even = _mm512_dpbf16_ps(even, w1, (__m512bh)_mm512_loadu_si512(xr + 32));
+            __m512 odd = _mm512_dpbf16_ps(_mm512_setzero_ps(), w2, (__m512bh)_mm512_loadu_si512(xr + 64));
+            odd = _mm512_dpbf16_ps(odd, w3, (__m512bh)_mm512_loadu_si512(xr + 96));
+            acc[r] = _mm512_fmadd_ps(_mm512_add_ps(even, odd), scale, acc[r]);
         }
-        const __m512 scale = _mm512_set1_ps(absmax(first_block + b));
-        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(part[r], scale, acc[r]);
     }
     for (int r = 0; r < R; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
     return sums;
 }
 
-typedef float* (*RowsKernelBf16)(const uint16_t*, int64_t, const uint8_t*, const Absmax&, int64_t, int64_t, __m512i,
-                                 float*);
+typedef float* (*RowsKernelBf16)(const uint16_t*, int64_t, const uint8_t*, const Absmax&, int64_t, int64_t,
+                                 const __m512i*, float*);
 static const RowsKernelBf16 ROWS_BF16[] = {
     rows_times_weight_row_bf16<1>, rows_times_weight_row_bf16<2>, rows_times_weight_row_bf16<3>,
     rows_times_weight_row_bf16<4>, rows_times_weight_row_bf16<5>, rows_times_weight_row_bf16<6>,
@@ -157,18 +180,22 @@ extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, int64_t K, co
     const __m512 table = _mm512_loadu_ps(code);
     const Absmax absmax{absmax_fp32, absmax_codes, nested, dynamic_table, offset, group};
 #ifdef __AVX512BF16__
-    if (bf16) {
-        uint16_t table16[32];
-        for (int i = 0; i < 32; i++) table16[i] = bf16_bits(code[i % 16]);
-        const __m512i table_bf16 = _mm512_loadu_si512(table16);
-        const uint16_t* xb = (const uint16_t*)x_in;
+    if (bf16 && K % 128 == 0) {
+        uint8_t low[64], high[64];
+        for (int i = 0; i < 64; i++) {
+            low[i] = bf16_bits(code[i % 16]) & 0xFF;
+            high[i] = bf16_bits(code[i % 16]) >> 8;
+        }
+        const __m512i tables[2] = {_mm512_loadu_si512(low), _mm512_loadu_si512(high)};
+        std::vector<uint16_t> xs(M * K);
+        shuffle_x((const uint16_t*)x_in, M * K, xs.data());
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
             const int rows = M - m0 < 8 ? (int)(M - m0) : 8;
             const RowsKernelBf16 kernel = ROWS_BF16[rows - 1];
 #pragma omp parallel for num_threads(threads) schedule(static)
             for (int64_t n = 0; n < N; n++) {
                 float sums[8];
-                kernel(xb + m0 * K, K, packed + n * (K / 2), absmax, n * (K / blocksize), blocksize, table_bf16, sums);
+                kernel(xs.data() + m0 * K, K, packed + n * (K / 2), absmax, n * (K / blocksize), blocksize, tables, sums);
                 for (int r = 0; r < rows; r++) ((uint16_t*)out)[(m0 + r) * N + n] = bf16_bits(sums[r]);
             }
         }
