@@ -1,16 +1,18 @@
 """Batch-1 decoding and prefill speed with 4-bit weights: nf4tune vs transformers + bitsandbytes.
 
-    python benchmarks/decode_speed.py [--new-tokens 32] [--prompt 128] [--device cpu]
+    python benchmarks/decode_speed.py [--new-tokens 32] [--prompt 128] [--rounds 3] [--device cpu]
 
 The ~170M-parameter Llama of the training benchmarks (hidden 1024, 8 layers, vocab 32000), random
 bf16 weights, NF4 with double quantization, bf16 compute; greedy `generate` with the KV cache.
-Each side in its own process; decode tokens/s excludes the prefill (first token).
+Each side in its own process, the two alternating for --rounds rounds (this machine's speed drifts);
+the medians are reported. Decode tokens/s excludes the prefill (first token).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -58,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -67,19 +70,24 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp))
-        results = {}
-        for side in ("nf4tune", "transformers+bnb"):
-            results[side] = run_child(__file__, side, "--model", tmp, "--device", args.device,
-                                      "--new-tokens", str(args.new_tokens), "--prompt", str(args.prompt))
+        rounds = {"nf4tune": [], "transformers+bnb": []}
+        for _ in range(args.rounds):
+            for side in rounds:
+                rounds[side].append(run_child(__file__, side, "--model", tmp, "--device", args.device,
+                                              "--new-tokens", str(args.new_tokens), "--prompt", str(args.prompt)))
     print(f"# {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, prompt {args.prompt}, "
-          f"{args.new_tokens} new tokens, batch 1")
-    print("| side | prefill ms | decode tokens/s |")
-    print("|---|---|---|")
-    for side, r in results.items():
-        print(f"| {side} | {r['prefill_s'] * 1e3:.0f} | {r['decode_tokens_per_s']:.1f} |")
-    a, b = results["nf4tune"], results["transformers+bnb"]
-    print(f"\nnf4tune / bnb: decode {a['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}x, "
-          f"prefill {b['prefill_s'] / a['prefill_s']:.2f}x")
+          f"{args.new_tokens} new tokens, batch 1, {args.rounds} interleaved rounds")
+    print("| side | prefill ms per round | decode tokens/s per round | median prefill ms | median decode tokens/s |")
+    print("|---|---|---|---|---|")
+    median = {}
+    for side, rs in rounds.items():
+        prefill = [r["prefill_s"] * 1e3 for r in rs]
+        decode = [r["decode_tokens_per_s"] for r in rs]
+        median[side] = statistics.median(prefill), statistics.median(decode)
+        print(f"| {side} | {', '.join(f'{p:.0f}' for p in prefill)} | {', '.join(f'{d:.1f}' for d in decode)} | "
+              f"{median[side][0]:.0f} | {median[side][1]:.1f} |")
+    (pa, da), (pb, db) = median["nf4tune"], median["transformers+bnb"]
+    print(f"\nnf4tune / bnb (medians): decode {da / db:.2f}x, prefill {pb / pa:.2f}x")
 
 
 if __name__ == "__main__":

@@ -100,26 +100,38 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     return out if out.dtype == dtype else out.to(dtype)
 
 
+class Matmul4bit:
+    """x @ W^T for one 4-bit `QuantizedTensor` W (N x K on CPU, K a multiple of its blocksize): the
+    weight's kernel arguments are prepared once, since decoding calls this per layer per token.
+
+    The result is in x's dtype when it is bfloat16 or float32 (else float32), summed in float32. The
+    absmax is read as stored: double quantization is undone in the kernel, not in a float32 copy."""
+
+    def __init__(self, q):
+        self.q = q  # keeps the tensors the pointers below point into alive
+        self.absmax = q.absmax.contiguous() if q.double_quant else q.absmax.float().contiguous()
+        if q.double_quant:
+            absmax_args = (None, self.absmax.data_ptr(), q.nested_absmax.data_ptr(), _dynamic_table().data_ptr())
+        else:
+            absmax_args = (self.absmax.data_ptr(), None, None, None)
+        self.n, self.k = q.shape
+        self.weight_args = (q.packed.data_ptr(), *absmax_args, q.offset or 0.0, q.nested_blocksize,
+                            code_4bit(q.quant_type).data_ptr(), self.n, q.blocksize)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.k)
+        if x2.dtype not in (torch.bfloat16, torch.float32):
+            x2 = x2.float()
+        x2 = x2.contiguous()
+        out = torch.empty(x2.shape[0], self.n, dtype=x2.dtype)
+        kernels().matmul_4bit(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.shape[0], self.k, *self.weight_args,
+                              out.data_ptr(), torch.get_num_threads())
+        return out.view(*x.shape[:-1], self.n)
+
+
 def matmul_4bit(x: torch.Tensor, q) -> torch.Tensor:
-    """x (..., K) @ W^T for the 4-bit `QuantizedTensor` q (N x K, K a multiple of its blocksize, on CPU),
-    in x's dtype when it is bfloat16 or float32 (else float32), summed in float32. The absmax is
-    read as stored: double quantization is undone in the kernel, not in a float32 copy."""
-    n, k = q.shape
-    x2 = x.reshape(-1, k)
-    if x2.dtype not in (torch.bfloat16, torch.float32):
-        x2 = x2.float()
-    x2 = x2.contiguous()
-    out = torch.empty(x2.shape[0], n, dtype=x2.dtype)
-    code = code_4bit(q.quant_type)
-    absmax = q.absmax.contiguous() if q.double_quant else q.absmax.float().contiguous()  # kept alive for the call
-    if q.double_quant:
-        fp32, codes, nested, table = None, absmax.data_ptr(), q.nested_absmax.data_ptr(), _dynamic_table().data_ptr()
-    else:
-        fp32, codes, nested, table = absmax.data_ptr(), None, None, None
-    kernels().matmul_4bit(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.shape[0], k, q.packed.data_ptr(),
-                          fp32, codes, nested, table, q.offset or 0.0, q.nested_blocksize, code.data_ptr(), n,
-                          q.blocksize, out.data_ptr(), torch.get_num_threads())
-    return out.view(*x.shape[:-1], n)
+    """x (..., K) @ W^T for a 4-bit `QuantizedTensor` W; see `Matmul4bit`."""
+    return Matmul4bit(q)(x)
 
 
 @functools.cache

@@ -132,7 +132,7 @@ static inline float* rows_times_weight_row_bf16(const uint16_t* x, int64_t K, co
     const __m512i lane_block = _mm512_set_epi32(
         96 / blocksize, 96 / blocksize, 96 / blocksize, 96 / blocksize, 64 / blocksize, 64 / blocksize, 64 / blocksize,
         64 / blocksize, 32 / blocksize, 32 / blocksize, 32 / blocksize, 32 / blocksize, 0, 0, 0, 0);
-    float scales[K / blocksize + 4];
+    float scales[K / blocksize + 16];  // + 16: the step loads 16 floats and uses the first 1 to 4
     for (int64_t b = 0; b < K / blocksize; b++) scales[b] = absmax(first_block + b);
     __m512 acc[R];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();

@@ -94,6 +94,7 @@ class Linear4bit(nn.Module):
         self.lora_dropout = LoraDropout(0.0)
         self.scaling = 0.0
         self.r = 0
+        self._decode_plan: native.Matmul4bit | None = None
 
     @classmethod
     def from_quantized(cls, q: QuantizedTensor, bias: torch.Tensor | None = None,
@@ -109,6 +110,7 @@ class Linear4bit(nn.Module):
         if tuple(q.shape) != (self.out_features, self.in_features):
             raise ValueError(f"a {list(q.shape)} weight does not fit a {self.in_features}->{self.out_features} layer")
         self.weight_packed, self.weight_absmax, self.weight_nested_absmax = q.packed, q.absmax, q.nested_absmax
+        self._decode_plan = None
         self._quant_meta = dict(shape=q.shape, dtype=q.dtype, quant_type=q.quant_type, blocksize=q.blocksize,
                                 offset=q.offset, nested_blocksize=q.nested_blocksize)
 
@@ -131,8 +133,10 @@ class Linear4bit(nn.Module):
         self.lora_dropout = LoraDropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and self._fused_decode_fits(x):
-            return self._fused_decode(x)
+        if not torch.is_grad_enabled() and x.numel() <= FUSED_MAX_TOKENS * self.in_features:
+            matmul = self._fused_matmul(x)
+            if matmul is not None:
+                return self._fused_decode(x, matmul)
         in_dtype = x.dtype
         x = x.to(self.compute_dtype)
         x_lora, scaling = None, self.scaling
@@ -142,18 +146,24 @@ class Linear4bit(nn.Module):
         y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.quantized_weight)
         return y.to(in_dtype)
 
-    def _fused_decode_fits(self, x: torch.Tensor) -> bool:
-        meta = self._quant_meta
-        return (x.device.type == "cpu" and self.weight_packed.device.type == "cpu" and self.weight_packed.is_contiguous()
-                and x.numel() <= FUSED_MAX_TOKENS * self.in_features
-                and self.in_features % meta["blocksize"] == 0 and meta["blocksize"] % 32 == 0
-                and native.kernels() is not None)
+    def _fused_matmul(self, x: torch.Tensor) -> native.Matmul4bit | None:
+        """The native kernel for this weight, prepared once (again if the buffers move), or None."""
+        packed = self.weight_packed
+        plan = self._decode_plan
+        if plan is not None and plan.q.packed.data_ptr() == packed.data_ptr() and plan.q.absmax is self.weight_absmax:
+            return plan if x.device.type == "cpu" else None
+        blocksize = self._quant_meta["blocksize"]
+        if (x.device.type != "cpu" or packed.device.type != "cpu" or not packed.is_contiguous()
+                or self.in_features % blocksize or blocksize % 32 or native.kernels() is None):
+            return None
+        self._decode_plan = native.Matmul4bit(self.quantized_weight)
+        return self._decode_plan
 
-    def _fused_decode(self, x: torch.Tensor) -> torch.Tensor:
+    def _fused_decode(self, x: torch.Tensor, matmul: native.Matmul4bit) -> torch.Tensor:
         """Inference on a few tokens: the 4-bit weight is decoded in registers, never written out.
-        The adapter is added unmerged, in float32 (r x d products, negligible next to the weight)."""
+        The adapter is added unmerged, in the compute dtype."""
         x_c = x.to(self.compute_dtype)
-        y = native.matmul_4bit(x_c, self.quantized_weight)
+        y = matmul(x_c)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if self.lora_A is not None:
