@@ -95,6 +95,7 @@ class Linear4bit(nn.Module):
         self.scaling = 0.0
         self.r = 0
         self._decode_plan: native.Matmul4bit | None = None
+        self._decode_adapter_cache: tuple | None = None
 
     @classmethod
     def from_quantized(cls, q: QuantizedTensor, bias: torch.Tensor | None = None,
@@ -167,8 +168,21 @@ class Linear4bit(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if self.lora_A is not None:
-            y = y + (x_c @ self.lora_A.to(x_c.dtype).t()) @ (self.lora_B * self.scaling).to(x_c.dtype).t()
+            a, b = self._decode_adapter()
+            y = (y.float() + (x_c.float() @ a) @ b).to(y.dtype)
         return y.to(x.dtype)
+
+    def _decode_adapter(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A^T and (scaling * B)^T in float32, contiguous, kept between tokens. On CPU the few-token
+        adapter products run 3-4x faster in float32 than in bf16 (tens of microseconds of fixed cost
+        per bf16 call), and re-deriving them from the masters each call cost more than the products.
+        Any change to A, B or the scaling (an optimizer step, another adapter) makes a new copy."""
+        key = (self.lora_A.data_ptr(), self.lora_A._version, self.lora_B.data_ptr(), self.lora_B._version, self.scaling)
+        if self._decode_adapter_cache is None or self._decode_adapter_cache[0] != key:
+            a = self.lora_A.detach().float().t().contiguous()
+            b = (self.lora_B.detach().float() * self.scaling).t().contiguous()
+            self._decode_adapter_cache = (key, a, b)
+        return self._decode_adapter_cache[1], self._decode_adapter_cache[2]
 
     def extra_repr(self) -> str:
         meta = self._quant_meta
