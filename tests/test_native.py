@@ -72,6 +72,10 @@ def test_the_layer_decodes_through_the_fused_kernel_with_the_same_result(monkeyp
         assert torch.allclose(fused, training_path, rtol=1e-5, atol=1e-5)
         layer(torch.randn(linear4bit.FUSED_MAX_TOKENS + 1, 128))  # more tokens: back to dequantize + matmul
         assert len(calls) == 1
+        layer.lora_B.mul_(-2)  # an in-place update, as an optimizer step: the kept adapter copy follows
+        moved = layer(x)
+    with torch.enable_grad():
+        assert torch.allclose(moved, layer(x), rtol=1e-5, atol=1e-5)
 
 
 def test_without_a_compiler_the_kernels_step_aside_with_a_warning(monkeypatch, tmp_path, caplog):
