@@ -38,18 +38,21 @@ def test_dequantize_is_bit_exact_with_the_reference(quant_type, blocksize):
 @needs_kernels
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_matmul_matches_a_float64_product(quant_type, double_quant):
+@pytest.mark.parametrize("shape", [(200, 512), (72, 192)])  # 192 % 128 != 0: the float32 kernel serves bf16 too
+def test_matmul_matches_a_float64_product(quant_type, double_quant, shape):
     gen = torch.Generator().manual_seed(3)
-    w = torch.randn(200, 512, generator=gen).to(torch.bfloat16)
+    w = torch.randn(shape, generator=gen).to(torch.bfloat16)
     q = nf4tune.quantize(w, quant_type=quant_type, double_quant=double_quant)
     weight = q.dequantize(torch.float32).double()
     for rows in (1, 3, 8, 11):  # one pass of the 8-row kernel, two passes, and partial ones
         for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 8e-3)):
-            x = torch.randn(rows, 512, generator=gen).to(dtype)
+            x = torch.randn(rows, shape[1], generator=gen).to(dtype)
             got = native.matmul_4bit(x, q)
             ref = x.double() @ weight.t()
-            assert got.dtype == dtype and got.shape == (rows, 200)
+            assert got.dtype == dtype and got.shape == (rows, shape[0])
             assert (got.double() - ref).abs().max() <= tol * ref.abs().max(), (rows, dtype)
+    with pytest.raises(ValueError, match="the weight takes"):
+        native.matmul_4bit(torch.ones(2, shape[1] // 2), q)
 
 
 @needs_kernels

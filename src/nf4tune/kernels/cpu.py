@@ -1,10 +1,11 @@
 """The AVX-512 CPU kernels of `cpu_kernels.cpp`: built on first use with the system C++ compiler
 (the one torch.compile also needs), cached, and called through ctypes.
 
-Two kernels: `dequantize_4bit` (bit-exact with `blockwise.dequantize_4bit`) and `matmul_4bit`
-(x @ W^T with W decoded in registers, for decoding a few tokens at a time). Where the CPU lacks
-AVX-512, no compiler is found or the build fails, `kernels()` returns None once with a warning and
-callers keep the PyTorch paths. NF4TUNE_NATIVE=0 turns the kernels off.
+Three kernels: `dequantize_4bit` (bit-exact with `blockwise.dequantize_4bit`), `matmul_4bit`
+(x @ W^T with the 4-bit W decoded in registers, for decoding a few tokens at a time) and, where the
+CPU has AVX512-BF16, `matmul_bf16` (the same for a 16-bit W, for the output head). Where the CPU
+lacks AVX-512, no compiler is found or the build fails, `kernels()` returns None (with a warning
+for a failed build) and callers keep the PyTorch paths. NF4TUNE_NATIVE=0 turns the kernels off.
 """
 
 from __future__ import annotations
@@ -108,17 +109,21 @@ class Matmul4bit:
     absmax is read as stored: double quantization is undone in the kernel, not in a float32 copy."""
 
     def __init__(self, q):
-        self.q = q  # keeps the tensors the pointers below point into alive
+        # the tensors the pointers below point into, kept alive by this object
+        self.q, self.packed = q, q.packed.contiguous()
         self.absmax = q.absmax.contiguous() if q.double_quant else q.absmax.float().contiguous()
+        self.nested = q.nested_absmax.contiguous() if q.double_quant else None
         if q.double_quant:
-            absmax_args = (None, self.absmax.data_ptr(), q.nested_absmax.data_ptr(), _dynamic_table().data_ptr())
+            absmax_args = (None, self.absmax.data_ptr(), self.nested.data_ptr(), _dynamic_table().data_ptr())
         else:
             absmax_args = (self.absmax.data_ptr(), None, None, None)
         self.n, self.k = q.shape
-        self.weight_args = (q.packed.data_ptr(), *absmax_args, q.offset or 0.0, q.nested_blocksize,
+        self.weight_args = (self.packed.data_ptr(), *absmax_args, q.offset or 0.0, q.nested_blocksize,
                             code_4bit(q.quant_type).data_ptr(), self.n, q.blocksize)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.k:
+            raise ValueError(f"x has {x.shape[-1]} features; the weight takes {self.k}")
         x2 = x.reshape(-1, self.k)
         if x2.dtype not in (torch.bfloat16, torch.float32):
             x2 = x2.float()
@@ -143,7 +148,7 @@ def supports_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `matmul_bf16` takes x (..., K) @ weight^T: bfloat16 on CPU, at most 8 rows, K % 64 == 0."""
     lib = kernels()
     return (lib is not None and hasattr(lib, "matmul_bf16") and x.dtype == weight.dtype == torch.bfloat16
-            and x.device.type == weight.device.type == "cpu" and weight.is_contiguous()
+            and x.device.type == weight.device.type == "cpu" and weight.is_contiguous() and x.shape[-1] == weight.shape[1]
             and weight.shape[1] % 64 == 0 and 0 < x.numel() <= 8 * weight.shape[1])
 
 

@@ -170,6 +170,27 @@ static const RowsKernel ROWS[] = {rows_times_weight_row<1>, rows_times_weight_ro
                                   rows_times_weight_row<4>, rows_times_weight_row<5>, rows_times_weight_row<6>,
                                   rows_times_weight_row<7>, rows_times_weight_row<8>};
 
+// Runs `kernels[rows - 1]` over 8-row tiles of x and every row of W, in parallel over W's rows.
+template <typename X, typename Table, typename Kernel>
+static void tile_rows(const X* x, int64_t M, int64_t K, const uint8_t* packed, const Absmax& absmax, int64_t N,
+                      int64_t blocksize, Table table, const Kernel* kernels, int out_bf16, void* out, int threads) {
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        const int rows = M - m0 < 8 ? (int)(M - m0) : 8;
+        const Kernel kernel = kernels[rows - 1];
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            float sums[8];
+            kernel(x + m0 * K, K, packed + n * (K / 2), absmax, n * (K / blocksize), blocksize, table, sums);
+            for (int r = 0; r < rows; r++) {
+                if (out_bf16)
+                    ((uint16_t*)out)[(m0 + r) * N + n] = bf16_bits(sums[r]);
+                else
+                    ((float*)out)[(m0 + r) * N + n] = sums[r];
+            }
+        }
+    }
+}
+
 // out (M x N) = x (M x K) @ W^T for a 4-bit W (N x K), x and out both float32 or both bfloat16, the
 // sums in float32. Each weight is decoded once in registers and used for up to 8 rows of x: for
 // decoding (M = batch), where reading the weights is the whole cost.
@@ -189,16 +210,7 @@ extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, int64_t K, co
         const __m512i tables[2] = {_mm512_loadu_si512(low), _mm512_loadu_si512(high)};
         std::vector<uint16_t> xs(M * K);
         shuffle_x((const uint16_t*)x_in, M * K, xs.data());
-        for (int64_t m0 = 0; m0 < M; m0 += 8) {
-            const int rows = M - m0 < 8 ? (int)(M - m0) : 8;
-            const RowsKernelBf16 kernel = ROWS_BF16[rows - 1];
-#pragma omp parallel for num_threads(threads) schedule(static)
-            for (int64_t n = 0; n < N; n++) {
-                float sums[8];
-                kernel(xs.data() + m0 * K, K, packed + n * (K / 2), absmax, n * (K / blocksize), blocksize, tables, sums);
-                for (int r = 0; r < rows; r++) ((uint16_t*)out)[(m0 + r) * N + n] = bf16_bits(sums[r]);
-            }
-        }
+        tile_rows(xs.data(), M, K, packed, absmax, N, blocksize, (const __m512i*)tables, ROWS_BF16, 1, out, threads);
         return;
     }
 #endif
@@ -213,21 +225,7 @@ extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, int64_t K, co
         }
         x = converted.data();
     }
-    for (int64_t m0 = 0; m0 < M; m0 += 8) {
-        const int rows = M - m0 < 8 ? (int)(M - m0) : 8;
-        const RowsKernel kernel = ROWS[rows - 1];
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            float sums[8];
-            kernel(x + m0 * K, K, packed + n * (K / 2), absmax, n * (K / blocksize), blocksize, table, sums);
-            for (int r = 0; r < rows; r++) {
-                if (bf16)
-                    ((uint16_t*)out)[(m0 + r) * N + n] = bf16_bits(sums[r]);
-                else
-                    ((float*)out)[(m0 + r) * N + n] = sums[r];
-            }
-        }
-    }
+    tile_rows(x, M, K, packed, absmax, N, blocksize, table, ROWS, bf16, out, threads);
 }
 
 #ifdef __AVX512BF16__
