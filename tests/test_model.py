@@ -160,7 +160,7 @@ def test_unknown_family_falls_back_with_a_warning(tmp_path, caplog):
         model, _ = nf4tune.load_model(src, device="cpu")
     assert "'opt' is not a tested family" in caplog.text and "fc1" in caplog.text
     assert isinstance(model.model.decoder.layers[0].fc1, nf4tune.Linear4bit)
-    assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, nf4tune.Linear4bit)  # the head stays 16-bit
+    assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, nf4tune.Linear4bit)  # 16-bit
 
 
 def test_adapter_mismatches_get_clear_errors(tmp_path, tiny_llama):

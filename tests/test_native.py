@@ -1,14 +1,18 @@
-"""The AVX-512 CPU kernels against the PyTorch reference: bit-exact dequantization, matmuls within
-float32 rounding of a float64 product, and the 4-bit layer's inference path against its training path."""
+"""The hand-written kernels (AVX-512 on CPU, Triton on CUDA) against the PyTorch reference:
+bit-exact dequantization, matmuls within float32 rounding of a float64 product, and the 4-bit
+layer's inference path against its training path."""
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import nf4tune
-from nf4tune.layers import linear4bit
 from nf4tune.kernels import cpu as native
+from nf4tune.layers import linear4bit
 from nf4tune.quant import blockwise
 from nf4tune.quant.codes import code_4bit
 
@@ -120,3 +124,59 @@ def test_the_output_head_decodes_through_the_bf16_kernel(monkeypatch):
         assert (got.double() - ref).abs().max() <= 8e-3 * ref.abs().max()
         assert torch.equal(head(hidden), linear(hidden))  # many tokens: the plain product
     assert len(calls) == 1
+
+
+_TRITON_CHECK = '''
+import torch, nf4tune
+from nf4tune.kernels import cuda as kernels
+from nf4tune.quant import blockwise
+from nf4tune.quant.codes import code_4bit
+gen = torch.Generator().manual_seed(0)
+for quant_type in ("nf4", "fp4"):
+    for shape, blocksize in (((40, 192), 64), ((7, 100), 64), ((16, 256), 128)):
+        w = torch.randn(shape, generator=gen).to(torch.bfloat16)
+        q = nf4tune.quantize(w, quant_type=quant_type, blocksize=blocksize)
+        absmax = q.float_absmax()
+        for dtype in (torch.bfloat16, torch.float32, torch.float16):
+            ref = blockwise.dequantize_4bit(q.packed, absmax, q.shape, quant_type, blocksize, dtype)
+            got = kernels.dequantize_4bit(q.packed, absmax, code_4bit(quant_type), w.numel(), blocksize, dtype)
+            assert torch.equal(got.view(shape), ref), (quant_type, shape, dtype)
+        for double_quant in (False, True):
+            q = nf4tune.quantize(w, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+            weight = q.dequantize(torch.float32).double()
+            for rows in (1, 3):
+                for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 8e-3)):
+                    x = torch.randn(rows, shape[1], generator=gen).to(dtype)
+                    got = kernels.Matmul4bit(q)(x)
+                    ref = x.double() @ weight.t()
+                    assert got.dtype == dtype and got.shape == (rows, shape[0])
+                    assert (got.double() - ref).abs().max() <= tol * ref.abs().max(), (quant_type, shape, rows, dtype)
+print("ok")
+'''
+
+
+def test_triton_kernels_match_the_reference_in_the_interpreter():
+    """The CUDA kernels' arithmetic, run on CPU by Triton's interpreter: bit-exact dequantization in
+    every dtype, matmuls within float32 rounding of a float64 product, for NF4 and FP4, with and
+    without double quantization, ragged shapes included."""
+    pytest.importorskip("triton", reason="Triton (which ships with CUDA builds of torch) is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_kernels_serve_the_layer_on_cuda():
+    from nf4tune.kernels import cuda as kernels
+
+    assert kernels.usable(torch.device("cuda")), "the first-use check against the reference failed on this GPU"
+    gen = torch.Generator().manual_seed(6)
+    q = nf4tune.quantize(torch.randn(256, 512, generator=gen).cuda())
+    layer = nf4tune.Linear4bit.from_quantized(q, compute_dtype=torch.bfloat16)
+    x = torch.randn(3, 512, generator=gen).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        fused = layer(x)
+        assert isinstance(layer._decode_plan, kernels.Matmul4bit)
+    reference = x.double() @ q.dequantize(torch.float32).double().t()
+    assert (fused.double() - reference).abs().max() <= 8e-3 * reference.abs().max()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..kernels import cpu as native
+from ..kernels import cuda as cuda_kernels
 from ..quant import QuantizedTensor
 from .dropout import LoraDropout
 
@@ -28,9 +29,9 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-# Up to this many tokens, inference multiplies through the 4-bit weight directly (native.matmul_4bit);
+# Up to this many tokens, inference multiplies through the 4-bit weight directly (kernels.cpu / .cuda);
 # beyond, dequantizing once and calling the BLAS matmul is faster (BENCHMARKS.md).
-FUSED_MAX_TOKENS = 8
+FUSED_MAX_TOKENS = 16
 
 
 class _Lora4bitMatmul(torch.autograd.Function):
@@ -94,7 +95,7 @@ class Linear4bit(nn.Module):
         self.lora_dropout = LoraDropout(0.0)
         self.scaling = 0.0
         self.r = 0
-        self._decode_plan: native.Matmul4bit | None = None
+        self._decode_plan = None  # a kernels.cpu / kernels.cuda Matmul4bit, made on first use
         self._decode_adapter_cache: tuple | None = None
 
     @classmethod
@@ -147,20 +148,24 @@ class Linear4bit(nn.Module):
         y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.quantized_weight)
         return y.to(in_dtype)
 
-    def _fused_matmul(self, x: torch.Tensor) -> native.Matmul4bit | None:
-        """The native kernel for this weight, prepared once (again if the buffers move), or None."""
+    def _fused_matmul(self, x: torch.Tensor):
+        """The fused kernel for this weight on x's device (`kernels.cpu` or `kernels.cuda`), prepared
+        once (again if the buffers move), or None where there is none."""
         packed = self.weight_packed
         plan = self._decode_plan
         if plan is not None and plan.q.packed.data_ptr() == packed.data_ptr() and plan.q.absmax is self.weight_absmax:
-            return plan if x.device.type == "cpu" else None
+            return plan if x.device == packed.device else None
+        self._decode_plan = None
         blocksize = self._quant_meta["blocksize"]
-        if (x.device.type != "cpu" or packed.device.type != "cpu" or not packed.is_contiguous()
-                or self.in_features % blocksize or blocksize % 32 or native.kernels() is None):
+        if x.device != packed.device or not packed.is_contiguous():
             return None
-        self._decode_plan = native.Matmul4bit(self.quantized_weight)
+        if packed.is_cuda and cuda_kernels.usable(packed.device):
+            self._decode_plan = cuda_kernels.Matmul4bit(self.quantized_weight)
+        elif packed.device.type == "cpu" and not (self.in_features % blocksize or blocksize % 32) and native.kernels():
+            self._decode_plan = native.Matmul4bit(self.quantized_weight)
         return self._decode_plan
 
-    def _fused_decode(self, x: torch.Tensor, matmul: native.Matmul4bit) -> torch.Tensor:
+    def _fused_decode(self, x: torch.Tensor, matmul) -> torch.Tensor:
         """Inference on a few tokens: the 4-bit weight is decoded in registers, never written out.
         The adapter is added unmerged, in the compute dtype."""
         x_c = x.to(self.compute_dtype)

@@ -17,8 +17,10 @@ import torch
 
 from .. import compiled
 from ..kernels import cpu as native
+from ..kernels import cuda as cuda_kernels
 from . import blockwise
 from .codes import code_4bit
+
 
 @functools.cache
 def _quantize_kernel(quant_type: str, blocksize: int):
@@ -93,6 +95,8 @@ def dequantize_4bit(
         return blockwise.dequantize_4bit(packed, absmax, shape, quant_type, blocksize, dtype)
 
     flat = packed.reshape(-1)
+    if packed.is_cuda and cuda_kernels.usable(packed.device):
+        return cuda_kernels.dequantize_4bit(flat, absmax, code_4bit(quant_type), n, blocksize, dtype).view(shape)
     if packed.device.type == "cpu" and full and native.supports(flat, absmax, blocksize):
         head = native.dequantize_4bit(flat, absmax, code_4bit(quant_type), n, blocksize, dtype)
     elif compiled.enabled(packed, full):
