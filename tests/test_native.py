@@ -42,11 +42,13 @@ def test_dequantize_is_bit_exact_with_the_reference(quant_type, blocksize):
 @needs_kernels
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("shape", [(200, 512), (72, 192)])  # 192 % 128 != 0: the float32 kernel serves bf16 too
-def test_matmul_matches_a_float64_product(quant_type, double_quant, shape):
+@pytest.mark.parametrize("shape, blocksize", [((200, 512), 64), ((72, 192), 64), ((40, 512), 32), ((24, 768), 256)])
+def test_matmul_matches_a_float64_product(quant_type, double_quant, shape, blocksize):
+    # 192 % 128 != 0: the float32 kernel serves bf16 too; blocks of 32 and 256 give each 128-weight
+    # step of the bf16 kernel four scales and one
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(shape, generator=gen).to(torch.bfloat16)
-    q = nf4tune.quantize(w, quant_type=quant_type, double_quant=double_quant)
+    q = nf4tune.quantize(w, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
     weight = q.dequantize(torch.float32).double()
     for rows in (1, 3, 8, 11):  # one pass of the 8-row kernel, two passes, and partial ones
         for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 8e-3)):
