@@ -1,11 +1,13 @@
 """Batch-1 decoding and prefill speed with 4-bit weights: nf4tune vs transformers + bitsandbytes.
 
-    python benchmarks/decode_speed.py [--new-tokens 32] [--prompt 128] [--rounds 3] [--device cpu]
+    python benchmarks/decode_speed.py [--new-tokens 32] [--prompt 128] [--rounds 3] [--lora-r 0] [--device cpu]
 
 The ~170M-parameter Llama of the training benchmarks (hidden 1024, 8 layers, vocab 32000), random
 bf16 weights, NF4 with double quantization, bf16 compute; greedy `generate` with the KV cache.
-Each side in its own process, the two alternating for --rounds rounds (this machine's speed drifts);
-the medians are reported. Decode tokens/s excludes the prefill (first token).
+With --lora-r R, both sides decode through an unmerged LoRA adapter of rank R on every linear layer
+(nf4tune's own; peft's on the bitsandbytes model). Each side in its own process, the two alternating
+for --rounds rounds (this machine's speed drifts); the medians are reported. Decode tokens/s
+excludes the prefill (first token).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def run_side(side: str, path: Path, args) -> dict:
     if side == "nf4tune":
         import nf4tune
 
-        model, _ = nf4tune.load_model(path, device=args.device, progress=False)
+        lora = nf4tune.LoraConfig(r=args.lora_r, alpha=16, dropout=0.0) if args.lora_r else None
+        model, _ = nf4tune.load_model(path, device=args.device, progress=False, lora=lora)
     else:
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -37,6 +40,11 @@ def run_side(side: str, path: Path, args) -> dict:
                                  bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.bfloat16,
                                                      device_map=args.device)
+        if args.lora_r:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=16, lora_dropout=0.0,
+                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
     model.eval()
     ids = torch.randint(0, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).to(args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -61,6 +69,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--lora-r", type=int, default=0, help="decode through a LoRA adapter of this rank")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -74,9 +83,10 @@ def main() -> None:
         for _ in range(args.rounds):
             for side in rounds:
                 rounds[side].append(run_child(__file__, side, "--model", tmp, "--device", args.device,
-                                              "--new-tokens", str(args.new_tokens), "--prompt", str(args.prompt)))
+                                              "--new-tokens", str(args.new_tokens), "--prompt", str(args.prompt),
+                                              "--lora-r", str(args.lora_r)))
     print(f"# {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, prompt {args.prompt}, "
-          f"{args.new_tokens} new tokens, batch 1, {args.rounds} interleaved rounds")
+          f"{args.new_tokens} new tokens, batch 1, {args.rounds} interleaved rounds, LoRA r={args.lora_r}")
     print("| side | prefill ms per round | decode tokens/s per round | median prefill ms | median decode tokens/s |")
     print("|---|---|---|---|---|")
     median = {}
