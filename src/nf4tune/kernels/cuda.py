@@ -78,10 +78,15 @@ class Matmul4bit:
 def usable(device: torch.device) -> bool:
     """Whether the kernels serve tensors on this CUDA device: Triton present and the first-use check
     against the reference passed there."""
-    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+    if device.type != "cuda" or not _triton_installed():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return index not in _failed_devices and _verified(index)
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 @functools.cache

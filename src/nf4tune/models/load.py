@@ -187,7 +187,8 @@ def load_model(
         _enable_checkpointing(model)
     head = model.get_output_embeddings()
     if type(head) is nn.Linear:
-        model.set_output_embeddings(OutputHead.wrap(head))
+        with contextlib.suppress(AttributeError, NotImplementedError):  # a model that cannot swap its head keeps it
+            model.set_output_embeddings(OutputHead.wrap(head))
     model.eval()
 
     # An adapter trained with new tokens carries its tokenizer; otherwise the base model's is used.

@@ -1,12 +1,14 @@
 """Fast paths for 4-bit quantize / dequantize, chosen by device and tensor size.
 
-On CPU, large tensors go through `torch.compile` (Inductor's C++ backend), which fuses the
-absmax / scale / nearest-code / pack passes of the reference into one vectorized loop. The code
+Dequantize: on CUDA the Triton kernel (`kernels.cuda`), on an AVX-512 CPU the native kernel
+(`kernels.cpu`), else, for large tensors on CPU, `torch.compile` of an int64-word formulation.
+Quantize: on CPU, large tensors go through `torch.compile` (Inductor's C++ backend), which fuses the
+absmax / scale / nearest-code / pack passes of the reference into one vectorized loop; the code
 tables are unrolled into constants so the nearest-code search becomes 15 vector compares.
-Small tensors, other devices, and any machine where compilation fails use the reference kernels in
-`blockwise`, which the tests hold the fast paths to, byte for byte.
+Small tensors, other devices, and any machine where none of these is available use the reference
+kernels in `blockwise`, which the tests hold the fast paths to, byte for byte.
 
-Set NF4TUNE_COMPILE=0 to always use the reference kernels (see `nf4tune.compiled`).
+Set NF4TUNE_COMPILE=0 / NF4TUNE_NATIVE=0 to turn the compiled / native paths off.
 """
 
 from __future__ import annotations
