@@ -1,9 +1,15 @@
 """Batch-1 decoding and prefill speed with 4-bit weights: nf4tune vs transformers + bitsandbytes.
 
-    python benchmarks/decode_speed.py [--new-tokens 32] [--prompt 128] [--rounds 3] [--lora-r 0] [--device cpu]
+    python benchmarks/decode_speed.py [--new-tokens 32] [--prompt 128] [--rounds 3] [--lora-r 0]
+                                      [--shape small|7b] [--device cpu|cuda]
 
-The ~170M-parameter Llama of the training benchmarks (hidden 1024, 8 layers, vocab 32000), random
-bf16 weights, NF4 with double quantization, bf16 compute; greedy `generate` with the KV cache.
+--shape small: the ~170M-parameter Llama of the training benchmarks (hidden 1024, 8 layers, vocab
+32000); --shape 7b: LLaMA-7B's shapes (hidden 4096, 32 layers, intermediate 11008), random bf16
+weights written shard by shard (13.5 GB of disk and host memory for the peer's load). NF4 with
+double quantization, bf16 compute; greedy `generate` with the KV cache. Decoding reads every 4-bit
+weight and the 16-bit head once per token, so tokens/s x those bytes is the bandwidth it achieves;
+it is reported against the device's bandwidth measured here (a large copy on CUDA, a large read
+on CPU).
 With --lora-r R, both sides decode through an unmerged LoRA adapter of rank R on every linear layer
 (nf4tune's own; peft's on the bitsandbytes model). Each side in its own process, the two alternating
 for --rounds rounds (this machine's speed drifts); the medians are reported. Decode tokens/s
@@ -25,6 +31,61 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import run_side as run_child  # noqa: E402
 from train_step import build  # noqa: E402
+
+SHAPE_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+
+
+def build_random(path: Path, shape: dict) -> None:
+    """A random bf16 Llama checkpoint of `shape`, written a few layers per shard (never whole in memory)."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape, tie_word_embeddings=False)
+    with torch.device("meta"):
+        names = {n: t.shape for n, t in LlamaForCausalLM(config).state_dict().items()}
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        layer = name.split(".")[2] if name.startswith("model.layers.") else "rest"
+        groups.setdefault("rest" if layer == "rest" else str(int(layer) // 4), []).append(name)
+    gen = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for i, (_, group) in enumerate(sorted(groups.items())):
+        shard = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {n: torch.ones(names[n], dtype=torch.bfloat16) if n.endswith("norm.weight") else
+                   (torch.randn(names[n], generator=gen) * 0.02).to(torch.bfloat16) for n in group}
+        save_file(tensors, str(path / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, shard))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(path)
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decoded token reads: the 4-bit weights with their constants, and the output head."""
+    import nf4tune
+
+    total = sum(b.nbytes for m in model.modules() if isinstance(m, nf4tune.Linear4bit)
+                for b in (m.weight_packed, m.weight_absmax, m.weight_nested_absmax) if b is not None)
+    return total + model.get_output_embeddings().weight.nbytes
+
+
+def device_bandwidth(device: str) -> float:
+    """Bytes per second this device moves: a 1 GiB copy on CUDA (read + write), a 1 GiB read on CPU."""
+    x = torch.ones(1 << 28, dtype=torch.float32, device=device)
+    if device == "cuda":
+        y = torch.empty_like(x)
+        op, moved, sync = (lambda: y.copy_(x)), 2 * x.nbytes, torch.cuda.synchronize
+    else:
+        op, moved, sync = x.sum, x.nbytes, (lambda: None)
+    op()
+    sync()
+    start = time.perf_counter()
+    for _ in range(5):
+        op()
+    sync()
+    return 5 * moved / (time.perf_counter() - start)
 
 
 def run_side(side: str, path: Path, args) -> dict:
@@ -61,7 +122,11 @@ def run_side(side: str, path: Path, args) -> dict:
     timed(2)  # warm-up
     prefill = min(timed(1) for _ in range(3))
     total = timed(args.new_tokens)
-    return {"prefill_s": prefill, "decode_tokens_per_s": (args.new_tokens - 1) / (total - prefill)}
+    result = {"prefill_s": prefill, "decode_tokens_per_s": (args.new_tokens - 1) / (total - prefill)}
+    if side == "nf4tune":
+        result["weight_bytes"] = weight_bytes(model)
+        result["bandwidth"] = device_bandwidth(args.device)
+    return result
 
 
 def main() -> None:
@@ -70,6 +135,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lora-r", type=int, default=0, help="decode through a LoRA adapter of this rank")
+    parser.add_argument("--shape", choices=["small", "7b"], default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -78,7 +144,10 @@ def main() -> None:
         print(json.dumps(run_side(args.side, Path(args.model), args)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        build(Path(tmp))
+        if args.shape == "small":
+            build(Path(tmp))
+        else:
+            build_random(Path(tmp), SHAPE_7B)
         rounds = {"nf4tune": [], "transformers+bnb": []}
         for _ in range(args.rounds):
             for side in rounds:
@@ -98,6 +167,10 @@ def main() -> None:
               f"{median[side][0]:.0f} | {median[side][1]:.1f} |")
     (pa, da), (pb, db) = median["nf4tune"], median["transformers+bnb"]
     print(f"\nnf4tune / bnb (medians): decode {da / db:.2f}x, prefill {pb / pa:.2f}x")
+    ours = rounds["nf4tune"][0]
+    gb, bw = ours["weight_bytes"] / 1e9, statistics.median(r["bandwidth"] for r in rounds["nf4tune"]) / 1e9
+    print(f"bytes read per token: {gb:.3f} GB; measured device bandwidth {bw:.1f} GB/s; decode achieves "
+          f"{gb * da:.1f} GB/s ({gb * da / bw:.0%}) for nf4tune, {gb * db:.1f} GB/s ({gb * db / bw:.0%}) for bitsandbytes")
 
 
 if __name__ == "__main__":
