@@ -21,9 +21,6 @@ from ..quant.codes import code_4bit, dynamic_code
 
 log = logging.getLogger(__name__)
 
-_failed_devices: set[int] = set()
-
-
 def _grid(n: int, block: int) -> int:
     return (n + block - 1) // block
 
@@ -80,8 +77,25 @@ def usable(device: torch.device) -> bool:
     against the reference passed there."""
     if device.type != "cuda" or not _triton_installed():
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return index not in _failed_devices and _verified(index)
+    return _verified(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def self_check(device: torch.device) -> None:
+    """Run both kernels on `device` against the reference; raise if anything differs."""
+    from ..quant import blockwise, quantize
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 320, generator=gen).to(device)
+    for double_quant in (False, True):
+        q = quantize(w, double_quant=double_quant)
+        absmax = q.float_absmax()
+        ref = blockwise.dequantize_4bit(q.packed, absmax, q.shape, "nf4", q.blocksize, torch.float32)
+        got = dequantize_4bit(q.packed, absmax, code_4bit("nf4"), w.numel(), q.blocksize, torch.float32)
+        x = torch.randn(3, 320, generator=gen).to(device)
+        product = Matmul4bit(q)(x).double()
+        expected = x.double() @ ref.view(96, 320).double().t()
+        if not torch.equal(got.view(96, 320), ref) or (product - expected).abs().max() > 1e-4 * expected.abs().max():
+            raise RuntimeError("results differ from the reference")
 
 
 @functools.cache
@@ -91,25 +105,10 @@ def _triton_installed() -> bool:
 
 @functools.cache
 def _verified(index: int) -> bool:
-    from ..quant import blockwise, quantize
-
-    device = torch.device("cuda", index)
     try:
-        gen = torch.Generator().manual_seed(0)
-        w = torch.randn(96, 320, generator=gen).to(device)
-        for double_quant in (False, True):
-            q = quantize(w, double_quant=double_quant)
-            absmax = q.float_absmax()
-            ref = blockwise.dequantize_4bit(q.packed, absmax, q.shape, "nf4", q.blocksize, torch.float32)
-            got = dequantize_4bit(q.packed, absmax, code_4bit("nf4"), w.numel(), q.blocksize, torch.float32)
-            x = torch.randn(3, 320, generator=gen).to(device)
-            product = Matmul4bit(q)(x).double()
-            expected = x.double() @ ref.view(96, 320).double().t()
-            if not torch.equal(got.view(96, 320), ref) or (product - expected).abs().max() > 1e-4 * expected.abs().max():
-                raise RuntimeError("results differ from the reference")
+        self_check(torch.device("cuda", index))
         return True
     except Exception as e:  # a compile error on this GPU, a wrong result: the reference paths serve
-        _failed_devices.add(index)
         log.warning("nf4tune: the Triton 4-bit kernels are off on cuda:%d (%s); using the PyTorch path.", index,
                     str(e).splitlines()[0] if str(e) else type(e).__name__)
         return False
