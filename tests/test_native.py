@@ -87,6 +87,19 @@ def test_the_layer_decodes_through_the_fused_kernel_with_the_same_result(monkeyp
         assert torch.allclose(moved, layer(x), rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
+def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("NF4TUNE_CACHE", str(tmp_path))
+    target = native.library_path(native._compiler(), native._cpu_flags())
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"not a library")  # as a full disk or a killed copy might leave it
+    native.kernels.cache_clear()
+    try:
+        assert native.kernels() is not None and target.stat().st_size > 1000
+    finally:
+        native.kernels.cache_clear()
+
+
 def test_without_a_compiler_the_kernels_step_aside_with_a_warning(monkeypatch, tmp_path, caplog):
     if native.kernels() is None:
         pytest.skip("no native kernels on this machine to begin with")

@@ -52,6 +52,28 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(out, target)  # atomic: a concurrent process sees no half-written library
 
 
+def library_path(compiler: str, cpu_flags: set[str]) -> Path:
+    """Where the library built by `compiler` for a CPU with these flags is cached."""
+    # -march=native ties the library to this CPU: its flags are part of the key.
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, *sorted(cpu_flags)]).encode()).hexdigest()
+    root = Path(os.environ.get("NF4TUNE_CACHE", Path.home() / ".cache" / "nf4tune"))
+    return root / "kernels" / f"cpu-{key[:16]}.so"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def _load(compiler: str, target: Path) -> ctypes.CDLL:
+    if target.exists():
+        try:
+            return ctypes.CDLL(str(target))
+        except OSError:  # a damaged cache entry: build it again
+            target.unlink()
+    _build(compiler, target)
+    return ctypes.CDLL(str(target))
+
+
 @functools.cache
 def kernels() -> ctypes.CDLL | None:
     """The loaded library, or None where it cannot be had here."""
@@ -60,18 +82,12 @@ def kernels() -> ctypes.CDLL | None:
     flags = _cpu_flags()
     if "avx512f" not in flags:
         return None
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    compiler = _compiler()
     if compiler is None:
         log.warning("nf4tune: no C++ compiler found; 4-bit CPU inference uses the slower PyTorch path.")
         return None
-    # -march=native ties the library to this CPU: its flags are part of the key.
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, *sorted(flags)]).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("NF4TUNE_CACHE", Path.home() / ".cache" / "nf4tune"))
-    target = root / "kernels" / f"cpu-{key}.so"
     try:
-        if not target.exists():
-            _build(compiler, target)
-        lib = ctypes.CDLL(str(target))
+        lib = _load(compiler, library_path(compiler, flags))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         log.warning("nf4tune: could not build the AVX-512 kernels (%s); using the PyTorch path.",
