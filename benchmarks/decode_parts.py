@@ -1,6 +1,6 @@
 """The parts of a decoded token on CPU, one at a time: where the fused 4-bit matmul stops paying,
-the 4-bit layers of the ~170M benchmark model, the output head, and the strided last-row input
-transformers hands the head.
+the 4-bit layers of the ~170M benchmark model, the output head, the strided last-row input
+transformers hands the head, and an r=64 adapter's first product in bf16 and float32.
 
     python benchmarks/decode_parts.py [--repeat 30]
 
@@ -66,6 +66,11 @@ def main() -> None:
     print(f"| torch F.linear | {median_ms(lambda: F.linear(row, head), args.repeat):.2f} |")
     print(f"| native matmul_bf16 | {median_ms(lambda: native.matmul_bf16(row, head), args.repeat):.2f} |")
     print(f"| torch F.linear, hidden[:, -1:, :] view | {median_ms(lambda: F.linear(last, head), args.repeat):.2f} |")
+
+    print("\n| LoRA A product, 1 x 1024 by 1024 x 64 | us |\n|---|---|")
+    for dtype in (torch.bfloat16, torch.float32):
+        x, a = torch.randn(1, 1024, dtype=dtype), torch.randn(64, 1024, dtype=dtype)
+        print(f"| {str(dtype).removeprefix('torch.')} | {median_ms(lambda: x @ a.t(), args.repeat * 10) * 1e3:.1f} |")
 
 
 if __name__ == "__main__":
