@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from ..quant.codes import code_4bit, dynamic_code
+from ..quant.codes import code_4bit, dynamic_code, on_device
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,15 @@ def _grid(n: int, block: int) -> int:
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, blocksize: int,
                     dtype: torch.dtype) -> torch.Tensor:
-    """All n values of a 4-bit tensor, from float32 absmax, in `dtype` (bit-exact with the reference)."""
+    """All n values of a 4-bit tensor, from float32 absmax and the float32 code table on the same
+    device, in `dtype` (bit-exact with the reference)."""
     out = torch.empty(n, dtype=dtype, device=packed.device)
     block = 1024
     bf16 = dtype == torch.bfloat16
     from .triton_4bit import dequantize_kernel
 
     dequantize_kernel[(_grid(n, block),)](packed.reshape(-1), absmax.float().contiguous(),
-                                           code.to(packed.device, torch.float32), out.view(torch.int16) if bf16 else out,
+                                           code, out.view(torch.int16) if bf16 else out,
                                            n, blocksize, BF16_BITS=bf16, BLOCK=block)
     return out
 
@@ -47,11 +48,11 @@ class Matmul4bit:
     def __init__(self, q):
         self.q, self.n, self.k = q, q.shape[0], q.shape[1]
         device = q.packed.device
-        self.code = code_4bit(q.quant_type).to(device)
+        self.code = on_device(device, code_4bit, q.quant_type)
         self.double_quant = q.double_quant
         if q.double_quant:
             self.absmax, self.nested = q.absmax.contiguous(), q.nested_absmax.contiguous()
-            self.table = dynamic_code().to(device, torch.float32)
+            self.table = on_device(device, dynamic_code)
         else:
             self.absmax = q.absmax.float().contiguous()
             self.nested = self.table = self.absmax  # unused
@@ -90,7 +91,7 @@ def self_check(device: torch.device) -> None:
         q = quantize(w, double_quant=double_quant)
         absmax = q.float_absmax()
         ref = blockwise.dequantize_4bit(q.packed, absmax, q.shape, "nf4", q.blocksize, torch.float32)
-        got = dequantize_4bit(q.packed, absmax, code_4bit("nf4"), w.numel(), q.blocksize, torch.float32)
+        got = dequantize_4bit(q.packed, absmax, on_device(device, code_4bit, "nf4"), w.numel(), q.blocksize, torch.float32)
         x = torch.randn(3, 320, generator=gen).to(device)
         product = Matmul4bit(q)(x).double()
         expected = x.double() @ ref.view(96, 320).double().t()

@@ -18,7 +18,7 @@ import math
 import torch
 
 from ..quant.blockwise import dequantize_8bit, quantize_8bit
-from ..quant.codes import dynamic_code
+from ..quant.codes import dynamic_code, on_device
 
 STATE_BLOCKSIZE = 256
 MIN_8BIT_NUMEL = 4096
@@ -194,13 +194,13 @@ class PagedAdamW8bit(PagedAdamW):
         for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
             q = state[f"{name}_q"].to(p.device, non_blocking=non_blocking)
             a = state[f"{name}_absmax"].to(p.device, non_blocking=non_blocking)
-            out.append(dequantize_8bit(q, a, dynamic_code(signed=signed).to(p.device), STATE_BLOCKSIZE))
+            out.append(dequantize_8bit(q, a, on_device(p.device, dynamic_code, signed), STATE_BLOCKSIZE))
         return out[0], out[1]
 
     def _store(self, p, state, m, v):
         if "exp_avg" in state:
             return super()._store(p, state, m, v)
         for name, value, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
-            q, a = quantize_8bit(value, dynamic_code(signed=signed).to(value.device), STATE_BLOCKSIZE, rounding="nearest")
+            q, a = quantize_8bit(value, on_device(value.device, dynamic_code, signed), STATE_BLOCKSIZE, rounding="nearest")
             state[f"{name}_q"].copy_(q, non_blocking=True)
             state[f"{name}_absmax"].copy_(a, non_blocking=True)

@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from .codes import code_4bit
+from .codes import code_4bit, on_device
 
 # Smallest absmax used as a divisor, so an all-zero block scales to zeros instead of NaNs.
 _TINY = 1e-38
@@ -100,7 +100,7 @@ def dequantize_4bit(
     numel = 1
     for s in shape:
         numel *= s
-    code = code_4bit(quant_type).to(packed.device)
+    code = on_device(packed.device, code_4bit, quant_type)
     values = code[unpack_4bit(packed, numel).long()]
     return _apply_absmax(values, absmax.float(), blocksize, dtype).view(shape)
 

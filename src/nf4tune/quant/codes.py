@@ -66,6 +66,13 @@ def code_4bit(quant_type: str) -> torch.Tensor:
 
 
 @functools.cache
+def on_device(device: torch.device, table, *args) -> torch.Tensor:
+    """`table(*args)` on `device`, copied there once: the kernels look tables up on every call, and
+    a fresh host-to-device copy per layer per step is work done for nothing. Do not modify it."""
+    return table(*args).to(device)
+
+
+@functools.cache
 def dynamic_code(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
     """The 8-bit dynamic code (Dettmers 2015): a dynamic exponent followed by a linear fraction.
 

@@ -21,7 +21,7 @@ from .. import compiled
 from ..kernels import cpu as native
 from ..kernels import cuda as cuda_kernels
 from . import blockwise
-from .codes import code_4bit
+from .codes import code_4bit, on_device
 
 
 @functools.cache
@@ -98,7 +98,8 @@ def dequantize_4bit(
 
     flat = packed.reshape(-1)
     if packed.is_cuda and cuda_kernels.usable(packed.device):
-        return cuda_kernels.dequantize_4bit(flat, absmax, code_4bit(quant_type), n, blocksize, dtype).view(shape)
+        code = on_device(packed.device, code_4bit, quant_type)
+        return cuda_kernels.dequantize_4bit(flat, absmax, code, n, blocksize, dtype).view(shape)
     if packed.device.type == "cpu" and full and native.supports(flat, absmax, blocksize):
         head = native.dequantize_4bit(flat, absmax, code_4bit(quant_type), n, blocksize, dtype)
     elif compiled.enabled(packed, full):

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import Nf4tuneError
 from . import blockwise
-from .codes import QUANT_TYPES, bits_per_parameter, code_4bit, dynamic_code
+from .codes import QUANT_TYPES, bits_per_parameter, code_4bit, dynamic_code, on_device
 
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
@@ -80,7 +80,8 @@ class QuantizedTensor:
         """The per-block absmax as float32, undoing double quantization if present."""
         if not self.double_quant:
             return self.absmax
-        scales = blockwise.dequantize_8bit(self.absmax, self.nested_absmax, dynamic_code().to(self.device), self.nested_blocksize)
+        scales = blockwise.dequantize_8bit(self.absmax, self.nested_absmax, on_device(self.device, dynamic_code),
+                                           self.nested_blocksize)
         return scales + self.offset
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -215,5 +216,5 @@ def quantize(
     if not double_quant:
         return QuantizedTensor(packed, absmax, w.shape, w.dtype, quant_type, blocksize)
     offset = absmax.mean()
-    codes, nested_absmax = blockwise.quantize_8bit(absmax - offset, dynamic_code().to(w.device), NESTED_BLOCKSIZE)
+    codes, nested_absmax = blockwise.quantize_8bit(absmax - offset, on_device(w.device, dynamic_code), NESTED_BLOCKSIZE)
     return QuantizedTensor(packed, codes, w.shape, w.dtype, quant_type, blocksize, offset.item(), nested_absmax)
