@@ -101,6 +101,7 @@ def kernels() -> ctypes.CDLL | None:
 
 
 def supports(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> bool:
+    """Whether `dequantize_4bit` takes these tensors: contiguous, on CPU, float32 absmax."""
     return (packed.device.type == "cpu" and packed.is_contiguous() and absmax.dtype == torch.float32
             and absmax.is_contiguous() and blocksize % 32 == 0 and kernels() is not None)
 
@@ -130,7 +131,7 @@ class Matmul4bit:
         self.absmax = q.absmax.contiguous() if q.double_quant else q.absmax.float().contiguous()
         self.nested = q.nested_absmax.contiguous() if q.double_quant else None
         if q.double_quant:
-            absmax_args = (None, self.absmax.data_ptr(), self.nested.data_ptr(), _dynamic_table().data_ptr())
+            absmax_args = (None, self.absmax.data_ptr(), self.nested.data_ptr(), dynamic_code().data_ptr())
         else:
             absmax_args = (self.absmax.data_ptr(), None, None, None)
         self.n, self.k = q.shape
@@ -153,11 +154,6 @@ class Matmul4bit:
 def matmul_4bit(x: torch.Tensor, q) -> torch.Tensor:
     """x (..., K) @ W^T for a 4-bit `QuantizedTensor` W; see `Matmul4bit`."""
     return Matmul4bit(q)(x)
-
-
-@functools.cache
-def _dynamic_table() -> torch.Tensor:
-    return dynamic_code().float().contiguous()
 
 
 def supports_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
