@@ -32,7 +32,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args):
-    from ..serve.engine import Sampling
+    from ..serve.sampling import Sampling
 
     return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed).check()
 

@@ -97,6 +97,9 @@ def kernels() -> ctypes.CDLL | None:
     if hasattr(lib, "matmul_bf16"):  # built where the CPU has AVX512-BF16
         lib.matmul_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _P, _INT]
     lib.matmul_4bit.argtypes = [_P, _INT, _I64, _I64, _P, _P, _P, _P, _P, _F, _I64, _P, _I64, _I64, _P, _INT]
+    lib.rms_norm.argtypes = [_P, _I64, _P, _F, _P]
+    lib.silu_mul.argtypes = [_P, _P, _I64, _P]
+    lib.decode_attention.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F, _P, _INT]
     return lib
 
 

@@ -9,6 +9,7 @@
 // element in the high nibble; one float absmax per `blocksize` consecutive elements. The kernels
 // need K % blocksize == 0 (blocks never straddle rows) and blocksize % 32 == 0; native.py checks.
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -261,3 +262,97 @@ extern "C" void matmul_bf16(const uint16_t* x, int64_t M, int64_t K, const uint1
     }
 }
 #endif
+
+// ---- One decoding step's small operations (serve/decoder.py), for batch 1. On two cores each of these
+// is a few microseconds; the PyTorch ops they replace cost 5-10 each, and bf16 attention for one
+// query 100-400 (BENCHMARKS.md).
+
+static inline float bf16_to_float(uint16_t b) {
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// out (bfloat16, K) = x (float32, K) / sqrt(mean(x^2) + eps) * weight (float32): RMSNorm as Llama's,
+// with the residual stream kept in float32.
+extern "C" void rms_norm(const float* x, int64_t K, const float* weight, float eps, uint16_t* out) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        __m512 v = _mm512_loadu_ps(x + k);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / K + eps));
+    for (int64_t k = 0; k < K; k += 16)
+        _mm256_storeu_si256((__m256i*)(out + k),
+                            to_bf16(_mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv), _mm512_loadu_ps(weight + k))));
+}
+
+// out (bfloat16) = silu(gate) * up, for bfloat16 gate and up: the MLP's activation.
+extern "C" void silu_mul(const uint16_t* gate, const uint16_t* up, int64_t n, uint16_t* out) {
+    for (int64_t i = 0; i < n; i++) {
+        float g = bf16_to_float(gate[i]);
+        out[i] = bf16_bits(g / (1.0f + expf(-g)) * bf16_to_float(up[i]));
+    }
+}
+
+// Rotary embedding (rotate-half convention, as transformers' Llama) of one head's D values.
+static inline void rope(const uint16_t* in, const float* cos, const float* sin, int64_t D, float* out) {
+    const int64_t h = D / 2;
+    for (int64_t i = 0; i < h; i++) {
+        float a = bf16_to_float(in[i]), b = bf16_to_float(in[i + h]);
+        out[i] = a * cos[i] - b * sin[i];
+        out[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+// One query token's attention with a bfloat16 KV cache (Hkv x capacity x D, per layer). q (H x D) and
+// k, v (Hkv x D) are the projections of the new token (bfloat16); the rotary embedding is applied to
+// q and k here, k and v are written at `pos`, and the query attends to positions [start, pos].
+// out (bfloat16, H x D). Heads are shared in groups of H / Hkv (grouped-query attention).
+extern "C" void decode_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* cos,
+                                 const float* sin, uint16_t* k_cache, uint16_t* v_cache, int64_t capacity,
+                                 int64_t pos, int64_t start, int64_t H, int64_t Hkv, int64_t D, float scale,
+                                 uint16_t* out, int threads) {
+    for (int64_t g = 0; g < Hkv; g++) {
+        float kr[512];
+        rope(k + g * D, cos, sin, D, kr);
+        for (int64_t i = 0; i < D; i++) {
+            k_cache[(g * capacity + pos) * D + i] = bf16_bits(kr[i]);
+            v_cache[(g * capacity + pos) * D + i] = v[g * D + i];
+        }
+    }
+    const int64_t T = pos + 1 - start;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t h = 0; h < H; h++) {
+        const int64_t g = h / (H / Hkv);
+        const uint16_t* keys = k_cache + (g * capacity + start) * D;
+        const uint16_t* values = v_cache + (g * capacity + start) * D;
+        float qr[512];
+        rope(q + h * D, cos, sin, D, qr);
+        std::vector<float> p(T);
+        float top = -INFINITY;
+        for (int64_t t = 0; t < T; t++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t i = 0; i < D; i += 16) {
+                __m512 kv = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(keys + t * D + i))), 16));
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i), kv, acc);
+            }
+            p[t] = _mm512_reduce_add_ps(acc) * scale;
+            top = p[t] > top ? p[t] : top;
+        }
+        float total = 0;
+        for (int64_t t = 0; t < T; t++) total += (p[t] = expf(p[t] - top));
+        float o[512] = {0};
+        for (int64_t t = 0; t < T; t++) {
+            const __m512 w = _mm512_set1_ps(p[t] / total);
+            for (int64_t i = 0; i < D; i += 16) {
+                __m512 vv = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(values + t * D + i))), 16));
+                _mm512_storeu_ps(o + i, _mm512_fmadd_ps(w, vv, _mm512_loadu_ps(o + i)));
+            }
+        }
+        for (int64_t i = 0; i < D; i++) out[h * D + i] = bf16_bits(o[i]);
+    }
+}

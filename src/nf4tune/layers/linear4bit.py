@@ -135,9 +135,9 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() and x.numel() <= FUSED_MAX_TOKENS * self.in_features:
-            matmul = self._fused_matmul(x)
+            matmul = self.fused_matmul(x)
             if matmul is not None:
-                return self._fused_decode(x, matmul)
+                return self.fused_forward(x, matmul)
         in_dtype = x.dtype
         x = x.to(self.compute_dtype)
         x_lora, scaling = None, self.scaling
@@ -147,7 +147,7 @@ class Linear4bit(nn.Module):
         y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.quantized_weight)
         return y.to(in_dtype)
 
-    def _fused_matmul(self, x: torch.Tensor):
+    def fused_matmul(self, x: torch.Tensor):
         """The fused kernel for this weight on x's device (`kernels.cpu` or `kernels.cuda`), prepared
         once (again if the buffers move), or None where there is none."""
         packed = self.weight_packed
@@ -164,7 +164,7 @@ class Linear4bit(nn.Module):
             self._decode_plan = native.Matmul4bit(self.quantized_weight)
         return self._decode_plan
 
-    def _fused_decode(self, x: torch.Tensor, matmul) -> torch.Tensor:
+    def fused_forward(self, x: torch.Tensor, matmul) -> torch.Tensor:
         """Inference on a few tokens: the 4-bit weight is decoded in registers, never written out.
         The adapter is added unmerged, with its float32 masters as they are: on CPU these few-token
         products run 3-4x faster in float32 than in bf16 (bf16 calls this small carry tens of

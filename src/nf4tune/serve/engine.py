@@ -8,7 +8,6 @@ queue refuses new requests at once (the server answers 429) instead of running o
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import threading
 import time
@@ -20,6 +19,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..errors import Nf4tuneError
 from ..models.adapters import AdapterBank
+from .decoder import Decoder
+from .sampling import Sampling
 
 GUANACO_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                   "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -40,22 +41,6 @@ def render_chat(tokenizer, messages: list[dict], style: str = "auto") -> str:
 
 class QueueFull(Nf4tuneError):
     """The engine has as many requests waiting as it accepts."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    def check(self) -> "Sampling":
-        if self.max_new_tokens <= 0 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 \
-                or self.repetition_penalty <= 0:
-            raise Nf4tuneError(f"invalid sampling settings: {dataclasses.asdict(self)}.")
-        return self
 
 
 @dataclass
@@ -129,6 +114,8 @@ class Engine:
                  max_queue: int = 64):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.bank = AdapterBank(model, adapters or {}) if adapters else None
+        # a single request decodes through the lean CPU decoder where the model allows, else generate()
+        self.decoder = Decoder(model) if Decoder.unsupported(model) is None else None
         self.max_batch, self.max_queue = max_batch, max_queue
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -204,14 +191,19 @@ class Engine:
         enc = self.tokenizer([r.prompt for r in batch], return_tensors="pt", padding=True, add_special_tokens=False)
         for r, mask in zip(batch, enc["attention_mask"]):
             r.prompt_tokens = int(mask.sum())
+        streamer = _BatchStreamer(self, batch)
+        if self.decoder is not None and len(batch) == 1:
+            streamer.put(enc["input_ids"])
+            self.decoder.generate(enc["input_ids"], s, self.eos_ids, on_token=lambda t: streamer.put(torch.tensor([t])))
+            streamer.end()
+            return
         if s.seed is not None:
             torch.manual_seed(s.seed)
         kwargs = dict(max_new_tokens=s.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
                       eos_token_id=list(self.eos_ids), repetition_penalty=s.repetition_penalty)
         if s.temperature > 0:
-            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None)
+            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         self.model.generate(input_ids=enc["input_ids"].to(self.model.device),
-                            attention_mask=enc["attention_mask"].to(self.model.device),
-                            streamer=_BatchStreamer(self, batch), **kwargs)
+                            attention_mask=enc["attention_mask"].to(self.model.device), streamer=streamer, **kwargs)

@@ -15,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ..errors import Nf4tuneError
-from .engine import Engine, QueueFull, Request, Sampling, render_chat
+from .engine import Engine, QueueFull, Request, render_chat
+from .sampling import Sampling
 
 PAGE = Path(__file__).with_name("chat.html")
 MAX_BODY = 1 << 20

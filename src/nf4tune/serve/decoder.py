@@ -1,0 +1,180 @@
+"""`Decoder`: batch-1 decoding of a 4-bit Llama-family model on CPU, without transformers' forward.
+
+A decoded token is a few dozen small operations per layer. Through transformers each is a PyTorch
+op with microseconds of fixed cost, and its bf16 attention for one query costs 100-400 us per layer
+on CPU; together they took longer than reading the weights (BENCHMARKS.md). Here a step is, per
+layer: RMSNorm, the q/k/v projections, one native call for rotary + KV-cache write + attention,
+the output projection, RMSNorm, gate/up, SiLU-and-multiply, the down projection. The projections
+go through each `Linear4bit`'s fused kernel and `fused_forward` (bias and unmerged LoRA included, so
+`AdapterBank` switches apply); norms, rotary and attention are `kernels/cpu_kernels.cpp`. The
+residual stream stays in float32, the KV cache in bfloat16.
+
+The prompt is prefilled by the model's own forward (compute-bound, where its GEMMs are fast); its
+KV cache is then copied into the decoder's. `Decoder.unsupported(model)` says why a model cannot
+use it (another family or device, no AVX-512); callers then keep `generate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..kernels import cpu as native
+from ..layers.linear4bit import Linear4bit
+from .sampling import Sampling, next_token
+
+FAMILIES = ("llama", "mistral", "qwen2")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _window(config, layer: int) -> int | None:
+    """How many past positions (itself included) layer `layer` attends to; None: all."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return config.sliding_window if types[layer] == "sliding_attention" else None
+    return getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+
+
+class _Block:
+    """One decoder layer's parts, as the step uses them."""
+
+    def __init__(self, layer, config, index: int, probe: torch.Tensor):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.norm1 = layer.input_layernorm.weight.detach().float().contiguous()
+        self.norm2 = layer.post_attention_layernorm.weight.detach().float().contiguous()
+        self.eps1, self.eps2 = layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon
+        self.scale = float(attn.scaling)
+        self.window = _window(config, index)
+        self.proj = {}
+        for name in PROJECTIONS:
+            module = getattr(attn, name, None) or getattr(mlp, name)
+            x = probe.new_zeros(1, module.in_features)
+            self.proj[name] = (module, module.fused_matmul(x))
+
+
+class Decoder:
+    """Greedy or sampled batch-1 decoding with a KV cache for a 4-bit model (see the module doc).
+
+        decoder = Decoder(model)
+        tokens = decoder.generate(input_ids, Sampling(max_new_tokens=64), eos_ids={2})
+    """
+
+    def __init__(self, model):
+        reason = self.unsupported(model)
+        if reason:
+            raise ValueError(f"Decoder cannot run this model: {reason}.")
+        self.model, self.config = model, model.config
+        config, inner = model.config, model.model
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.hidden = config.hidden_size
+        probe = torch.zeros(1, dtype=torch.bfloat16)
+        self.blocks = [_Block(layer, config, i, probe) for i, layer in enumerate(inner.layers)]
+        self.final_norm = inner.norm.weight.detach().float().contiguous()
+        self.final_eps = inner.norm.variance_epsilon
+        self.lib = native.kernels()
+
+    @staticmethod
+    def unsupported(model) -> str | None:
+        """Why `Decoder` cannot decode `model`, or None when it can."""
+        config = getattr(model, "config", None)
+        if getattr(config, "model_type", None) not in FAMILIES:
+            return f"it decodes {', '.join(FAMILIES)} models"
+        if native.kernels() is None:
+            return "the AVX-512 CPU kernels are not available here"
+        if config.hidden_act != "silu":
+            return f"it needs SiLU MLPs, not {config.hidden_act}"
+        layers = model.model.layers
+        if any(p.device.type != "cpu" for p in model.parameters()) or any(b.device.type != "cpu" for b in model.buffers()):
+            return "the model is not on the CPU"
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if head_dim % 16 or head_dim > 512 or config.hidden_size % 16:
+            return "its head size and hidden size must be multiples of 16 (head size at most 512)"
+        for layer in layers:
+            for name in PROJECTIONS:
+                module = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name, None)
+                if not isinstance(module, Linear4bit):
+                    return f"its {name} layers are not 4-bit"
+                if module.compute_dtype != torch.bfloat16:
+                    return "it computes in bfloat16 (the model computes in another dtype)"
+                if module.fused_matmul(torch.zeros(1, module.in_features, dtype=module.compute_dtype)) is None:
+                    return f"its {name} layers have no fused CPU kernel"
+        return None
+
+    def _project(self, block: _Block, name: str, x: torch.Tensor) -> torch.Tensor:
+        module, matmul = block.proj[name]
+        return module.fused_forward(x, matmul)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, capacity: int) -> torch.Tensor:
+        """Run the prompt (1, T) through the model's forward, keep its KV cache in a cache with room
+        for `capacity` positions, and return the last position's logits (vocab,) in float32."""
+        from transformers import DynamicCache
+
+        length = input_ids.shape[1]
+        cache = DynamicCache(config=self.config)
+        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        shape = (len(self.blocks), self.kv_heads, capacity, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=torch.bfloat16)
+        self.values = torch.zeros(shape, dtype=torch.bfloat16)
+        for i, layer in enumerate(out.past_key_values.layers):
+            kept = layer.keys.shape[-2]  # sliding-window layers keep only their window
+            self.keys[i, :, length - kept:length] = layer.keys[0]
+            self.values[i, :, length - kept:length] = layer.values[0]
+        self.position = length
+        return out.logits[0, -1].float()
+
+    @torch.no_grad()
+    def step(self, token: int) -> torch.Tensor:
+        """Feed one token at the next position; return its logits (vocab,) in float32."""
+        pos, lib, threads = self.position, self.lib, torch.get_num_threads()
+        if pos >= self.keys.shape[2]:
+            raise ValueError(f"the KV cache holds {self.keys.shape[2]} positions; prefill with a larger capacity")
+        x = self.model.get_input_embeddings()(torch.tensor([token])).float()
+        cos, sin = self.model.model.rotary_emb(x, torch.tensor([[pos]]))
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        h = torch.empty(1, self.hidden, dtype=torch.bfloat16)
+        attended = torch.empty(1, self.heads * self.head_dim, dtype=torch.bfloat16)
+        for i, block in enumerate(self.blocks):
+            lib.rms_norm(x.data_ptr(), self.hidden, block.norm1.data_ptr(), block.eps1, h.data_ptr())
+            q, k, v = (self._project(block, name, h).contiguous() for name in PROJECTIONS[:3])
+            start = 0 if block.window is None else max(0, pos + 1 - block.window)
+            lib.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                 self.keys[i].data_ptr(), self.values[i].data_ptr(), self.keys.shape[2], pos, start,
+                                 self.heads, self.kv_heads, self.head_dim, block.scale, attended.data_ptr(), threads)
+            x += self._project(block, "o_proj", attended)
+            lib.rms_norm(x.data_ptr(), self.hidden, block.norm2.data_ptr(), block.eps2, h.data_ptr())
+            gate, up = self._project(block, "gate_proj", h).contiguous(), self._project(block, "up_proj", h).contiguous()
+            act = torch.empty_like(gate)
+            lib.silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel(), act.data_ptr())
+            x += self._project(block, "down_proj", act)
+        lib.rms_norm(x.data_ptr(), self.hidden, self.final_norm.data_ptr(), self.final_eps, h.data_ptr())
+        self.position += 1
+        return self.model.get_output_embeddings()(h)[0].float()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, sampling: Sampling, eos_ids: set[int] = frozenset(),
+                 on_token: Callable[[int], None] | None = None) -> list[int]:
+        """Up to `sampling.max_new_tokens` tokens after the prompt `input_ids` (1, T), stopping after an
+        end-of-sequence token; `on_token` sees each token as it is chosen."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"Decoder decodes one sequence at a time; got input_ids of shape {list(input_ids.shape)}")
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator().manual_seed(sampling.seed)
+        seen = input_ids[0].tolist()
+        logits = self.prefill(input_ids, input_ids.shape[1] + sampling.max_new_tokens)
+        tokens: list[int] = []
+        while True:
+            penalized = torch.tensor(seen) if sampling.repetition_penalty != 1.0 else None
+            token = next_token(logits, sampling, penalized, generator)
+            tokens.append(token)
+            seen.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token in eos_ids or len(tokens) >= sampling.max_new_tokens:
+                return tokens
+            logits = self.step(token)

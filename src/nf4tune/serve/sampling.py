@@ -1,0 +1,60 @@
+"""Sampling settings and the next-token choice, with transformers' semantics.
+
+`next_token` applies the repetition penalty, temperature, top-k and top-p in the order (and with
+the tie rules) of transformers' `generate` (RepetitionPenaltyLogitsProcessor, then the Temperature,
+TopK and TopP warpers), so a model decodes alike through nf4tune's decoder and through `generate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import Nf4tuneError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def check(self) -> "Sampling":
+        if self.max_new_tokens <= 0 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 \
+                or self.repetition_penalty <= 0:
+            raise Nf4tuneError(f"invalid sampling settings: {dataclasses.asdict(self)}.")
+        return self
+
+
+def process_logits(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 scores (vocab,) sampling draws from: penalized, tempered and truncated (-inf)."""
+    scores = logits.float().clone()
+    if s.repetition_penalty != 1.0 and seen is not None and seen.numel():
+        picked = scores[seen]
+        scores[seen] = torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
+    if s.temperature == 0:
+        return scores
+    scores = scores / s.temperature
+    if s.top_k:
+        kth = torch.topk(scores, min(s.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if s.top_p < 1.0:
+        ordered, order = torch.sort(scores)
+        drop = ordered.softmax(-1).cumsum(-1) <= 1 - s.top_p
+        drop[-1] = False  # always keep the most likely token
+        scores = scores.masked_fill(drop.scatter(0, order, drop), -float("inf"))
+    return scores
+
+
+def next_token(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> int:
+    """The next token for one sequence's last logits (vocab,): greedy when temperature is 0, else drawn."""
+    scores = process_logits(logits, s, seen)
+    if s.temperature == 0:
+        return int(scores.argmax())
+    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
