@@ -1,12 +1,14 @@
 """Batch-1 decoding and prefill speed with 4-bit weights: nf4tune vs transformers + bitsandbytes.
 
     python benchmarks/decode_speed.py [--new-tokens 32] [--prompt 128] [--rounds 3] [--lora-r 0]
-                                      [--shape small|7b] [--device cpu|cuda]
+                                      [--shape small|7b] [--device cpu|cuda] [--sides ...]
 
 --shape small: the ~170M-parameter Llama of the training benchmarks (hidden 1024, 8 layers, vocab
 32000); --shape 7b: LLaMA-7B's shapes (hidden 4096, 32 layers, intermediate 11008), random bf16
 weights written shard by shard (13.5 GB of disk and host memory for the peer's load). NF4 with
-double quantization, bf16 compute; greedy `generate` with the KV cache. Decoding reads every 4-bit
+double quantization, bf16 compute; greedy decoding with the KV cache: nf4tune through its
+`serve.decoder.Decoder` where the model allows (CPU), else `generate`; `nf4tune-generate` is
+transformers' `generate` on nf4tune's model; the peer is `generate`. Decoding reads every 4-bit
 weight and the 16-bit head once per token, so tokens/s x those bytes is the bandwidth it achieves;
 it is reported against the device's bandwidth measured here (a large copy on CUDA, a large read
 on CPU).
@@ -89,7 +91,7 @@ def device_bandwidth(device: str) -> float:
 
 
 def run_side(side: str, path: Path, args) -> dict:
-    if side == "nf4tune":
+    if side.startswith("nf4tune"):
         import nf4tune
 
         lora = nf4tune.LoraConfig(r=args.lora_r, alpha=16, dropout=0.0) if args.lora_r else None
@@ -110,12 +112,23 @@ def run_side(side: str, path: Path, args) -> dict:
     ids = torch.randint(0, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).to(args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
+    decoder = None
+    if side == "nf4tune":  # what `nf4tune chat / generate / serve` use for a single request
+        from nf4tune.serve.decoder import Decoder
+        from nf4tune.serve.sampling import Sampling
+
+        if Decoder.unsupported(model) is None:
+            decoder = Decoder(model)
+
     def timed(n):
         sync()
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
+            if decoder is not None:
+                decoder.generate(ids, Sampling(max_new_tokens=n))  # no end-of-sequence: exactly n tokens
+            else:
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)
         sync()
         return time.perf_counter() - start
 
@@ -123,6 +136,7 @@ def run_side(side: str, path: Path, args) -> dict:
     prefill = min(timed(1) for _ in range(3))
     total = timed(args.new_tokens)
     result = {"prefill_s": prefill, "decode_tokens_per_s": (args.new_tokens - 1) / (total - prefill)}
+    result["decoder"] = decoder is not None
     if side == "nf4tune":
         result["weight_bytes"] = weight_bytes(model)
         result["bandwidth"] = device_bandwidth(args.device)
@@ -137,6 +151,9 @@ def main() -> None:
     parser.add_argument("--lora-r", type=int, default=0, help="decode through a LoRA adapter of this rank")
     parser.add_argument("--shape", choices=["small", "7b"], default="small")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sides", default="nf4tune,nf4tune-generate,transformers+bnb",
+                        help="nf4tune: its decoder (what chat/generate/serve run for one request); nf4tune-generate: "
+                        "transformers' generate on nf4tune's model; transformers+bnb: the peer")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,7 +165,7 @@ def main() -> None:
             build(Path(tmp))
         else:
             build_random(Path(tmp), SHAPE_7B)
-        rounds = {"nf4tune": [], "transformers+bnb": []}
+        rounds = {side: [] for side in args.sides.split(",")}
         for _ in range(args.rounds):
             for side in rounds:
                 rounds[side].append(run_child(__file__, side, "--model", tmp, "--device", args.device,
@@ -166,7 +183,11 @@ def main() -> None:
         print(f"| {side} | {', '.join(f'{p:.0f}' for p in prefill)} | {', '.join(f'{d:.1f}' for d in decode)} | "
               f"{median[side][0]:.0f} | {median[side][1]:.1f} |")
     (pa, da), (pb, db) = median["nf4tune"], median["transformers+bnb"]
-    print(f"\nnf4tune / bnb (medians): decode {da / db:.2f}x, prefill {pb / pa:.2f}x")
+    print(f"\nnf4tune / bnb (medians): decode {da / db:.2f}x, prefill {pb / pa:.2f}x"
+          f" (nf4tune's decoder {'used' if rounds['nf4tune'][0]['decoder'] else 'not available: generate'})")
+    if "nf4tune-generate" in median:
+        pg, dg = median["nf4tune-generate"]
+        print(f"nf4tune's model through transformers' generate / bnb: decode {dg / db:.2f}x, prefill {pb / pg:.2f}x")
     ours = rounds["nf4tune"][0]
     gb, bw = ours["weight_bytes"] / 1e9, statistics.median(r["bandwidth"] for r in rounds["nf4tune"]) / 1e9
     print(f"bytes read per token: {gb:.3f} GB; measured device bandwidth {bw:.1f} GB/s; decode achieves "

@@ -96,9 +96,8 @@ def kernels() -> ctypes.CDLL | None:
     lib.dequantize_4bit.argtypes = [_P, _P, _P, _I64, _I64, _P, _INT, _INT]
     if hasattr(lib, "matmul_bf16"):  # built where the CPU has AVX512-BF16
         lib.matmul_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _P, _INT]
-    lib.matmul_4bit.argtypes = [_P, _INT, _I64, _I64, _P, _P, _P, _P, _P, _F, _I64, _P, _I64, _I64, _P, _INT]
+    lib.matmul_4bit.argtypes = [_P, _INT, _I64, _P, _P, _INT]
     lib.rms_norm.argtypes = [_P, _I64, _P, _F, _P]
-    lib.silu_mul.argtypes = [_P, _P, _I64, _P]
     lib.decode_attention.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F, _P, _INT]
     return lib
 
@@ -121,37 +120,45 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     return out if out.dtype == dtype else out.to(dtype)
 
 
+class _Weight4bit(ctypes.Structure):
+    """`Weight4bit` in cpu_kernels.cpp: one 4-bit weight, described once."""
+
+    _fields_ = [("packed", _P), ("absmax_fp32", _P), ("absmax_codes", _P), ("nested", _P), ("dynamic_table", _P),
+                ("offset", _F), ("group", _I64), ("code", _P), ("n", _I64), ("k", _I64), ("blocksize", _I64)]
+
+
 class Matmul4bit:
     """x @ W^T for one 4-bit `QuantizedTensor` W (N x K on CPU, K a multiple of its blocksize): the
-    weight's kernel arguments are prepared once, since decoding calls this per layer per token.
+    weight is described to the kernel once, since decoding calls this per layer per token.
 
     The result is in x's dtype when it is bfloat16 or float32 (else float32), summed in float32. The
     absmax is read as stored: double quantization is undone in the kernel, not in a float32 copy."""
 
     def __init__(self, q):
-        # the tensors the pointers below point into, kept alive by this object
+        # the tensors the descriptor points into, kept alive by this object
         self.q, self.packed = q, q.packed.contiguous()
         self.absmax = q.absmax.contiguous() if q.double_quant else q.absmax.float().contiguous()
         self.nested = q.nested_absmax.contiguous() if q.double_quant else None
-        if q.double_quant:
-            absmax_args = (None, self.absmax.data_ptr(), self.nested.data_ptr(), dynamic_code().data_ptr())
-        else:
-            absmax_args = (self.absmax.data_ptr(), None, None, None)
         self.n, self.k = q.shape
-        self.weight_args = (self.packed.data_ptr(), *absmax_args, q.offset or 0.0, q.nested_blocksize,
-                            code_4bit(q.quant_type).data_ptr(), self.n, q.blocksize)
+        self.weight = _Weight4bit(
+            self.packed.data_ptr(), None if q.double_quant else self.absmax.data_ptr(),
+            self.absmax.data_ptr() if q.double_quant else None, self.nested.data_ptr() if q.double_quant else None,
+            dynamic_code().data_ptr() if q.double_quant else None, q.offset or 0.0, q.nested_blocksize,
+            code_4bit(q.quant_type).data_ptr(), self.n, self.k, q.blocksize)
+        self.weight_ref = ctypes.byref(self.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.k:
             raise ValueError(f"x has {x.shape[-1]} features; the weight takes {self.k}")
-        x2 = x.reshape(-1, self.k)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.k)
         if x2.dtype not in (torch.bfloat16, torch.float32):
             x2 = x2.float()
-        x2 = x2.contiguous()
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
         out = torch.empty(x2.shape[0], self.n, dtype=x2.dtype)
-        kernels().matmul_4bit(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.shape[0], self.k, *self.weight_args,
-                              out.data_ptr(), torch.get_num_threads())
-        return out.view(*x.shape[:-1], self.n)
+        kernels().matmul_4bit(x2.data_ptr(), x2.dtype == torch.bfloat16, x2.shape[0], self.weight_ref, out.data_ptr(),
+                              torch.get_num_threads())
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.n)
 
 
 def matmul_4bit(x: torch.Tensor, q) -> torch.Tensor:

@@ -61,19 +61,44 @@ extern "C" void dequantize_4bit(const uint8_t* packed, const float* absmax, cons
     }
 }
 
-// The absmax of block g: a float32, or with double quantization an 8-bit code of the dynamic table
-// times its group's float32 scale plus the offset (the reference's float_absmax, same rounding).
+// Where a weight's absmax comes from: float32 values, or double quantization's 8-bit codes of the
+// dynamic table, each times its group's float32 scale plus the offset (the reference's float_absmax,
+// same rounding).
 struct Absmax {
-    const float* fp32;      // plain absmax, or NULL
-    const uint8_t* codes;   // double-quantized absmax
-    const float* nested;    // one scale per `group` codes
-    const float* table;     // the 256-entry dynamic code
+    const float* fp32;     // plain absmax, or NULL
+    const uint8_t* codes;  // double-quantized absmax
+    const float* nested;   // one scale per `group` codes
+    const float* table;    // the 256-entry dynamic code
     float offset;
     int64_t group;
-    inline float operator()(int64_t g) const {
-        if (fp32) return fp32[g];
-        float scaled = table[codes[g]] * nested[g / group];
-        return scaled + offset;
+    int group_shift;       // log2(group) where group is a power of two (as bitsandbytes' 256), else -1
+
+    // Blocks [first, first + count) as float32 into out. Vectorized (two gathers per 16 blocks):
+    // decoded one at a time, this took a third of a decoding matmul.
+    inline void row(int64_t first, int64_t count, float* out) const {
+        if (fp32) {
+            memcpy(out, fp32 + first, count * sizeof(float));
+            return;
+        }
+        int64_t i = 0;
+        if (group_shift >= 0) {
+            const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+            for (; i < count; i += 16) {
+                const __mmask16 live = count - i >= 16 ? 0xFFFF : (__mmask16)((1u << (count - i)) - 1);
+                __m512i code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, codes + first + i));
+                __m512 value = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, code, table, 4);
+                const int64_t last = first + i + (count - i >= 16 ? 15 : count - i - 1);
+                __m512 scale;
+                if ((first + i) >> group_shift == last >> group_shift)  // one group: no second gather
+                    scale = _mm512_set1_ps(nested[(first + i) >> group_shift]);
+                else
+                    scale = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, _mm512_srli_epi32(
+                        _mm512_add_epi32(_mm512_set1_epi32((int)(first + i)), lanes), group_shift), nested, 4);
+                _mm512_mask_storeu_ps(out + i, live, _mm512_add_ps(_mm512_mul_ps(value, scale), _mm512_set1_ps(offset)));
+            }
+            return;
+        }
+        for (; i < count; i++) out[i] = table[codes[first + i]] * nested[(first + i) / group] + offset;
     }
 };
 
@@ -81,6 +106,8 @@ struct Absmax {
 template <int R>
 static inline float* rows_times_weight_row(const float* x, int64_t K, const uint8_t* row, const Absmax& absmax,
                                            int64_t first_block, int64_t blocksize, __m512 table, float* sums) {
+    float scales[K / blocksize];
+    absmax.row(first_block, K / blocksize, scales);
     __m512 acc[R];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < K / blocksize; b++) {
@@ -98,7 +125,7 @@ static inline float* rows_times_weight_row(const float* x, int64_t K, const uint
                 part[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * K + k + 16), part[r]);
             }
         }
-        const __m512 scale = _mm512_set1_ps(absmax(first_block + b));
+        const __m512 scale = _mm512_set1_ps(scales[b]);
         for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(part[r], scale, acc[r]);
     }
     for (int r = 0; r < R; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
@@ -134,7 +161,7 @@ static inline float* rows_times_weight_row_bf16(const uint16_t* x, int64_t K, co
         96 / blocksize, 96 / blocksize, 96 / blocksize, 96 / blocksize, 64 / blocksize, 64 / blocksize, 64 / blocksize,
         64 / blocksize, 32 / blocksize, 32 / blocksize, 32 / blocksize, 32 / blocksize, 0, 0, 0, 0);
     float scales[K / blocksize + 16];  // + 16: the step loads 16 floats and uses the first 1 to 4
-    for (int64_t b = 0; b < K / blocksize; b++) scales[b] = absmax(first_block + b);
+    absmax.row(first_block, K / blocksize, scales);
     __m512 acc[R];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 128) {
@@ -192,15 +219,31 @@ static void tile_rows(const X* x, int64_t M, int64_t K, const uint8_t* packed, c
     }
 }
 
+// A 4-bit weight as `Matmul4bit` in cpu.py describes it once (a ctypes Structure, same field order).
+struct Weight4bit {
+    const uint8_t* packed;
+    const float* absmax_fp32;     // plain absmax, or NULL with double quantization:
+    const uint8_t* absmax_codes;  // its 8-bit codes,
+    const float* nested;          // their scales (one per `group` codes),
+    const float* dynamic_table;   // the 256-entry dynamic code
+    float offset;
+    int64_t group;
+    const float* code;            // the 16 values of the 4-bit code
+    int64_t N, K, blocksize;
+};
+
 // out (M x N) = x (M x K) @ W^T for a 4-bit W (N x K), x and out both float32 or both bfloat16, the
 // sums in float32. Each weight is decoded once in registers and used for up to 8 rows of x: for
 // decoding (M = batch), where reading the weights is the whole cost.
-extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, int64_t K, const uint8_t* packed,
-                            const float* absmax_fp32, const uint8_t* absmax_codes, const float* nested,
-                            const float* dynamic_table, float offset, int64_t group, const float* code, int64_t N,
-                            int64_t blocksize, void* out, int threads) {
+extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, const Weight4bit* w, void* out, int threads) {
+    const float* code = w->code;
+    const int64_t N = w->N, K = w->K, blocksize = w->blocksize;
+    const uint8_t* packed = w->packed;
+    int shift = -1;
+    for (int s = 0; s < 31; s++)
+        if ((int64_t)1 << s == w->group) shift = s;
+    const Absmax absmax{w->absmax_fp32, w->absmax_codes, w->nested, w->dynamic_table, w->offset, w->group, shift};
     const __m512 table = _mm512_loadu_ps(code);
-    const Absmax absmax{absmax_fp32, absmax_codes, nested, dynamic_table, offset, group};
 #ifdef __AVX512BF16__
     if (bf16 && K % 128 == 0) {
         uint8_t low[64], high[64];
@@ -263,9 +306,9 @@ extern "C" void matmul_bf16(const uint16_t* x, int64_t M, int64_t K, const uint1
 }
 #endif
 
-// ---- One decoding step's small operations (serve/decoder.py), for batch 1. On two cores each of these
-// is a few microseconds; the PyTorch ops they replace cost 5-10 each, and bf16 attention for one
-// query 100-400 (BENCHMARKS.md).
+// ---- A decoding step's small operations (serve/decoder.py), for batch 1: PyTorch's RMSNorm costs
+// 10-20 us on two cores where this costs one or two, and its bf16 attention for one query 100-400 us
+// per layer, where this one reads the KV cache about as fast as memory allows.
 
 static inline float bf16_to_float(uint16_t b) {
     uint32_t bits = (uint32_t)b << 16;
@@ -288,14 +331,6 @@ extern "C" void rms_norm(const float* x, int64_t K, const float* weight, float e
                             to_bf16(_mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv), _mm512_loadu_ps(weight + k))));
 }
 
-// out (bfloat16) = silu(gate) * up, for bfloat16 gate and up: the MLP's activation.
-extern "C" void silu_mul(const uint16_t* gate, const uint16_t* up, int64_t n, uint16_t* out) {
-    for (int64_t i = 0; i < n; i++) {
-        float g = bf16_to_float(gate[i]);
-        out[i] = bf16_bits(g / (1.0f + expf(-g)) * bf16_to_float(up[i]));
-    }
-}
-
 // Rotary embedding (rotate-half convention, as transformers' Llama) of one head's D values.
 static inline void rope(const uint16_t* in, const float* cos, const float* sin, int64_t D, float* out) {
     const int64_t h = D / 2;
@@ -306,53 +341,50 @@ static inline void rope(const uint16_t* in, const float* cos, const float* sin, 
     }
 }
 
+static inline __m512 load_bf16(const uint16_t* p) {  // 16 bfloat16 values widened to float32
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
 // One query token's attention with a bfloat16 KV cache (Hkv x capacity x D, per layer). q (H x D) and
 // k, v (Hkv x D) are the projections of the new token (bfloat16); the rotary embedding is applied to
 // q and k here, k and v are written at `pos`, and the query attends to positions [start, pos].
-// out (bfloat16, H x D). Heads are shared in groups of H / Hkv (grouped-query attention).
+// out (bfloat16, H x D). Heads are shared in groups of H / Hkv (grouped-query attention). D % 16 == 0,
+// D <= 512.
 extern "C" void decode_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* cos,
                                  const float* sin, uint16_t* k_cache, uint16_t* v_cache, int64_t capacity,
                                  int64_t pos, int64_t start, int64_t H, int64_t Hkv, int64_t D, float scale,
                                  uint16_t* out, int threads) {
     for (int64_t g = 0; g < Hkv; g++) {
-        float kr[512];
-        rope(k + g * D, cos, sin, D, kr);
-        for (int64_t i = 0; i < D; i++) {
-            k_cache[(g * capacity + pos) * D + i] = bf16_bits(kr[i]);
-            v_cache[(g * capacity + pos) * D + i] = v[g * D + i];
-        }
+        float rotated[512];
+        rope(k + g * D, cos, sin, D, rotated);
+        for (int64_t i = 0; i < D; i++) k_cache[(g * capacity + pos) * D + i] = bf16_bits(rotated[i]);
+        memcpy(v_cache + (g * capacity + pos) * D, v + g * D, D * sizeof(uint16_t));
     }
     const int64_t T = pos + 1 - start;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t h = 0; h < H; h++) {
-        const int64_t g = h / (H / Hkv);
-        const uint16_t* keys = k_cache + (g * capacity + start) * D;
-        const uint16_t* values = v_cache + (g * capacity + start) * D;
-        float qr[512];
-        rope(q + h * D, cos, sin, D, qr);
-        std::vector<float> p(T);
-        float top = -INFINITY;
-        for (int64_t t = 0; t < T; t++) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t i = 0; i < D; i += 16) {
-                __m512 kv = _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(keys + t * D + i))), 16));
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i), kv, acc);
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> p(T);  // one buffer per thread, reused across its heads
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t g = h / (H / Hkv);
+            const uint16_t* keys = k_cache + (g * capacity + start) * D;
+            const uint16_t* values = v_cache + (g * capacity + start) * D;
+            float qr[512];
+            rope(q + h * D, cos, sin, D, qr);
+            float top = -INFINITY;
+            for (int64_t t = 0; t < T; t++) {
+                __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qr), load_bf16(keys + t * D));
+                for (int64_t i = 16; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i), load_bf16(keys + t * D + i), acc);
+                p[t] = _mm512_reduce_add_ps(acc) * scale;
+                top = p[t] > top ? p[t] : top;
             }
-            p[t] = _mm512_reduce_add_ps(acc) * scale;
-            top = p[t] > top ? p[t] : top;
-        }
-        float total = 0;
-        for (int64_t t = 0; t < T; t++) total += (p[t] = expf(p[t] - top));
-        float o[512] = {0};
-        for (int64_t t = 0; t < T; t++) {
-            const __m512 w = _mm512_set1_ps(p[t] / total);
-            for (int64_t i = 0; i < D; i += 16) {
-                __m512 vv = _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(values + t * D + i))), 16));
-                _mm512_storeu_ps(o + i, _mm512_fmadd_ps(w, vv, _mm512_loadu_ps(o + i)));
+            float total = 0;
+            for (int64_t t = 0; t < T; t++) total += (p[t] = expf(p[t] - top));
+            for (int64_t i = 0; i < D; i += 16) {  // 16 output values at a time, summed in a register
+                __m512 o = _mm512_setzero_ps();
+                for (int64_t t = 0; t < T; t++) o = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load_bf16(values + t * D + i), o);
+                _mm256_storeu_si256((__m256i*)(out + h * D + i), to_bf16(_mm512_div_ps(o, _mm512_set1_ps(total))));
             }
         }
-        for (int64_t i = 0; i < D; i++) out[h * D + i] = bf16_bits(o[i]);
     }
 }

@@ -169,14 +169,14 @@ class Linear4bit(nn.Module):
         The adapter is added unmerged, with its float32 masters as they are: on CPU these few-token
         products run 3-4x faster in float32 than in bf16 (bf16 calls this small carry tens of
         microseconds of fixed cost), and casting the masters on every call cost more than the products."""
-        x_c = x.to(self.compute_dtype)
+        x_c = x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
         y = matmul(x_c)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if self.lora_A is not None:
             a, b = self.lora_A.float(), self.lora_B.float()  # no copies for float32 masters
             y = (y.float() + ((x_c.float() @ a.t()) @ b.t()) * self.scaling).to(y.dtype)
-        return y.to(x.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         meta = self._quant_meta

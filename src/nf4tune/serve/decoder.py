@@ -4,7 +4,7 @@ A decoded token is a few dozen small operations per layer. Through transformers 
 op with microseconds of fixed cost, and its bf16 attention for one query costs 100-400 us per layer
 on CPU; together they took longer than reading the weights (BENCHMARKS.md). Here a step is, per
 layer: RMSNorm, the q/k/v projections, one native call for rotary + KV-cache write + attention,
-the output projection, RMSNorm, gate/up, SiLU-and-multiply, the down projection. The projections
+the output projection, RMSNorm, gate/up, SiLU times up, the down projection. The projections
 go through each `Linear4bit`'s fused kernel and `fused_forward` (bias and unmerged LoRA included, so
 `AdapterBank` switches apply); norms, rotary and attention are `kernels/cpu_kernels.cpp`. The
 residual stream stays in float32, the KV cache in bfloat16.
@@ -19,12 +19,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..kernels import cpu as native
 from ..layers.linear4bit import Linear4bit
 from .sampling import Sampling, next_token
 
 FAMILIES = ("llama", "mistral", "qwen2")
+# rope types whose angles do not depend on the sequence length (not "dynamic", "longrope")
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -125,6 +128,13 @@ class Decoder:
             self.keys[i, :, length - kept:length] = layer.keys[0]
             self.values[i, :, length - kept:length] = layer.values[0]
         self.position = length
+        rotary = self.model.model.rotary_emb
+        if getattr(rotary, "rope_type", "default") in STATIC_ROPE:  # the same angles whatever the length: one table
+            probe = torch.zeros(1, dtype=torch.float32)
+            cos, sin = rotary(probe, torch.arange(capacity)[None])
+            self.rope_table = (cos[0].contiguous(), sin[0].contiguous())
+        else:
+            self.rope_table = None
         return out.logits[0, -1].float()
 
     @torch.no_grad()
@@ -134,8 +144,11 @@ class Decoder:
         if pos >= self.keys.shape[2]:
             raise ValueError(f"the KV cache holds {self.keys.shape[2]} positions; prefill with a larger capacity")
         x = self.model.get_input_embeddings()(torch.tensor([token])).float()
-        cos, sin = self.model.model.rotary_emb(x, torch.tensor([[pos]]))
-        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        if self.rope_table is not None:
+            cos, sin = self.rope_table[0][pos], self.rope_table[1][pos]
+        else:
+            cos, sin = self.model.model.rotary_emb(x, torch.tensor([[pos]]))
+            cos, sin = cos.float().contiguous(), sin.float().contiguous()
         h = torch.empty(1, self.hidden, dtype=torch.bfloat16)
         attended = torch.empty(1, self.heads * self.head_dim, dtype=torch.bfloat16)
         for i, block in enumerate(self.blocks):
@@ -147,9 +160,7 @@ class Decoder:
                                  self.heads, self.kv_heads, self.head_dim, block.scale, attended.data_ptr(), threads)
             x += self._project(block, "o_proj", attended)
             lib.rms_norm(x.data_ptr(), self.hidden, block.norm2.data_ptr(), block.eps2, h.data_ptr())
-            gate, up = self._project(block, "gate_proj", h).contiguous(), self._project(block, "up_proj", h).contiguous()
-            act = torch.empty_like(gate)
-            lib.silu_mul(gate.data_ptr(), up.data_ptr(), gate.numel(), act.data_ptr())
+            act = F.silu(self._project(block, "gate_proj", h)) * self._project(block, "up_proj", h)
             x += self._project(block, "down_proj", act)
         lib.rms_norm(x.data_ptr(), self.hidden, self.final_norm.data_ptr(), self.final_eps, h.data_ptr())
         self.position += 1
