@@ -80,7 +80,7 @@ def kernels() -> ctypes.CDLL | None:
     if os.environ.get("NF4TUNE_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
         return None
     flags = _cpu_flags()
-    if "avx512f" not in flags:
+    if not {"avx512f", "avx512bw", "avx512vl"} <= flags:  # every AVX-512 CPU since Skylake-SP
         return None
     compiler = _compiler()
     if compiler is None:
@@ -133,6 +133,16 @@ class Matmul4bit:
 
     The result is in x's dtype when it is bfloat16 or float32 (else float32), summed in float32. The
     absmax is read as stored: double quantization is undone in the kernel, not in a float32 copy."""
+
+    @staticmethod
+    def supports(q) -> bool:
+        """Whether the kernel takes this weight: on CPU, rows of whole blocks, power-of-two block sizes."""
+        def power_of_two(n: int) -> bool:
+            return n > 0 and n & (n - 1) == 0
+
+        return (q.packed.device.type == "cpu" and len(q.shape) == 2 and q.shape[1] % q.blocksize == 0
+                and q.blocksize >= 32 and power_of_two(q.blocksize)
+                and (not q.double_quant or power_of_two(q.nested_blocksize)) and kernels() is not None)
 
     def __init__(self, q):
         # the tensors the descriptor points into, kept alive by this object

@@ -1,4 +1,4 @@
-// Hand-vectorized AVX-512 kernels for 4-bit weights on CPU, loaded by native.py through ctypes.
+// Hand-vectorized AVX-512 kernels for 4-bit weights on CPU, loaded by cpu.py through ctypes.
 //
 // Why by hand: a 4-bit code is an index into a 16-entry table, and the one instruction that looks
 // 16 floats up at once (vpermps) is something torch.compile's C++ backend never emits; it falls back
@@ -6,8 +6,9 @@
 // definition: tests hold both kernels to it.
 //
 // Layout (bitsandbytes'): weights are a flat row-major N x K array, two codes per byte, the first
-// element in the high nibble; one float absmax per `blocksize` consecutive elements. The kernels
-// need K % blocksize == 0 (blocks never straddle rows) and blocksize % 32 == 0; native.py checks.
+// element in the high nibble; one float absmax per `blocksize` consecutive elements. Dequantizing
+// needs blocksize % 32 == 0; the matmul also K % blocksize == 0 (blocks never straddle rows) and
+// power-of-two block and nested-block sizes (bitsandbytes' are); cpu.py checks.
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -70,8 +71,7 @@ struct Absmax {
     const float* nested;   // one scale per `group` codes
     const float* table;    // the 256-entry dynamic code
     float offset;
-    int64_t group;
-    int group_shift;       // log2(group) where group is a power of two (as bitsandbytes' 256), else -1
+    int group_shift;       // log2 of the codes per scale (a power of two: bitsandbytes' 256)
 
     // Blocks [first, first + count) as float32 into out. Vectorized (two gathers per 16 blocks):
     // decoded one at a time, this took a third of a decoding matmul.
@@ -80,25 +80,20 @@ struct Absmax {
             memcpy(out, fp32 + first, count * sizeof(float));
             return;
         }
-        int64_t i = 0;
-        if (group_shift >= 0) {
-            const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-            for (; i < count; i += 16) {
-                const __mmask16 live = count - i >= 16 ? 0xFFFF : (__mmask16)((1u << (count - i)) - 1);
-                __m512i code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, codes + first + i));
-                __m512 value = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, code, table, 4);
-                const int64_t last = first + i + (count - i >= 16 ? 15 : count - i - 1);
-                __m512 scale;
-                if ((first + i) >> group_shift == last >> group_shift)  // one group: no second gather
-                    scale = _mm512_set1_ps(nested[(first + i) >> group_shift]);
-                else
-                    scale = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, _mm512_srli_epi32(
-                        _mm512_add_epi32(_mm512_set1_epi32((int)(first + i)), lanes), group_shift), nested, 4);
-                _mm512_mask_storeu_ps(out + i, live, _mm512_add_ps(_mm512_mul_ps(value, scale), _mm512_set1_ps(offset)));
-            }
-            return;
+        const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        for (int64_t i = 0; i < count; i += 16) {
+            const __mmask16 live = count - i >= 16 ? 0xFFFF : (__mmask16)((1u << (count - i)) - 1);
+            __m512i code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, codes + first + i));
+            __m512 value = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, code, table, 4);
+            const int64_t last = first + i + (count - i >= 16 ? 15 : count - i - 1);
+            __m512 scale;
+            if ((first + i) >> group_shift == last >> group_shift)  // one group: no second gather
+                scale = _mm512_set1_ps(nested[(first + i) >> group_shift]);
+            else
+                scale = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, _mm512_srli_epi32(
+                    _mm512_add_epi32(_mm512_set1_epi32((int)(first + i)), lanes), group_shift), nested, 4);
+            _mm512_mask_storeu_ps(out + i, live, _mm512_add_ps(_mm512_mul_ps(value, scale), _mm512_set1_ps(offset)));
         }
-        for (; i < count; i++) out[i] = table[codes[first + i]] * nested[(first + i) / group] + offset;
     }
 };
 
@@ -227,7 +222,7 @@ struct Weight4bit {
     const float* nested;          // their scales (one per `group` codes),
     const float* dynamic_table;   // the 256-entry dynamic code
     float offset;
-    int64_t group;
+    int64_t group;                // a power of two
     const float* code;            // the 16 values of the 4-bit code
     int64_t N, K, blocksize;
 };
@@ -239,10 +234,9 @@ extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, const Weight4
     const float* code = w->code;
     const int64_t N = w->N, K = w->K, blocksize = w->blocksize;
     const uint8_t* packed = w->packed;
-    int shift = -1;
-    for (int s = 0; s < 31; s++)
-        if ((int64_t)1 << s == w->group) shift = s;
-    const Absmax absmax{w->absmax_fp32, w->absmax_codes, w->nested, w->dynamic_table, w->offset, w->group, shift};
+    int shift = 0;
+    while (((int64_t)1 << shift) < w->group) shift++;
+    const Absmax absmax{w->absmax_fp32, w->absmax_codes, w->nested, w->dynamic_table, w->offset, shift};
     const __m512 table = _mm512_loadu_ps(code);
 #ifdef __AVX512BF16__
     if (bf16 && K % 128 == 0) {

@@ -155,12 +155,11 @@ class Linear4bit(nn.Module):
         if plan is not None and plan.q.packed.data_ptr() == packed.data_ptr() and plan.q.absmax is self.weight_absmax:
             return plan if x.device == packed.device else None
         self._decode_plan = None
-        blocksize = self._quant_meta["blocksize"]
         if x.device != packed.device or not packed.is_contiguous():
             return None
         if packed.is_cuda and cuda_kernels.usable(packed.device):
             self._decode_plan = cuda_kernels.Matmul4bit(self.quantized_weight)
-        elif packed.device.type == "cpu" and not (self.in_features % blocksize or blocksize % 32) and native.kernels():
+        elif packed.device.type == "cpu" and native.Matmul4bit.supports(self.quantized_weight):
             self._decode_plan = native.Matmul4bit(self.quantized_weight)
         return self._decode_plan
 
