@@ -85,13 +85,13 @@ class Decoder:
         config = getattr(model, "config", None)
         if getattr(config, "model_type", None) not in FAMILIES:
             return f"it decodes {', '.join(FAMILIES)} models"
+        if any(p.device.type != "cpu" for p in model.parameters()) or any(b.device.type != "cpu" for b in model.buffers()):
+            return "the model is not on the CPU"
         if native.kernels() is None:
             return "the AVX-512 CPU kernels are not available here"
         if config.hidden_act != "silu":
             return f"it needs SiLU MLPs, not {config.hidden_act}"
         layers = model.model.layers
-        if any(p.device.type != "cpu" for p in model.parameters()) or any(b.device.type != "cpu" for b in model.buffers()):
-            return "the model is not on the CPU"
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         if head_dim % 16 or head_dim > 512 or config.hidden_size % 16:
