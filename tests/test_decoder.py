@@ -55,8 +55,8 @@ def test_decoder_is_as_accurate_as_transformers_bf16_forward(tmp_path, arch, ext
         reference = fp32(ids).logits[0, 5:15].double()
         transformers_bf16 = bf16(ids).logits[0, 5:15].double()
     decoder = Decoder(bf16)
-    ours = [decoder.prefill(ids[:, :6], capacity=16)] + [decoder.step(int(t)) for t in ids[0, 6:15]]
-    ours = torch.stack(ours).double()
+    ours = [decoder.prefill(ids[:, :6], capacity=16)] + [decoder.step(t.view(1)) for t in ids[0, 6:15]]
+    ours = torch.cat(ours).double()
     err, hf_err = (ours - reference).abs().max(), (transformers_bf16 - reference).abs().max()
     assert err <= 1.25 * hf_err + 1e-3, (err, hf_err)
 
@@ -67,8 +67,8 @@ def test_greedy_tokens_are_the_reference_argmax_and_the_engine_uses_the_decoder(
     bf16, fp32 = _pair(path, lora=False)
     prompt = torch.randint(4, 100, (1, 7), generator=torch.Generator().manual_seed(1))
     seen = []
-    tokens = Decoder(bf16).generate(prompt, Sampling(max_new_tokens=12), on_token=seen.append)
-    assert seen == tokens and len(tokens) == 12
+    [tokens] = Decoder(bf16).generate(prompt, Sampling(max_new_tokens=12), on_step=seen.append)
+    assert seen == [[t] for t in tokens] and len(tokens) == 12
     with torch.no_grad():
         logits = fp32(torch.cat([prompt, torch.tensor([tokens[:-1]])], 1)).logits[0, 6:].float()
     # each choice is the float32 model's best token, up to bfloat16-level near-ties
@@ -81,7 +81,7 @@ def test_greedy_tokens_are_the_reference_argmax_and_the_engine_uses_the_decoder(
     text = tokenizer.decode(prompt[0])
     reply = engine.submit(Request(text, sampling=Sampling(max_new_tokens=12))).wait(60)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    expected = Decoder(bf16).generate(ids, Sampling(max_new_tokens=12), eos_ids=engine.eos_ids)
+    [expected] = Decoder(bf16).generate(ids, Sampling(max_new_tokens=12), eos_ids=engine.eos_ids)
     assert reply.text == tokenizer.decode(expected, skip_special_tokens=True)
     engine.close()
 
@@ -91,11 +91,11 @@ def test_decoder_stops_at_end_of_sequence_and_refuses_other_models(tmp_path):
     path = build_tiny_checkpoint(tmp_path / "llama", "llama", **SHAPE)
     model, _ = nf4tune.load_model(path, device="cpu", progress=False)
     prompt = torch.randint(4, 100, (1, 5), generator=torch.Generator().manual_seed(2))
-    first = Decoder(model).generate(prompt, Sampling(max_new_tokens=6))
+    [first] = Decoder(model).generate(prompt, Sampling(max_new_tokens=6))
     stop = first[-1]
-    assert Decoder(model).generate(prompt, Sampling(max_new_tokens=6), eos_ids={stop}) == first[:first.index(stop) + 1]
-    with pytest.raises(ValueError, match="one sequence"):
-        Decoder(model).generate(prompt.repeat(2, 1), Sampling())
+    assert Decoder(model).generate(prompt, Sampling(max_new_tokens=6), eos_ids={stop}) == [first[:first.index(stop) + 1]]
+    with pytest.raises(ValueError, match="batch, length"):
+        Decoder(model).generate(prompt[0], Sampling())
 
     gemma = build_tiny_checkpoint(tmp_path / "gemma", "gemma")
     assert "llama" in Decoder.unsupported(nf4tune.load_model(gemma, device="cpu", progress=False)[0])
@@ -135,3 +135,28 @@ def test_sampling_scores_match_transformers_processors(settings):
         assert draws <= set(torch.nonzero(~torch.isinf(expected))[:, 0].tolist())
         again = {next_token(logits, s, seen, torch.Generator().manual_seed(i)) for i in range(50)}
         assert draws == again
+
+
+@needs_kernels
+def test_a_row_decodes_the_same_alone_and_batched_with_a_shorter_padded_one(tmp_path):
+    # a sliding window of 6 over up to 15 positions, left padding, and an adapter: every row's logits
+    # are bit for bit what it gets alone, so batching never changes a reply
+    path = build_tiny_checkpoint(tmp_path / "mistral", "mistral", **SHAPE, sliding_window=6)
+    model, _ = _pair(path, lora=True)
+    gen = torch.Generator().manual_seed(5)
+    long, short = torch.randint(4, 100, (1, 9), generator=gen), torch.randint(4, 100, (1, 4), generator=gen)
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)])
+    mask = torch.cat([torch.ones(1, 9), torch.cat([torch.zeros(1, 5), torch.ones(1, 4)], 1)]).long()
+    follow = torch.randint(4, 100, (6,), generator=gen)
+    decoder = Decoder(model)
+
+    def run(ids, attention_mask=None):
+        logits = [decoder.prefill(ids, 16, attention_mask)]
+        return torch.stack(logits + [decoder.step(t.repeat(ids.shape[0])) for t in follow])
+
+    together = run(batch, mask)
+    assert torch.equal(run(long)[:, 0], together[:, 0])
+    assert torch.equal(run(short)[:, 0], together[:, 1])
+    tokens = decoder.generate(batch, Sampling(max_new_tokens=5), attention_mask=mask)
+    assert tokens == [decoder.generate(long, Sampling(max_new_tokens=5))[0],
+                      decoder.generate(short, Sampling(max_new_tokens=5))[0]]

@@ -63,6 +63,17 @@ def test_matmul_matches_a_float64_product(quant_type, double_quant, shape, block
 
 
 @needs_kernels
+@pytest.mark.parametrize("k", [4, 20, 64, 1024])  # below, across and at multiples of 16 (the vector width)
+def test_float32_matmul_matches_float64_and_is_the_same_for_any_batch(k):
+    gen = torch.Generator().manual_seed(6)
+    x, w = torch.randn(5, k, generator=gen), torch.randn(300, k, generator=gen)
+    got = native.matmul_f32(x, w)
+    ref = x.double() @ w.double().t()
+    assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert all(torch.equal(native.matmul_f32(x[i:i + 1], w)[0], got[i]) for i in range(5))
+
+
+@needs_kernels
 def test_the_layer_decodes_through_the_fused_kernel_with_the_same_result(monkeypatch):
     gen = torch.Generator().manual_seed(4)
     q = nf4tune.quantize(torch.randn(96, 128, generator=gen))

@@ -84,7 +84,7 @@ def test_each_adapter_answers_as_itself_even_when_batched_together(setup):
         t.start()
     for t in threads:
         t.join()
-    assert all(results[(m, i)] == expected[m] for m in expected for i in range(2))
+    assert all(results[(m, i)] == expected[m] for m in expected for i in range(2)), (results, expected)
 
 
 def test_errors_are_json_4xx_and_never_crash_the_server(setup):

@@ -1,9 +1,10 @@
 """The AVX-512 CPU kernels of `cpu_kernels.cpp`: built on first use with the system C++ compiler
 (the one torch.compile also needs), cached, and called through ctypes.
 
-Three kernels: `dequantize_4bit` (bit-exact with `blockwise.dequantize_4bit`), `matmul_4bit`
-(x @ W^T with the 4-bit W decoded in registers, for decoding a few tokens at a time) and, where the
-CPU has AVX512-BF16, `matmul_bf16` (the same for a 16-bit W, for the output head). Where the CPU
+The kernels: `dequantize_4bit` (bit-exact with `blockwise.dequantize_4bit`), `matmul_4bit` (x @ W^T
+with the 4-bit W decoded in registers, for decoding a few tokens at a time), `matmul_f32` (the
+adapters' products while decoding), where the CPU has AVX512-BF16 `matmul_bf16` (for the 16-bit
+output head), and `rms_norm` and `decode_attention` for `serve/decoder.py`. Where the CPU
 lacks AVX-512, no compiler is found or the build fails, `kernels()` returns None (with a warning
 for a failed build) and callers keep the PyTorch paths. NF4TUNE_NATIVE=0 turns the kernels off.
 """
@@ -97,8 +98,9 @@ def kernels() -> ctypes.CDLL | None:
     if hasattr(lib, "matmul_bf16"):  # built where the CPU has AVX512-BF16
         lib.matmul_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _P, _INT]
     lib.matmul_4bit.argtypes = [_P, _INT, _I64, _P, _P, _INT]
-    lib.rms_norm.argtypes = [_P, _I64, _P, _F, _P]
-    lib.decode_attention.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F, _P, _INT]
+    lib.matmul_f32.argtypes = [_P, _I64, _I64, _P, _I64, _P, _INT]
+    lib.rms_norm.argtypes = [_P, _I64, _I64, _P, _F, _P]
+    lib.decode_attention.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _F, _P, _INT]
     return lib
 
 
@@ -174,6 +176,16 @@ class Matmul4bit:
 def matmul_4bit(x: torch.Tensor, q) -> torch.Tensor:
     """x (..., K) @ W^T for a 4-bit `QuantizedTensor` W; see `Matmul4bit`."""
     return Matmul4bit(q)(x)
+
+
+def matmul_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ weight^T (weight N x K), both float32 on CPU, each output summed in an order that does
+    not depend on M (for decoding a batch exactly as its rows alone)."""
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    kernels().matmul_f32(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), weight.shape[0], out.data_ptr(),
+                         torch.get_num_threads())
+    return out
 
 
 def supports_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -300,7 +300,27 @@ extern "C" void matmul_bf16(const uint16_t* x, int64_t M, int64_t K, const uint1
 }
 #endif
 
-// ---- A decoding step's small operations (serve/decoder.py), for batch 1: PyTorch's RMSNorm costs
+// out (M x N, float32) = x (M x K) @ W^T for float32 x and W: the unmerged LoRA products while
+// decoding. Every output is one dot product summed in the same order whatever M is, so a sequence's
+// result does not depend on what it is batched with (PyTorch's matrix-vector and matrix-matrix
+// paths round differently).
+extern "C" void matmul_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* out, int threads) {
+    const __mmask16 tail = (__mmask16)((1u << (K % 16)) - 1);
+#pragma omp parallel for num_threads(threads) schedule(static) if (M * N * K > 65536)
+    for (int64_t n = 0; n < N; n++) {
+        const float* wn = w + n * K;
+        for (int64_t m = 0; m < M; m++) {
+            const float* xm = x + m * K;
+            __m512 acc = _mm512_setzero_ps();
+            int64_t k = 0;
+            for (; k + 16 <= K; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(xm + k), _mm512_loadu_ps(wn + k), acc);
+            if (tail) acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, xm + k), _mm512_maskz_loadu_ps(tail, wn + k), acc);
+            out[m * N + n] = _mm512_reduce_add_ps(acc);
+        }
+    }
+}
+
+// ---- A decoding step's small operations (serve/decoder.py): PyTorch's RMSNorm costs
 // 10-20 us on two cores where this costs one or two, and its bf16 attention for one query 100-400 us
 // per layer, where this one reads the KV cache about as fast as memory allows.
 
@@ -311,18 +331,20 @@ static inline float bf16_to_float(uint16_t b) {
     return f;
 }
 
-// out (bfloat16, K) = x (float32, K) / sqrt(mean(x^2) + eps) * weight (float32): RMSNorm as Llama's,
-// with the residual stream kept in float32.
-extern "C" void rms_norm(const float* x, int64_t K, const float* weight, float eps, uint16_t* out) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-        __m512 v = _mm512_loadu_ps(x + k);
-        acc = _mm512_fmadd_ps(v, v, acc);
+// out (bfloat16, M x K) = x (float32, M x K) / sqrt(mean(x^2) + eps) * weight (float32, K), row by
+// row: RMSNorm as Llama's, with the residual stream kept in float32.
+extern "C" void rms_norm(const float* x, int64_t M, int64_t K, const float* weight, float eps, uint16_t* out) {
+    for (int64_t m = 0; m < M; m++, x += K, out += K) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512 v = _mm512_loadu_ps(x + k);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / K + eps));
+        for (int64_t k = 0; k < K; k += 16)
+            _mm256_storeu_si256((__m256i*)(out + k), to_bf16(_mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv),
+                                                                           _mm512_loadu_ps(weight + k))));
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / K + eps));
-    for (int64_t k = 0; k < K; k += 16)
-        _mm256_storeu_si256((__m256i*)(out + k),
-                            to_bf16(_mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv), _mm512_loadu_ps(weight + k))));
 }
 
 // Rotary embedding (rotate-half convention, as transformers' Llama) of one head's D values.
@@ -339,32 +361,33 @@ static inline __m512 load_bf16(const uint16_t* p) {  // 16 bfloat16 values widen
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-// One query token's attention with a bfloat16 KV cache (Hkv x capacity x D, per layer). q (H x D) and
-// k, v (Hkv x D) are the projections of the new token (bfloat16); the rotary embedding is applied to
-// q and k here, k and v are written at `pos`, and the query attends to positions [start, pos].
-// out (bfloat16, H x D). Heads are shared in groups of H / Hkv (grouped-query attention). D % 16 == 0,
-// D <= 512.
+// One new token's attention for each of B sequences, with a bfloat16 KV cache (B x Hkv x capacity x D,
+// per layer). q (B x H x D) and k, v (B x Hkv x D) are the new tokens' projections (bfloat16); the
+// rotary embedding (cos, sin: B x D, each sequence at its own position) is applied to q and k here,
+// k and v are written at cache slot `pos`, and sequence b attends to slots [start[b], pos] (start
+// skips left padding and what a sliding window has left behind). out (bfloat16, B x H x D). Heads
+// are shared in groups of H / Hkv (grouped-query attention). D % 16 == 0, D <= 512.
 extern "C" void decode_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* cos,
                                  const float* sin, uint16_t* k_cache, uint16_t* v_cache, int64_t capacity,
-                                 int64_t pos, int64_t start, int64_t H, int64_t Hkv, int64_t D, float scale,
-                                 uint16_t* out, int threads) {
-    for (int64_t g = 0; g < Hkv; g++) {
+                                 int64_t pos, const int64_t* start, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                                 float scale, uint16_t* out, int threads) {
+    for (int64_t bg = 0; bg < B * Hkv; bg++) {  // bg: sequence b = bg / Hkv, KV head g = bg % Hkv
+        const int64_t b = bg / Hkv;
         float rotated[512];
-        rope(k + g * D, cos, sin, D, rotated);
-        for (int64_t i = 0; i < D; i++) k_cache[(g * capacity + pos) * D + i] = bf16_bits(rotated[i]);
-        memcpy(v_cache + (g * capacity + pos) * D, v + g * D, D * sizeof(uint16_t));
+        rope(k + bg * D, cos + b * D, sin + b * D, D, rotated);
+        for (int64_t i = 0; i < D; i++) k_cache[(bg * capacity + pos) * D + i] = bf16_bits(rotated[i]);
+        memcpy(v_cache + (bg * capacity + pos) * D, v + bg * D, D * sizeof(uint16_t));
     }
-    const int64_t T = pos + 1 - start;
 #pragma omp parallel num_threads(threads)
     {
-        std::vector<float> p(T);  // one buffer per thread, reused across its heads
+        std::vector<float> p(pos + 1);  // one buffer per thread, reused across its heads
 #pragma omp for schedule(static)
-        for (int64_t h = 0; h < H; h++) {
-            const int64_t g = h / (H / Hkv);
-            const uint16_t* keys = k_cache + (g * capacity + start) * D;
-            const uint16_t* values = v_cache + (g * capacity + start) * D;
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t b = bh / H, kv = b * Hkv + (bh % H) / (H / Hkv), first = start[b], T = pos + 1 - first;
+            const uint16_t* keys = k_cache + (kv * capacity + first) * D;
+            const uint16_t* values = v_cache + (kv * capacity + first) * D;
             float qr[512];
-            rope(q + h * D, cos, sin, D, qr);
+            rope(q + bh * D, cos + b * D, sin + b * D, D, qr);
             float top = -INFINITY;
             for (int64_t t = 0; t < T; t++) {
                 __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qr), load_bf16(keys + t * D));
@@ -377,7 +400,7 @@ extern "C" void decode_attention(const uint16_t* q, const uint16_t* k, const uin
             for (int64_t i = 0; i < D; i += 16) {  // 16 output values at a time, summed in a register
                 __m512 o = _mm512_setzero_ps();
                 for (int64_t t = 0; t < T; t++) o = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load_bf16(values + t * D + i), o);
-                _mm256_storeu_si256((__m256i*)(out + h * D + i), to_bf16(_mm512_div_ps(o, _mm512_set1_ps(total))));
+                _mm256_storeu_si256((__m256i*)(out + bh * D + i), to_bf16(_mm512_div_ps(o, _mm512_set1_ps(total))));
             }
         }
     }

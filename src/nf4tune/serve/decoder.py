@@ -1,4 +1,5 @@
-"""`Decoder`: batch-1 decoding of a 4-bit Llama-family model on CPU, without transformers' forward.
+"""`Decoder`: decoding of a 4-bit Llama-family model on CPU, one or a few sequences at a time,
+without transformers' forward.
 
 A decoded token is a few dozen small operations per layer. Through transformers each is a PyTorch
 op with microseconds of fixed cost, and its bf16 attention for one query costs 100-400 us per layer
@@ -9,8 +10,8 @@ go through each `Linear4bit`'s fused kernel and `fused_forward` (bias and unmerg
 `AdapterBank` switches apply); norms, rotary and attention are `kernels/cpu_kernels.cpp`. The
 residual stream stays in float32, the KV cache in bfloat16.
 
-The prompt is prefilled by the model's own forward (compute-bound, where its GEMMs are fast); its
-KV cache is then copied into the decoder's. `Decoder.unsupported(model)` says why a model cannot
+Each prompt is prefilled by the model's own forward (compute-bound, where its GEMMs are fast); the
+KV caches are copied into the decoder's, right-aligned, and each row attends from its first token on. `Decoder.unsupported(model)` says why a model cannot
 use it (another family or device, no AVX-512); callers then keep `generate`.
 """
 
@@ -57,10 +58,11 @@ class _Block:
 
 
 class Decoder:
-    """Greedy or sampled batch-1 decoding with a KV cache for a 4-bit model (see the module doc).
+    """Greedy or sampled decoding with a KV cache for a 4-bit model, one or a few sequences at a
+    time (see the module doc).
 
         decoder = Decoder(model)
-        tokens = decoder.generate(input_ids, Sampling(max_new_tokens=64), eos_ids={2})
+        [tokens] = decoder.generate(input_ids, Sampling(max_new_tokens=64), eos_ids={2})
     """
 
     def __init__(self, model):
@@ -112,80 +114,109 @@ class Decoder:
         return module.fused_forward(x, matmul)
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, capacity: int) -> torch.Tensor:
-        """Run the prompt (1, T) through the model's forward, keep its KV cache in a cache with room
-        for `capacity` positions, and return the last position's logits (vocab,) in float32."""
+    def prefill(self, input_ids: torch.Tensor, capacity: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the prompts (B, T; left-padded where `attention_mask` has zeros) through the model's
+        forward, keep their KV cache in a cache with room for `capacity` positions, and return each
+        row's last logits (B, vocab) in float32."""
         from transformers import DynamicCache
 
-        length = input_ids.shape[1]
-        cache = DynamicCache(config=self.config)
-        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        shape = (len(self.blocks), self.kv_heads, capacity, self.head_dim)
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        shape = (len(self.blocks), batch, self.kv_heads, capacity, self.head_dim)
         self.keys = torch.zeros(shape, dtype=torch.bfloat16)
         self.values = torch.zeros(shape, dtype=torch.bfloat16)
-        for i, layer in enumerate(out.past_key_values.layers):
-            kept = layer.keys.shape[-2]  # sliding-window layers keep only their window
-            self.keys[i, :, length - kept:length] = layer.keys[0]
-            self.values[i, :, length - kept:length] = layer.values[0]
-        self.position = length
+        # Each prompt alone, its cache right-aligned at slot `length`: a row's tokens do not depend on
+        # what it is batched with (a padded batch's GEMMs round differently), and no padding is computed.
+        lengths, logits = attention_mask.sum(-1), []
+        for row in range(batch):
+            prompt = input_ids[row, attention_mask[row].bool()][None]
+            cache = DynamicCache(config=self.config)
+            out = self.model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits.append(out.logits[0, -1].float())
+            for i, layer in enumerate(out.past_key_values.layers):
+                kept = layer.keys.shape[-2]  # sliding-window layers keep only their window
+                self.keys[i, row, :, length - kept:length] = layer.keys[0]
+                self.values[i, row, :, length - kept:length] = layer.values[0]
+        self.slot = length  # where the next token's keys go, the same for every row
+        self.padding = length - lengths  # rows' first slots
+        self.positions = lengths.clone()  # rows' next rotary positions
         rotary = self.model.model.rotary_emb
         if getattr(rotary, "rope_type", "default") in STATIC_ROPE:  # the same angles whatever the length: one table
-            probe = torch.zeros(1, dtype=torch.float32)
-            cos, sin = rotary(probe, torch.arange(capacity)[None])
-            self.rope_table = (cos[0].contiguous(), sin[0].contiguous())
+            cos, sin = rotary(torch.zeros(1), torch.arange(capacity)[None])
+            self.rope_table = (cos[0], sin[0])
         else:
             self.rope_table = None
-        return out.logits[0, -1].float()
+        return torch.stack(logits)
+
+    def _rope(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (B, head_dim), float32, at each row's next position."""
+        if self.rope_table is not None:
+            return self.rope_table[0][self.positions].contiguous(), self.rope_table[1][self.positions].contiguous()
+        cos, sin = self.model.model.rotary_emb(x, self.positions[:, None])
+        return cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()
 
     @torch.no_grad()
-    def step(self, token: int) -> torch.Tensor:
-        """Feed one token at the next position; return its logits (vocab,) in float32."""
-        pos, lib, threads = self.position, self.lib, torch.get_num_threads()
-        if pos >= self.keys.shape[2]:
-            raise ValueError(f"the KV cache holds {self.keys.shape[2]} positions; prefill with a larger capacity")
-        x = self.model.get_input_embeddings()(torch.tensor([token])).float()
-        if self.rope_table is not None:
-            cos, sin = self.rope_table[0][pos], self.rope_table[1][pos]
-        else:
-            cos, sin = self.model.model.rotary_emb(x, torch.tensor([[pos]]))
-            cos, sin = cos.float().contiguous(), sin.float().contiguous()
-        h = torch.empty(1, self.hidden, dtype=torch.bfloat16)
-        attended = torch.empty(1, self.heads * self.head_dim, dtype=torch.bfloat16)
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each row its next token (B,); return their logits (B, vocab) in float32."""
+        slot, lib, threads = self.slot, self.lib, torch.get_num_threads()
+        if slot >= self.keys.shape[3]:
+            raise ValueError(f"the KV cache holds {self.keys.shape[3]} positions; prefill with a larger capacity")
+        batch = tokens.shape[0]
+        x = self.model.get_input_embeddings()(tokens).float()
+        cos, sin = self._rope(x)
+        starts = {w: self.padding if w is None else self.padding.clamp(min=slot + 1 - w)
+                  for w in {block.window for block in self.blocks}}
+        h = torch.empty(batch, self.hidden, dtype=torch.bfloat16)
+        attended = torch.empty(batch, self.heads * self.head_dim, dtype=torch.bfloat16)
         for i, block in enumerate(self.blocks):
-            lib.rms_norm(x.data_ptr(), self.hidden, block.norm1.data_ptr(), block.eps1, h.data_ptr())
+            lib.rms_norm(x.data_ptr(), batch, self.hidden, block.norm1.data_ptr(), block.eps1, h.data_ptr())
             q, k, v = (self._project(block, name, h).contiguous() for name in PROJECTIONS[:3])
-            start = 0 if block.window is None else max(0, pos + 1 - block.window)
             lib.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                 self.keys[i].data_ptr(), self.values[i].data_ptr(), self.keys.shape[2], pos, start,
-                                 self.heads, self.kv_heads, self.head_dim, block.scale, attended.data_ptr(), threads)
+                                 self.keys[i].data_ptr(), self.values[i].data_ptr(), self.keys.shape[3], slot,
+                                 starts[block.window].data_ptr(), batch, self.heads, self.kv_heads, self.head_dim,
+                                 block.scale, attended.data_ptr(), threads)
             x += self._project(block, "o_proj", attended)
-            lib.rms_norm(x.data_ptr(), self.hidden, block.norm2.data_ptr(), block.eps2, h.data_ptr())
+            lib.rms_norm(x.data_ptr(), batch, self.hidden, block.norm2.data_ptr(), block.eps2, h.data_ptr())
             act = F.silu(self._project(block, "gate_proj", h)) * self._project(block, "up_proj", h)
             x += self._project(block, "down_proj", act)
-        lib.rms_norm(x.data_ptr(), self.hidden, self.final_norm.data_ptr(), self.final_eps, h.data_ptr())
-        self.position += 1
-        return self.model.get_output_embeddings()(h)[0].float()
+        lib.rms_norm(x.data_ptr(), batch, self.hidden, self.final_norm.data_ptr(), self.final_eps, h.data_ptr())
+        self.slot += 1
+        self.positions += 1
+        return self.model.get_output_embeddings()(h).float()
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, sampling: Sampling, eos_ids: set[int] = frozenset(),
-                 on_token: Callable[[int], None] | None = None) -> list[int]:
-        """Up to `sampling.max_new_tokens` tokens after the prompt `input_ids` (1, T), stopping after an
-        end-of-sequence token; `on_token` sees each token as it is chosen."""
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"Decoder decodes one sequence at a time; got input_ids of shape {list(input_ids.shape)}")
+                 attention_mask: torch.Tensor | None = None,
+                 on_step: Callable[[list[int]], None] | None = None) -> list[list[int]]:
+        """Up to `sampling.max_new_tokens` tokens after each prompt of `input_ids` (B, T; left-padded
+        where `attention_mask` has zeros), each row stopping after an end-of-sequence token. `on_step`
+        sees each step's tokens, one per row (rows that have stopped repeat their last token)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length); got shape {list(input_ids.shape)}")
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator().manual_seed(sampling.seed)
-        seen = input_ids[0].tolist()
-        logits = self.prefill(input_ids, input_ids.shape[1] + sampling.max_new_tokens)
-        tokens: list[int] = []
+        rows = input_ids.shape[0]
+        seen = [ids[mask.bool()].tolist() for ids, mask in
+                zip(input_ids, attention_mask if attention_mask is not None else torch.ones_like(input_ids))]
+        logits = self.prefill(input_ids, input_ids.shape[1] + sampling.max_new_tokens, attention_mask)
+        out: list[list[int]] = [[] for _ in range(rows)]
+        done = [False] * rows
         while True:
-            penalized = torch.tensor(seen) if sampling.repetition_penalty != 1.0 else None
-            token = next_token(logits, sampling, penalized, generator)
-            tokens.append(token)
-            seen.append(token)
-            if on_token is not None:
-                on_token(token)
-            if token in eos_ids or len(tokens) >= sampling.max_new_tokens:
-                return tokens
-            logits = self.step(token)
+            step = []
+            for row in range(rows):
+                if done[row]:
+                    step.append(out[row][-1])
+                    continue
+                penalized = torch.tensor(seen[row]) if sampling.repetition_penalty != 1.0 else None
+                token = next_token(logits[row], sampling, penalized, generator)
+                out[row].append(token)
+                seen[row].append(token)
+                done[row] = token in eos_ids or len(out[row]) >= sampling.max_new_tokens
+                step.append(token)
+            if on_step is not None:
+                on_step(step)
+            if all(done):
+                return out
+            logits = self.step(torch.tensor(step))

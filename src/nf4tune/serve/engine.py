@@ -2,8 +2,9 @@
 
 Requests wait in a bounded queue; a worker thread takes the oldest and, with it, every waiting
 request that uses the same adapter and sampling settings (up to `max_batch`), generates them as one
-left-padded batch with the KV cache, and streams each request's text as its tokens arrive. A full
-queue refuses new requests at once (the server answers 429) instead of running out of memory.
+left-padded batch with the KV cache (through `decoder.Decoder` where the model allows, else
+transformers' `generate`), and streams each request's text as its tokens arrive. A full queue
+refuses new requests at once (the server answers 429) instead of running out of memory.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class Engine:
                  max_queue: int = 64):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.bank = AdapterBank(model, adapters or {}) if adapters else None
-        # a single request decodes through the lean CPU decoder where the model allows, else generate()
+        # the lean CPU decoder where the model allows, else generate()
         self.decoder = Decoder(model) if Decoder.unsupported(model) is None else None
         self.max_batch, self.max_queue = max_batch, max_queue
         if tokenizer.pad_token_id is None:
@@ -192,9 +193,10 @@ class Engine:
         for r, mask in zip(batch, enc["attention_mask"]):
             r.prompt_tokens = int(mask.sum())
         streamer = _BatchStreamer(self, batch)
-        if self.decoder is not None and len(batch) == 1:
+        if self.decoder is not None:
             streamer.put(enc["input_ids"])
-            self.decoder.generate(enc["input_ids"], s, self.eos_ids, on_token=lambda t: streamer.put(torch.tensor([t])))
+            self.decoder.generate(enc["input_ids"], s, self.eos_ids, attention_mask=enc["attention_mask"],
+                                  on_step=lambda tokens: streamer.put(torch.tensor(tokens)))
             streamer.end()
             return
         if s.seed is not None:
