@@ -93,6 +93,8 @@ def test_errors_are_json_4xx_and_never_crash_the_server(setup):
         openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="empty"):
+        client.completions.create(model="tiny", prompt="", max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=-1)
     host, port = server.address

@@ -138,6 +138,8 @@ class Engine:
     def submit(self, request: Request) -> Request:
         """Queue a request; raises QueueFull when `max_queue` requests are already waiting."""
         request.sampling.check()
+        if not request.prompt:
+            raise Nf4tuneError("the prompt is empty; give the model some text to continue.")
         if request.adapter is not None and request.adapter not in self.adapter_names:
             raise Nf4tuneError(f"no adapter named {request.adapter!r}.")
         with self._lock:
