@@ -159,3 +159,33 @@ def test_chat_command_streams_and_obeys_its_commands(setup, monkeypatch, capsys)
     assert main(["chat", str(base), "--temperature", "0", "--max-new-tokens", "5", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.count("assistant: ") == 2 and "(system prompt set)" in out and "(conversation reset)" in out
+
+
+def test_streamed_pieces_add_up_to_the_whole_decode_with_multibyte_characters():
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from nf4tune.serve.engine import _BatchStreamer
+
+    # a byte-level BPE small enough that accented letters, CJK and emoji span several tokens
+    text = "héllo wörld, 世界! naïve café 🙂 — ok. " * 3
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=280, special_tokens=["</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some tokens are parts of characters
+    request = Request("unused", sampling=Sampling(max_new_tokens=len(ids)))
+    streamer = _BatchStreamer(SimpleNamespace(tokenizer=tokenizer, eos_ids={tokenizer.eos_token_id}), [request])
+    streamer.put(torch.tensor([[0]]))  # the prompt
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+    streamer.end()
+    request.deltas.put(None)
+    pieces = list(request.stream())
+    assert "".join(pieces) == request.text == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces) and len(pieces) > len(text) // 4
+    assert request.completion_tokens == len(ids) and request.finish_reason == "length"

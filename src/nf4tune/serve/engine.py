@@ -71,11 +71,17 @@ class Request:
 
 
 class _BatchStreamer(BaseStreamer):
-    """Routes the tokens generate() produces for a batch to each request, as text."""
+    """Routes the tokens generate() produces for a batch to each request, as text.
+
+    Text is decoded incrementally (as text-generation-inference does): each new token's text is the
+    decode of a short window ending in it minus the decode of the window without it, so a step costs
+    the same at token 10 as at token 2000; a window ending inside a multi-byte character waits for
+    the rest of its bytes."""
 
     def __init__(self, engine: "Engine", requests: list[Request]):
         self.engine, self.requests = engine, requests
         self.ids: list[list[int]] = [[] for _ in requests]
+        self.windows = [(0, 0)] * len(requests)  # per row: where the window starts, where its new tokens start
         self.finished = [False] * len(requests)
         self.prompt_seen = False
 
@@ -83,23 +89,25 @@ class _BatchStreamer(BaseStreamer):
         if not self.prompt_seen:  # generate() first passes the prompts
             self.prompt_seen = True
             return
-        eos = self.engine.eos_ids
+        eos, decode = self.engine.eos_ids, self.engine.tokenizer.decode
         for row, token in enumerate(value.view(-1).tolist()):
-            request = self.requests[row]
+            request, ids = self.requests[row], self.ids[row]
             if self.finished[row]:
                 continue
             if token in eos:
                 self.finished[row], request.finish_reason = True, "stop"
                 continue
-            self.ids[row].append(token)
-            text = self.engine.tokenizer.decode(self.ids[row], skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete character: wait for the rest of its bytes
-                continue
-            delta, request.text = text[len(request.text):], text
-            request.completion_tokens = len(self.ids[row])
-            if delta:
+            ids.append(token)
+            request.completion_tokens = len(ids)
+            start, new = self.windows[row]
+            before = decode(ids[start:new], skip_special_tokens=True)
+            after = decode(ids[start:], skip_special_tokens=True)
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                delta = after[len(before):]
+                self.windows[row] = (new, len(ids))
+                request.text += delta
                 request.deltas.put(delta)
-            if len(self.ids[row]) >= request.sampling.max_new_tokens:
+            if len(ids) >= request.sampling.max_new_tokens:
                 self.finished[row], request.finish_reason = True, "length"
 
     def end(self) -> None:
