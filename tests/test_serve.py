@@ -3,8 +3,10 @@
 import http.client
 import io
 import json
+import os
 import shutil
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -161,6 +163,29 @@ def test_chat_command_streams_and_obeys_its_commands(setup, monkeypatch, capsys)
     assert out.count("assistant: ") == 2 and "(system prompt set)" in out and "(conversation reset)" in out
 
 
+def test_the_chat_process_exits_cleanly(setup):
+    # the engine's worker thread used to outlive main(); the process then aborted at exit
+    # ("terminate called without an active exception"), every time with the PyTorch paths
+    root, base, engine, server, client = setup
+    for native in ("0", "1"):
+        done = subprocess.run([sys.executable, "-m", "nf4tune.cli.main", "chat", str(base), "--temperature", "0",
+                               "--max-new-tokens", "4", "--device", "cpu"], input="Hello\n/exit\n", text=True,
+                              capture_output=True, timeout=300, env={**os.environ, "NF4TUNE_NATIVE": native})
+        assert done.returncode == 0 and "assistant: " in done.stdout, done.stderr[-500:]
+
+
+def test_closing_the_engine_ends_a_reply_at_its_next_token(setup):
+    root, base, engine, server, client = setup
+    model, tokenizer = nf4tune.load_model(base, device="cpu", progress=False)
+    own = Engine(model, tokenizer)
+    own.eos_ids = set()  # nothing ends the reply early
+    request = own.submit(Request("Once upon a time", sampling=Sampling(max_new_tokens=4000)))
+    next(request.stream())  # it is generating
+    own.close()
+    assert request.wait(10).done.is_set() and "closed" in request.error
+    assert 0 < request.completion_tokens < 4000 and not own._worker.is_alive()
+
+
 def test_streamed_pieces_add_up_to_the_whole_decode_with_multibyte_characters():
     from types import SimpleNamespace
 
@@ -179,7 +204,8 @@ def test_streamed_pieces_add_up_to_the_whole_decode_with_multibyte_characters():
     ids = tokenizer(text, add_special_tokens=False).input_ids
     assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some tokens are parts of characters
     request = Request("unused", sampling=Sampling(max_new_tokens=len(ids)))
-    streamer = _BatchStreamer(SimpleNamespace(tokenizer=tokenizer, eos_ids={tokenizer.eos_token_id}), [request])
+    streamer = _BatchStreamer(SimpleNamespace(tokenizer=tokenizer, eos_ids={tokenizer.eos_token_id}, closed=False),
+                              [request])
     streamer.put(torch.tensor([[0]]))  # the prompt
     for token in ids:
         streamer.put(torch.tensor([token]))

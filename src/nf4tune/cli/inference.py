@@ -87,29 +87,31 @@ def run_chat(args) -> int:
     sampling = _sampling(args)
     system, history = args.system, []
     print("nf4tune chat: /reset, /system TEXT, /exit", file=sys.stderr)
-    for line in sys.stdin:
-        text = line.rstrip("\n")
-        if text.strip() in ("/exit", "/quit"):
-            break
-        if text.strip() == "/reset":
-            history = []
-            print("(conversation reset)", flush=True)
-            continue
-        if text.startswith("/system"):
-            system = text[len("/system"):].strip() or None
-            print(f"(system prompt {'set' if system else 'cleared'})", flush=True)
-            continue
-        if not text.strip():
-            continue
-        history.append({"role": "user", "content": text})
-        messages = ([{"role": "system", "content": system}] if system else []) + history
-        request = engine.submit(Request(render_chat(engine.tokenizer, messages, args.format), sampling=sampling))
-        print("assistant: ", end="", flush=True)
-        for piece in request.stream():
-            print(piece, end="", flush=True)
-        print(flush=True)
-        history.append({"role": "assistant", "content": request.wait().text})
-    engine.close()
+    try:
+        for line in sys.stdin:
+            text = line.rstrip("\n")
+            if text.strip() in ("/exit", "/quit"):
+                break
+            if text.strip() == "/reset":
+                history = []
+                print("(conversation reset)", flush=True)
+                continue
+            if text.startswith("/system"):
+                system = text[len("/system"):].strip() or None
+                print(f"(system prompt {'set' if system else 'cleared'})", flush=True)
+                continue
+            if not text.strip():
+                continue
+            history.append({"role": "user", "content": text})
+            messages = ([{"role": "system", "content": system}] if system else []) + history
+            request = engine.submit(Request(render_chat(engine.tokenizer, messages, args.format), sampling=sampling))
+            print("assistant: ", end="", flush=True)
+            for piece in request.stream():
+                print(piece, end="", flush=True)
+            print(flush=True)
+            history.append({"role": "assistant", "content": request.wait().text})
+    finally:
+        engine.close()
     return 0
 
 
@@ -140,14 +142,16 @@ def run_generate(args) -> int:
                                       render_chat(engine.tokenizer, row["messages"], args.format), sampling=sampling))
                 for row in rows]
     out = Path(args.out)
-    with out.open("w", encoding="utf-8") as f, tqdm(total=len(rows), desc="generating", unit="prompt") as bar:
-        for row, request in zip(rows, requests):
-            request.wait()
-            if request.error:
-                raise Nf4tuneError(request.error)
-            f.write(json.dumps({**row, "completion": request.text, "finish_reason": request.finish_reason}) + "\n")
-            bar.update(1)
-    engine.close()
+    try:
+        with out.open("w", encoding="utf-8") as f, tqdm(total=len(rows), desc="generating", unit="prompt") as bar:
+            for row, request in zip(rows, requests):
+                request.wait()
+                if request.error:
+                    raise Nf4tuneError(request.error)
+                f.write(json.dumps({**row, "completion": request.text, "finish_reason": request.finish_reason}) + "\n")
+                bar.update(1)
+    finally:
+        engine.close()
     print(f"wrote {len(rows)} completions to {out}")
     return 0
 

@@ -89,6 +89,8 @@ class _BatchStreamer(BaseStreamer):
         if not self.prompt_seen:  # generate() first passes the prompts
             self.prompt_seen = True
             return
+        if self.engine.closed:  # stop mid-reply: the process is leaving (Ctrl-C, shutdown)
+            raise Nf4tuneError("the engine was closed during generation.")
         eos, decode = self.engine.eos_ids, self.engine.tokenizer.decode
         for row, token in enumerate(value.view(-1).tolist()):
             request, ids = self.requests[row], self.ids[row]
@@ -161,10 +163,19 @@ class Engine:
         """Submit one prompt and wait for it."""
         return self.submit(Request(prompt, adapter, Sampling(**sampling))).wait()
 
-    def close(self) -> None:
+    @property
+    def closed(self) -> bool:
+        return self._stopped
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop: the batch being generated ends at its next token, and the worker thread is waited for
+        (up to `timeout` s): a process that exits while that thread still runs PyTorch can abort."""
         with self._lock:
             self._stopped = True
             self._lock.notify_all()
+        self.gate.set()
+        if self._worker is not threading.current_thread():
+            self._worker.join(timeout)
 
     def _take_batch(self) -> list[Request]:
         with self._lock:
