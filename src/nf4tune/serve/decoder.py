@@ -124,8 +124,8 @@ class Decoder:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         shape = (len(self.blocks), batch, self.kv_heads, capacity, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=torch.bfloat16)
-        self.values = torch.zeros(shape, dtype=torch.bfloat16)
+        self.keys = torch.empty(shape, dtype=torch.bfloat16)  # slots before a row's first are never read
+        self.values = torch.empty(shape, dtype=torch.bfloat16)
         # Each prompt alone, its cache right-aligned at slot `length`: a row's tokens do not depend on
         # what it is batched with (a padded batch's GEMMs round differently), and no padding is computed.
         lengths, logits = attention_mask.sum(-1), []
