@@ -1,7 +1,7 @@
 """Batch-1 decoding and prefill speed with 4-bit weights: nf4tune vs transformers + bitsandbytes.
 
     python benchmarks/decode_speed.py [--new-tokens 32] [--prompt 128] [--rounds 3] [--lora-r 0]
-                                      [--shape small|7b] [--device cpu|cuda] [--sides ...]
+                                      [--shape small|7b] [--device cpu|cuda] [--sides ...] [--batch 1]
 
 --shape small: the ~170M-parameter Llama of the training benchmarks (hidden 1024, 8 layers, vocab
 32000); --shape 7b: LLaMA-7B's shapes (hidden 4096, 32 layers, intermediate 11008), random bf16
@@ -109,7 +109,7 @@ def run_side(side: str, path: Path, args) -> dict:
             model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=16, lora_dropout=0.0,
                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
     model.eval()
-    ids = torch.randint(0, 32000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).to(args.device)
+    ids = torch.randint(0, 32000, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)).to(args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     decoder = None
@@ -135,7 +135,7 @@ def run_side(side: str, path: Path, args) -> dict:
     timed(2)  # warm-up
     prefill = min(timed(1) for _ in range(3))
     total = timed(args.new_tokens)
-    result = {"prefill_s": prefill, "decode_tokens_per_s": (args.new_tokens - 1) / (total - prefill)}
+    result = {"prefill_s": prefill, "decode_tokens_per_s": args.batch * (args.new_tokens - 1) / (total - prefill)}
     result["decoder"] = decoder is not None
     if side == "nf4tune":
         result["weight_bytes"] = weight_bytes(model)
@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lora-r", type=int, default=0, help="decode through a LoRA adapter of this rank")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (tokens/s counts them all)")
     parser.add_argument("--shape", choices=["small", "7b"], default="small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sides", default="nf4tune,nf4tune-generate,transformers+bnb",
@@ -170,9 +171,9 @@ def main() -> None:
             for side in rounds:
                 rounds[side].append(run_child(__file__, side, "--model", tmp, "--device", args.device,
                                               "--new-tokens", str(args.new_tokens), "--prompt", str(args.prompt),
-                                              "--lora-r", str(args.lora_r)))
+                                              "--lora-r", str(args.lora_r), "--batch", str(args.batch)))
     print(f"# {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, prompt {args.prompt}, "
-          f"{args.new_tokens} new tokens, batch 1, {args.rounds} interleaved rounds, LoRA r={args.lora_r}")
+          f"{args.new_tokens} new tokens, batch {args.batch}, {args.rounds} interleaved rounds, LoRA r={args.lora_r}")
     print("| side | prefill ms per round | decode tokens/s per round | median prefill ms | median decode tokens/s |")
     print("|---|---|---|---|---|")
     median = {}
@@ -190,8 +191,9 @@ def main() -> None:
         print(f"nf4tune's model through transformers' generate / bnb: decode {dg / db:.2f}x, prefill {pb / pg:.2f}x")
     ours = rounds["nf4tune"][0]
     gb, bw = ours["weight_bytes"] / 1e9, statistics.median(r["bandwidth"] for r in rounds["nf4tune"]) / 1e9
-    print(f"bytes read per token: {gb:.3f} GB; measured device bandwidth {bw:.1f} GB/s; decode achieves "
-          f"{gb * da:.1f} GB/s ({gb * da / bw:.0%}) for nf4tune, {gb * db:.1f} GB/s ({gb * db / bw:.0%}) for bitsandbytes")
+    sa, sb = da / args.batch, db / args.batch  # decoding steps per second: each reads the weights once
+    print(f"bytes read per step: {gb:.3f} GB; measured device bandwidth {bw:.1f} GB/s; decode achieves "
+          f"{gb * sa:.1f} GB/s ({gb * sa / bw:.0%}) for nf4tune, {gb * sb:.1f} GB/s ({gb * sb / bw:.0%}) for bitsandbytes")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def kernels() -> ctypes.CDLL | None:
     lib.dequantize_4bit.argtypes = [_P, _P, _P, _I64, _I64, _P, _INT, _INT]
     if hasattr(lib, "matmul_bf16"):  # built where the CPU has AVX512-BF16
         lib.matmul_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _P, _INT]
-    lib.matmul_4bit.argtypes = [_P, _INT, _I64, _P, _P, _INT]
+    lib.matmul_4bit.argtypes = [_P, _INT, _I64, _P, _P, _INT, _INT]
     lib.matmul_f32.argtypes = [_P, _I64, _I64, _P, _I64, _P, _INT]
     lib.rms_norm.argtypes = [_P, _I64, _I64, _P, _F, _P]
     lib.decode_attention.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _F, _P, _INT]
@@ -159,7 +159,8 @@ class Matmul4bit:
             code_4bit(q.quant_type).data_ptr(), self.n, self.k, q.blocksize)
         self.weight_ref = ctypes.byref(self.weight)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, float32_out: bool = False) -> torch.Tensor:
+        """x @ W^T in x's dtype, or in float32 with `float32_out` (a bias or adapter still to be added)."""
         if x.shape[-1] != self.k:
             raise ValueError(f"x has {x.shape[-1]} features; the weight takes {self.k}")
         x2 = x if x.dim() == 2 else x.reshape(-1, self.k)
@@ -167,9 +168,9 @@ class Matmul4bit:
             x2 = x2.float()
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        out = torch.empty(x2.shape[0], self.n, dtype=x2.dtype)
+        out = torch.empty(x2.shape[0], self.n, dtype=torch.float32 if float32_out else x2.dtype)
         kernels().matmul_4bit(x2.data_ptr(), x2.dtype == torch.bfloat16, x2.shape[0], self.weight_ref, out.data_ptr(),
-                              torch.get_num_threads())
+                              float32_out, torch.get_num_threads())
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.n)
 
 

@@ -227,10 +227,12 @@ struct Weight4bit {
     int64_t N, K, blocksize;
 };
 
-// out (M x N) = x (M x K) @ W^T for a 4-bit W (N x K), x and out both float32 or both bfloat16, the
-// sums in float32. Each weight is decoded once in registers and used for up to 8 rows of x: for
-// decoding (M = batch), where reading the weights is the whole cost.
-extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, const Weight4bit* w, void* out, int threads) {
+// out (M x N) = x (M x K) @ W^T for a 4-bit W (N x K), x float32 or bfloat16, the sums in float32;
+// out is bfloat16 when x is and out_f32 is 0, else float32 (for a bias or adapter still to be added
+// before the one rounding). Each weight is decoded once in registers and used for up to 8 rows of x:
+// for decoding (M = batch), where reading the weights is the whole cost.
+extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, const Weight4bit* w, void* out, int out_f32,
+                            int threads) {
     const float* code = w->code;
     const int64_t N = w->N, K = w->K, blocksize = w->blocksize;
     const uint8_t* packed = w->packed;
@@ -248,7 +250,8 @@ extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, const Weight4
         const __m512i tables[2] = {_mm512_loadu_si512(low), _mm512_loadu_si512(high)};
         std::vector<uint16_t> xs(M * K);
         shuffle_x((const uint16_t*)x_in, M * K, xs.data());
-        tile_rows(xs.data(), M, K, packed, absmax, N, blocksize, (const __m512i*)tables, ROWS_BF16, 1, out, threads);
+        tile_rows(xs.data(), M, K, packed, absmax, N, blocksize, (const __m512i*)tables, ROWS_BF16, !out_f32, out,
+                  threads);
         return;
     }
 #endif
@@ -263,7 +266,7 @@ extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, const Weight4
         }
         x = converted.data();
     }
-    tile_rows(x, M, K, packed, absmax, N, blocksize, table, ROWS, bf16, out, threads);
+    tile_rows(x, M, K, packed, absmax, N, blocksize, table, ROWS, bf16 && !out_f32, out, threads);
 }
 
 #ifdef __AVX512BF16__

@@ -137,7 +137,7 @@ class Linear4bit(nn.Module):
         if not torch.is_grad_enabled() and x.numel() <= FUSED_MAX_TOKENS * self.in_features:
             matmul = self.fused_matmul(x)
             if matmul is not None:
-                return self.fused_forward(x, matmul)
+                return self.infer(x, matmul)
         in_dtype = x.dtype
         x = x.to(self.compute_dtype)
         x_lora, scaling = None, self.scaling
@@ -163,24 +163,33 @@ class Linear4bit(nn.Module):
             self._decode_plan = native.Matmul4bit(self.quantized_weight)
         return self._decode_plan
 
-    def fused_forward(self, x: torch.Tensor, matmul) -> torch.Tensor:
-        """Inference on a few tokens: the 4-bit weight is decoded in registers, never written out.
+    def infer(self, x: torch.Tensor, matmul) -> torch.Tensor:
+        """Inference without autograd, where `matmul(x)` computes x @ W^T: the fused kernel from
+        `fused_matmul` (a few tokens: the 4-bit weight is decoded in registers, never written out), or
+        a product with a weight the caller dequantized once for several calls.
+
         The adapter is added unmerged, with its float32 masters as they are: on CPU these few-token
         products run 3-4x faster in float32 than in bf16 (bf16 calls this small carry tens of
         microseconds of fixed cost), and casting the masters on every call cost more than the products.
-        On CPU they go through `matmul_f32`, so a row's result does not depend on its batch."""
+        With the CPU kernel they go through `matmul_f32`, so a row's result does not depend on its batch."""
         x_c = x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
-        y = matmul(x_c)
+        if self.bias is None and self.lora_A is None:
+            y = matmul(x_c)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
+        native_plan = isinstance(matmul, native.Matmul4bit)
+        # the CPU kernel sums in float32 and can hand that over: bias and adapter join before one rounding
+        y = matmul(x_c, float32_out=True) if native_plan else matmul(x_c).float()
         if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+            y = y + self.bias.float()
         if self.lora_A is not None:
             a, b = self.lora_A.float(), self.lora_B.float()  # no copies for float32 masters
-            if isinstance(matmul, native.Matmul4bit):  # summed alike whatever the batch (see matmul_f32)
+            if native_plan:  # summed alike whatever the batch (see matmul_f32)
                 x2 = x_c.reshape(-1, self.in_features).float()
                 lora = native.matmul_f32(native.matmul_f32(x2, a), b).view(y.shape)
             else:
                 lora = (x_c.float() @ a.t()) @ b.t()
-            y = (y.float() + lora * self.scaling).to(y.dtype)
+            y = y + lora * self.scaling
+        y = y.to(self.compute_dtype)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -6,12 +6,13 @@ op with microseconds of fixed cost, and its bf16 attention for one query costs 1
 on CPU; together they took longer than reading the weights (BENCHMARKS.md). Here a step is, per
 layer: RMSNorm, the q/k/v projections, one native call for rotary + KV-cache write + attention,
 the output projection, RMSNorm, gate/up, SiLU times up, the down projection. The projections
-go through each `Linear4bit`'s fused kernel and `fused_forward` (bias and unmerged LoRA included, so
+go through each `Linear4bit`'s fused kernel and `infer` (bias and unmerged LoRA included, so
 `AdapterBank` switches apply); norms, rotary and attention are `kernels/cpu_kernels.cpp`. The
 residual stream stays in float32, the KV cache in bfloat16.
 
-Each prompt is prefilled by the model's own forward (compute-bound, where its GEMMs are fast); the
-KV caches are copied into the decoder's, right-aligned, and each row attends from its first token on. `Decoder.unsupported(model)` says why a model cannot
+Prompts are prefilled layer by layer, each weight dequantized once for all of them and multiplied
+by BLAS (compute-bound: GEMMs), each prompt apart so that batching never changes its tokens; each
+row's cache is right-aligned and it attends from its first token on. `Decoder.unsupported(model)` says why a model cannot
 use it (another family or device, no AVX-512); callers then keep `generate`.
 """
 
@@ -111,50 +112,87 @@ class Decoder:
 
     def _project(self, block: _Block, name: str, x: torch.Tensor) -> torch.Tensor:
         module, matmul = block.proj[name]
-        return module.fused_forward(x, matmul)
+        return module.infer(x, matmul)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, capacity: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the prompts (B, T; left-padded where `attention_mask` has zeros) through the model's
-        forward, keep their KV cache in a cache with room for `capacity` positions, and return each
-        row's last logits (B, vocab) in float32."""
-        from transformers import DynamicCache
+        """Run the prompts (B, T; left-padded where `attention_mask` has zeros) through the model, keep
+        their keys and values in a cache with room for `capacity` positions (each row's right-aligned
+        at slot T), and return each row's last logits (B, vocab) in float32.
 
+        Layer by layer, each 4-bit weight is dequantized once and multiplied with every prompt apart:
+        a row is computed exactly as it would be alone (a padded batch's GEMMs round differently, so
+        batching could flip a near-tie), and no padding is computed."""
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        lengths = attention_mask.sum(-1)
+        if int(lengths.min()) == 0:
+            raise ValueError("a prompt is empty")
         shape = (len(self.blocks), batch, self.kv_heads, capacity, self.head_dim)
         self.keys = torch.empty(shape, dtype=torch.bfloat16)  # slots before a row's first are never read
         self.values = torch.empty(shape, dtype=torch.bfloat16)
-        # Each prompt alone, its cache right-aligned at slot `length`: a row's tokens do not depend on
-        # what it is batched with (a padded batch's GEMMs round differently), and no padding is computed.
-        lengths, logits = attention_mask.sum(-1), []
-        for row in range(batch):
-            prompt = input_ids[row, attention_mask[row].bool()][None]
-            cache = DynamicCache(config=self.config)
-            out = self.model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            logits.append(out.logits[0, -1].float())
-            for i, layer in enumerate(out.past_key_values.layers):
-                kept = layer.keys.shape[-2]  # sliding-window layers keep only their window
-                self.keys[i, row, :, length - kept:length] = layer.keys[0]
-                self.values[i, row, :, length - kept:length] = layer.values[0]
-        self.slot = length  # where the next token's keys go, the same for every row
-        self.padding = length - lengths  # rows' first slots
-        self.positions = lengths.clone()  # rows' next rotary positions
         rotary = self.model.model.rotary_emb
         if getattr(rotary, "rope_type", "default") in STATIC_ROPE:  # the same angles whatever the length: one table
             cos, sin = rotary(torch.zeros(1), torch.arange(capacity)[None])
             self.rope_table = (cos[0], sin[0])
         else:
             self.rope_table = None
-        return torch.stack(logits)
+        embed = self.model.get_input_embeddings()
+        rows = [embed(input_ids[b, attention_mask[b].bool()]).float() for b in range(batch)]  # (T_b, hidden)
+        ropes = [self._rope(torch.arange(int(n))) for n in lengths]
+        for i, block in enumerate(self.blocks):
+            weights = {name: module.quantized_weight.dequantize(torch.bfloat16) for name, (module, _) in block.proj.items()}
+            for b, x in enumerate(rows):
+                self._prefill_layer(i, block, weights, b, x, *ropes[b], length)
+            del weights
+        last = torch.stack([x[-1] for x in rows])
+        h = torch.empty(batch, self.hidden, dtype=torch.bfloat16)
+        self.lib.rms_norm(last.data_ptr(), batch, self.hidden, self.final_norm.data_ptr(), self.final_eps, h.data_ptr())
+        self.slot = length  # where the next token's keys go, the same for every row
+        self.padding = length - lengths  # rows' first slots
+        self.positions = lengths.clone()  # rows' next rotary positions
+        return self.model.get_output_embeddings()(h).float()
 
-    def _rope(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (B, head_dim), float32, at each row's next position."""
+    def _prefill_layer(self, i: int, block: _Block, weights: dict, row: int, x: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, length: int) -> None:
+        """Layer i for one prompt's hidden states x (T, hidden; updated in place), its cache written."""
+        tokens = x.shape[0]
+
+        def project(name: str, inputs: torch.Tensor) -> torch.Tensor:
+            module, w = block.proj[name][0], weights[name]
+            return module.infer(inputs, lambda t: t @ w.t())
+
+        def rotate(t: torch.Tensor) -> torch.Tensor:  # (T, heads, D): rotate-half rotary, in float32
+            t, half = t.float(), t.shape[-1] // 2
+            return (t * cos[:, None] + torch.cat((-t[..., half:], t[..., :half]), -1) * sin[:, None]).to(torch.bfloat16)
+
+        h = torch.empty(tokens, self.hidden, dtype=torch.bfloat16)
+        self.lib.rms_norm(x.data_ptr(), tokens, self.hidden, block.norm1.data_ptr(), block.eps1, h.data_ptr())
+        q = rotate(project("q_proj", h).view(tokens, self.heads, self.head_dim))
+        k = rotate(project("k_proj", h).view(tokens, self.kv_heads, self.head_dim))
+        v = project("v_proj", h).view(tokens, self.kv_heads, self.head_dim)
+        self.keys[i, row, :, length - tokens:length] = k.transpose(0, 1)
+        self.values[i, row, :, length - tokens:length] = v.transpose(0, 1)
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+        if self.kv_heads != self.heads:
+            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
+        if block.window is not None and tokens > block.window:
+            offset = torch.arange(tokens)[:, None] - torch.arange(tokens)[None]
+            mask = (offset >= 0) & (offset < block.window)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=block.scale)
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=block.scale)
+        x += project("o_proj", attended[0].transpose(0, 1).reshape(tokens, -1))
+        self.lib.rms_norm(x.data_ptr(), tokens, self.hidden, block.norm2.data_ptr(), block.eps2, h.data_ptr())
+        x += project("down_proj", F.silu(project("gate_proj", h)) * project("up_proj", h))
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (len(positions), head_dim), float32."""
         if self.rope_table is not None:
-            return self.rope_table[0][self.positions].contiguous(), self.rope_table[1][self.positions].contiguous()
-        cos, sin = self.model.model.rotary_emb(x, self.positions[:, None])
-        return cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()
+            return self.rope_table[0][positions].contiguous(), self.rope_table[1][positions].contiguous()
+        cos, sin = self.model.model.rotary_emb(torch.zeros(1), positions[None])
+        return cos[0].float().contiguous(), sin[0].float().contiguous()
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -164,7 +202,7 @@ class Decoder:
             raise ValueError(f"the KV cache holds {self.keys.shape[3]} positions; prefill with a larger capacity")
         batch = tokens.shape[0]
         x = self.model.get_input_embeddings()(tokens).float()
-        cos, sin = self._rope(x)
+        cos, sin = self._rope(self.positions)
         starts = {w: self.padding if w is None else self.padding.clamp(min=slot + 1 - w)
                   for w in {block.window for block in self.blocks}}
         h = torch.empty(batch, self.hidden, dtype=torch.bfloat16)
