@@ -12,8 +12,8 @@ residual stream stays in float32, the KV cache in bfloat16.
 
 Prompts are prefilled layer by layer, each weight dequantized once for all of them and multiplied
 by BLAS (compute-bound: GEMMs), each prompt apart so that batching never changes its tokens; each
-row's cache is right-aligned and it attends from its first token on. `Decoder.unsupported(model)` says why a model cannot
-use it (another family or device, no AVX-512); callers then keep `generate`.
+row's cache is right-aligned and it attends from its first token on. `Decoder.unsupported(model)`
+says why a model cannot use it (another family or device, no AVX-512); callers then keep `generate`.
 """
 
 from __future__ import annotations
@@ -232,10 +232,9 @@ class Decoder:
         sees each step's tokens, one per row (rows that have stopped repeat their last token)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length); got shape {list(input_ids.shape)}")
-        generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator().manual_seed(sampling.seed)
         rows = input_ids.shape[0]
+        # one generator per row: a seeded request draws the same tokens alone or batched
+        generators = [None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed) for _ in range(rows)]
         seen = [ids[mask.bool()].tolist() for ids, mask in
                 zip(input_ids, attention_mask if attention_mask is not None else torch.ones_like(input_ids))]
         logits = self.prefill(input_ids, input_ids.shape[1] + sampling.max_new_tokens, attention_mask)
@@ -248,7 +247,7 @@ class Decoder:
                     step.append(out[row][-1])
                     continue
                 penalized = torch.tensor(seen[row]) if sampling.repetition_penalty != 1.0 else None
-                token = next_token(logits[row], sampling, penalized, generator)
+                token = next_token(logits[row], sampling, penalized, generators[row])
                 out[row].append(token)
                 seen[row].append(token)
                 done[row] = token in eos_ids or len(out[row]) >= sampling.max_new_tokens
