@@ -41,21 +41,24 @@ def _window(config, layer: int) -> int | None:
     return getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
 
 
-class _Block:
-    """One decoder layer's parts, as the step uses them."""
+def _projection(layer, name: str):
+    """One of a decoder layer's seven linear layers, by its transformers name."""
+    return getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
 
-    def __init__(self, layer, config, index: int, probe: torch.Tensor):
-        attn, mlp = layer.self_attn, layer.mlp
+
+class _Block:
+    """One decoder layer's parts, as the step uses them: each projection with its fused CPU kernel."""
+
+    def __init__(self, layer, config, index: int):
         self.norm1 = layer.input_layernorm.weight.detach().float().contiguous()
         self.norm2 = layer.post_attention_layernorm.weight.detach().float().contiguous()
         self.eps1, self.eps2 = layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon
-        self.scale = float(attn.scaling)
+        self.scale = float(layer.self_attn.scaling)
         self.window = _window(config, index)
         self.proj = {}
         for name in PROJECTIONS:
-            module = getattr(attn, name, None) or getattr(mlp, name)
-            x = probe.new_zeros(1, module.in_features)
-            self.proj[name] = (module, module.fused_matmul(x))
+            module = _projection(layer, name)
+            self.proj[name] = (module, module.fused_matmul(torch.zeros(1, module.in_features, dtype=torch.bfloat16)))
 
 
 class Decoder:
@@ -76,8 +79,7 @@ class Decoder:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.hidden = config.hidden_size
-        probe = torch.zeros(1, dtype=torch.bfloat16)
-        self.blocks = [_Block(layer, config, i, probe) for i, layer in enumerate(inner.layers)]
+        self.blocks = [_Block(layer, config, i) for i, layer in enumerate(inner.layers)]
         self.final_norm = inner.norm.weight.detach().float().contiguous()
         self.final_eps = inner.norm.variance_epsilon
         self.lib = native.kernels()
@@ -101,7 +103,7 @@ class Decoder:
             return "its head size and hidden size must be multiples of 16 (head size at most 512)"
         for layer in layers:
             for name in PROJECTIONS:
-                module = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name, None)
+                module = _projection(layer, name)
                 if not isinstance(module, Linear4bit):
                     return f"its {name} layers are not 4-bit"
                 if module.compute_dtype != torch.bfloat16:
