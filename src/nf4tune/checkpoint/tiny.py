@@ -58,8 +58,11 @@ def build_tiny_checkpoint(
         kwargs["decoder_start_token_id"] = tokenizer.pad_token_id
     kwargs.update(overrides)
     config = AutoConfig.for_model(arch, **kwargs)
-    torch.manual_seed(seed)
-    model = model_class(config).from_config(config, dtype=dtype)
+    # transformers initializes weights from the global RNG; fork it so building a model (for instance
+    # the demo model on first use, inside a training run) leaves the caller's random state as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config).from_config(config, dtype=dtype)
     path = Path(path)
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **save_kwargs)
@@ -89,10 +92,11 @@ def builtin_path(name: str) -> Path:
     path = root / key
     if not (path / "config.json").is_file():
         import shutil
-        import tempfile
+
+        from ..atomic import temp_dir
 
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+        tmp = temp_dir(root, prefix=f".{key}.", suffix="")
         try:
             build_tiny_checkpoint(tmp / "model", **BUILTIN[key])
             shutil.rmtree(path, ignore_errors=True)

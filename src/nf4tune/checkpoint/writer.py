@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from ..atomic import move_into_place, save_safetensors, temp_dir
 from ..errors import Nf4tuneError
 from .hf import WEIGHTS_INDEX
 
@@ -47,12 +46,12 @@ class CheckpointWriter:
 
     def __enter__(self) -> "CheckpointWriter":
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".partial", dir=self.out_dir.parent))
+        self.tmp = temp_dir(self.out_dir.parent, prefix=f".{self.out_dir.name}.")
         return self
 
     def write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
         name = self.names[len(set(self.weight_map.values()))]
-        save_file(tensors, str(self.tmp / name), metadata={"format": "pt"})
+        save_safetensors(tensors, self.tmp / name, metadata={"format": "pt"})
         self.nbytes += sum(t.nbytes for t in tensors.values())
         self.weight_map.update(dict.fromkeys(tensors, name))
 
@@ -64,10 +63,8 @@ class CheckpointWriter:
             (self.tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         for f in self.source_dir.iterdir():
             if f.is_file() and f.name != "config.json" and not any(f.match(p) for p in _WEIGHT_FILES):
-                shutil.copy2(f, self.tmp / f.name)
-        if self.out_dir.exists():
-            self.out_dir.rmdir()
-        self.tmp.rename(self.out_dir)
+                shutil.copyfile(f, self.tmp / f.name)  # a new file's permissions, not the source's
+        move_into_place(self.tmp, self.out_dir)
         self.tmp = None
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -8,15 +8,14 @@ reads what PEFT writes.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_write
 from ..errors import Nf4tuneError
 from ..layers.linear4bit import Linear4bit, lora_scaling
 from ..layers.lora import LoraConfig, lora_layers
@@ -28,14 +27,7 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB]
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write)  # the permissions a plain open() gives, not mkstemp's 0600
 
 
 def _vocab_module_names(model) -> dict[str, torch.nn.Module]:

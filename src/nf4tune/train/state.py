@@ -12,11 +12,11 @@ import json
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..atomic import temp_dir
 from ..errors import Nf4tuneError
 from ..models.adapters import read_adapter, save_adapter
 
@@ -41,7 +41,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(output_dir: Path, step: int, model, tokenizer, trainer_state: dict) -> Path:
     """Write `checkpoint-<step>` atomically and return its path."""
     final = output_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", suffix=".partial", dir=output_dir))
+    tmp = temp_dir(output_dir, prefix=f".checkpoint-{step}.")  # mkdir's permissions, not mkdtemp's 0700
     try:
         save_adapter(model, tmp)
         if getattr(model, "nf4tune_new_tokens_from", None) is not None:
