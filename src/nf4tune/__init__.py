@@ -6,11 +6,31 @@ checkpoints in and out), `nf4tune.layers` (the 4-bit linear layer and LoRA), `nf
 """
 
 from .errors import Nf4tuneError
-from .layers import Linear4bit, LoraConfig
-from .models import load_adapter, load_model, save_adapter
-from .quant import QuantizationError, QuantizedTensor, bits_per_parameter, quantize
 
 __version__ = "0.1.0"
+
+# The public names load on first use, so `nf4tune --help` and the argument checks answer without
+# importing torch (seconds); `from nf4tune import load_model` works as before.
+_LAZY = {
+    "Linear4bit": ".layers", "LoraConfig": ".layers",
+    "load_adapter": ".models", "load_model": ".models", "save_adapter": ".models",
+    "QuantizationError": ".quant", "QuantizedTensor": ".quant", "bits_per_parameter": ".quant", "quantize": ".quant",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nf4tune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 __all__ = [
     "Linear4bit",
     "LoraConfig",

@@ -57,11 +57,8 @@ def temp_file(parent: str | Path, prefix: str, suffix: str = ".partial") -> Path
     return Path(name)
 
 
-def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
-    """`safetensors.torch.save_file` with `open()`'s permissions (it creates its files 0600)."""
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata=metadata)
+def give_file_mode(path: str | Path) -> None:
+    """Set `open()`'s permissions on a file another library wrote (safetensors creates its files 0600)."""
     os.chmod(path, file_mode())
 
 
@@ -72,7 +69,7 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     tmp = temp_file(path.parent, f".{path.name}.")
     try:
         write(str(tmp))
-        os.chmod(tmp, file_mode())  # the writer may have replaced the file (safetensors makes it 0600)
+        give_file_mode(tmp)  # the writer may have replaced the file (safetensors makes it 0600)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -7,8 +7,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from ..atomic import move_into_place, save_safetensors, temp_dir
+from ..atomic import give_file_mode, move_into_place, temp_dir
 from ..errors import Nf4tuneError
 from .hf import WEIGHTS_INDEX
 
@@ -51,7 +52,8 @@ class CheckpointWriter:
 
     def write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
         name = self.names[len(set(self.weight_map.values()))]
-        save_safetensors(tensors, self.tmp / name, metadata={"format": "pt"})
+        save_file(tensors, str(self.tmp / name), metadata={"format": "pt"})
+        give_file_mode(self.tmp / name)
         self.nbytes += sum(t.nbytes for t in tensors.values())
         self.weight_map.update(dict.fromkeys(tensors, name))
 
