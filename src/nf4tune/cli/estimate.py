@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..plan.estimate import estimate, format_table
+from .checks import count, resolve_builtin
 
 
 def add_parser(sub) -> None:
@@ -16,19 +16,21 @@ def add_parser(sub) -> None:
         "config.json (a local folder, a config.json file, or a Hub id where the network allows).",
     )
     p.add_argument("model")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--r", type=int, default=64, help="LoRA rank")
+    p.add_argument("--seq-len", type=count(1), default=2048)
+    p.add_argument("--batch", type=count(1), default=1)
+    p.add_argument("--r", type=count(1), default=64, help="LoRA rank")
     p.add_argument("--target", default="all-linear", help="all-linear, or module names: q_proj,v_proj")
     p.add_argument("--optim", default="paged_adamw_32bit", help="paged_adamw_32bit | paged_adamw_8bit | adamw_torch")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs sharing the model (FSDP)")
+    p.add_argument("--gpus", type=count(1), default=1, help="GPUs sharing the model (FSDP)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    est = estimate(args.model, args.seq_len, args.batch, args.r, args.target, args.optim, args.checkpointing, args.gpus)
+    from ..plan.estimate import estimate, format_table
+
+    est = estimate(resolve_builtin(args.model), args.seq_len, args.batch, args.r, args.target, args.optim, args.checkpointing, args.gpus)
     if args.json:
         print(json.dumps(est.as_json(), indent=2))
     else:

@@ -1,13 +1,23 @@
-"""`nf4tune chat`, `nf4tune generate` and `nf4tune serve`: a 4-bit model (and adapters) put to use."""
+"""`nf4tune chat`, `nf4tune generate` and `nf4tune serve`: a 4-bit model (and adapters) put to use.
+
+Everything that can be checked without the model (values, paths, the port, the chat template's
+presence) is checked first: a model takes a while to load, and a mistake found after that wastes it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from ..errors import Nf4tuneError
+from ..train.formats import PROMPT_STYLES, prompt_format_of, render_plain_prompt
+from .checks import (check_adapter_dir, check_model_location, check_output_file, check_port_free, count,
+                     number, read_text_file, resolve_builtin)
+
+CHAT_COMMANDS = "/reset, /system TEXT, /exit"
 
 
 def _model_args(p: argparse.ArgumentParser, many_adapters: bool = False) -> None:
@@ -20,15 +30,16 @@ def _model_args(p: argparse.ArgumentParser, many_adapters: bool = False) -> None
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA if available)")
 
 
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--format", choices=["auto", "template", "guanaco"], default="auto",
-                   help="chat prompt: the tokenizer's chat template, or Guanaco's '### Human:' format (auto: template if any)")
+def _sampling_args(p: argparse.ArgumentParser, formats=("auto",) + PROMPT_STYLES) -> None:
+    p.add_argument("--max-new-tokens", type=count(1), default=256)
+    p.add_argument("--temperature", type=number(0, what="0 (greedy) or more"), default=0.7, help="0 for greedy")
+    p.add_argument("--top-p", type=number(0, 1, low_open=True), default=0.9)
+    p.add_argument("--top-k", type=count(0), default=0, help="0: no top-k")
+    p.add_argument("--repetition-penalty", type=number(0, low_open=True), default=1.0)
+    p.add_argument("--seed", type=count(0), default=None)
+    p.add_argument("--format", choices=formats, default="auto",
+                   help="prompt format: the tokenizer's chat template, Guanaco's '### Human:', Alpaca's, chip2's, or "
+                   "raw text (auto: the format the adapter was trained with, else the template if any, else guanaco)")
 
 
 def _sampling(args):
@@ -37,21 +48,68 @@ def _sampling(args):
     return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty, args.seed).check()
 
 
+def _has_chat_template(folder: Path) -> bool:
+    """Whether the tokenizer files in `folder` carry a chat template (read from the files, no loading)."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _prepare_model(args) -> None:
+    """Check (and resolve) the model and adapter arguments and the prompt format, before loading."""
+    check_model_location(args.model)
+    if isinstance(args.adapter, str):
+        check_adapter_dir(args.adapter)
+    args.model_path = resolve_builtin(args.model)
+    if getattr(args, "format", None) is None:
+        return
+    style = args.format
+    if style == "auto" and isinstance(args.adapter, str):
+        style = prompt_format_of(args.adapter) or "auto"
+    # generate's {"prompt": ...} rows go as they are unless a format was asked for or the adapter has one
+    args.wrap_prompts = style != "auto"
+    folder = Path(args.model_path)
+    if folder.is_dir():
+        has_template = _has_chat_template(folder)
+        if style == "template" and not has_template:
+            raise Nf4tuneError(f"--format template: {args.model} has no chat template; use --format guanaco, "
+                               "alpaca, chip2 or raw.")
+        if style == "auto":
+            style = "template" if has_template else "guanaco"
+    args.style = style
+
+
 def _engine(args, adapters: dict[str, str] | None = None, **kw):
     from ..models.load import load_model
     from ..serve.engine import Engine
 
-    single = getattr(args, "adapter", None) if isinstance(getattr(args, "adapter", None), str) else None
-    model, tokenizer = load_model(args.model, device=args.device, adapter=single)
+    single = args.adapter if isinstance(args.adapter, str) else None
+    model, tokenizer = load_model(args.model_path, device=args.device, adapter=single)
     if tokenizer is None:
         raise Nf4tuneError(f"{args.model} has no tokenizer files.")
     return Engine(model, tokenizer, adapters, **kw)
 
 
+def render(tokenizer, messages: list[dict], style: str) -> str:
+    """The prompt for `messages` in `style` (one of PROMPT_STYLES, or auto)."""
+    if style in ("template", "guanaco", "auto"):
+        from ..serve.engine import render_chat
+
+        try:
+            return render_chat(tokenizer, messages, style)
+        except Exception as e:  # transformers' template errors (no template, a template that rejects the roles)
+            raise Nf4tuneError(f"the chat template of this model cannot render the conversation "
+                               f"({str(e).splitlines()[0]}); try --format guanaco or raw.") from e
+    return render_plain_prompt(messages, style)
+
+
 def add_parsers(sub) -> None:
     chat = sub.add_parser("chat", help="chat with a model in the terminal, streaming its replies",
-                          description="Interactive chat. Commands: /reset (forget the conversation), /system TEXT "
-                          "(set the system prompt), /exit.")
+                          description=f"Interactive chat. Commands: {CHAT_COMMANDS} (or Ctrl-D). Ctrl-C stops a "
+                          "reply; at an empty prompt it exits.")
     _model_args(chat)
     _sampling_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
@@ -59,12 +117,14 @@ def add_parsers(sub) -> None:
 
     gen = sub.add_parser("generate", help="generate completions for a JSONL file of prompts, batched",
                          description='Each input line is {"prompt": "..."} or {"messages": [...]}; each output line '
-                         "repeats it with a \"completion\".")
+                         'repeats it with a "completion". OUT is written whole at the end; an interrupted run keeps '
+                         "its finished lines in OUT.partial, and --resume continues from them.")
     _model_args(gen)
     _sampling_args(gen)
     gen.add_argument("--prompts", required=True, help="input JSONL")
     gen.add_argument("--out", required=True, help="output JSONL")
-    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--batch-size", type=count(1), default=8)
+    gen.add_argument("--resume", action="store_true", help="keep the lines an interrupted run finished (OUT.partial)")
     gen.set_defaults(run=run_generate)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server, with several adapters on one base",
@@ -72,89 +132,186 @@ def add_parsers(sub) -> None:
                            "or not) and a chat page at /. Binds to loopback unless --host says otherwise.")
     _model_args(serve, many_adapters=True)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=count(0, 65535), default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    serve.add_argument("--max-batch", type=int, default=8)
-    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get 429")
+    serve.add_argument("--max-batch", type=count(1), default=8)
+    serve.add_argument("--max-queue", type=count(1), default=64, help="requests waiting beyond this get 429")
     serve.add_argument("--format", choices=["auto", "template", "guanaco"], default="auto")
     serve.set_defaults(run=run_serve)
 
 
-def run_chat(args) -> int:
-    from ..serve.engine import Request, render_chat
+# --- chat --------------------------------------------------------------------------------------
 
-    engine = _engine(args)
-    sampling = _sampling(args)
-    system, history = args.system, []
-    print("nf4tune chat: /reset, /system TEXT, /exit", file=sys.stderr)
+def _read_line(prompt: str) -> str | None:
+    """One line from the user, None at end of input (Ctrl-D). A prompt shows only on a terminal."""
     try:
-        for line in sys.stdin:
-            text = line.rstrip("\n")
-            if text.strip() in ("/exit", "/quit"):
+        if sys.stdin.isatty():
+            return input(prompt)
+        line = sys.stdin.readline()
+        return line.rstrip("\n") if line else None
+    except EOFError:
+        return None
+
+
+def run_chat(args) -> int:
+    from ..serve.engine import Request
+
+    _prepare_model(args)
+    sampling = _sampling(args)
+    engine = _engine(args)
+    system, history = args.system, []
+    note = {"raw": "; each message is answered on its own (the adapter was trained on single prompts)"}.get(args.style, "")
+    print(f"nf4tune chat ({args.style} format{note}): {CHAT_COMMANDS}; Ctrl-C stops a reply, Ctrl-D exits",
+          file=sys.stderr)
+    try:
+        while True:
+            try:
+                text = _read_line("you: ")
+            except KeyboardInterrupt:  # Ctrl-C at the prompt: leave
+                print(file=sys.stderr)
                 break
-            if text.strip() == "/reset":
+            if text is None:
+                break
+            command = text.strip()
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
                 history = []
                 print("(conversation reset)", flush=True)
                 continue
-            if text.startswith("/system"):
-                system = text[len("/system"):].strip() or None
+            if command == "/system" or command.startswith("/system "):
+                system = command[len("/system"):].strip() or None
                 print(f"(system prompt {'set' if system else 'cleared'})", flush=True)
                 continue
-            if not text.strip():
+            if command.startswith("/") and not command.startswith("//"):
+                print(f"(unknown command {command.split()[0]}; the commands are {CHAT_COMMANDS}; "
+                      "start with // to send a message beginning with /)", flush=True)
                 continue
+            if not command:
+                continue
+            text = text[1:] if command.startswith("//") else text
             history.append({"role": "user", "content": text})
             messages = ([{"role": "system", "content": system}] if system else []) + history
-            request = engine.submit(Request(render_chat(engine.tokenizer, messages, args.format), sampling=sampling))
+            request = engine.submit(Request(render(engine.tokenizer, messages, args.style), sampling=sampling))
             print("assistant: ", end="", flush=True)
-            for piece in request.stream():
-                print(piece, end="", flush=True)
-            print(flush=True)
-            history.append({"role": "assistant", "content": request.wait().text})
+            try:
+                for piece in request.stream():
+                    print(piece, end="", flush=True)
+                print(flush=True)
+                reply = request.wait().text
+            except KeyboardInterrupt:  # stop this reply, keep the conversation
+                reply = request.text
+                print(" (reply stopped)", flush=True)
+            if request.error:
+                print(f"(error: {request.error})", flush=True)
+                history.pop()
+                continue
+            history.append({"role": "assistant", "content": reply})
     finally:
         engine.close()
     return 0
 
 
-def run_generate(args) -> int:
-    from tqdm.auto import tqdm
+# --- generate ----------------------------------------------------------------------------------
 
-    from ..serve.engine import Request, render_chat
-
+def _read_prompts(path: str) -> list[dict]:
     rows = []
-    path = Path(args.prompts)
-    if not path.is_file():
-        raise Nf4tuneError(f"prompts file {path} does not exist.")
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    text = read_text_file(path, "--prompts")
+    for number_, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise Nf4tuneError(f"{path}, line {number}: not valid JSON ({e}).") from e
+            raise Nf4tuneError(f"{path}, line {number_}: not valid JSON ({e}).") from e
         if not isinstance(row, dict) or not (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list)):
-            raise Nf4tuneError(f'{path}, line {number}: expected {{"prompt": "..."}} or {{"messages": [...]}}.')
+            raise Nf4tuneError(f'{path}, line {number_}: expected {{"prompt": "..."}} or {{"messages": [...]}}.')
         rows.append(row)
     if not rows:
         raise Nf4tuneError(f"{path} has no prompts.")
-    engine = _engine(args, max_batch=args.batch_size, max_queue=len(rows))
+    return rows
+
+
+def partial_path(out: Path) -> Path:
+    """Where `generate` keeps the finished lines of an unfinished run."""
+    return out.with_name(out.name + ".partial")
+
+
+def _done_lines(partial: Path, rows: list[dict]) -> list[str]:
+    """The complete lines of an interrupted run that answer the first prompts, in order."""
+    if not partial.is_file():
+        return []
+    done = []
+    for line in partial.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break  # a line cut by the interruption
+        if len(done) >= len(rows) or {k: v for k, v in record.items() if k not in ("completion", "finish_reason")} \
+                != rows[len(done)]:
+            raise Nf4tuneError(f"--resume: {partial} does not answer the first prompts of the --prompts file; "
+                               "run without --resume to start over.")
+        done.append(line)
+    return done
+
+
+def run_generate(args) -> int:
+    rows = _read_prompts(args.prompts)
+    out = check_output_file(args.out)
+    partial = partial_path(out)
+    done = _done_lines(partial, rows) if args.resume else []
+    _prepare_model(args)
     sampling = _sampling(args)
-    requests = [engine.submit(Request(row["prompt"] if "prompt" in row else
-                                      render_chat(engine.tokenizer, row["messages"], args.format), sampling=sampling))
-                for row in rows]
-    out = Path(args.out)
+    todo = rows[len(done):]
+    with open(partial, "w", encoding="utf-8") as f:  # open()'s permissions; renamed onto OUT when complete
+        f.writelines(line + "\n" for line in done)
+    written = len(done)
+    if todo:
+        written = _generate_into(args, todo, sampling, partial, len(done), len(rows))
+    os.replace(partial, out)
+    print(f"wrote {len(rows)} completions to {out}" + (f" ({len(done)} kept from the interrupted run)" if done else ""))
+    return 0
+
+
+def _generate_into(args, rows: list[dict], sampling, partial: Path, done: int, total: int) -> int:
+    """Generate `rows` and append their lines to `partial`; on interruption say what is kept."""
+    from tqdm.auto import tqdm
+
+    from ..serve.engine import Request
+
+    written = done
+    engine = None
     try:
-        with out.open("w", encoding="utf-8") as f, tqdm(total=len(rows), desc="generating", unit="prompt") as bar:
+        engine = _engine(args, max_batch=args.batch_size, max_queue=len(rows))
+        prompts = [render(engine.tokenizer, row["messages"], args.style) if "prompt" not in row
+                   else render(engine.tokenizer, [{"role": "user", "content": row["prompt"]}], args.style)
+                   if args.wrap_prompts else row["prompt"] for row in rows]
+        requests = [engine.submit(Request(p, sampling=sampling)) for p in prompts]
+        with open(partial, "a", encoding="utf-8") as f, \
+                tqdm(total=total, initial=done, desc="generating", unit="prompt") as bar:
             for row, request in zip(rows, requests):
                 request.wait()
                 if request.error:
                     raise Nf4tuneError(request.error)
                 f.write(json.dumps({**row, "completion": request.text, "finish_reason": request.finish_reason}) + "\n")
+                f.flush()
+                written += 1
                 bar.update(1)
+    except (KeyboardInterrupt, Nf4tuneError) as e:
+        kept = (f"{written} of {total} completions are complete in {partial}; {args.out} is unchanged; run the same "
+                "command with --resume to continue") if written else f"no completion was finished; {args.out} is unchanged"
+        if not written:
+            partial.unlink(missing_ok=True)
+        if isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt(kept) from None
+        raise Nf4tuneError(f"{str(e).rstrip('.')}; {kept}.") from e
     finally:
-        engine.close()
-    print(f"wrote {len(rows)} completions to {out}")
-    return 0
+        if engine is not None:
+            engine.close()
+    return written
 
+
+# --- serve -------------------------------------------------------------------------------------
 
 def run_serve(args) -> int:
     from ..serve.server import Server
@@ -164,10 +321,20 @@ def run_serve(args) -> int:
         name, sep, directory = item.partition("=")
         if not sep or not name or not directory:
             raise Nf4tuneError(f"--adapter {item!r}: write NAME=DIR.")
+        check_adapter_dir(directory)
         adapters[name] = directory
+    args.format_choice, args.format = args.format, None
+    _prepare_model(args)
+    if args.format_choice == "template" and Path(args.model_path).is_dir() and not _has_chat_template(Path(args.model_path)):
+        raise Nf4tuneError(f"--format template: {args.model} has no chat template; use --format guanaco.")
+    check_port_free(args.host, args.port)
     engine = _engine(args, adapters, max_batch=args.max_batch, max_queue=args.max_queue)
-    server = Server(engine, base_name=Path(str(args.model)).name or "base", api_key=args.api_key,
-                    chat_style=args.format, host=args.host, port=args.port)
+    try:
+        server = Server(engine, base_name=Path(str(args.model)).name or "base", api_key=args.api_key,
+                        chat_style=args.format_choice, host=args.host, port=args.port)
+    except OSError as e:  # taken between the check and now
+        engine.close()
+        raise Nf4tuneError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); choose another --port.") from e
     host, port = server.address
     print(f"serving {', '.join(server.models())} on http://{host}:{port} (OpenAI API under /v1, chat page at /)",
           flush=True)

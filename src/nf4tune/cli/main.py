@@ -1,4 +1,8 @@
-"""Entry point of the `nf4tune` command."""
+"""Entry point of the `nf4tune` command.
+
+Parsing imports no torch (each command imports its work when it runs), so `nf4tune --help` and
+argument mistakes answer at once.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,15 @@ from ..errors import Nf4tuneError
 from . import estimate, inference, merge, quantize, train
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a mistake said in one line (and where the full usage is) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nf4tune", description="QLoRA fine-tuning in plain PyTorch.")
+    parser = _Parser(prog="nf4tune", description="QLoRA fine-tuning in plain PyTorch.")
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"nf4tune {__version__}")
@@ -25,15 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command in `argv`; returns the exit status (2: bad input, 130: interrupted)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage and its one-line error (or --help / --version)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
         return args.run(args) or 0
     except Nf4tuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"\ninterrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
 
 

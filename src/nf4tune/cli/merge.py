@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..models.merge import merge_adapter
-from ..quant import SUPPORTED_BLOCKSIZES
+from .checks import BLOCKSIZES, check_adapter_dir, check_model_location, resolve_builtin
 
 
 def add_parser(sub) -> None:
@@ -24,13 +23,17 @@ def add_parser(sub) -> None:
     p.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4",
                    help="with --dequantized: the 4-bit type used in training")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="with --dequantized")
-    p.add_argument("--blocksize", type=int, default=64, choices=SUPPORTED_BLOCKSIZES, metavar="N",
+    p.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, metavar="N",
                    help="with --dequantized")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = merge_adapter(args.base, args.adapter, args.out_dir, args.dequantized, args.quant_type,
+    check_model_location(args.base, "the base model")
+    check_adapter_dir(args.adapter, "the adapter")
+    from ..models.merge import merge_adapter
+
+    report = merge_adapter(resolve_builtin(args.base), args.adapter, args.out_dir, args.dequantized, args.quant_type,
                            args.double_quant, args.blocksize)
     how = "dequantized 4-bit" if report.dequantized else "original 16-bit"
     print(f"wrote {report.out_dir}: {report.merged} weights merged into the {how} base weights")

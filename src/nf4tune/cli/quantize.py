@@ -6,11 +6,9 @@ import argparse
 import shutil
 from pathlib import Path
 
-import torch
+from ..errors import Nf4tuneError
 
-from ..checkpoint.hf import open_checkpoint
-from ..checkpoint.quantize import QuantizeReport, quantize_checkpoint
-from ..quant import SUPPORTED_BLOCKSIZES, QuantizedTensor, bits_per_parameter
+from .checks import BLOCKSIZES, check_model_location, resolve_builtin
 
 
 def add_parser(sub) -> None:
@@ -24,7 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("out_dir", help="new folder for the 4-bit checkpoint")
     p.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="keep absmax in float32")
-    p.add_argument("--blocksize", type=int, default=64, choices=SUPPORTED_BLOCKSIZES, metavar="N",
+    p.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, metavar="N",
                    help="elements per quantization block (32..4096, powers of two; default 64)")
     p.add_argument("--compute-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                    help="compute dtype recorded in quantization_config (default bfloat16)")
@@ -37,14 +35,21 @@ def run(args: argparse.Namespace) -> int:
     if args.demo:
         return _demo(args)
     if args.model_dir is None:
-        raise SystemExit("nf4tune quantize: give MODEL_DIR and OUT_DIR (or --demo OUT_DIR).")
-    report = quantize_checkpoint(args.model_dir, args.out_dir, args.quant_type, args.double_quant, args.blocksize,
+        raise Nf4tuneError("give MODEL_DIR and OUT_DIR (or --demo OUT_DIR).")
+    check_model_location(args.model_dir)
+    import torch
+
+    from ..checkpoint.quantize import quantize_checkpoint
+
+    report = quantize_checkpoint(resolve_builtin(args.model_dir), args.out_dir, args.quant_type, args.double_quant, args.blocksize,
                                  getattr(torch, args.compute_dtype))
     _print_report(report, args)
     return 0
 
 
-def _print_report(report: QuantizeReport, args: argparse.Namespace) -> None:
+def _print_report(report, args: argparse.Namespace) -> None:
+    from ..quant import bits_per_parameter
+
     bits = bits_per_parameter(args.blocksize, args.double_quant)
     print(f"wrote {report.out_dir}")
     print(f"  {report.quantized} linear weights quantized to {args.quant_type} "
@@ -53,9 +58,12 @@ def _print_report(report: QuantizeReport, args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import torch
     from safetensors.torch import load_file
 
-    from ..checkpoint.hf import iter_tensors
+    from ..checkpoint.hf import iter_tensors, open_checkpoint
+    from ..checkpoint.quantize import quantize_checkpoint
+    from ..quant import QuantizedTensor
     from ..checkpoint.tiny import build_tiny_checkpoint
 
     root = Path(args.out_dir)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from ..train.config import load_recipe, recipe_to_dict
+PATH_RULE = ("relative paths: data.path and eval.path are read from the current folder, else from the recipe's "
+             "folder; training.output_dir is relative to the current folder")
 
 
 def add_parser(sub) -> None:
@@ -13,36 +16,86 @@ def add_parser(sub) -> None:
         help="fine-tune with QLoRA from a YAML recipe",
         description="Fine-tune a 4-bit model with LoRA adapters as a YAML recipe says. Overrides are key=value with "
         "dotted keys (training.learning_rate=1e-4). Checkpoints, metrics.jsonl, loss.png and the final adapter go "
-        "to training.output_dir.",
+        "to training.output_dir; a folder holding a run is continued with --resume or replaced with "
+        f"training.overwrite_output_dir=true (the old run is moved aside). {PATH_RULE[0].upper() + PATH_RULE[1:]}.",
     )
     p.add_argument("recipe", help="recipe file (see recipes/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. training.max_steps=100")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="continue from the latest checkpoint in output_dir, or from CHECKPOINT")
+                   help="continue from the latest checkpoint of the run in output_dir, or from CHECKPOINT")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(run=run)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _print_config(recipe) -> None:
+    import yaml
+
+    from ..train.config import recipe_to_dict
+
+    print(f"# {PATH_RULE}; resolved:")
+    print(f"#   data.path: {Path(recipe.data.path).resolve() if Path(recipe.data.path).exists() else recipe.data.path}")
+    if recipe.eval.path:
+        print(f"#   eval.path: {Path(recipe.eval.path).resolve() if Path(recipe.eval.path).exists() else recipe.eval.path}")
+    print(f"#   training.output_dir: {Path(recipe.training.output_dir).resolve()}")
+    print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
+
+
+def _check_before_loading(recipe, resume) -> None:
+    """What can be refused before the tokenizer, the data or the model load."""
+    from ..train import rundir
+    from ..train.config import recipe_to_dict
+    from .checks import check_model_location
+
+    check_model_location(recipe.model.name_or_path, "model.name_or_path")
+    out = Path(recipe.training.output_dir)
+    aside = rundir.prepare_output_dir(out, resume, recipe.training.overwrite_output_dir)
+    if aside is not None:
+        print(f"nf4tune: the previous run in {out} was moved to {aside}", file=sys.stderr)
+    if resume:
+        if resume is True:
+            checkpoint = rundir.latest_checkpoint_of_run(out)
+            if checkpoint is None:
+                return  # the loop says there is nothing to resume from
+        else:
+            checkpoint = Path(resume)
+            if not checkpoint.is_dir():
+                return  # the loop names what is missing
+        rundir.check_checkpoint_run(out, checkpoint)
+        rundir.check_resume_fits(checkpoint, recipe_to_dict(recipe))
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..train.config import load_recipe
+
     recipe = load_recipe(args.recipe, args.overrides)
     if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
+        _print_config(recipe)
         return 0
+    _check_before_loading(recipe, args.resume)
+    from ..train import rundir
     from ..train.loop import train
 
-    result = train(recipe, resume=args.resume, progress=args.progress)
+    try:
+        result = train(recipe, resume=args.resume, progress=args.progress)
+    except KeyboardInterrupt as stop:
+        if not isinstance(stop, rundir.TrainingInterrupted):
+            stop = rundir.interruption_on_disk(recipe.training.output_dir)
+        print("\n" + rundir.interrupted_message(stop, args.recipe, args.overrides), file=sys.stderr)
+        return 130
     minutes, seconds = divmod(int(result.seconds), 60)
     print(f"\ntrained {result.steps} steps in {minutes}m{seconds:02d}s on {result.tokens:,} tokens; "
           f"final loss {result.final_loss:.4f}")
     data = result.data
     if data is not None:
-        print(f"  data: {data.used} examples from {data.source} ({data.format} format), {data.skipped} rows skipped, "
-              f"{data.truncated} truncated")
+        print(f"  data: {data.used} examples from {data.source} ({data.format} format), "
+              f"{_plural(data.skipped, 'row')} skipped, {data.truncated} truncated")
     if result.skipped_steps:
-        print(f"  {result.skipped_steps} step(s) skipped for NaN/Inf loss or gradients")
+        print(f"  {_plural(result.skipped_steps, 'step')} skipped for NaN/Inf loss or gradients")
     if result.best_eval_loss is not None:
         print(f"  best eval loss {result.best_eval_loss:.4f} at {result.best_checkpoint}")
     if result.exact_match:

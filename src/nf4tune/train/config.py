@@ -61,6 +61,7 @@ class DataSection:
 @dataclass
 class TrainingSection:
     output_dir: str = REQUIRED  # type: ignore[assignment]
+    overwrite_output_dir: bool = False  # a folder holding a run: move it to OUTPUT.old-<time> (else refused)
     max_steps: int = -1
     num_train_epochs: float = 1.0
     per_device_train_batch_size: int = 1

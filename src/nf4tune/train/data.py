@@ -56,7 +56,7 @@ def read_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise BadRowError(path, n, "-", f"is not valid JSON ({e.msg})") from e
+                    raise BadRowError(path, n, "-", f"is not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from e
                 yield n, row
     elif suffix == ".json":
         try:

@@ -127,3 +127,69 @@ def _chat_example(row: dict, tokenizer) -> Example:
         segments += [(prefix[len(done):], False), (full[len(prefix):], True)]
         done = full
     return Example(segments=[s for s in segments if s[0]])
+
+
+# --- The prompt format an adapter was trained with, carried beside it ---------------------------
+#
+# An adapter answers well only in the prompt format it was trained on (the demo adapter, trained on
+# bare "Is 12 even or odd? " prompts, babbles when its input is wrapped in Guanaco's "### Human:").
+# Training writes `nf4tune_prompt.json` into the adapter folder; chat and generate read it.
+
+PROMPT_FORMAT_FILE = "nf4tune_prompt.json"
+# How text is put to a model at inference time; the chat command offers these (plus "auto").
+PROMPT_STYLES = ("template", "guanaco", "alpaca", "chip2", "raw")
+# The inference style that matches each training data format.
+_STYLE_OF_DATA_FORMAT = {
+    "alpaca": "alpaca", "oasst1": "guanaco", "chip2": "chip2", "messages": "template",
+    "prompt_completion": "raw", "input_output": "raw", "longform": "raw", "hh_rlhf": "raw", "text": "raw",
+}
+
+
+def prompt_style_for(data_format: str) -> str:
+    """The inference prompt style matching training data in `data_format` (a name in FORMATS)."""
+    if data_format not in _STYLE_OF_DATA_FORMAT:
+        raise ValueError(f"unknown data format {data_format!r}")
+    return _STYLE_OF_DATA_FORMAT[data_format]
+
+
+def save_prompt_format(adapter_dir, data_format: str) -> None:
+    """Record in `adapter_dir` the prompt format its training data had (call after saving the adapter)."""
+    import json
+    from pathlib import Path
+
+    from ..atomic import atomic_write_text
+
+    record = {"data_format": data_format, "prompt_style": prompt_style_for(data_format)}
+    atomic_write_text(Path(adapter_dir) / PROMPT_FORMAT_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def prompt_format_of(adapter_dir) -> str | None:
+    """The prompt style (one of PROMPT_STYLES) the adapter in `adapter_dir` was trained with, or None
+    when it does not say (a PEFT adapter, or one saved before nf4tune recorded it)."""
+    import json
+    from pathlib import Path
+
+    path = Path(adapter_dir) / PROMPT_FORMAT_FILE
+    if not path.is_file():
+        return None
+    try:
+        style = json.loads(path.read_text(encoding="utf-8")).get("prompt_style")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return style if style in PROMPT_STYLES else None
+
+
+def render_plain_prompt(messages: list[dict], style: str) -> str:
+    """The prompt for `messages` in the styles that need no tokenizer: alpaca (the last user turn as the
+    instruction), chip2 ("<human>: ... \\n<bot>: " turns) and raw (the last user turn as it is)."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    last = users[-1] if users else ""
+    if style == "alpaca":
+        return ALPACA_NO_INPUT.format(instruction=last)
+    if style == "chip2":
+        turns = "".join(f"<human>: {m['content']}\n<bot>: " if m["role"] == "user" else f"{m['content']}\n"
+                        for m in messages if m["role"] in ("user", "assistant"))
+        return turns
+    if style == "raw":
+        return last
+    raise ValueError(f"style {style!r} needs a tokenizer")
