@@ -154,9 +154,9 @@ def _read_line(prompt: str) -> str | None:
 
 
 def run_chat(args) -> int:
+    _prepare_model(args)
     from ..serve.engine import Request
 
-    _prepare_model(args)
     sampling = _sampling(args)
     engine = _engine(args)
     system, history = args.system, []
