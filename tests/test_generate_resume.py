@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 ARGS = ["--max-new-tokens", "32", "--temperature", "0", "--batch-size", "1", "--device", "cpu"]
 
@@ -20,6 +22,7 @@ def _cli(*argv, **kw):
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_interrupted_generate_keeps_out_and_resumes(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Is {n} even or odd? ", "id": n}) + "\n" for n in range(30)))

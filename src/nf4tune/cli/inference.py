@@ -153,6 +153,14 @@ def _read_line(prompt: str) -> str | None:
         return None
 
 
+def _restarted(engine):
+    """A fresh engine on the same model: closing one stops its generation at the next token."""
+    from ..serve.engine import Engine
+
+    engine.close()
+    return Engine(engine.model, engine.tokenizer)
+
+
 def run_chat(args) -> int:
     _prepare_model(args)
     from ..serve.engine import Request
@@ -160,7 +168,7 @@ def run_chat(args) -> int:
     sampling = _sampling(args)
     engine = _engine(args)
     system, history = args.system, []
-    note = {"raw": "; each message is answered on its own (the adapter was trained on single prompts)"}.get(args.style, "")
+    note = "; each message is answered on its own" if args.style in ("raw", "alpaca") else ""
     print(f"nf4tune chat ({args.style} format{note}): {CHAT_COMMANDS}; Ctrl-C stops a reply, Ctrl-D exits",
           file=sys.stderr)
     try:
@@ -192,18 +200,23 @@ def run_chat(args) -> int:
             text = text[1:] if command.startswith("//") else text
             history.append({"role": "user", "content": text})
             messages = ([{"role": "system", "content": system}] if system else []) + history
-            request = engine.submit(Request(render(engine.tokenizer, messages, args.style), sampling=sampling))
-            print("assistant: ", end="", flush=True)
-            try:
+            request, stopped = None, False
+            try:  # from here on, Ctrl-C stops the reply and keeps the session
+                request = engine.submit(Request(render(engine.tokenizer, messages, args.style), sampling=sampling))
+                print("assistant: ", end="", flush=True)
                 for piece in request.stream():
                     print(piece, end="", flush=True)
                 print(flush=True)
                 reply = request.wait().text
-            except KeyboardInterrupt:  # stop this reply, keep the conversation
-                reply = request.text
+            except KeyboardInterrupt:
+                stopped = True
+                if request is not None:
+                    engine = _restarted(engine)  # ends the generation now, rather than after max_new_tokens
+                reply = request.text if request is not None else ""
                 print(" (reply stopped)", flush=True)
-            if request.error:
-                print(f"(error: {request.error})", flush=True)
+            if request is None or (request.error and not stopped):
+                if request is not None:
+                    print(f"(error: {request.error})", flush=True)
                 history.pop()
                 continue
             history.append({"role": "assistant", "content": reply})
