@@ -18,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with a mistake said in one line (and where the full usage is) instead of the usage block."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -97,7 +97,8 @@ def merge_adapter(
     merged = 0
     with CheckpointWriter(out_dir, ckpt.path, len(ckpt.shards)) as writer:
         assembler = QuantizedWeightAssembler(quantized)
-        with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc="merging", disable=not progress) as bar:
+        with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=f"merging {ckpt.path.name}", disable=not progress) as bar:
+            done = 0
             for shard in ckpt.shards:
                 out: dict[str, torch.Tensor] = {}
                 for key, tensor in iter_tensors(shard):
@@ -121,6 +122,8 @@ def merge_adapter(
                     out[key] = tensor
                 writer.write_shard(out)
                 del out
+                done += shard.stat().st_size
+                bar.update(done - bar.n)  # file sizes include headers: reach the total
         if assembler.pending:
             raise Nf4tuneError(f"{ckpt.path} has incomplete 4-bit weights ({next(iter(assembler.pending))}); "
                                "the checkpoint is damaged.")

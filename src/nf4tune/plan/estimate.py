@@ -146,18 +146,26 @@ def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, targe
     return est
 
 
+def format_count(n: float) -> str:
+    """A parameter count for people: 6.74B, 170.3M, 98.3K, 512 (a tiny model is not "0.00B")."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.{2 if suffix == 'B' else 1}f}{suffix}"
+    return f"{int(n)}"
+
+
 def format_table(est: Estimate, args_line: str) -> str:
     """The human-readable table `nf4tune estimate` prints."""
-    gib = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+    gib = lambda b: f"{b / GIB:8.2f} GiB" if b >= GIB / 100 else f"{b / 2**20:8.2f} MiB"  # noqa: E731
     rows = [
-        ("4-bit weights", est.weights_4bit, f"{est.quantized_parameters / 1e9:.2f}B quantized parameters"),
+        ("4-bit weights", est.weights_4bit, f"{format_count(est.quantized_parameters)} quantized parameters"),
         ("quantization constants", est.quant_constants, "absmax, double-quantized"),
         ("16-bit parts", est.weights_16bit, "embeddings, norms, output head (bf16)"),
-        ("LoRA parameters", est.lora, f"{est.lora_parameters / 1e6:.1f}M in float32"),
+        ("LoRA parameters", est.lora, f"{format_count(est.lora_parameters)} in float32"),
         ("gradients", est.gradients, "LoRA only, float32"),
         ("optimizer states", est.optimizer_states, "pageable to host memory" if est.optimizer_pageable else "on the GPU"),
-        ("activations", est.activations, f"with checkpointing {est.activations_with_checkpointing / GIB:.2f} GiB, "
-                                         f"without {est.activations_without_checkpointing / GIB:.2f} GiB"),
+        ("activations", est.activations, f"with checkpointing {gib(est.activations_with_checkpointing).strip()}, "
+                                         f"without {gib(est.activations_without_checkpointing).strip()}"),
         ("logits", est.logits, "chunked loss"),
         ("CUDA context, allocator", est.overhead, ""),
     ]

@@ -128,6 +128,8 @@ class Engine:
         # the lean CPU decoder where the model allows, else generate()
         self.decoder = Decoder(model) if Decoder.unsupported(model) is None else None
         self.max_batch, self.max_queue = max_batch, max_queue
+        if max_batch < 1 or max_queue < 1:  # [:0] of the queue would never answer
+            raise Nf4tuneError(f"max_batch and max_queue must be 1 or more, got {max_batch} and {max_queue}.")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-W, H, LEFT, RIGHT, TOP, BOTTOM = 720, 420, 70, 20, 20, 45
+W, H, LEFT, RIGHT, TOP, BOTTOM = 720, 420, 70, 20, 20, 45  # TOP leaves room for the "loss" label
 TRAIN, EVAL, AXIS, GRID = (31, 119, 180), (255, 127, 14), (40, 40, 40), (225, 225, 225)
 
 _FONT = {  # 5x7 glyphs, rows top to bottom
@@ -51,6 +51,26 @@ def _line(img: torch.Tensor, x0: float, y0: float, x1: float, y1: float, color, 
 
 def _fmt(v: float) -> str:
     return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.1e}"
+
+
+def nice_ticks(lo: float, hi: float, most: int = 6, integer: bool = False) -> list[float]:
+    """Round tick values covering [lo, hi]: steps of 1, 2 or 5 times a power of ten (0, 50, 100, ...
+    rather than 10, 82, 155), at most `most` of them."""
+    import math
+
+    if not hi > lo:
+        return [lo]
+    raw = (hi - lo) / most
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    if integer:
+        step = max(1, round(step))
+    first = math.ceil(lo / step - 1e-9) * step
+    ticks, k = [], 0
+    while first + k * step <= hi + 1e-9 * step:
+        ticks.append(round(first + k * step, 12))
+        k += 1
+    return ticks
 
 
 def _write_png(img: torch.Tensor, path: Path) -> None:
@@ -101,12 +121,13 @@ def plot_losses(records: list[dict], path: str | Path) -> Path:
         y_lo, y_hi = y_lo - pad, y_hi + pad
         px = lambda x: LEFT + (x - x_lo) / (x_hi - x_lo) * (W - LEFT - RIGHT)  # noqa: E731
         py = lambda y: TOP + (y_hi - y) / (y_hi - y_lo) * (H - TOP - BOTTOM)  # noqa: E731
-        for i in range(5):  # grid and tick labels
-            yv = y_lo + (y_hi - y_lo) * i / 4
+        for yv in nice_ticks(y_lo, y_hi):  # grid and tick labels at round values
             _line(img, LEFT, py(yv), W - RIGHT, py(yv), GRID, 1)
             _text(img, 4, int(py(yv)) - 3, _fmt(yv), AXIS)
-            xv = x_lo + (x_hi - x_lo) * i / 4
-            _text(img, int(px(xv)) - 6, H - BOTTOM + 8, _fmt(round(xv)), AXIS)
+        for xv in nice_ticks(x_lo, x_hi, integer=True):
+            label = _fmt(xv)
+            _line(img, px(xv), H - BOTTOM, px(xv), H - BOTTOM + 4, AXIS, 1)
+            _text(img, int(px(xv)) - 3 * len(label), H - BOTTOM + 8, label, AXIS)
         for series, color in ((train, TRAIN), (evals, EVAL)):
             for (x0, y0), (x1, y1) in zip(series, series[1:]):
                 _line(img, px(x0), py(y0), px(x1), py(y1), color)
@@ -115,7 +136,8 @@ def plot_losses(records: list[dict], path: str | Path) -> Path:
                 img[max(0, cy - 2):cy + 3, max(0, cx - 2):cx + 3] = torch.tensor(color, dtype=torch.uint8)
     _line(img, LEFT, TOP, LEFT, H - BOTTOM, AXIS, 1)
     _line(img, LEFT, H - BOTTOM, W - RIGHT, H - BOTTOM, AXIS, 1)
-    _text(img, (W - 24) // 2, H - 14, "step", AXIS)
+    _text(img, (W - 24) // 2, H - 14, "step", AXIS)  # axis labels
+    _text(img, 4, 4, "loss", AXIS)
     _line(img, W - 150, TOP + 8, W - 130, TOP + 8, TRAIN)
     _text(img, W - 124, TOP + 5, "train loss", AXIS)
     if evals:
