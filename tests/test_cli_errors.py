@@ -72,8 +72,10 @@ CASES = [
      "none.jsonl does not exist."),
     (lambda t: ["chat", str(t / "missing")], "the model {t}/missing is not a folder (it does not exist)"),
     (lambda t: ["chat", str(t / "a_file")], "the model {t}/a_file is not a folder; give the folder of a Hugging Face"),
-    (lambda t: ["chat", "tiny-random:nope"], "unknown built-in model 'tiny-random:nope'; built-in models: tiny-random:llama-demo."),
-    (lambda t: ["chat", str(t / "model"), "--adapter", str(t / "outdir")], "has no adapter_config.json; is it a LoRA adapter folder?"),
+    (lambda t: ["chat", "tiny-random:nope"],
+     "unknown built-in model 'tiny-random:nope'; built-in models: tiny-random:llama-demo."),
+    (lambda t: ["chat", str(t / "model"), "--adapter", str(t / "outdir")],
+     "has no adapter_config.json; is it a LoRA adapter folder?"),
     (lambda t: ["merge", str(t / "missing"), str(t / "outdir"), str(t / "m")], "the base model {t}/missing is not a folder"),
     (lambda t: ["quantize", str(t / "a_file"), str(t / "q")], "{t}/a_file is not a folder"),
     # (4) the chat template asked for but absent, before loading

@@ -30,7 +30,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..plan.estimate import estimate, format_table
 
-    est = estimate(resolve_builtin(args.model), args.seq_len, args.batch, args.r, args.target, args.optim, args.checkpointing, args.gpus)
+    est = estimate(resolve_builtin(args.model), args.seq_len, args.batch, args.r, args.target, args.optim,
+                   args.checkpointing, args.gpus)
     if args.json:
         print(json.dumps(est.as_json(), indent=2))
     else:

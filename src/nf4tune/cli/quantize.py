@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 from ..errors import Nf4tuneError
-
 from .checks import BLOCKSIZES, check_model_location, resolve_builtin
 
 
@@ -41,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoint.quantize import quantize_checkpoint
 
-    report = quantize_checkpoint(resolve_builtin(args.model_dir), args.out_dir, args.quant_type, args.double_quant, args.blocksize,
-                                 getattr(torch, args.compute_dtype))
+    report = quantize_checkpoint(resolve_builtin(args.model_dir), args.out_dir, args.quant_type, args.double_quant,
+                                 args.blocksize, getattr(torch, args.compute_dtype))
     _print_report(report, args)
     return 0
 
