@@ -135,3 +135,21 @@ def test_adapter_carries_its_prompt_format(tmp_path):
     assert render_plain_prompt(messages, "alpaca").endswith("### Instruction:\nIs 4 even or odd? \n\n### Response: ")
     assert render_plain_prompt(messages + [{"role": "assistant", "content": "even"}, {"role": "user", "content": "5?"}],
                                "chip2") == "<human>: Is 4 even or odd? \n<bot>: even\n<human>: 5?\n<bot>: "
+
+
+@pytest.mark.slow
+def test_the_first_run_with_an_empty_cache_equals_later_runs(tmp_path, monkeypatch):
+    """Building the demo model on first use must not change what the run draws (issue 16, item 6)."""
+    from nf4tune.train.config import load_recipe
+    from nf4tune.train.loop import train
+
+    monkeypatch.setenv("NF4TUNE_CACHE", str(tmp_path / "empty-cache"))
+    losses = []
+    for run in ("first", "second"):
+        recipe = load_recipe(ROOT / "recipes" / "demo.yaml", [
+            f"training.output_dir={tmp_path / run}", "training.max_steps=3", "training.logging_steps=1",
+            "eval.path=null", "eval.exact_match=false", "data.max_samples=64"])
+        train(recipe, progress=False)
+        losses.append([json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()])
+    assert (tmp_path / "empty-cache" / "llama-demo" / "config.json").is_file()  # built during the first run
+    assert losses[0] == losses[1]
