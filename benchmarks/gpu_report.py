@@ -18,7 +18,9 @@ files are rewritten after every section, so a run cut short keeps what it measur
 
 --quick: tiny shapes and one step each (what the tests run on CPU, under 3 minutes). --wheels DIR:
 where bitsandbytes is not installed, it is installed from the wheels in DIR (`pip install --no-index
---target` into a temporary folder put on the PYTHONPATH of the peer's processes). Random weights are
+--target` into a temporary folder put on the PYTHONPATH of the peer's processes), or, where DIR holds
+an unpacked `bitsandbytes/` package (a copy slimmed to one CUDA library fits a device carry), DIR
+itself goes on that path. Random weights are
 written shard by shard to a temporary folder (`decode_speed.build_random`), the tokenizer and data
 are `train_e2e.build`'s.
 """
@@ -353,6 +355,11 @@ def install_peer(wheels: str | None) -> str | None:
         return None
     if not wheels:
         return "bitsandbytes is not installed and no --wheels folder was given: the peer's runs will fail"
+    if (Path(wheels) / "bitsandbytes").is_dir():  # an unpacked copy (slimmed to fit a carry): use it as it is
+        target = str(Path(wheels).resolve())
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (target, os.environ.get("PYTHONPATH")) if p)
+        sys.path.insert(0, target)
+        return f"bitsandbytes taken from the unpacked copy in {target}"
     target = tempfile.mkdtemp(prefix="gpu_report_bnb_")
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", wheels, "--target",
                            target, "--no-deps", "bitsandbytes"], capture_output=True, text=True)
