@@ -173,3 +173,34 @@ def test_doctor_prints_each_op_and_why(switches, capsys):
     assert main(["doctor"]) == 0
     text = capsys.readouterr().out
     assert all(re.search(rf"^  {op} +\S+ +\S", text, re.M) for op in dispatch.OPS), text
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_compiling_traces_through_the_4bit_lora_layer_with_the_eager_results(double_quant):
+    """`torch.compile(fullgraph=True)` fails on any graph break: the layer must be one custom op to it.
+    aot_eager traces forward and backward as Inductor does, without its slow C++ code generation."""
+    gen = torch.Generator().manual_seed(7)
+    q = nf4tune.quantize(torch.randn(96, 128, generator=gen), double_quant=double_quant)
+    layer = nf4tune.Linear4bit.from_quantized(q, bias=torch.randn(96, generator=gen), compute_dtype=torch.float32)
+    layer.add_lora(r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=gen)
+    x = torch.randn(2, 5, 128, generator=gen, requires_grad=True)
+
+    def block(x):  # a layer's small ops around the 4-bit linear, as in a decoder layer
+        return torch.nn.functional.silu(layer(x * 0.5)).square().mean()
+
+    torch._dynamo.reset()
+    compiled_block = torch.compile(block, fullgraph=True, backend="aot_eager")
+    eager, compiled = block(x), compiled_block(x)
+    params = [x, layer.lora_A, layer.lora_B]
+    for a, b in zip(torch.autograd.grad(eager, params), torch.autograd.grad(compiled, params)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(eager, compiled, rtol=1e-6)
+    from nf4tune.kernels import lora_4bit_op
+
+    meta = layer._quant_meta
+    args = (x.detach().requires_grad_(), x.detach(), layer.lora_A, layer.lora_B, 2.0, layer.bias, layer.weight_packed,
+            layer.weight_absmax, layer.weight_nested_absmax, list(meta["shape"]), meta["quant_type"], meta["blocksize"],
+            float(meta["offset"] or 0.0), int(meta["nested_blocksize"] or 0))
+    torch.library.opcheck(lora_4bit_op.lora_linear_4bit, args)  # fake and autograd registrations agree with the op

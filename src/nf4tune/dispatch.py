@@ -258,6 +258,17 @@ def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+def lora_linear_4bit(x: torch.Tensor, x_lora, lora_A, lora_B, scaling: float, bias, packed: torch.Tensor,
+                     absmax: torch.Tensor, nested, meta: dict) -> torch.Tensor:
+    """`Linear4bit`'s forward under `torch.compile`: the `nf4tune::lora_linear_4bit` custom op (no graph
+    break; the weight dequantized through `dequantize_4bit` above), `meta` the layer's quantization fields."""
+    from .kernels import lora_4bit_op
+
+    return lora_4bit_op.lora_linear_4bit(x, x_lora, lora_A, lora_B, float(scaling), bias, packed, absmax, nested,
+                                         list(meta["shape"]), meta["quant_type"], meta["blocksize"],
+                                         float(meta["offset"] or 0.0), int(meta["nested_blocksize"] or 0))
+
+
 class Compiled:
     """`fn`, compiled on first use where `path("loss", first argument)` says so, else `fn` itself."""
 

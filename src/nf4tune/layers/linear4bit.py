@@ -133,7 +133,8 @@ class Linear4bit(nn.Module):
         self.lora_dropout = LoraDropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and x.numel() <= FUSED_MAX_TOKENS * self.in_features:
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not torch.is_grad_enabled() and x.numel() <= FUSED_MAX_TOKENS * self.in_features:
             matmul = self.fused_matmul(x)
             if matmul is not None:
                 return self.infer(x, matmul)
@@ -143,7 +144,11 @@ class Linear4bit(nn.Module):
         if self.lora_A is not None:
             x_lora, keep_scale = self.lora_dropout(x)
             scaling *= keep_scale
-        y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.quantized_weight)
+        if compiling:  # the same arithmetic as a custom op, which torch.compile traces through
+            y = dispatch.lora_linear_4bit(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.weight_packed,
+                                          self.weight_absmax, self.weight_nested_absmax, self._quant_meta)
+        else:
+            y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.quantized_weight)
         return y.to(in_dtype)
 
     def fused_matmul(self, x: torch.Tensor):
