@@ -204,3 +204,21 @@ def test_compiling_traces_through_the_4bit_lora_layer_with_the_eager_results(dou
             layer.weight_absmax, layer.weight_nested_absmax, list(meta["shape"]), meta["quant_type"], meta["blocksize"],
             float(meta["offset"] or 0.0), int(meta["nested_blocksize"] or 0))
     torch.library.opcheck(lora_4bit_op.lora_linear_4bit, args)  # fake and autograd registrations agree with the op
+
+
+def test_training_dequantizes_into_one_reused_buffer_with_the_same_bytes():
+    gen = torch.Generator().manual_seed(8)
+    big, small = (nf4tune.quantize(torch.randn(s, generator=gen)) for s in ((64, 256), (32, 192)))
+    first = dispatch.dequantize_scratch(big, torch.bfloat16)
+    assert torch.equal(first, big.dequantize(torch.bfloat16))
+    second = dispatch.dequantize_scratch(small, torch.bfloat16)
+    assert torch.equal(second, small.dequantize(torch.bfloat16))
+    if dispatch.path("dequantize_4bit", small).name in (dispatch.NATIVE, dispatch.TRITON):
+        assert second.data_ptr() == first.data_ptr()  # written where the first weight was: no new allocation
+    layer = nf4tune.Linear4bit.from_quantized(big, compute_dtype=torch.bfloat16)
+    layer.add_lora(r=4, alpha=8)
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16).requires_grad_()
+    layer(x).float().square().sum().backward()
+    w = big.dequantize(torch.float32)
+    expected = (2 * (x.float() @ w.t()) @ w)  # B is zero: the base path alone
+    assert (x.grad.float() - expected).abs().max() <= 2e-2 * expected.abs().max()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -183,19 +184,22 @@ def quantize_4bit(w: torch.Tensor, quant_type: str, blocksize: int) -> tuple[tor
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size | tuple[int, ...], quant_type: str,
-                    blocksize: int, dtype: torch.dtype) -> torch.Tensor:
-    """`blockwise.dequantize_4bit` (float32 absmax), bit for bit, on the fastest path for these tensors."""
-    n = 1
-    for s in shape:
-        n *= s
+                    blocksize: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`blockwise.dequantize_4bit` (float32 absmax), bit for bit, on the fastest path for these tensors.
+    With `out` (a contiguous buffer of at least that many values of `dtype`), the kernels that can
+    write there do: the result is then a view of it (use the returned tensor either way)."""
+    n = math.prod(shape)
     full = n - n % blocksize
     flat = packed.reshape(-1)
     chosen = _dequantize_path(flat, absmax, n, blocksize).name
+    into = out[:n] if out is not None and out.dtype == dtype and out.device == packed.device else None
     if chosen == TRITON:
         code = on_device(packed.device, code_4bit, quant_type)
-        return cuda_kernels.dequantize_4bit(flat, absmax, code, n, blocksize, dtype).view(shape)
+        return cuda_kernels.dequantize_4bit(flat, absmax, code, n, blocksize, dtype, into).view(shape)
     head = None
     if chosen == NATIVE:
+        if into is not None and full == n and dtype in (torch.bfloat16, torch.float32):
+            return native.dequantize_4bit(flat, absmax, code_4bit(quant_type), n, blocksize, dtype, into).view(shape)
         head = native.dequantize_4bit(flat, absmax, code_4bit(quant_type), n, blocksize, dtype)
     elif chosen == COMPILED:
         head = compiled_4bit.dequantize_4bit(flat, absmax, full, quant_type, blocksize, dtype)
@@ -206,6 +210,22 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Siz
                                          blocksize, dtype)
         head = torch.cat([head, tail])
     return head.view(shape)
+
+
+_scratch = threading.local()
+
+
+def dequantize_scratch(q, dtype: torch.dtype) -> torch.Tensor:
+    """q dequantized to `dtype` into a buffer this thread reuses for every weight on q's device, so a
+    training step does not allocate (and on CPU page-fault) a fresh weight-sized tensor per layer per
+    pass. The result is valid until this thread's next call: for a weight used at once and dropped."""
+    n = math.prod(q.shape)
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (q.device, dtype)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < n:
+        buffer = buffers[key] = torch.empty(n, dtype=dtype, device=q.device)
+    return dequantize_4bit(q.packed, q.float_absmax(), q.shape, q.quant_type, q.blocksize, dtype, out=buffer)
 
 
 def fused_matmul_4bit(q) -> Matmul4bit | None:

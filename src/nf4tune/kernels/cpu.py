@@ -133,11 +133,13 @@ def dequantize_rejects(packed: torch.Tensor, absmax: torch.Tensor, blocksize: in
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, blocksize: int,
-                    dtype: torch.dtype) -> torch.Tensor:
+                    dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The first n // blocksize * blocksize values, in `dtype` (bfloat16 rounded in the kernel; other
-    dtypes from float32, as the reference does)."""
+    dtypes from float32, as the reference does); written into `out` (bfloat16 or float32, contiguous,
+    that many values) if given."""
     full = n - n % blocksize
-    out = torch.empty(full, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    if out is None:
+        out = torch.empty(full, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
     code = code.float().contiguous()
     _lib().dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), full, blocksize,
                               out.data_ptr(), int(out.dtype == torch.bfloat16), torch.get_num_threads())

@@ -28,10 +28,11 @@ def _grid(n: int, block: int) -> int:
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, blocksize: int,
-                    dtype: torch.dtype) -> torch.Tensor:
+                    dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """All n values of a 4-bit tensor, from float32 absmax and the float32 code table on the same
-    device, in `dtype` (bit-exact with the reference)."""
-    out = torch.empty(n, dtype=dtype, device=packed.device)
+    device, in `dtype` (bit-exact with the reference); written into `out` (n contiguous values) if given."""
+    if out is None:
+        out = torch.empty(n, dtype=dtype, device=packed.device)
     block = 1024
     bf16 = dtype == torch.bfloat16
     from .triton_4bit import dequantize_kernel

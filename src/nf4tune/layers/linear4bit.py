@@ -36,7 +36,7 @@ FUSED_MAX_TOKENS = 16
 class _Lora4bitMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, lora_A, lora_B, scaling, bias, weight: QuantizedTensor):
-        w = weight.dequantize(x.dtype)
+        w = dispatch.dequantize_scratch(weight, x.dtype)  # a reused buffer: w is dropped right after
         y = x @ w.t()
         del w
         if bias is not None:
@@ -59,7 +59,7 @@ class _Lora4bitMatmul(torch.autograd.Function):
         x_lora, a, b, h = ctx.saved_tensors
         grad_x = grad_x_lora = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ ctx.weight.dequantize(grad_y.dtype)
+            grad_x = grad_y @ dispatch.dequantize_scratch(ctx.weight, grad_y.dtype)
         if a is not None:
             g = grad_y.reshape(-1, grad_y.shape[-1])
             if ctx.needs_input_grad[3]:
