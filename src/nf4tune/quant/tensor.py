@@ -98,7 +98,8 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor back in floating point (`dtype`, by default the original dtype)."""
-        return _kernels["dequantize_4bit"](self.packed, self.float_absmax(), self.shape, self.quant_type, self.blocksize, dtype or self.dtype)
+        return _kernels["dequantize_4bit"](self.packed, self.float_absmax(), self.shape, self.quant_type, self.blocksize,
+                                           dtype or self.dtype)
 
     def to(self, device: torch.device | str) -> "QuantizedTensor":
         """A copy on `device` (the same object if already there)."""
