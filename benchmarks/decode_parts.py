@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import nf4tune
+from nf4tune import dispatch
 from nf4tune.kernels import cpu as native
 
 
@@ -35,8 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=30)
     args = parser.parse_args()
-    if native.kernels() is None:
-        raise SystemExit("the native kernels are not available on this machine (AVX-512 and a C++ compiler)")
+    if dispatch.native_library()[0] is None:
+        raise SystemExit(f"the native kernels are not available here: {dispatch.native_library()[1]}")
     torch.manual_seed(0)
     print(f"# cpu, {torch.get_num_threads()} threads, torch {torch.__version__}")
 

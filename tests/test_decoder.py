@@ -8,13 +8,13 @@ import torch
 
 import nf4tune
 from nf4tune.checkpoint.tiny import build_tiny_checkpoint
-from nf4tune.kernels import cpu as native
+from nf4tune import dispatch
 from nf4tune.layers.lora import lora_layers
 from nf4tune.serve import Engine, Request
 from nf4tune.serve.decoder import Decoder
 from nf4tune.serve.sampling import Sampling, next_token, process_logits
 
-needs_kernels = pytest.mark.skipif(native.kernels() is None, reason="the decoder needs the AVX-512 CPU kernels")
+needs_kernels = pytest.mark.skipif(not dispatch.path("decode_attention", torch.zeros(1)).fast, reason="the decoder needs the AVX-512 CPU kernels")
 # multiples of 128, so the projections take the bf16 dot-product path where the CPU has it
 SHAPE = dict(hidden_size=128, intermediate_size=256)
 

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import nf4tune
+from nf4tune import dispatch
 from nf4tune.kernels import cpu as native
 from nf4tune.layers import linear4bit
 from nf4tune.quant import blockwise
 from nf4tune.quant.codes import code_4bit
 
-needs_kernels = pytest.mark.skipif(native.kernels() is None,
+needs_kernels = pytest.mark.skipif(dispatch.native_library()[0] is None,
                                    reason="the native kernels need an x86-64 CPU with AVX-512 and a C++ compiler")
 
 
@@ -105,35 +106,38 @@ def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path):
     target = native.library_path(native._compiler(), native._cpu_flags())
     target.parent.mkdir(parents=True)
     target.write_bytes(b"not a library")  # as a full disk or a killed copy might leave it
-    native.kernels.cache_clear()
+    native.load.cache_clear()
     try:
-        assert native.kernels() is not None and target.stat().st_size > 1000
+        assert native.load()[0] is not None and target.stat().st_size > 1000
     finally:
-        native.kernels.cache_clear()
+        native.load.cache_clear()
 
 
 def test_without_a_compiler_the_kernels_step_aside_with_a_warning(monkeypatch, tmp_path, caplog):
-    if native.kernels() is None:
+    if dispatch.native_library()[0] is None:
         pytest.skip("no native kernels on this machine to begin with")
     monkeypatch.setenv("NF4TUNE_CACHE", str(tmp_path))  # nothing cached: a build is needed
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    native.kernels.cache_clear()
+    native.load.cache_clear()
+    dispatch.native_library.cache_clear()
     try:
         with caplog.at_level(logging.WARNING):
-            assert native.kernels() is None
+            assert dispatch.native_library()[0] is None
+            assert "could not build" in dispatch.path("matmul_4bit", nf4tune.quantize(torch.randn(8, 64))).reason
         assert "could not build the AVX-512 kernels" in caplog.text
         layer = nf4tune.Linear4bit.from_quantized(nf4tune.quantize(torch.randn(32, 64)), compute_dtype=torch.float32)
         with torch.no_grad():  # the layer still works, on the PyTorch path
             assert layer(torch.ones(1, 64)).shape == (1, 32)
     finally:
-        native.kernels.cache_clear()
+        native.load.cache_clear()
+        dispatch.native_library.cache_clear()
 
 
 @needs_kernels
 def test_the_output_head_decodes_through_the_bf16_kernel(monkeypatch):
     from nf4tune.layers.head import OutputHead
 
-    if not native.supports_bf16_matmul(torch.ones(1, 128, dtype=torch.bfloat16), torch.ones(8, 128, dtype=torch.bfloat16)):
+    if not dispatch.path("head_matmul", torch.ones(1, 128, dtype=torch.bfloat16), torch.ones(8, 128, dtype=torch.bfloat16)).fast:
         pytest.skip("this CPU lacks AVX512-BF16")
     gen = torch.Generator().manual_seed(5)
     linear = torch.nn.Linear(128, 300, bias=False).to(torch.bfloat16)
@@ -205,7 +209,7 @@ def test_triton_kernels_match_the_reference_in_the_interpreter():
 def test_triton_kernels_serve_the_layer_on_cuda():
     from nf4tune.kernels import cuda as kernels
 
-    assert kernels.usable(torch.device("cuda")), "the first-use check against the reference failed on this GPU"
+    assert kernels.check(torch.device("cuda")) is None, "the first-use check against the reference failed on this GPU"
     gen = torch.Generator().manual_seed(6)
     q = nf4tune.quantize(torch.randn(256, 512, generator=gen).cuda())
     layer = nf4tune.Linear4bit.from_quantized(q, compute_dtype=torch.bfloat16)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import nf4tune
-from nf4tune import compiled
-from nf4tune.kernels import cpu as native
-from nf4tune.quant import blockwise, fast
+from nf4tune import dispatch
+from nf4tune.kernels import compiled
+from nf4tune.quant import blockwise
 from nf4tune.quant.codes import dynamic_code, fp4_code, nf4_code
 
 bnb_F = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is the oracle for these tests")
@@ -155,18 +155,19 @@ def test_bad_input_gets_one_clear_error_naming_the_tensor(w, blocksize, match):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_compiled_cpu_path_is_bit_exact_with_the_reference(monkeypatch, quant_type):
-    monkeypatch.setattr(compiled, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(dispatch, "COMPILE_MIN_NUMEL", 0)
     monkeypatch.setattr(compiled, "broken", False)
-    monkeypatch.setattr(native, "kernels", lambda: None)  # the AVX-512 kernels would take dequantize over
+    monkeypatch.setattr(dispatch, "native_library", lambda: (None, "off"))  # AVX-512 would take dequantize over
     gen = torch.Generator().manual_seed(1)
     for shape, blocksize in [((257, 512), 64), ((100, 300), 128)]:  # the second has a partial block
         w = torch.randn(shape, generator=gen).to(torch.bfloat16)
         w[0, :blocksize] = 0
-        packed, absmax = fast.quantize_4bit(w, quant_type, blocksize)
+        assert dispatch.path("quantize_4bit", w, quant_type, blocksize).name == dispatch.COMPILED
+        packed, absmax = dispatch.quantize_4bit(w, quant_type, blocksize)
         ref_packed, ref_absmax = blockwise.quantize_4bit(w, quant_type, blocksize)
         assert torch.equal(packed, ref_packed) and torch.equal(absmax, ref_absmax)
         for dtype in (torch.bfloat16, torch.float32):
-            got = fast.dequantize_4bit(packed, absmax, shape, quant_type, blocksize, dtype)
+            got = dispatch.dequantize_4bit(packed, absmax, shape, quant_type, blocksize, dtype)
             assert torch.equal(got, blockwise.dequantize_4bit(packed, absmax, shape, quant_type, blocksize, dtype))
     assert not compiled.broken, "the compiled path fell back to the reference"
 

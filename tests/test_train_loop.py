@@ -180,7 +180,8 @@ def test_a_bad_row_is_reported_before_the_model_loads(setup, tmp_path, monkeypat
 
 @pytest.mark.parametrize("compile_kernels", [False, True], ids=["eager", "compiled"])
 def test_chunked_loss_has_the_gradients_of_the_full_logits_loss(setup, monkeypatch, compile_kernels):
-    from nf4tune import compiled
+    from nf4tune import dispatch
+    from nf4tune.kernels import compiled
     from nf4tune.train.data import collate, load_examples
     from nf4tune.train.loss import loss_sum
     from nf4tune.train.tokens import train_new_rows
@@ -195,7 +196,7 @@ def test_chunked_loss_has_the_gradients_of_the_full_logits_loss(setup, monkeypat
     batch = collate(examples, tok.pad_token_id)
     params = [p for p in model.parameters() if p.requires_grad]
     if compile_kernels:  # tiny inputs normally stay eager; force the compiled kernels
-        monkeypatch.setattr(compiled, "COMPILE_MIN_NUMEL", 0)
+        monkeypatch.setattr(dispatch, "COMPILE_MIN_NUMEL", 0)
         monkeypatch.setattr(compiled, "broken", False)
 
     total, count = loss_sum(model, batch, chunk_tokens=5)  # several chunks

@@ -5,6 +5,7 @@ checkpoints in and out), `nf4tune.layers` (the 4-bit linear layer and LoRA), `nf
 (loading, adapters, merging), and the command line in `nf4tune.cli`.
 """
 
+from . import dispatch  # noqa: F401  (installs the fast 4-bit paths into quant)
 from .errors import Nf4tuneError
 
 __version__ = "0.1.0"

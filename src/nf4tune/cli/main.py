@@ -11,7 +11,7 @@ import logging
 import sys
 
 from ..errors import Nf4tuneError
-from . import estimate, inference, merge, quantize, train
+from . import doctor, estimate, inference, merge, quantize, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub)
     estimate.add_parser(sub)
     inference.add_parsers(sub)
+    doctor.add_parser(sub)
     return parser
 
 

@@ -5,8 +5,10 @@ The kernels: `dequantize_4bit` (bit-exact with `blockwise.dequantize_4bit`), `ma
 with the 4-bit W decoded in registers, for decoding a few tokens at a time), `matmul_f32` (the
 adapters' products while decoding), where the CPU has AVX512-BF16 `matmul_bf16` (for the 16-bit
 output head), and `rms_norm` and `decode_attention` for `serve/decoder.py`. Where the CPU
-lacks AVX-512, no compiler is found or the build fails, `kernels()` returns None (with a warning
-for a failed build) and callers keep the PyTorch paths. NF4TUNE_NATIVE=0 turns the kernels off.
+lacks AVX-512, no compiler is found or the build fails, `load()` returns no library (with a warning
+for a failed build), with the reason, and `nf4tune.dispatch` keeps the PyTorch paths; it is also
+what reads NF4TUNE_NATIVE and decides which inputs come here (the `*_rejects` checks below say
+what a kernel cannot take). Every ctypes call of the package is in this module.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..quant.codes import code_4bit, dynamic_code
+from . import base
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +79,25 @@ def _load(compiler: str, target: Path) -> ctypes.CDLL:
 
 
 @functools.cache
-def kernels() -> ctypes.CDLL | None:
-    """The loaded library, or None where it cannot be had here."""
-    if os.environ.get("NF4TUNE_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
-        return None
+def load() -> tuple[ctypes.CDLL | None, str]:
+    """The loaded library (None where it cannot be had here) and one sentence saying why."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"the AVX-512 kernels need an x86-64 CPU (this is {platform.machine()})"
     flags = _cpu_flags()
     if not {"avx512f", "avx512bw", "avx512vl"} <= flags:  # every AVX-512 CPU since Skylake-SP
-        return None
+        return None, "this CPU lacks AVX-512 (F, BW, VL)"
     compiler = _compiler()
     if compiler is None:
         log.warning("nf4tune: no C++ compiler found; 4-bit CPU inference uses the slower PyTorch path.")
-        return None
+        return None, "no C++ compiler found (set CXX or install g++)"
+    target = library_path(compiler, flags)
     try:
-        lib = _load(compiler, library_path(compiler, flags))
+        lib = _load(compiler, target)
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        log.warning("nf4tune: could not build the AVX-512 kernels (%s); using the PyTorch path.",
-                    detail.strip().splitlines()[0] if detail.strip() else type(e).__name__)
-        return None
+        first = detail.strip().splitlines()[0] if detail.strip() else type(e).__name__
+        log.warning("nf4tune: could not build the AVX-512 kernels (%s); using the PyTorch path.", first)
+        return None, f"could not build the AVX-512 kernels ({first})"
     lib.dequantize_4bit.argtypes = [_P, _P, _P, _I64, _I64, _P, _INT, _INT]
     if hasattr(lib, "matmul_bf16"):  # built where the CPU has AVX512-BF16
         lib.matmul_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _P, _INT]
@@ -101,23 +105,43 @@ def kernels() -> ctypes.CDLL | None:
     lib.matmul_f32.argtypes = [_P, _I64, _I64, _P, _I64, _P, _INT]
     lib.rms_norm.argtypes = [_P, _I64, _I64, _P, _F, _P]
     lib.decode_attention.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _F, _P, _INT]
-    return lib
+    bf16 = " with AVX512-BF16" if hasattr(lib, "matmul_bf16") else ""
+    return lib, f"AVX-512{bf16} kernels built by {Path(compiler).name} ({target})"
 
 
-def supports(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> bool:
-    """Whether `dequantize_4bit` takes these tensors: contiguous, on CPU, float32 absmax."""
-    return (packed.device.type == "cpu" and packed.is_contiguous() and absmax.dtype == torch.float32
-            and absmax.is_contiguous() and blocksize % 32 == 0 and kernels() is not None)
+def _lib() -> ctypes.CDLL:
+    return load()[0]
+
+
+def has_bf16_matmul() -> bool:
+    """Whether the library has `matmul_bf16` (built where the CPU has AVX512-BF16)."""
+    lib = load()[0]
+    return lib is not None and hasattr(lib, "matmul_bf16")
+
+
+def dequantize_rejects(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> str | None:
+    """Why `dequantize_4bit` cannot take these tensors (on CPU, contiguous, float32 absmax), or None."""
+    if packed.device.type != "cpu":
+        return f"the tensor is on {packed.device.type}"
+    if not (packed.is_contiguous() and absmax.is_contiguous()):
+        return "the tensor is not contiguous"
+    if absmax.dtype != torch.float32:
+        return "its absmax is not float32"
+    if blocksize % 32:
+        return f"its block size {blocksize} is not a multiple of 32"
+    return None
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, blocksize: int,
-                    dtype: torch.dtype) -> torch.Tensor:
+                    dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The first n // blocksize * blocksize values, in `dtype` (bfloat16 rounded in the kernel; other
-    dtypes from float32, as the reference does)."""
+    dtypes from float32, as the reference does); written into `out` (bfloat16 or float32, contiguous,
+    that many values) if given."""
     full = n - n % blocksize
-    out = torch.empty(full, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    if out is None:
+        out = torch.empty(full, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
     code = code.float().contiguous()
-    kernels().dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), full, blocksize,
+    _lib().dequantize_4bit(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), full, blocksize,
                               out.data_ptr(), int(out.dtype == torch.bfloat16), torch.get_num_threads())
     return out if out.dtype == dtype else out.to(dtype)
 
@@ -129,22 +153,27 @@ class _Weight4bit(ctypes.Structure):
                 ("offset", _F), ("group", _I64), ("code", _P), ("n", _I64), ("k", _I64), ("blocksize", _I64)]
 
 
-class Matmul4bit:
+def matmul_rejects(q) -> str | None:
+    """Why `Matmul4bit` cannot take this weight (on CPU, rows of whole blocks, power-of-two block
+    sizes), or None."""
+    def power_of_two(n: int) -> bool:
+        return n > 0 and n & (n - 1) == 0
+
+    if q.packed.device.type != "cpu":
+        return f"the weight is on {q.packed.device.type}"
+    if len(q.shape) != 2 or q.shape[1] % q.blocksize:
+        return "its rows are not whole blocks"
+    if q.blocksize < 32 or not power_of_two(q.blocksize) or (q.double_quant and not power_of_two(q.nested_blocksize)):
+        return "its block sizes are not powers of two (at least 32)"
+    return None
+
+
+class Matmul4bit(base.Matmul4bit):
     """x @ W^T for one 4-bit `QuantizedTensor` W (N x K on CPU, K a multiple of its blocksize): the
     weight is described to the kernel once, since decoding calls this per layer per token.
 
     The result is in x's dtype when it is bfloat16 or float32 (else float32), summed in float32. The
     absmax is read as stored: double quantization is undone in the kernel, not in a float32 copy."""
-
-    @staticmethod
-    def supports(q) -> bool:
-        """Whether the kernel takes this weight: on CPU, rows of whole blocks, power-of-two block sizes."""
-        def power_of_two(n: int) -> bool:
-            return n > 0 and n & (n - 1) == 0
-
-        return (q.packed.device.type == "cpu" and len(q.shape) == 2 and q.shape[1] % q.blocksize == 0
-                and q.blocksize >= 32 and power_of_two(q.blocksize)
-                and (not q.double_quant or power_of_two(q.nested_blocksize)) and kernels() is not None)
 
     def __init__(self, q):
         # the tensors the descriptor points into, kept alive by this object
@@ -169,9 +198,13 @@ class Matmul4bit:
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         out = torch.empty(x2.shape[0], self.n, dtype=torch.float32 if float32_out else x2.dtype)
-        kernels().matmul_4bit(x2.data_ptr(), x2.dtype == torch.bfloat16, x2.shape[0], self.weight_ref, out.data_ptr(),
+        _lib().matmul_4bit(x2.data_ptr(), x2.dtype == torch.bfloat16, x2.shape[0], self.weight_ref, out.data_ptr(),
                               float32_out, torch.get_num_threads())
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.n)
+
+    @staticmethod
+    def matmul_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return matmul_f32(x, weight)
 
 
 def matmul_4bit(x: torch.Tensor, q) -> torch.Tensor:
@@ -184,17 +217,23 @@ def matmul_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     not depend on M (for decoding a batch exactly as its rows alone)."""
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    kernels().matmul_f32(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), weight.shape[0], out.data_ptr(),
+    _lib().matmul_f32(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), weight.shape[0], out.data_ptr(),
                          torch.get_num_threads())
     return out
 
 
-def supports_bf16_matmul(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `matmul_bf16` takes x (..., K) @ weight^T: bfloat16 on CPU, at most 8 rows, K % 64 == 0."""
-    lib = kernels()
-    return (lib is not None and hasattr(lib, "matmul_bf16") and x.dtype == weight.dtype == torch.bfloat16
-            and x.device.type == weight.device.type == "cpu" and weight.is_contiguous() and x.shape[-1] == weight.shape[1]
-            and weight.shape[1] % 64 == 0 and 0 < x.numel() <= 8 * weight.shape[1])
+def bf16_matmul_rejects(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why `matmul_bf16` cannot take x (..., K) @ weight^T (bfloat16 on CPU, at most 8 rows,
+    K % 64 == 0), or None."""
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return f"the tensors are on {x.device.type}"
+    if not x.dtype == weight.dtype == torch.bfloat16:
+        return "the tensors are not bfloat16"
+    if not weight.is_contiguous() or x.shape[-1] != weight.shape[1] or weight.shape[1] % 64:
+        return "the weight is not contiguous with a multiple of 64 columns"
+    if not 0 < x.numel() <= 8 * weight.shape[1]:
+        return "it takes 1 to 8 rows"
+    return None
 
 
 def matmul_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -202,5 +241,29 @@ def matmul_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n, k = weight.shape
     x2 = x.reshape(-1, k).contiguous()
     out = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
-    kernels().matmul_bf16(x2.data_ptr(), x2.shape[0], k, weight.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
+    _lib().matmul_bf16(x2.data_ptr(), x2.shape[0], k, weight.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
     return out.view(*x.shape[:-1], n)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm of the float32 rows x (M, K; K % 16 == 0) times the float32 weight, into bfloat16 `out`."""
+    m, k = x.shape
+    if out is None:
+        out = torch.empty(m, k, dtype=torch.bfloat16)
+    _lib().rms_norm(x.data_ptr(), m, k, weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int, starts: torch.Tensor, scale: float,
+                     out: torch.Tensor) -> torch.Tensor:
+    """One decoding step's attention for B rows: rotary on q and k (bfloat16, (B, heads * D) and
+    (B, kv_heads * D); cos / sin float32 (B, D)), k and v written into the caches (bfloat16,
+    (B, kv_heads, capacity, D)) at `slot`, and each row attending to its slots starts[b] .. slot
+    (int64), into bfloat16 `out` (B, heads * D)."""
+    batch, kv_heads, capacity, head_dim = k_cache.shape
+    heads = q.shape[1] // head_dim
+    _lib().decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                            k_cache.data_ptr(), v_cache.data_ptr(), capacity, slot, starts.data_ptr(), batch, heads,
+                            kv_heads, head_dim, scale, out.data_ptr(), torch.get_num_threads())
+    return out

@@ -6,7 +6,8 @@ Both index in element space (element i sits in byte i // 2, high nibble first), 
 bitsandbytes' own and any shape works. They are held to the PyTorch reference by tests that run them
 through Triton's interpreter on CPU (TRITON_INTERPRET=1), and, since no GPU has run them when they
 were written, they check themselves against the reference on first use on each device: a mismatch
-or a compile error turns them off for the process, with a warning, and the reference paths serve.
+or a compile error turns them off for the process, with a warning, and the reference paths serve
+(`check` says which; `nf4tune.dispatch` asks it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 import torch
 
 from ..quant.codes import code_4bit, dynamic_code, on_device
+from . import base
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +28,11 @@ def _grid(n: int, block: int) -> int:
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, blocksize: int,
-                    dtype: torch.dtype) -> torch.Tensor:
+                    dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """All n values of a 4-bit tensor, from float32 absmax and the float32 code table on the same
-    device, in `dtype` (bit-exact with the reference)."""
-    out = torch.empty(n, dtype=dtype, device=packed.device)
+    device, in `dtype` (bit-exact with the reference); written into `out` (n contiguous values) if given."""
+    if out is None:
+        out = torch.empty(n, dtype=dtype, device=packed.device)
     block = 1024
     bf16 = dtype == torch.bfloat16
     from .triton_4bit import dequantize_kernel
@@ -40,8 +43,9 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     return out
 
 
-class Matmul4bit:
-    """x @ W^T for one 4-bit `QuantizedTensor` W on CUDA, summed in float32, in x's dtype."""
+class Matmul4bit(base.Matmul4bit):
+    """x @ W^T for one 4-bit `QuantizedTensor` W on CUDA, summed in float32, in x's dtype (or float32
+    with `float32_out`): the same call as `kernels.cpu.Matmul4bit`."""
 
     BLOCK_N, BLOCK_K = 32, 128
 
@@ -58,11 +62,11 @@ class Matmul4bit:
             self.nested = self.table = self.absmax  # unused
         self.packed = q.packed.reshape(-1).contiguous()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, float32_out: bool = False) -> torch.Tensor:
         if x.shape[-1] != self.k:
             raise ValueError(f"x has {x.shape[-1]} features; the weight takes {self.k}")
         x2 = x.reshape(-1, self.k).contiguous()
-        out = torch.empty(x2.shape[0], self.n, dtype=x.dtype, device=x.device)
+        out = torch.empty(x2.shape[0], self.n, dtype=torch.float32 if float32_out else x.dtype, device=x.device)
         from .triton_4bit import matmul_kernel
 
         q = self.q
@@ -73,11 +77,13 @@ class Matmul4bit:
         return out.view(*x.shape[:-1], self.n)
 
 
-def usable(device: torch.device) -> bool:
-    """Whether the kernels serve tensors on this CUDA device: Triton present and the first-use check
-    against the reference passed there."""
-    if device.type != "cuda" or not _triton_installed():
-        return False
+def check(device: torch.device) -> str | None:
+    """Why the kernels cannot serve tensors on this CUDA device (Triton missing, or the first-use
+    check against the reference failed there), or None when they can."""
+    if device.type != "cuda":
+        return f"the tensor is on {device.type}"
+    if not _triton_installed():
+        return "Triton is not installed (it ships with CUDA builds of torch: pip install triton)"
     return _verified(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -105,11 +111,11 @@ def _triton_installed() -> bool:
 
 
 @functools.cache
-def _verified(index: int) -> bool:
+def _verified(index: int) -> str | None:
     try:
         self_check(torch.device("cuda", index))
-        return True
+        return None
     except Exception as e:  # a compile error on this GPU, a wrong result: the reference paths serve
-        log.warning("nf4tune: the Triton 4-bit kernels are off on cuda:%d (%s); using the PyTorch path.", index,
-                    str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return False
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        log.warning("nf4tune: the Triton 4-bit kernels are off on cuda:%d (%s); using the PyTorch path.", index, first)
+        return f"the Triton kernels failed their first-use check on cuda:{index} ({first})"

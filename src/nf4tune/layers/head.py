@@ -1,7 +1,7 @@
 """`OutputHead`: the model's 16-bit vocabulary projection (QLoRA leaves it unquantized), an
 `nn.Linear` with two fixes for inference on CPU.
 
-- Decoding a few tokens goes through `kernels.cpu.matmul_bf16`: PyTorch's bf16 matrix-vector
+- Decoding a few tokens goes through `dispatch.head_matmul` (the AVX512-BF16 kernel): PyTorch's bf16 matrix-vector
   product reads the vocab x hidden weight at a third of the speed (BENCHMARKS.md).
 - transformers hands the head `hidden[:, -1:, :]` when it keeps only the last logits: a view whose
   size-1 dimension keeps the sequence's stride. PyTorch's CPU matmul then takes a batched path that
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import cpu as native
+from .. import dispatch
 
 
 def _standard_strides(shape: torch.Size) -> tuple[int, ...]:
@@ -35,8 +35,8 @@ class OutputHead(nn.Linear):
         return head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and self.bias is None and native.supports_bf16_matmul(x, self.weight):
-            return native.matmul_bf16(x, self.weight)
+        if not torch.is_grad_enabled() and self.bias is None and dispatch.path("head_matmul", x, self.weight).fast:
+            return dispatch.head_matmul(x, self.weight)
         if x.device.type == "cpu" and x.stride() != _standard_strides(x.shape):
             x = x.clone(memory_format=torch.contiguous_format)
         return F.linear(x, self.weight, self.bias)

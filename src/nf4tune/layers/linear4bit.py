@@ -18,8 +18,7 @@ import math
 import torch
 from torch import nn
 
-from ..kernels import cpu as native
-from ..kernels import cuda as cuda_kernels
+from .. import dispatch
 from ..quant import QuantizedTensor
 from .dropout import LoraDropout
 
@@ -29,7 +28,7 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-# Up to this many tokens, inference multiplies through the 4-bit weight directly (kernels.cpu / .cuda);
+# Up to this many tokens, inference multiplies through the 4-bit weight directly (dispatch.fused_matmul_4bit);
 # beyond, dequantizing once and calling the BLAS matmul is faster (BENCHMARKS.md).
 FUSED_MAX_TOKENS = 16
 
@@ -37,7 +36,7 @@ FUSED_MAX_TOKENS = 16
 class _Lora4bitMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, lora_A, lora_B, scaling, bias, weight: QuantizedTensor):
-        w = weight.dequantize(x.dtype)
+        w = dispatch.dequantize_scratch(weight, x.dtype)  # a reused buffer: w is dropped right after
         y = x @ w.t()
         del w
         if bias is not None:
@@ -60,7 +59,7 @@ class _Lora4bitMatmul(torch.autograd.Function):
         x_lora, a, b, h = ctx.saved_tensors
         grad_x = grad_x_lora = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ ctx.weight.dequantize(grad_y.dtype)
+            grad_x = grad_y @ dispatch.dequantize_scratch(ctx.weight, grad_y.dtype)
         if a is not None:
             g = grad_y.reshape(-1, grad_y.shape[-1])
             if ctx.needs_input_grad[3]:
@@ -95,7 +94,7 @@ class Linear4bit(nn.Module):
         self.lora_dropout = LoraDropout(0.0)
         self.scaling = 0.0
         self.r = 0
-        self._decode_plan = None  # a kernels.cpu / kernels.cuda Matmul4bit, made on first use
+        self._decode_plan = None  # a dispatch.Matmul4bit, made on first use
 
     @classmethod
     def from_quantized(cls, q: QuantizedTensor, bias: torch.Tensor | None = None,
@@ -134,7 +133,8 @@ class Linear4bit(nn.Module):
         self.lora_dropout = LoraDropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and x.numel() <= FUSED_MAX_TOKENS * self.in_features:
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not torch.is_grad_enabled() and x.numel() <= FUSED_MAX_TOKENS * self.in_features:
             matmul = self.fused_matmul(x)
             if matmul is not None:
                 return self.infer(x, matmul)
@@ -144,12 +144,16 @@ class Linear4bit(nn.Module):
         if self.lora_A is not None:
             x_lora, keep_scale = self.lora_dropout(x)
             scaling *= keep_scale
-        y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.quantized_weight)
+        if compiling:  # the same arithmetic as a custom op, which torch.compile traces through
+            y = dispatch.lora_linear_4bit(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.weight_packed,
+                                          self.weight_absmax, self.weight_nested_absmax, self._quant_meta)
+        else:
+            y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.quantized_weight)
         return y.to(in_dtype)
 
     def fused_matmul(self, x: torch.Tensor):
-        """The fused kernel for this weight on x's device (`kernels.cpu` or `kernels.cuda`), prepared
-        once (again if the buffers move), or None where there is none."""
+        """The fused kernel for this weight on x's device (`dispatch.fused_matmul_4bit`), prepared once
+        (again if the buffers move), or None where there is none."""
         packed = self.weight_packed
         plan = self._decode_plan
         if plan is not None and plan.q.packed.data_ptr() == packed.data_ptr() and plan.q.absmax is self.weight_absmax:
@@ -157,10 +161,7 @@ class Linear4bit(nn.Module):
         self._decode_plan = None
         if x.device != packed.device or not packed.is_contiguous():
             return None
-        if packed.is_cuda and cuda_kernels.usable(packed.device):
-            self._decode_plan = cuda_kernels.Matmul4bit(self.quantized_weight)
-        elif packed.device.type == "cpu" and native.Matmul4bit.supports(self.quantized_weight):
-            self._decode_plan = native.Matmul4bit(self.quantized_weight)
+        self._decode_plan = dispatch.fused_matmul_4bit(self.quantized_weight)
         return self._decode_plan
 
     def infer(self, x: torch.Tensor, matmul) -> torch.Tensor:
@@ -171,21 +172,22 @@ class Linear4bit(nn.Module):
         The adapter is added unmerged, with its float32 masters as they are: on CPU these few-token
         products run 3-4x faster in float32 than in bf16 (bf16 calls this small carry tens of
         microseconds of fixed cost), and casting the masters on every call cost more than the products.
-        With the CPU kernel they go through `matmul_f32`, so a row's result does not depend on its batch."""
+        With a fused kernel they go through its `matmul_f32` (on CPU, a row's result then does not depend
+        on its batch)."""
         x_c = x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
         if self.bias is None and self.lora_A is None:
             y = matmul(x_c)
             return y if y.dtype == x.dtype else y.to(x.dtype)
-        native_plan = isinstance(matmul, native.Matmul4bit)
-        # the CPU kernel sums in float32 and can hand that over: bias and adapter join before one rounding
-        y = matmul(x_c, float32_out=True) if native_plan else matmul(x_c).float()
+        fused = isinstance(matmul, dispatch.Matmul4bit)
+        # the fused kernels sum in float32 and can hand that over: bias and adapter join before one rounding
+        y = matmul(x_c, float32_out=True) if fused else matmul(x_c).float()
         if self.bias is not None:
             y = y + self.bias.float()
         if self.lora_A is not None:
             a, b = self.lora_A.float(), self.lora_B.float()  # no copies for float32 masters
-            if native_plan:  # summed alike whatever the batch (see matmul_f32)
+            if fused:  # on CPU summed alike whatever the batch (see matmul_f32)
                 x2 = x_c.reshape(-1, self.in_features).float()
-                lora = native.matmul_f32(native.matmul_f32(x2, a), b).view(y.shape)
+                lora = matmul.matmul_f32(matmul.matmul_f32(x2, a), b).view(y.shape)
             else:
                 lora = (x_c.float() @ a.t()) @ b.t()
             y = y + lora * self.scaling

@@ -15,6 +15,18 @@ from .codes import QUANT_TYPES, bits_per_parameter, code_4bit, dynamic_code, on_
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The arithmetic `quantize` and `QuantizedTensor.dequantize` run: the reference kernels of `blockwise`
+# until `nf4tune.dispatch` (imported with the package) installs its faster paths, which the tests hold
+# to these byte for byte. So quant/ imports no kernel, and its results never depend on which path ran.
+_kernels: dict = {"quantize_4bit": blockwise.quantize_4bit, "dequantize_4bit": blockwise.dequantize_4bit}
+
+
+def use_fast_paths(quantize_4bit, dequantize_4bit) -> None:
+    """Route `quantize` / `QuantizedTensor.dequantize` through these (same signatures and results as
+    `blockwise.quantize_4bit` / `blockwise.dequantize_4bit`)."""
+    _kernels.update(quantize_4bit=quantize_4bit, dequantize_4bit=dequantize_4bit)
+
+
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -86,9 +98,8 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor back in floating point (`dtype`, by default the original dtype)."""
-        from .fast import dequantize_4bit
-
-        return dequantize_4bit(self.packed, self.float_absmax(), self.shape, self.quant_type, self.blocksize, dtype or self.dtype)
+        return _kernels["dequantize_4bit"](self.packed, self.float_absmax(), self.shape, self.quant_type, self.blocksize,
+                                           dtype or self.dtype)
 
     def to(self, device: torch.device | str) -> "QuantizedTensor":
         """A copy on `device` (the same object if already there)."""
@@ -203,10 +214,8 @@ def quantize(
             bits per parameter at block 64.
         name: how errors refer to the tensor (e.g. its checkpoint key).
     """
-    from .fast import quantize_4bit
-
     _check_input(w, name, quant_type, blocksize)
-    packed, absmax = quantize_4bit(w, quant_type, blocksize)
+    packed, absmax = _kernels["quantize_4bit"](w, quant_type, blocksize)
     # A NaN or Inf anywhere makes its block's absmax NaN or Inf: checking absmax is 64x cheaper.
     if not torch.isfinite(absmax).all():
         bad = int((~torch.isfinite(w)).sum())

@@ -13,7 +13,8 @@ residual stream stays in float32, the KV cache in bfloat16.
 Prompts are prefilled layer by layer, each weight dequantized once for all of them and multiplied
 by BLAS (compute-bound: GEMMs), each prompt apart so that batching never changes its tokens; each
 row's cache is right-aligned and it attends from its first token on. `Decoder.unsupported(model)`
-says why a model cannot use it (another family or device, no AVX-512); callers then keep `generate`.
+says why a model cannot use it (another family or device, no decode-attention kernel: `nf4tune.dispatch`);
+callers then keep `generate`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..kernels import cpu as native
+from .. import dispatch
 from ..layers.linear4bit import Linear4bit
 from .sampling import Sampling, next_token
 
@@ -82,7 +83,6 @@ class Decoder:
         self.blocks = [_Block(layer, config, i) for i, layer in enumerate(inner.layers)]
         self.final_norm = inner.norm.weight.detach().float().contiguous()
         self.final_eps = inner.norm.variance_epsilon
-        self.lib = native.kernels()
 
     @staticmethod
     def unsupported(model) -> str | None:
@@ -92,8 +92,9 @@ class Decoder:
             return f"it decodes {', '.join(FAMILIES)} models"
         if any(p.device.type != "cpu" for p in model.parameters()) or any(b.device.type != "cpu" for b in model.buffers()):
             return "the model is not on the CPU"
-        if native.kernels() is None:
-            return "the AVX-512 CPU kernels are not available here"
+        attention = dispatch.path("decode_attention", torch.zeros(1))
+        if not attention.fast:
+            return f"it needs the AVX-512 CPU kernels ({attention.reason})"
         if config.hidden_act != "silu":
             return f"it needs SiLU MLPs, not {config.hidden_act}"
         layers = model.model.layers
@@ -149,8 +150,7 @@ class Decoder:
                 self._prefill_layer(i, block, weights, b, x, *ropes[b], length)
             del weights
         last = torch.stack([x[-1] for x in rows])
-        h = torch.empty(batch, self.hidden, dtype=torch.bfloat16)
-        self.lib.rms_norm(last.data_ptr(), batch, self.hidden, self.final_norm.data_ptr(), self.final_eps, h.data_ptr())
+        h = dispatch.rms_norm(last, self.final_norm, self.final_eps)
         self.slot = length  # where the next token's keys go, the same for every row
         self.padding = length - lengths  # rows' first slots
         self.positions = lengths.clone()  # rows' next rotary positions
@@ -169,8 +169,7 @@ class Decoder:
             t, half = t.float(), t.shape[-1] // 2
             return (t * cos[:, None] + torch.cat((-t[..., half:], t[..., :half]), -1) * sin[:, None]).to(torch.bfloat16)
 
-        h = torch.empty(tokens, self.hidden, dtype=torch.bfloat16)
-        self.lib.rms_norm(x.data_ptr(), tokens, self.hidden, block.norm1.data_ptr(), block.eps1, h.data_ptr())
+        h = dispatch.rms_norm(x, block.norm1, block.eps1)
         q = rotate(project("q_proj", h).view(tokens, self.heads, self.head_dim))
         k = rotate(project("k_proj", h).view(tokens, self.kv_heads, self.head_dim))
         v = project("v_proj", h).view(tokens, self.kv_heads, self.head_dim)
@@ -186,7 +185,7 @@ class Decoder:
         else:
             attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=block.scale)
         x += project("o_proj", attended[0].transpose(0, 1).reshape(tokens, -1))
-        self.lib.rms_norm(x.data_ptr(), tokens, self.hidden, block.norm2.data_ptr(), block.eps2, h.data_ptr())
+        dispatch.rms_norm(x, block.norm2, block.eps2, out=h)
         x += project("down_proj", F.silu(project("gate_proj", h)) * project("up_proj", h))
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +198,7 @@ class Decoder:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed each row its next token (B,); return their logits (B, vocab) in float32."""
-        slot, lib, threads = self.slot, self.lib, torch.get_num_threads()
+        slot = self.slot
         if slot >= self.keys.shape[3]:
             raise ValueError(f"the KV cache holds {self.keys.shape[3]} positions; prefill with a larger capacity")
         batch = tokens.shape[0]
@@ -210,17 +209,15 @@ class Decoder:
         h = torch.empty(batch, self.hidden, dtype=torch.bfloat16)
         attended = torch.empty(batch, self.heads * self.head_dim, dtype=torch.bfloat16)
         for i, block in enumerate(self.blocks):
-            lib.rms_norm(x.data_ptr(), batch, self.hidden, block.norm1.data_ptr(), block.eps1, h.data_ptr())
+            dispatch.rms_norm(x, block.norm1, block.eps1, out=h)
             q, k, v = (self._project(block, name, h).contiguous() for name in PROJECTIONS[:3])
-            lib.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                 self.keys[i].data_ptr(), self.values[i].data_ptr(), self.keys.shape[3], slot,
-                                 starts[block.window].data_ptr(), batch, self.heads, self.kv_heads, self.head_dim,
-                                 block.scale, attended.data_ptr(), threads)
+            dispatch.decode_attention(q, k, v, cos, sin, self.keys[i], self.values[i], slot, starts[block.window],
+                                      block.scale, attended)
             x += self._project(block, "o_proj", attended)
-            lib.rms_norm(x.data_ptr(), batch, self.hidden, block.norm2.data_ptr(), block.eps2, h.data_ptr())
+            dispatch.rms_norm(x, block.norm2, block.eps2, out=h)
             act = F.silu(self._project(block, "gate_proj", h)) * self._project(block, "up_proj", h)
             x += self._project(block, "down_proj", act)
-        lib.rms_norm(x.data_ptr(), batch, self.hidden, self.final_norm.data_ptr(), self.final_eps, h.data_ptr())
+        dispatch.rms_norm(x, self.final_norm, self.final_eps, out=h)
         self.slot += 1
         self.positions += 1
         return self.model.get_output_embeddings()(h).float()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..compiled import Compiled
+from ..dispatch import Compiled
 from .data import IGNORE_INDEX
 
 # Families whose head is a plain linear projection of the last hidden state (no logit scaling).

@@ -1,0 +1,365 @@
+"""The one place that chooses, per operation and input, between the PyTorch reference and a fast path.
+
+Operations (`OPS`): 4-bit `quantize_4bit` and `dequantize_4bit`, the fused few-token `matmul_4bit`,
+`rms_norm` and `decode_attention` (the CPU decoder's), `head_matmul` (the bf16 output head while
+decoding) and `loss` (the chunked cross-entropy's compiled kernels). Paths:
+
+- `native-cpu`: the AVX-512 kernels of `kernels.cpu` (built on first use; NF4TUNE_NATIVE=0: off);
+- `triton`: the Triton kernels of `kernels.cuda` (after their first-use check on each GPU);
+- `torch.compile`: `kernels.compiled_4bit` / `Compiled`, on CPU for inputs of at least
+  `COMPILE_MIN_NUMEL` elements (below, compiling costs more than it saves; NF4TUNE_COMPILE=0: off);
+- `reference`: plain PyTorch (`quant.blockwise` and friends), which the tests hold every other
+  path to (byte for byte where the path promises it).
+
+`path(op, *inputs)` says which path an input takes and why; every function here runs exactly the
+path it names. This module is the only reader of NF4TUNE_NATIVE / NF4TUNE_COMPILE and the only
+caller of the kernels' capability checks. Importing it (the package does) installs the fast
+quantize / dequantize into `quant`, which itself stays the pure reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import base, compiled, compiled_4bit
+from .kernels import cpu as native
+from .kernels import cuda as cuda_kernels
+from .quant import blockwise, tensor
+from .quant.codes import code_4bit, on_device
+
+NATIVE_ENV, COMPILE_ENV = "NF4TUNE_NATIVE", "NF4TUNE_COMPILE"
+REFERENCE, NATIVE, TRITON, COMPILED = "reference", "native-cpu", "triton", "torch.compile"
+OPS = ("quantize_4bit", "dequantize_4bit", "matmul_4bit", "rms_norm", "decode_attention", "head_matmul", "loss")
+# Below this many elements compilation costs more than it saves.
+COMPILE_MIN_NUMEL = 1 << 20
+
+Matmul4bit = base.Matmul4bit  # what `fused_matmul_4bit` returns, whichever device's
+
+
+@dataclass(frozen=True)
+class Path:
+    """Which implementation an operation takes (`name`) and one sentence saying why (`reason`)."""
+
+    name: str
+    reason: str
+
+    @property
+    def fast(self) -> bool:
+        return self.name != REFERENCE
+
+
+# ---- what this machine has (each read once per process) ----
+
+@functools.cache
+def native_library() -> tuple[object | None, str]:
+    """The AVX-512 library (None where it cannot be had) and why."""
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        return None, f"{NATIVE_ENV}=0 turns the AVX-512 kernels off"
+    return native.load()
+
+
+def _native_reason() -> str | None:
+    """None where the AVX-512 kernels are loaded, else why not."""
+    lib, reason = native_library()
+    return None if lib is not None else reason
+
+
+def _compile_reason(t: torch.Tensor, numel: int) -> str | None:
+    """None where work of `numel` elements on t's device should be compiled, else why not."""
+    if os.environ.get(COMPILE_ENV, "1") == "0":
+        return f"{COMPILE_ENV}=0 turns torch.compile off"
+    if compiled.broken:
+        return f"torch.compile failed earlier in this process ({compiled.broken_reason})"
+    if t.device.type != "cpu":
+        return f"torch.compile serves CPU tensors only here (this is {t.device.type})"
+    if numel < COMPILE_MIN_NUMEL:
+        return f"{numel} elements: below {COMPILE_MIN_NUMEL}, compiling costs more than it saves"
+    return None
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    return cuda_kernels.check(device)
+
+
+# ---- the capability API ----
+
+def path(op: str, *inputs) -> Path:
+    """Which path `op` takes for these inputs, and why. Inputs per op:
+    quantize_4bit (w, quant_type, blocksize); dequantize_4bit (q) or (packed, absmax, n, blocksize);
+    matmul_4bit (q); rms_norm (x); decode_attention (x); head_matmul (x, weight); loss (logits)."""
+    if op not in _PATHS:
+        raise ValueError(f"unknown operation {op!r}: one of {', '.join(OPS)}")
+    return _PATHS[op](*inputs)
+
+
+def _quantize_path(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64) -> Path:
+    full = w.numel() - w.numel() % blocksize
+    reason = _compile_reason(w, full)
+    if reason is None:
+        return Path(COMPILED, "Inductor fuses the reference's passes into one vectorized loop")
+    return Path(REFERENCE, reason)
+
+
+def _dequantize_path(packed, absmax=None, n: int | None = None, blocksize: int | None = None) -> Path:
+    if absmax is None:  # a QuantizedTensor
+        q = packed
+        packed, absmax, n, blocksize = q.packed.reshape(-1), q.float_absmax(), math.prod(q.shape), q.blocksize
+    full = n - n % blocksize
+    if packed.is_cuda:
+        reason = _triton_reason(packed.device)
+        return Path(TRITON, "the Triton kernel passed its first-use check") if reason is None else Path(REFERENCE, reason)
+    if packed.device.type != "cpu":
+        return Path(REFERENCE, f"no fast path on {packed.device.type}")
+    native_reason = _native_reason()
+    if native_reason is None and full:
+        rejects = native.dequantize_rejects(packed, absmax, blocksize)
+        if rejects is None:
+            return Path(NATIVE, native_library()[1])
+        native_reason = rejects
+    compile_reason = _compile_reason(packed, full)
+    if compile_reason is None:
+        return Path(COMPILED, f"no AVX-512 kernel: {native_reason}")
+    return Path(REFERENCE, f"{native_reason}; {compile_reason}")
+
+
+def _matmul_path(q) -> Path:
+    if q.packed.is_cuda:
+        reason = _triton_reason(q.packed.device)
+        return Path(TRITON, "the Triton kernel passed its first-use check") if reason is None else Path(REFERENCE, reason)
+    reason = _native_reason() or native.matmul_rejects(q)
+    return Path(NATIVE, native_library()[1]) if reason is None else Path(REFERENCE, reason)
+
+
+def _cpu_kernel_path(x: torch.Tensor) -> Path:
+    if x.device.type != "cpu":
+        return Path(REFERENCE, f"no fast kernel on {x.device.type}")
+    reason = _native_reason()
+    return Path(NATIVE, native_library()[1]) if reason is None else Path(REFERENCE, reason)
+
+
+def _head_path(x: torch.Tensor, weight: torch.Tensor) -> Path:
+    reason = _native_reason() or native.bf16_matmul_rejects(x, weight)
+    if reason is None and not native.has_bf16_matmul():
+        reason = "this CPU lacks AVX512-BF16"
+    return Path(NATIVE, native_library()[1]) if reason is None else Path(REFERENCE, reason)
+
+
+def _loss_path(t: torch.Tensor) -> Path:
+    reason = _compile_reason(t, t.numel())
+    return Path(COMPILED, "Inductor fuses the loss's passes over the logits") if reason is None else Path(REFERENCE, reason)
+
+
+_PATHS: dict[str, Callable[..., Path]] = {
+    "quantize_4bit": _quantize_path, "dequantize_4bit": _dequantize_path, "matmul_4bit": _matmul_path,
+    "rms_norm": _cpu_kernel_path, "decode_attention": _cpu_kernel_path, "head_matmul": _head_path,
+    "loss": _loss_path,
+}
+
+
+# ---- the operations ----
+
+def quantize_4bit(w: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`blockwise.quantize_4bit`, byte for byte, on the fastest path for w."""
+    n = w.numel()
+    full = n - n % blocksize
+    if not _quantize_path(w, quant_type, blocksize).fast:
+        return blockwise.quantize_4bit(w, quant_type, blocksize)
+    flat = w.reshape(-1)
+    head = compiled_4bit.quantize_4bit(flat[:full], quant_type, blocksize)
+    if head is None:
+        return blockwise.quantize_4bit(w, quant_type, blocksize)
+    packed, absmax = head
+    if full < n:  # a partial last block: the reference handles its quirks
+        tail_packed, tail_absmax = blockwise.quantize_4bit(flat[full:], quant_type, blocksize)
+        packed, absmax = torch.cat([packed, tail_packed]), torch.cat([absmax, tail_absmax])
+    return packed, absmax
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size | tuple[int, ...], quant_type: str,
+                    blocksize: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`blockwise.dequantize_4bit` (float32 absmax), bit for bit, on the fastest path for these tensors.
+    With `out` (a contiguous buffer of at least that many values of `dtype`), the kernels that can
+    write there do: the result is then a view of it (use the returned tensor either way)."""
+    n = math.prod(shape)
+    full = n - n % blocksize
+    flat = packed.reshape(-1)
+    chosen = _dequantize_path(flat, absmax, n, blocksize).name
+    into = out[:n] if out is not None and out.dtype == dtype and out.device == packed.device else None
+    if chosen == TRITON:
+        code = on_device(packed.device, code_4bit, quant_type)
+        return cuda_kernels.dequantize_4bit(flat, absmax, code, n, blocksize, dtype, into).view(shape)
+    head = None
+    if chosen == NATIVE:
+        if into is not None and full == n and dtype in (torch.bfloat16, torch.float32):
+            return native.dequantize_4bit(flat, absmax, code_4bit(quant_type), n, blocksize, dtype, into).view(shape)
+        head = native.dequantize_4bit(flat, absmax, code_4bit(quant_type), n, blocksize, dtype)
+    elif chosen == COMPILED:
+        head = compiled_4bit.dequantize_4bit(flat, absmax, full, quant_type, blocksize, dtype)
+    if head is None:
+        return blockwise.dequantize_4bit(packed, absmax, shape, quant_type, blocksize, dtype)
+    if full < n:
+        tail = blockwise.dequantize_4bit(flat[full // 2:], absmax[full // blocksize:], (n - full,), quant_type,
+                                         blocksize, dtype)
+        head = torch.cat([head, tail])
+    return head.view(shape)
+
+
+_scratch = threading.local()
+
+
+def dequantize_scratch(q, dtype: torch.dtype) -> torch.Tensor:
+    """q dequantized to `dtype` into a buffer this thread reuses for every weight on q's device, so a
+    training step does not allocate (and on CPU page-fault) a fresh weight-sized tensor per layer per
+    pass. The result is valid until this thread's next call: for a weight used at once and dropped."""
+    n = math.prod(q.shape)
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (q.device, dtype)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < n:
+        buffer = buffers[key] = torch.empty(n, dtype=dtype, device=q.device)
+    return dequantize_4bit(q.packed, q.float_absmax(), q.shape, q.quant_type, q.blocksize, dtype, out=buffer)
+
+
+def fused_matmul_4bit(q) -> Matmul4bit | None:
+    """A prepared x @ W^T for the 4-bit weight q with W decoded on the fly (few tokens at a time),
+    CPU and CUDA alike (`Matmul4bit`), or None where q's device has none."""
+    chosen = _matmul_path(q).name
+    if chosen == TRITON:
+        return cuda_kernels.Matmul4bit(q)
+    if chosen == NATIVE:
+        return native.Matmul4bit(q)
+    return None
+
+
+def matmul_4bit(x: torch.Tensor, q) -> torch.Tensor:
+    """x (..., K) @ W^T for the 4-bit weight q, in x's dtype: the fused kernel where there is one,
+    else through the dequantized weight."""
+    fused = fused_matmul_4bit(q)
+    if fused is not None:
+        return fused(x)
+    return x @ q.dequantize(x.dtype).t()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm of float32 rows x (M, K) times the float32 weight, in bfloat16 (into `out` if given)."""
+    if x.device.type == "cpu" and native_library()[0] is not None:
+        return native.rms_norm(x, weight, eps, out)
+    y = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight).to(torch.bfloat16)
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int, starts: torch.Tensor, scale: float,
+                     out: torch.Tensor) -> torch.Tensor:
+    """One decoding step's rotary + KV-cache write + attention (see `kernels.cpu.decode_attention`).
+    Only the AVX-512 kernel has it: callers check `path("decode_attention", q)` first."""
+    p = _cpu_kernel_path(q)
+    if not p.fast:
+        raise RuntimeError(f"decode attention has no kernel here: {p.reason}")
+    return native.decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot, starts, scale, out)
+
+
+def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ weight^T for the bf16 output head: the AVX-512-BF16 kernel for a few rows on CPU
+    (3x PyTorch's bf16 matrix-vector product, BENCHMARKS.md), else `F.linear`."""
+    if _head_path(x, weight).fast:
+        return native.matmul_bf16(x, weight)
+    return F.linear(x, weight)
+
+
+def lora_linear_4bit(x: torch.Tensor, x_lora, lora_A, lora_B, scaling: float, bias, packed: torch.Tensor,
+                     absmax: torch.Tensor, nested, meta: dict) -> torch.Tensor:
+    """`Linear4bit`'s forward under `torch.compile`: the `nf4tune::lora_linear_4bit` custom op (no graph
+    break; the weight dequantized through `dequantize_4bit` above), `meta` the layer's quantization fields."""
+    from .kernels import lora_4bit_op
+
+    return lora_4bit_op.lora_linear_4bit(x, x_lora, lora_A, lora_B, float(scaling), bias, packed, absmax, nested,
+                                         list(meta["shape"]), meta["quant_type"], meta["blocksize"],
+                                         float(meta["offset"] or 0.0), int(meta["nested_blocksize"] or 0))
+
+
+class Compiled:
+    """`fn`, compiled on first use where `path("loss", first argument)` says so, else `fn` itself."""
+
+    def __init__(self, fn: Callable, dynamic: bool = True):
+        self.fn, self.dynamic, self._compiled = fn, dynamic, None
+
+    def __call__(self, *args):
+        if not _loss_path(args[0]).fast:
+            return self.fn(*args)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, dynamic=self.dynamic)
+        return compiled.run(self._compiled, self.fn, *args)
+
+
+# ---- what `nf4tune doctor` prints ----
+
+def _probes(device: torch.device) -> dict[str, tuple[str, tuple]]:
+    """Per op, a typical input on `device` (a 7B-class layer's shapes; no values computed) and its description."""
+    rows, cols = 4096, 4096
+    n = rows * cols
+    q = tensor.QuantizedTensor(
+        torch.zeros(n // 2, 1, dtype=torch.uint8, device=device), torch.zeros(n // 64, dtype=torch.uint8, device=device),
+        torch.Size((rows, cols)), torch.bfloat16, "nf4", 64, 0.0,
+        torch.ones(n // 64 // 256, dtype=torch.float32, device=device), 256)
+    one = torch.zeros(1, device=device)
+    return {
+        "quantize_4bit": ("a 4096x4096 bf16 weight", (one.to(torch.bfloat16).expand(rows, cols), "nf4", 64)),
+        "dequantize_4bit": ("a 4096x4096 NF4 weight", (q,)),
+        "matmul_4bit": ("a 4096x4096 NF4 weight, 1-16 tokens", (q,)),
+        "rms_norm": ("decoding rows of 4096", (one.expand(1, cols),)),
+        "decode_attention": ("one decoding step", (one.expand(1, cols),)),
+        "head_matmul": ("1 row x a bf16 head of 4096 columns",
+                        (torch.zeros(1, cols, dtype=torch.bfloat16, device=device),
+                         torch.zeros(8, cols, dtype=torch.bfloat16, device=device))),
+        "loss": ("a 2048-token chunk of 32000 logits", (one.expand(2048, 32000),)),
+    }
+
+
+def report() -> dict:
+    """The environment and, for the CPU and each CUDA device, the path each op takes and why."""
+    devices = [torch.device("cpu")] + [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+           NATIVE_ENV: os.environ.get(NATIVE_ENV), COMPILE_ENV: os.environ.get(COMPILE_ENV),
+           "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+    paths = []
+    for device in devices:
+        for op, (what, inputs) in _probes(device).items():
+            chosen = path(op, *inputs)
+            paths.append({"device": str(device), "op": op, "input": what, "path": chosen.name, "reason": chosen.reason})
+    return {"environment": env, "paths": paths}
+
+
+def format_report(report: dict) -> str:
+    """`report()` as the text `nf4tune doctor` prints."""
+    env = report["environment"]
+    lines = [f"torch {env['torch']}, triton {env['triton'] or 'not installed'}, CUDA {env['cuda'] or 'none'}; "
+             f"GPUs: {', '.join(env['gpus']) or 'none'}",
+             f"{NATIVE_ENV}={env[NATIVE_ENV] or '(unset)'}, {COMPILE_ENV}={env[COMPILE_ENV] or '(unset)'}", ""]
+    width = max(len(p["op"]) for p in report["paths"])
+    device = None
+    for p in report["paths"]:
+        if p["device"] != device:
+            device = p["device"]
+            lines.append(f"{device}:")
+        lines.append(f"  {p['op']:<{width}}  {p['path']:<13}  {p['reason']}  [{p['input']}]")
+    return "\n".join(lines)
+
+
+tensor.use_fast_paths(quantize_4bit, dequantize_4bit)
