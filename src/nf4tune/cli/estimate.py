@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..optim.registry import OPTIMIZERS
 from ..plan.estimate import estimate, format_table
 
 
@@ -20,7 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--r", type=int, default=64, help="LoRA rank")
     p.add_argument("--target", default="all-linear", help="all-linear, or module names: q_proj,v_proj")
-    p.add_argument("--optim", default="paged_adamw_32bit", help="paged_adamw_32bit | paged_adamw_8bit | adamw_torch")
+    p.add_argument("--optim", default="paged_adamw_32bit", choices=list(OPTIMIZERS))
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     p.add_argument("--gpus", type=int, default=1, help="GPUs sharing the model (FSDP)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -11,6 +11,7 @@ import torch
 from ..checkpoint.hf import open_checkpoint
 from ..checkpoint.quantize import QuantizeReport, quantize_checkpoint
 from ..quant import SUPPORTED_BLOCKSIZES, QuantizedTensor, bits_per_parameter
+from ..quant.codes import QUANT_TYPES
 
 
 def add_parser(sub) -> None:
@@ -22,7 +23,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("model_dir", nargs="?", help="folder of a Hugging Face checkpoint (config.json + *.safetensors)")
     p.add_argument("out_dir", help="new folder for the 4-bit checkpoint")
-    p.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
+    p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="keep absmax in float32")
     p.add_argument("--blocksize", type=int, default=64, choices=SUPPORTED_BLOCKSIZES, metavar="N",
                    help="elements per quantization block (32..4096, powers of two; default 64)")
