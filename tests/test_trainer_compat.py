@@ -207,3 +207,26 @@ def test_sft_trainer_trains_and_its_output_loads(tiny, tmp_path, caplog):
     ids = torch.tensor([tokenizer("2 plus 5 is 7.")["input_ids"]])
     reloaded, _ = _load(tiny, adapter=tmp_path / "sft" / "final", lora=None)
     torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
+
+
+def test_dpo_trainer_trains_on_a_tiny_preference_set(tiny, tmp_path):
+    trl = pytest.importorskip("trl", reason="TRL is a dev extra")
+    from datasets import Dataset
+
+    model, tokenizer = _load(tiny)
+    reference, _ = _load(tiny, lora=None)  # the frozen base as DPO's reference
+    pairs = [{"prompt": f"{a} plus {b} is", "chosen": f" {a + b}.", "rejected": f" {a + b + 2}."}
+             for a in range(4) for b in range(4)]
+    args = trl.DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=6, per_device_train_batch_size=8,
+                         learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+                         report_to="none", use_cpu=True, seed=0, disable_tqdm=True, optim="adamw_torch",
+                         bf16=False, beta=0.5)
+    trainer = trl.DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(pairs),
+                             processing_class=tokenizer)
+    trainer.train()
+    losses = _losses(trainer)
+    assert len(losses) == 6 and abs(losses[0] - 0.6931) < 0.01 and losses[-1] < losses[0] - 0.1, losses
+    trainer.save_model(tmp_path / "dpo" / "final")
+    ids = torch.tensor([tokenizer("1 plus 2 is 3.")["input_ids"]])
+    reloaded, _ = _load(tiny, adapter=tmp_path / "dpo" / "final", lora=None)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
