@@ -82,7 +82,7 @@ def test_training_loss_and_gradients_match_transformers(tiny, num_items):
     assert out.logits is not None and torch.isclose(out.loss, theirs.loss.detach(), rtol=1e-5)
 
 
-def test_peft_habits_stop_with_one_sentence_or_work(tiny):
+def test_peft_habits_stop_with_one_sentence_or_work(tiny, capsys):
     model, _ = _load(tiny)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     with pytest.raises(nf4tune.Nf4tuneError, match="already a QLoRA model from nf4tune.load_model"):
@@ -96,6 +96,8 @@ def test_peft_habits_stop_with_one_sentence_or_work(tiny):
     trainable_count, total = model.get_nb_trainable_parameters()
     assert trainable_count == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
     assert total > 10 * trainable_count
+    assert capsys.readouterr().out == (f"trainable params: {trainable_count:,d} || all params: {total:,d} || "
+                                       f"trainable%: {100 * trainable_count / total:.4f}\n")  # PEFT's line
 
     # Gradient checkpointing on and off, as a PEFT script toggles it: the same gradients either way.
     _randomize_lora(model)
