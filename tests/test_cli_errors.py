@@ -121,9 +121,3 @@ def test_help_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported at parse time'")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
-
-def test_blocksizes_match_the_core():
-    from nf4tune.cli.checks import BLOCKSIZES
-    from nf4tune.quant import SUPPORTED_BLOCKSIZES
-
-    assert tuple(BLOCKSIZES) == tuple(SUPPORTED_BLOCKSIZES)

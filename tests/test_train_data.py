@@ -87,6 +87,16 @@ def test_bad_rows_name_file_row_and_field_or_are_skipped(tmp_path, tok):
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{not json\n')
     with pytest.raises(Nf4tuneError, match="broken.jsonl, row 2 is not valid JSON"):
         load_examples(str(tmp_path / "broken.jsonl"), "train", "auto", tok, 64, 64, False)
+    # As a new user tries it: 41 rows, one missing its output, and a last line of broken JSON.
+    rows = [{"input": f"q{i}", "output": f"a{i}"} for i in range(40)]
+    del rows[7]["output"]
+    lines = [json.dumps(r) for r in rows] + ['{"input": "q40", "output": ']
+    (tmp_path / "41.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(Nf4tuneError, match=r"41.jsonl, row 8: field 'output' is missing"):
+        load_examples(str(tmp_path / "41.jsonl"), "train", "auto", tok, 64, 64, False)
+    examples, stats = load_examples(str(tmp_path / "41.jsonl"), "train", "auto", tok, 64, 64, False, on_bad_row="skip")
+    assert len(examples) == 39 and stats.rows == 41 and stats.skipped == 2
+    assert stats.skip_reasons == ["row 8: field 'output' is missing", "row 41 is not valid JSON (Expecting value)"]
     with pytest.raises(Nf4tuneError, match="gives no usable examples"):
         load_examples(_write(tmp_path / "none.jsonl", [{"prompt": "a"}]), "train", "prompt_completion", tok, 64, 64,
                       False, on_bad_row="skip")

@@ -152,7 +152,3 @@ def check_port_free(host: str, port: int) -> None:
                 raise Nf4tuneError(f"port {port} needs administrator rights; use a port above 1023.") from e
             raise Nf4tuneError(f"cannot listen on {host}:{port} ({e.strerror}).") from e
 
-
-# The block sizes the 4-bit core supports (nf4tune.quant.SUPPORTED_BLOCKSIZES, which imports torch);
-# a test keeps the two equal.
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from .checks import count, resolve_builtin
+from ..registry import OPTIMIZERS
 
 
 def add_parser(sub) -> None:
@@ -20,7 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=count(1), default=1)
     p.add_argument("--r", type=count(1), default=64, help="LoRA rank")
     p.add_argument("--target", default="all-linear", help="all-linear, or module names: q_proj,v_proj")
-    p.add_argument("--optim", default="paged_adamw_32bit", help="paged_adamw_32bit | paged_adamw_8bit | adamw_torch")
+    p.add_argument("--optim", default="paged_adamw_32bit", choices=list(OPTIMIZERS))
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     p.add_argument("--gpus", type=count(1), default=1, help="GPUs sharing the model (FSDP)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

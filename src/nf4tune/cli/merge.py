@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .checks import BLOCKSIZES, check_adapter_dir, check_model_location, resolve_builtin
+from ..registry import BLOCKSIZES, QUANT_TYPES
+from .checks import check_adapter_dir, check_model_location, resolve_builtin
 
 
 def add_parser(sub) -> None:
@@ -20,7 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("out_dir", help="new folder for the merged checkpoint")
     p.add_argument("--dequantized", action="store_true",
                    help="merge into the dequantized 4-bit weights the adapter trained against (the exact trained function)")
-    p.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4",
+    p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4",
                    help="with --dequantized: the 4-bit type used in training")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="with --dequantized")
     p.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, metavar="N",

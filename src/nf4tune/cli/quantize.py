@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 from ..errors import Nf4tuneError
-from .checks import BLOCKSIZES, check_model_location, resolve_builtin
+from ..registry import BLOCKSIZES, QUANT_TYPES
+from .checks import check_model_location, resolve_builtin
 
 
 def add_parser(sub) -> None:
@@ -19,7 +20,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("model_dir", nargs="?", help="folder of a Hugging Face checkpoint (config.json + *.safetensors)")
     p.add_argument("out_dir", help="new folder for the 4-bit checkpoint")
-    p.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
+    p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="keep absmax in float32")
     p.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, metavar="N",
                    help="elements per quantization block (32..4096, powers of two; default 64)")

@@ -24,6 +24,7 @@ from ..layers.head import OutputHead
 from ..layers.linear4bit import Linear4bit
 from ..layers.lora import LoraConfig, inject_lora
 from ..quant import quantize
+from .peft_compat import Nf4tuneState, attach
 
 log = logging.getLogger("nf4tune")
 
@@ -175,13 +176,15 @@ def load_model(
                     len(unexpected), ", ".join(unexpected[:5]))
     _finish(model, weight_keys, loaded, device, path)
 
+    if adapter is not None or lora is not None:
+        # A model with adapters is what Trainer / TRL scripts expect of a PEFT model (models/peft_compat.py).
+        attach(model, Nf4tuneState(base=str(path), lora_config=lora))
     if adapter is not None:
         from .adapters import load_adapter
 
         load_adapter(model, adapter)
     elif lora is not None:
         inject_lora(model, lora)
-        model.nf4tune_lora_config = lora
     model.nf4tune_base = str(path)
     if gradient_checkpointing and (adapter is not None or lora is not None):
         _enable_checkpointing(model)

@@ -25,11 +25,11 @@ from pathlib import Path
 
 from ..checkpoint.hf import build_meta_model, quantizable_linears
 from ..errors import Nf4tuneError
+from ..registry import OPTIMIZERS
 from ..quant.codes import bits_per_parameter
 
 GIB = 2**30
 GPUS_GB = (24, 40, 48, 80)
-OPTIM_BYTES = {"paged_adamw_32bit": 8.0, "adamw_torch": 8.0, "paged_adamw_8bit": 2 + 8 / 256}
 CUDA_OVERHEAD = 0.75 * GIB
 LOSS_CHUNK_TOKENS = 1024
 
@@ -97,8 +97,8 @@ def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, targe
     """Estimate the GPU memory of fine-tuning `model` (folder, config.json or Hub id) with nf4tune."""
     if seq_len <= 0 or batch <= 0 or r <= 0 or gpus <= 0:
         raise Nf4tuneError(f"--seq-len, --batch, --r and --gpus must be positive (got {seq_len}, {batch}, {r}, {gpus}).")
-    if optim not in OPTIM_BYTES:
-        raise Nf4tuneError(f"--optim {optim!r}: use one of {', '.join(OPTIM_BYTES)}.")
+    if optim not in OPTIMIZERS:
+        raise Nf4tuneError(f"--optim {optim!r}: use one of {', '.join(OPTIMIZERS)}.")
     config = _config(model)
     meta = build_meta_model(config)
     cfg = meta.config
@@ -133,8 +133,8 @@ def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, targe
         weights_4bit=quantized * 0.5 * shard,
         quant_constants=quantized * (bits_per_parameter(blocksize, double_quant) - 4) / 8 * shard,
         weights_16bit=(total_params - quantized) * 2 * shard,
-        lora=lora * 4 * shard, gradients=lora * 4 * shard, optimizer_states=lora * OPTIM_BYTES[optim] * shard,
-        optimizer_pageable=optim.startswith("paged"),
+        lora=lora * 4 * shard, gradients=lora * 4 * shard, optimizer_states=lora * OPTIMIZERS[optim].state_bytes * shard,
+        optimizer_pageable=OPTIMIZERS[optim].pageable,
         activations=checkpointed if checkpointing else full,
         activations_without_checkpointing=full, activations_with_checkpointing=checkpointed,
         logits=logits, overhead=CUDA_OVERHEAD, total=0.0, total_without_paged_states=0.0,

@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-QUANT_TYPES = ("nf4", "fp4")
+from ..registry import QUANT_TYPES  # noqa: E402, F401  (re-exported: the 4-bit core checks names against it)
 
 # Outermost quantile of the NF4 construction: (1/2)(1/32 + 1/30) away from 1 (QLoRA paper, eq. 4),
 # as bitsandbytes rounds it.

@@ -12,7 +12,7 @@ from ..errors import Nf4tuneError
 from . import blockwise
 from .codes import QUANT_TYPES, bits_per_parameter, code_4bit, dynamic_code, on_device
 
-SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+from ..registry import BLOCKSIZES as SUPPORTED_BLOCKSIZES  # noqa: E402
 NESTED_BLOCKSIZE = 256
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The arithmetic `quantize` and `QuantizedTensor.dequantize` run: the reference kernels of `blockwise`

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import Nf4tuneError
+from ..layers.lora import LoraConfig
+from ..registry import OPTIMIZERS, QUANT_TYPES
 
 REQUIRED = object()  # marks fields a recipe must set
 
@@ -30,18 +32,9 @@ class ModelSection:
 
 @dataclass
 class QuantSection:
-    quant_type: str = "nf4"
+    quant_type: str = "nf4"  # a name in quant.codes.QUANT_TYPES
     double_quant: bool = True
     blocksize: int = 64
-
-
-@dataclass
-class LoraSection:
-    r: int = 64
-    alpha: float = 16
-    dropout: float = 0.05
-    target_modules: typing.Union[str, list[str]] = "all-linear"
-    use_rslora: bool = False
 
 
 @dataclass
@@ -80,7 +73,7 @@ class TrainingSection:
     eval_steps: typing.Optional[int] = None
     save_total_limit: typing.Optional[int] = None
     seed: int = 42
-    optim: str = "paged_adamw_32bit"  # paged_adamw_32bit | paged_adamw_8bit | adamw_torch
+    optim: str = "paged_adamw_32bit"  # a name in optim.OPTIMIZERS
     max_bad_steps_in_a_row: int = 5
     loss_chunk_tokens: int = 1024
 
@@ -100,12 +93,12 @@ class Recipe:
     data: DataSection
     training: TrainingSection
     quant: QuantSection = field(default_factory=QuantSection)
-    lora: LoraSection = field(default_factory=LoraSection)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # the section is the library's LoraConfig itself
     eval: EvalSection = field(default_factory=EvalSection)
 
 
 _SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "training": TrainingSection,
-                    "quant": QuantSection, "lora": LoraSection, "eval": EvalSection}
+                    "quant": QuantSection, "lora": LoraConfig, "eval": EvalSection}
 
 
 def _closest(name: str, options) -> str:
@@ -165,7 +158,10 @@ def _build_section(name: str, cls, values) -> object:
     for key, f in known.items():
         if f.default is REQUIRED and key not in kwargs:
             raise Nf4tuneError(f"the recipe must set {name}.{key}.")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except Nf4tuneError as e:  # a section's own check (LoraConfig's), named by its recipe section
+        raise Nf4tuneError(f"recipe section {name!r}: {e}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -212,12 +208,12 @@ def _check_values(r: Recipe) -> None:
         if value not in options:
             raise Nf4tuneError(f"{where} is {value!r}; use one of {', '.join(options)}.")
 
-    one_of("quant.quant_type", r.quant.quant_type, ["nf4", "fp4"])
+    one_of("quant.quant_type", r.quant.quant_type, QUANT_TYPES)
     one_of("data.on_bad_row", r.data.on_bad_row, ["error", "skip"])
     one_of("training.lr_scheduler_type", r.training.lr_scheduler_type, ["constant", "linear", "cosine"])
-    one_of("training.optim", r.training.optim, ["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"])
+    one_of("training.optim", r.training.optim, list(OPTIMIZERS))
     one_of("model.compute_dtype", r.model.compute_dtype, ["auto", "bfloat16", "float16", "float32"])
-    for where, value in [("lora.r", r.lora.r), ("training.per_device_train_batch_size", r.training.per_device_train_batch_size),
+    for where, value in [("training.per_device_train_batch_size", r.training.per_device_train_batch_size),
                          ("training.gradient_accumulation_steps", r.training.gradient_accumulation_steps),
                          ("training.logging_steps", r.training.logging_steps), ("training.save_steps", r.training.save_steps),
                          ("data.source_max_len", r.data.source_max_len), ("data.target_max_len", r.data.target_max_len)]:
@@ -225,8 +221,6 @@ def _check_values(r: Recipe) -> None:
             raise Nf4tuneError(f"{where} must be positive, got {value}.")
     if r.training.max_steps <= 0 and r.training.num_train_epochs <= 0:
         raise Nf4tuneError("set training.max_steps or training.num_train_epochs to a positive number.")
-    if not 0 <= r.lora.dropout < 1:
-        raise Nf4tuneError(f"lora.dropout must be in [0, 1), got {r.lora.dropout}.")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

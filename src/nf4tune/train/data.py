@@ -38,9 +38,10 @@ class DataStats:
     skip_reasons: list[str] = field(default_factory=list)
 
 
-def read_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict]]:
+def read_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict | BadRow]]:
     """(row number, row) from a .jsonl/.json/.csv/.parquet file, or a Hugging Face Hub dataset.
-    Row numbers count from 1 (the line number for JSONL and CSV data rows)."""
+    Row numbers count from 1 (the line number for JSONL and CSV data rows). A JSONL line that is not
+    valid JSON comes as a `BadRow` in place of the row, for the caller to stop at or skip."""
     p = Path(path)
     suffix = "".join(p.suffixes[-1:]).lower()
     if not p.exists():
@@ -56,7 +57,7 @@ def read_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise BadRowError(path, n, "-", f"is not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from e
+                    row = BadRow("-", f"is not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
                 yield n, row
     elif suffix == ".json":
         try:
@@ -146,6 +147,8 @@ def load_examples(path: str, split: str, fmt: str, tokenizer, source_max_len: in
             break
         stats.rows += 1
         try:
+            if isinstance(row, BadRow):  # a line read_rows could not parse
+                raise row
             if not isinstance(row, dict):
                 raise BadRow("-", f"is a {type(row).__name__}, not an object")
             if not stats.format:  # detected once, from the first row; every row must then fit it
@@ -160,7 +163,7 @@ def load_examples(path: str, split: str, fmt: str, tokenizer, source_max_len: in
                 raise BadRowError(path, number, e.field, e.problem) from None
             stats.skipped += 1
             if len(stats.skip_reasons) < 3:
-                stats.skip_reasons.append(f"row {number}: {e}")
+                stats.skip_reasons.append(f"row {number}: {e}" if e.field != "-" else f"row {number} {e.problem}")
             continue
         stats.truncated += cut
         examples.append(tokenized)

@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 
 from ..checkpoint.hf import resolve
 from ..errors import Nf4tuneError
-from ..layers.lora import LoraConfig, trainable_parameters
+from ..layers.lora import trainable_parameters
 from ..models.adapters import save_adapter
 from ..models.load import load_model
-from ..optim import PagedAdamW, PagedAdamW8bit
+from ..optim import OPTIMIZERS
 from . import state as ckpt
 from .config import Recipe, recipe_to_dict
 from .data import IGNORE_INDEX, DataStats, Tokenized, batch_order, collate, load_examples, pack
@@ -174,8 +174,7 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
         examples, eval_examples = _split_eval(recipe, examples)
     eval_examples = eval_examples[: recipe.eval.max_eval_samples] if recipe.eval.max_eval_samples else eval_examples
 
-    lora = LoraConfig(r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
-                      target_modules=recipe.lora.target_modules, use_rslora=recipe.lora.use_rslora)
+    lora = recipe.lora
     model, _ = load_model(model_path, recipe.quant.quant_type, recipe.quant.double_quant,
                           _dtype(recipe.model.compute_dtype), _device(recipe.model.device), lora=lora,
                           blocksize=recipe.quant.blocksize,
@@ -199,8 +198,7 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     groups = [{"params": [p for p in params if all(p is not v for v in vocab)], "weight_decay": t.weight_decay}]
     if vocab:
         groups.append({"params": vocab, "weight_decay": 0.0})  # decay would move the frozen old rows
-    optimizer_class = {"paged_adamw_32bit": PagedAdamW, "paged_adamw_8bit": PagedAdamW8bit,
-                       "adamw_torch": torch.optim.AdamW}[t.optim]
+    optimizer_class = OPTIMIZERS[t.optim].build
     optimizer = optimizer_class(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.lr_scheduler_type, warmup, total))
     compute_dtype = next(m for m in model.modules() if hasattr(m, "compute_dtype")).compute_dtype

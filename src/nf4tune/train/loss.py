@@ -66,6 +66,32 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 None if grad_weight is None else grad_weight * grad_total, None, None, None)
 
 
+def chunked_loss_sum(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
+    """Sum of the token cross-entropies of `hidden` (tokens x hidden, only positions with a target)
+    projected by `head` (the model's output linear), a chunk of tokens at a time; float32."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+        return _ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_tokens)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_tokens):
+        logits = head(hidden[start:start + chunk_tokens].to(head.weight.dtype))
+        lse, picked = _logsumexp_and_target_fast(logits, targets[start:start + chunk_tokens])
+        total = total + (lse - picked).sum()
+    return total
+
+
+def shifted_targets(hidden: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None = None,
+                    ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states, targets) of the positions that have a next-token label, as transformers'
+    `ForCausalLMLoss` pairs them: position t predicts labels[t + 1] (or shift_labels[t] when given)."""
+    if shift_labels is None:
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+    else:
+        targets = shift_labels
+    targets = targets.to(hidden.device)
+    keep = targets != ignore_index
+    return hidden[keep], targets[keep]
+
+
 def loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of target tokens) for one batch."""
     labels = batch["labels"]
@@ -79,15 +105,5 @@ def loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024) ->
     # position_ids only when there is no cache.
     hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                       position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    hidden, targets = hidden[:, :-1][keep], targets[keep]
-    head = model.get_output_embeddings()
-    if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-        return _ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_tokens), targets.numel()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), chunk_tokens):
-        logits = head(hidden[start:start + chunk_tokens].to(head.weight.dtype))
-        lse, picked = _logsumexp_and_target_fast(logits, targets[start:start + chunk_tokens])
-        total = total + (lse - picked).sum()
-    return total, targets.numel()
+    hidden, targets = shifted_targets(hidden, labels)
+    return chunked_loss_sum(hidden, model.get_output_embeddings(), targets, chunk_tokens), targets.numel()

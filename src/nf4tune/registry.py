@@ -1,0 +1,42 @@
+"""The lists of choices users name: quantization types, block sizes, optimizers. One registry each.
+
+Importing this module imports no torch, so the command line can offer these choices (and `--help`
+answer) at once; what a name builds is imported only when it is built.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+QUANT_TYPES = ("nf4", "fp4")
+# Elements per quantization block: powers of two, as bitsandbytes supports them.
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer by name: where its class lives and what its states cost.
+
+    Args:
+        target: "module:Class", imported when the optimizer is built.
+        state_bytes: bytes of optimizer state per trainable parameter.
+        pageable: whether the states can live in host memory between steps.
+    """
+
+    target: str
+    state_bytes: float
+    pageable: bool
+
+    def build(self, param_groups, **kwargs):
+        """The optimizer over `param_groups` (kwargs: lr, betas, eps, ...)."""
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)(param_groups, **kwargs)
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "paged_adamw_32bit": OptimizerSpec("nf4tune.optim.paged_adamw:PagedAdamW", 8.0, True),
+    # two 8-bit moments + a float32 scale per 256
+    "paged_adamw_8bit": OptimizerSpec("nf4tune.optim.paged_adamw:PagedAdamW8bit", 2 + 8 / 256, True),
+    "adamw_torch": OptimizerSpec("torch.optim:AdamW", 8.0, False),
+}

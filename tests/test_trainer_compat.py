@@ -1,0 +1,234 @@
+"""nf4tune models inside transformers' Trainer and TRL, against transformers' loss, PEFT + bitsandbytes."""
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import nf4tune
+from nf4tune.checkpoint.tiny import build_tiny_checkpoint
+from nf4tune.layers.lora import lora_layers
+
+peft = pytest.importorskip("peft", reason="peft is the oracle for these tests")
+pytest.importorskip("bitsandbytes", reason="bitsandbytes is the oracle for these tests")
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments  # noqa: E402
+
+TEXTS = [f"{a} plus {b} is {a + b}." for a in range(6) for b in range(6)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", dtype=torch.float32)
+
+
+def _load(path, **kwargs):
+    kwargs.setdefault("lora", nf4tune.LoraConfig(r=4, alpha=8, dropout=0.0))
+    return nf4tune.load_model(path, device="cpu", compute_dtype=torch.float32, progress=False, **kwargs)
+
+
+def _randomize_lora(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.1)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 95, (3, 14), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0  # right padding
+    mask[2, :4] = 0  # left padding
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100  # a prompt without loss
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("num_items", [None, 57])
+def test_training_loss_and_gradients_match_transformers(tiny, num_items):
+    model, _ = _load(tiny)
+    _randomize_lora(model)
+    model.train()
+    ids, mask, labels = _batch()
+    kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    if num_items is not None:
+        kwargs["num_items_in_batch"] = torch.tensor(num_items)
+
+    ours = model(**kwargs)
+    assert ours.logits is None  # the chunked loss never builds batch x seq x vocab logits
+    ours.loss.backward()
+    ours_grads = _grads(model)
+    model.zero_grad()
+
+    theirs = model(**kwargs, skip_logits=False)  # transformers' own forward and ForCausalLMLoss
+    assert theirs.logits.shape == (3, 14, model.config.vocab_size)
+    theirs.loss.backward()
+    their_grads = _grads(model)
+
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
+    assert set(ours_grads) == set(their_grads) and len(ours_grads) == 2 * 7 * 2
+    for name, g in their_grads.items():
+        assert (ours_grads[name] - g).abs().max() <= 1e-4 * g.abs().max(), name
+
+    model.eval()  # evaluation keeps the usual logits
+    with torch.no_grad():
+        out = model(**kwargs)
+    assert out.logits is not None and torch.isclose(out.loss, theirs.loss.detach(), rtol=1e-5)
+
+
+def test_peft_habits_stop_with_one_sentence_or_work(tiny, capsys):
+    model, _ = _load(tiny)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    with pytest.raises(nf4tune.Nf4tuneError, match="already a QLoRA model from nf4tune.load_model"):
+        peft.prepare_model_for_kbit_training(model)
+    with pytest.raises(nf4tune.Nf4tuneError, match="drop peft.prepare_model_for_kbit_training / get_peft_model"):
+        peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable  # nothing was frozen
+
+    assert model.get_input_embeddings() is model.model.embed_tokens
+    model.print_trainable_parameters()
+    trainable_count, total = model.get_nb_trainable_parameters()
+    assert trainable_count == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    assert total > 10 * trainable_count
+    assert capsys.readouterr().out == (f"trainable params: {trainable_count:,d} || all params: {total:,d} || "
+                                       f"trainable%: {100 * trainable_count / total:.4f}\n")  # PEFT's line
+
+    # Gradient checkpointing on and off, as a PEFT script toggles it: the same gradients either way.
+    _randomize_lora(model)
+    model.train()
+    ids, mask, labels = _batch()
+    grads = {}
+    for checkpointing in (True, False):
+        if checkpointing:
+            model.enable_input_require_grads()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        else:
+            model.gradient_checkpointing_disable()
+        assert model.is_gradient_checkpointing is checkpointing
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grads[checkpointing] = _grads(model)
+    for name, g in grads[False].items():
+        assert g.abs().max() > 0 and torch.allclose(grads[True][name], g, rtol=1e-4, atol=1e-7), name
+
+
+def _rows(tokenizer, width=24):
+    rows = []
+    for text in TEXTS:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: width - 1] + [tokenizer.eos_token_id]
+        pad = width - len(ids)
+        rows.append({"input_ids": torch.tensor(ids + [tokenizer.pad_token_id] * pad),
+                     "attention_mask": torch.tensor([1] * len(ids) + [0] * pad),
+                     "labels": torch.tensor(ids + [-100] * pad)})
+    return rows
+
+
+def _args(out, max_steps, **kwargs):
+    return TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, learning_rate=2e-2, lr_scheduler_type="constant",
+                             logging_steps=1, save_steps=3, report_to="none", use_cpu=True, seed=0,
+                             disable_tqdm=True, optim="adamw_torch", **kwargs)
+
+
+def _losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_trainer_trains_saves_peft_adapters_and_resumes(tiny, tmp_path, caplog):
+    model, tokenizer = _load(tiny)
+    rows = _rows(tokenizer)
+    trainer = Trainer(model=model, args=_args(tmp_path / "run", 6), train_dataset=rows, processing_class=tokenizer)
+    trainer.train()
+    losses = _losses(trainer)
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses
+
+    # save_model writes exactly what nf4tune.save_adapter writes, plus the tokenizer.
+    trainer.save_model(tmp_path / "final")
+    nf4tune.save_adapter(model, tmp_path / "reference")
+    for name in ("adapter_config.json",):
+        assert json.loads((tmp_path / "final" / name).read_text()) == json.loads((tmp_path / "reference" / name).read_text())
+    saved, reference = load_file(tmp_path / "final" / "adapter_model.safetensors"), load_file(tmp_path / "reference" / "adapter_model.safetensors")
+    assert saved.keys() == reference.keys() and all(torch.equal(saved[k], reference[k]) for k in saved)
+    assert (tmp_path / "final" / "tokenizer.json").is_file()
+    assert not (tmp_path / "final" / "model.safetensors").exists()
+
+    # It loads into PEFT on transformers + bitsandbytes, and into nf4tune, with the trained model's logits.
+    ids = torch.tensor([tokenizer("3 plus 4 is 7.")["input_ids"]])
+    trained = _logits(model, ids)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny, quantization_config=bnb, dtype=torch.float32, device_map="cpu")
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "final")
+    reloaded, _ = _load(tiny, adapter=tmp_path / "final", lora=None)
+    torch.testing.assert_close(_logits(reloaded, ids), trained)
+    # bitsandbytes' CPU path rounds differently; the adapter's effect is far larger than that.
+    assert (_logits(theirs, ids) - trained).abs().max() <= 0.01 * trained.abs().max()
+    with theirs.disable_adapter():
+        assert (_logits(theirs, ids) - trained).abs().max() > 0.05 * trained.abs().max()
+
+    # resume_from_checkpoint continues from step 3 to the same adapter as the uninterrupted run.
+    fresh, _ = _load(tiny)
+    resumed = Trainer(model=fresh, args=_args(tmp_path / "run", 6), train_dataset=rows, processing_class=tokenizer)
+    with caplog.at_level(logging.WARNING):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    assert "keys" not in caplog.text  # no missing / unexpected keys reported
+    torch.testing.assert_close(_losses(resumed), losses, rtol=1e-4, atol=1e-5)
+    for name, layer in lora_layers(model).items():
+        torch.testing.assert_close(lora_layers(fresh)[name].lora_A, layer.lora_A, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(lora_layers(fresh)[name].lora_B, layer.lora_B, rtol=1e-4, atol=1e-6)
+
+
+def test_sft_trainer_trains_and_its_output_loads(tiny, tmp_path, caplog):
+    trl = pytest.importorskip("trl", reason="TRL is a dev extra")
+    from datasets import Dataset
+
+    model, tokenizer = _load(tiny)
+    data = Dataset.from_list([{"prompt": t.split(" is ")[0] + " is", "completion": " " + t.split(" is ")[1]}
+                              for t in TEXTS])
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=8, per_device_train_batch_size=6,
+                         learning_rate=2e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+                         report_to="none", use_cpu=True, seed=0, disable_tqdm=True, optim="adamw_torch",
+                         max_length=32, bf16=False)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    losses = _losses(trainer)
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.3, losses
+    trainer.save_model(tmp_path / "sft" / "final")
+    ids = torch.tensor([tokenizer("2 plus 5 is 7.")["input_ids"]])
+    reloaded, _ = _load(tiny, adapter=tmp_path / "sft" / "final", lora=None)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
+
+
+def test_dpo_trainer_trains_on_a_tiny_preference_set(tiny, tmp_path):
+    trl = pytest.importorskip("trl", reason="TRL is a dev extra")
+    from datasets import Dataset
+
+    model, tokenizer = _load(tiny)
+    reference, _ = _load(tiny, lora=None)  # the frozen base as DPO's reference
+    pairs = [{"prompt": f"{a} plus {b} is", "chosen": f" {a + b}.", "rejected": f" {a + b + 2}."}
+             for a in range(4) for b in range(4)]
+    args = trl.DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=6, per_device_train_batch_size=8,
+                         learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+                         report_to="none", use_cpu=True, seed=0, disable_tqdm=True, optim="adamw_torch",
+                         bf16=False, beta=0.5)
+    trainer = trl.DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(pairs),
+                             processing_class=tokenizer)
+    trainer.train()
+    losses = _losses(trainer)
+    assert len(losses) == 6 and abs(losses[0] - 0.6931) < 0.01 and losses[-1] < losses[0] - 0.1, losses
+    trainer.save_model(tmp_path / "dpo" / "final")
+    ids = torch.tensor([tokenizer("1 plus 2 is 3.")["input_ids"]])
+    reloaded, _ = _load(tiny, adapter=tmp_path / "dpo" / "final", lora=None)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
