@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import nf4tune
-from nf4tune.checkpoint.tiny import build_tiny_checkpoint
 from nf4tune import dispatch
+from nf4tune.checkpoint.tiny import build_tiny_checkpoint
 from nf4tune.layers.lora import lora_layers
 from nf4tune.serve import Engine, Request
 from nf4tune.serve.decoder import Decoder
@@ -113,8 +113,13 @@ def test_decoder_stops_at_end_of_sequence_and_refuses_other_models(tmp_path):
     dict(temperature=0.0, repetition_penalty=0.8),
 ])
 def test_sampling_scores_match_transformers_processors(settings):
-    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(100, generator=gen) * 3

@@ -96,7 +96,7 @@ def test_bad_rows_name_file_row_and_field_or_are_skipped(tmp_path, tok):
         load_examples(str(tmp_path / "41.jsonl"), "train", "auto", tok, 64, 64, False)
     examples, stats = load_examples(str(tmp_path / "41.jsonl"), "train", "auto", tok, 64, 64, False, on_bad_row="skip")
     assert len(examples) == 39 and stats.rows == 41 and stats.skipped == 2
-    assert stats.skip_reasons == ["row 8: field 'output' is missing", "row 41 is not valid JSON (Expecting value)"]
+    assert stats.skip_reasons == ["row 8: field 'output' is missing", "row 41 is not valid JSON (Expecting value at column 1)"]
     with pytest.raises(Nf4tuneError, match="gives no usable examples"):
         load_examples(_write(tmp_path / "none.jsonl", [{"prompt": "a"}]), "train", "prompt_completion", tok, 64, 64,
                       False, on_bad_row="skip")

@@ -5,7 +5,6 @@ checkpoints in and out), `nf4tune.layers` (the 4-bit linear layer and LoRA), `nf
 (loading, adapters, merging), and the command line in `nf4tune.cli`.
 """
 
-from . import dispatch  # noqa: F401  (installs the fast 4-bit paths into quant)
 from .errors import Nf4tuneError
 
 __version__ = "0.1.0"
@@ -22,6 +21,8 @@ _LAZY = {
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
+
+        from . import dispatch  # noqa: F401  (installs the fast 4-bit paths into quant)
 
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value

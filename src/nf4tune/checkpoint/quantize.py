@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import dispatch  # noqa: F401  (installs the fast 4-bit paths into quant)
 from ..errors import Nf4tuneError
 from ..quant import quantize
 from .hf import iter_tensors, linear_weight_keys, open_checkpoint

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .checks import count, resolve_builtin
 from ..registry import OPTIMIZERS
+from .checks import count, resolve_builtin
 
 
 def add_parser(sub) -> None:

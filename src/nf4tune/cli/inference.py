@@ -14,8 +14,16 @@ from pathlib import Path
 
 from ..errors import Nf4tuneError
 from ..train.formats import PROMPT_STYLES, prompt_format_of, render_plain_prompt
-from .checks import (check_adapter_dir, check_model_location, check_output_file, check_port_free, count,
-                     number, read_text_file, resolve_builtin)
+from .checks import (
+    check_adapter_dir,
+    check_model_location,
+    check_output_file,
+    check_port_free,
+    count,
+    number,
+    read_text_file,
+    resolve_builtin,
+)
 
 CHAT_COMMANDS = "/reset, /system TEXT, /exit"
 

@@ -63,8 +63,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     from ..checkpoint.hf import iter_tensors, open_checkpoint
     from ..checkpoint.quantize import quantize_checkpoint
-    from ..quant import QuantizedTensor
     from ..checkpoint.tiny import build_tiny_checkpoint
+    from ..quant import QuantizedTensor
 
     root = Path(args.out_dir)
     source, target = root / "tiny-llama", root / f"tiny-llama-bnb-4bit-{args.quant_type}"

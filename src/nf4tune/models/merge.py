@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from .. import dispatch  # noqa: F401  (installs the fast 4-bit paths into quant)
 from ..checkpoint.bnb4bit import QuantizedWeightAssembler
 from ..checkpoint.hf import iter_tensors, open_checkpoint, resolve
 from ..checkpoint.writer import CheckpointWriter

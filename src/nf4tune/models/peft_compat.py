@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import Nf4tuneError
 from ..layers.lora import LoraConfig, lora_layers, trainable_parameters
-from .adapters import PREFIX, WEIGHTS_NAME, _KEY, save_adapter
+from .adapters import _KEY, PREFIX, WEIGHTS_NAME, save_adapter
 
 # Trainer's resume reads `model.safetensors.index.json` when a checkpoint has no full weights and the
 # model is not a peft.PeftModel; this index points it at the adapter file, which `load_state_dict` reads.

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from ..checkpoint.hf import build_meta_model, quantizable_linears
 from ..errors import Nf4tuneError
-from ..registry import OPTIMIZERS
 from ..quant.codes import bits_per_parameter
+from ..registry import OPTIMIZERS
 
 GIB = 2**30
 GPUS_GB = (24, 40, 48, 80)
