@@ -76,6 +76,8 @@ def add_parsers(sub) -> None:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     serve.add_argument("--max-batch", type=int, default=8)
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get 429")
+    serve.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                       help="a reply ends where it is this long after its request came (finish_reason 'length')")
     serve.add_argument("--format", choices=["auto", "template", "guanaco"], default="auto")
     serve.set_defaults(run=run_serve)
 
@@ -165,7 +167,8 @@ def run_serve(args) -> int:
         if not sep or not name or not directory:
             raise Nf4tuneError(f"--adapter {item!r}: write NAME=DIR.")
         adapters[name] = directory
-    engine = _engine(args, adapters, max_batch=args.max_batch, max_queue=args.max_queue)
+    engine = _engine(args, adapters, max_batch=args.max_batch, max_queue=args.max_queue,
+                     request_timeout=args.request_timeout)
     server = Server(engine, base_name=Path(str(args.model)).name or "base", api_key=args.api_key,
                     chat_style=args.format, host=args.host, port=args.port)
     host, port = server.address

@@ -184,6 +184,7 @@ class AdapterBank:
 
         bank = AdapterBank(model, {"chat": "adapters/chat", "sql": "adapters/sql"})
         bank.activate("sql")   # or None for the base model alone
+        rows = bank.rows(["sql", None, "chat"])   # a batch whose rows each have their own (see RowAdapters)
     """
 
     def __init__(self, model, adapters: dict[str, str | Path]):
@@ -203,20 +204,76 @@ class AdapterBank:
                          lora_scaling(lora.alpha, pair["A"].shape[0], lora.use_rslora))
                 for module, pair in pairs.items()
             }
+        # per layer, per adapter: what the layer holds while it applies that adapter (None: nothing)
+        self._held: dict[int, dict[str | None, tuple | None]] = {}
+        for module, layer in self.layers.items():
+            held = self._held[id(layer)] = {None: None}
+            for name, chosen in self.adapters.items():
+                if module in chosen:
+                    a, b, scaling = chosen[module]
+                    held[name] = (nn.Parameter(a, False), nn.Parameter(b, False), scaling)
+                else:
+                    held[name] = None
         self.activate(None)
+
+    def _apply(self, layer: Linear4bit, name: str | None) -> None:
+        held = self._held[id(layer)][name]
+        if held is None:
+            layer.lora_A = layer.lora_B = None
+        else:
+            layer.lora_A, layer.lora_B, layer.scaling = held
 
     def activate(self, name: str | None) -> None:
         """Make adapter `name` (None: none) the one every 4-bit layer applies."""
+        self._check(name)
+        for layer in self.layers.values():
+            self._apply(layer, name)
+        self.active = name
+
+    def _check(self, name: str | None) -> None:
         if name is not None and name not in self.adapters:
             raise Nf4tuneError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}.")
-        chosen = self.adapters.get(name, {})
-        for module, layer in self.layers.items():
-            if module in chosen:
-                a, b, scaling = chosen[module]
-                layer.lora_A, layer.lora_B, layer.scaling = nn.Parameter(a, False), nn.Parameter(b, False), scaling
-            else:
-                layer.lora_A = layer.lora_B = None
-        self.active = name
+
+    def rows(self, names: list[str | None]) -> "RowAdapters":
+        """Per-row adapters for one batch (None: the base alone); see `RowAdapters`."""
+        for name in names:
+            self._check(name)
+        self.active = RowAdapters.MIXED  # the layers now hold whichever adapter a row used last
+        return RowAdapters(self, names)
+
+
+class RowAdapters:
+    """Each row of a batch with its own adapter, applied unmerged: a layer's rows are grouped by
+    adapter and each group goes through `Linear4bit.infer` with that adapter switched in by reference.
+    The 4-bit product of a row does not depend on the rows beside it (the kernels sum alike whatever
+    the batch), so a row's result is bit for bit what it gets alone."""
+
+    MIXED = "<per-row adapters>"
+
+    def __init__(self, bank: AdapterBank, names: list[str | None]):
+        self.bank, self.names = bank, list(names)
+        self._all = self._groups(range(len(self.names)))
+
+    def _groups(self, rows) -> dict[str | None, list[int]]:
+        groups: dict[str | None, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(self.names[row], []).append(i)
+        return groups
+
+    def infer(self, layer: Linear4bit, x: torch.Tensor, matmul, rows: list[int] | None = None) -> torch.Tensor:
+        """`layer.infer(x, matmul)` with each row of x (the batch's `rows`, default all) under its adapter."""
+        groups = self._all if rows is None else self._groups(rows)
+        if len(groups) == 1:
+            self.bank._apply(layer, next(iter(groups)))
+            return layer.infer(x, matmul)
+        out = None
+        for name, index in groups.items():
+            self.bank._apply(layer, name)
+            y = layer.infer(x[index], matmul)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out[index] = y
+        return out
 
 
 def _load_saved_modules(model, saved: dict[str, torch.Tensor], directory) -> None:

@@ -18,7 +18,7 @@ says why a model cannot use it (another family or device, no AVX-512); callers t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,8 @@ class Decoder:
         self.final_norm = inner.norm.weight.detach().float().contiguous()
         self.final_eps = inner.norm.variance_epsilon
         self.lib = native.kernels()
+        self.adapters = None  # per-row adapters while `generate` runs (see there)
+        self.last_logits: torch.Tensor | None = None
 
     @staticmethod
     def unsupported(model) -> str | None:
@@ -114,7 +116,7 @@ class Decoder:
 
     def _project(self, block: _Block, name: str, x: torch.Tensor) -> torch.Tensor:
         module, matmul = block.proj[name]
-        return module.infer(x, matmul)
+        return module.infer(x, matmul) if self.adapters is None else self.adapters.infer(module, x, matmul)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, capacity: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,6 +165,8 @@ class Decoder:
 
         def project(name: str, inputs: torch.Tensor) -> torch.Tensor:
             module, w = block.proj[name][0], weights[name]
+            if self.adapters is not None:  # this prompt's own adapter
+                return self.adapters.infer(module, inputs, lambda t: t @ w.t(), rows=[row])
             return module.infer(inputs, lambda t: t @ w.t())
 
         def rotate(t: torch.Tensor) -> torch.Tensor:  # (T, heads, D): rotate-half rotary, in float32
@@ -226,36 +230,50 @@ class Decoder:
         return self.model.get_output_embeddings()(h).float()
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, sampling: Sampling, eos_ids: set[int] = frozenset(),
+    def generate(self, input_ids: torch.Tensor, sampling: Sampling | Sequence[Sampling], eos_ids: set[int] = frozenset(),
                  attention_mask: torch.Tensor | None = None,
-                 on_step: Callable[[list[int]], None] | None = None) -> list[list[int]]:
-        """Up to `sampling.max_new_tokens` tokens after each prompt of `input_ids` (B, T; left-padded
-        where `attention_mask` has zeros), each row stopping after an end-of-sequence token. `on_step`
-        sees each step's tokens, one per row (rows that have stopped repeat their last token)."""
+                 on_step: Callable[[list[int]], Iterable[int] | None] | None = None,
+                 adapters=None) -> list[list[int]]:
+        """Up to `max_new_tokens` tokens after each prompt of `input_ids` (B, T; left-padded where
+        `attention_mask` has zeros), each row stopping after an end-of-sequence token.
+
+        `sampling`: one for every row, or one per row. `adapters`: None (the layers' own adapters), or
+        per-row adapters (`AdapterBank.rows`) applied unmerged, each row with its own. `on_step` sees each
+        step's tokens, one per row (rows that have stopped repeat their last token), with their logits
+        in `self.last_logits`; the rows it returns stop there (a client that went away)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length); got shape {list(input_ids.shape)}")
         rows = input_ids.shape[0]
+        samplings = [sampling] * rows if isinstance(sampling, Sampling) else list(sampling)
+        if len(samplings) != rows:
+            raise ValueError(f"{len(samplings)} sampling settings for {rows} rows")
         # one generator per row: a seeded request draws the same tokens alone or batched
-        generators = [None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed) for _ in range(rows)]
+        generators = [None if s.seed is None else torch.Generator().manual_seed(s.seed) for s in samplings]
         seen = [ids[mask.bool()].tolist() for ids, mask in
                 zip(input_ids, attention_mask if attention_mask is not None else torch.ones_like(input_ids))]
-        logits = self.prefill(input_ids, input_ids.shape[1] + sampling.max_new_tokens, attention_mask)
-        out: list[list[int]] = [[] for _ in range(rows)]
-        done = [False] * rows
-        while True:
-            step = []
-            for row in range(rows):
-                if done[row]:
-                    step.append(out[row][-1])
-                    continue
-                penalized = torch.tensor(seen[row]) if sampling.repetition_penalty != 1.0 else None
-                token = next_token(logits[row], sampling, penalized, generators[row])
-                out[row].append(token)
-                seen[row].append(token)
-                done[row] = token in eos_ids or len(out[row]) >= sampling.max_new_tokens
-                step.append(token)
-            if on_step is not None:
-                on_step(step)
-            if all(done):
-                return out
-            logits = self.step(torch.tensor(step))
+        self.adapters = adapters
+        try:
+            logits = self.prefill(input_ids, input_ids.shape[1] + max(s.max_new_tokens for s in samplings), attention_mask)
+            out: list[list[int]] = [[] for _ in range(rows)]
+            done = [False] * rows
+            while True:
+                step = []
+                for row, s in enumerate(samplings):
+                    if done[row]:
+                        step.append(out[row][-1] if out[row] else 0)
+                        continue
+                    penalized = torch.tensor(seen[row]) if s.repetition_penalty != 1.0 else None
+                    token = next_token(logits[row], s, penalized, generators[row], out[row])
+                    out[row].append(token)
+                    seen[row].append(token)
+                    done[row] = token in eos_ids or len(out[row]) >= s.max_new_tokens
+                    step.append(token)
+                self.last_logits = logits
+                if on_step is not None:
+                    for row in on_step(step) or ():
+                        done[row] = True
+                if all(done):
+                    return out
+                logits = self.step(torch.tensor(step))
+        finally:
+            self.adapters = None
