@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import Nf4tuneError
+from ..kernels import cpu as native
 from ..layers.linear4bit import Linear4bit, lora_scaling
 from ..layers.lora import LoraConfig, lora_layers
 
@@ -243,10 +244,12 @@ class AdapterBank:
 
 
 class RowAdapters:
-    """Each row of a batch with its own adapter, applied unmerged: a layer's rows are grouped by
-    adapter and each group goes through `Linear4bit.infer` with that adapter switched in by reference.
-    The 4-bit product of a row does not depend on the rows beside it (the kernels sum alike whatever
-    the batch), so a row's result is bit for bit what it gets alone."""
+    """Each row of a batch with its own adapter, applied unmerged, computed as `Linear4bit.infer`
+    computes one adapter: with the CPU kernel, the 4-bit product is taken once for every row in
+    float32, then each adapter's rows add their LoRA product before the one rounding; otherwise each
+    adapter's rows go through `infer` apart, that adapter switched in by reference. The kernels sum a
+    row alike whatever rows are beside it, so a row's result is bit for bit what it gets alone
+    (tests/test_serve_clients.py checks it)."""
 
     MIXED = "<per-row adapters>"
 
@@ -266,6 +269,8 @@ class RowAdapters:
         if len(groups) == 1:
             self.bank._apply(layer, next(iter(groups)))
             return layer.infer(x, matmul)
+        if isinstance(matmul, native.Matmul4bit) and x.dim() == 2:
+            return self._shared_base(layer, x, matmul, groups)
         out = None
         for name, index in groups.items():
             self.bank._apply(layer, name)
@@ -274,6 +279,21 @@ class RowAdapters:
                 out = y.new_empty((x.shape[0], *y.shape[1:]))
             out[index] = y
         return out
+
+    def _shared_base(self, layer: Linear4bit, x: torch.Tensor, matmul, groups: dict) -> torch.Tensor:
+        """The 4-bit weight read once for all rows; the same steps, in float32, as `Linear4bit.infer`."""
+        x_c = x if x.dtype == layer.compute_dtype else x.to(layer.compute_dtype)
+        y = matmul(x_c, float32_out=True)
+        if layer.bias is not None:
+            y = y + layer.bias.float()
+        x2 = x_c.float()
+        held = self.bank._held[id(layer)]
+        for name, index in groups.items():
+            if held[name] is not None:
+                a, b, scaling = held[name]
+                y[index] = y[index] + native.matmul_f32(native.matmul_f32(x2[index], a.float()), b.float()) * scaling
+        y = y.to(layer.compute_dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _load_saved_modules(model, saved: dict[str, torch.Tensor], directory) -> None:
