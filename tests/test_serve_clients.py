@@ -203,20 +203,38 @@ def test_requests_with_different_adapters_and_sampling_share_a_batch_and_answer_
     prompts = [PROMPT, "Is 3 odd?", "Once", "A much longer prompt than the others", "Why"]
     alone = [_alone(engine, p, a, **vars(s)).text for p, (a, s) in zip(prompts, asks)]
     assert len(set(alone)) == len(alone)
-    batches = []
-    real = engine._generate
-    monkeypatch.setattr(engine, "_generate", lambda batch: batches.append(len(batch)) or real(batch))
-    engine.gate.clear()  # hold the worker so that all of them wait together
-    engine.submit(Request("warm", sampling=Sampling(max_new_tokens=1))).wait(30)
-    together = [engine.submit(Request(p, a, s)) for p, (a, s) in zip(prompts, asks)]
-    engine.gate.set()
+    live_rows = []
+    real_run = engine.decoder.run
+
+    def run(admit, on_step, *args):
+        def spy(live, tokens):
+            live_rows.append(sum(r is not None for r in live))
+            return on_step(live, tokens)
+        return real_run(admit, spy, *args)
+
+    monkeypatch.setattr(engine.decoder, "run", run)
+    with engine._lock:  # the worker cannot take any of them before all are waiting
+        together = [engine.submit(Request(p, a, s)) for p, (a, s) in zip(prompts, asks)]
     assert [r.wait(60).text for r in together] == alone
-    assert batches[-1] == len(asks)  # one batch
+    assert max(live_rows) == len(asks)  # all in one batch
+
+
+def test_a_long_request_does_not_hold_up_one_that_comes_later(setup):
+    # continuous batching: the later request joins the running batch at the next step, in its own
+    # row with its own adapter, and is answered at its own last token
+    root, base, engine, server, client, submitted = setup
+    expected = _alone(engine, "Why", "beta", max_new_tokens=5, temperature=0.7, seed=1).text
+    long = engine.submit(Request(PROMPT, "alpha", Sampling(max_new_tokens=1500)))
+    next(long.stream())  # it is generating
+    short = engine.submit(Request("Why", "beta", Sampling(max_new_tokens=5, temperature=0.7, seed=1))).wait(60)
+    assert short.text == expected and not long.done.is_set()
+    long.cancel()
+    assert long.wait(30).finish_reason == "cancelled" and long.completion_tokens < 1500
 
 
 def test_per_row_adapters_decode_bit_for_bit_as_each_alone(setup):
     root, base, engine, server, client, submitted = setup
-    bank, decoder = engine.bank, engine.decoder
+    bank, decoder = engine.bank, Decoder(engine.model)  # its own: the engine's may be finishing a run
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(4, 90, (1, n), generator=gen) for n in (9, 4, 6)]
     names = ["alpha", None, "beta"]

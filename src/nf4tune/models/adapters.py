@@ -257,6 +257,13 @@ class RowAdapters:
         self.bank, self.names = bank, list(names)
         self._all = self._groups(range(len(self.names)))
 
+    def assign(self, row: int, name: str | None) -> None:
+        """Put adapter `name` on row `row` (the batch grows to hold it): continuous batching."""
+        self.bank._check(name)
+        self.names.extend([None] * (row + 1 - len(self.names)))
+        self.names[row] = name
+        self._all = self._groups(range(len(self.names)))
+
     def _groups(self, rows) -> dict[str | None, list[int]]:
         groups: dict[str | None, list[int]] = {}
         for i, row in enumerate(rows):

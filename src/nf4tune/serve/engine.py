@@ -28,7 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..errors import Nf4tuneError
 from ..models.adapters import AdapterBank
-from .decoder import Decoder
+from .decoder import Decoder, Row
 from .sampling import Sampling
 
 GUANACO_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -380,10 +380,12 @@ class Engine:
                 self._generate(batch)
             except Exception as e:  # one bad batch must not take the server down
                 for r in batch:
-                    r.error = f"generation failed: {str(e).splitlines()[0]}"
+                    if not r.done.is_set():
+                        r.error = f"generation failed: {str(e).splitlines()[0]}"
             finally:
                 for r in batch:
-                    self._end(r)
+                    if not r.done.is_set():
+                        self._end(r)
 
     def _padded(self, batch: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompts' ids, left-padded (B, T), and their attention mask."""
@@ -395,17 +397,65 @@ class Engine:
             mask[row, length - len(r.prompt_ids):] = 1
         return ids, mask
 
+    def _admit(self, pending: list[Request], live: int) -> list[Request]:
+        """Requests to start now beside `live` running ones: `pending` first, then the oldest waiting."""
+        room = self.max_batch - live
+        if room > 0 and self.gate.is_set():
+            with self._lock:
+                for r in [r for r in self._waiting if r.abandoned() or r.expired()]:
+                    self._waiting.remove(r)
+                    r.finish_reason = "cancelled" if r.cancelled else "length"
+                    self._end(r)
+                taken = self._waiting[: max(0, room - len(pending))]
+                del self._waiting[: len(taken)]
+            pending.extend(taken)
+        admitted, pending[:] = pending[: max(room, 0)], pending[max(room, 0):]
+        return admitted
+
+    @torch.no_grad()
+    def _continuous(self, batch: list[Request]) -> None:
+        """Decode with the CPU decoder, continuously: requests that come while others decode join the
+        batch at the next step, in the places of those that ended; each ends (and is answered) at its
+        own last token."""
+        streamer, pending, rows = _BatchStreamer(self, []), list(batch), []
+
+        def admit(live: int) -> list[Row]:
+            new = [Row(r.prompt_ids, r.sampling, r.adapter, tag=_Row(r)) for r in self._admit(pending, live)]
+            rows.extend(new)
+            return new
+
+        def on_step(live: list[Row | None], tokens: list[int]) -> list[int]:
+            if self.closed:  # stop mid-reply: the process is leaving (Ctrl-C, shutdown)
+                raise Nf4tuneError("the engine was closed during generation.")
+            ended = []
+            for place, (row, token) in enumerate(zip(live, tokens)):
+                if row is None:
+                    continue
+                streamer._token(row.tag, token, row.logits)
+                if row.done and not row.tag.finished:
+                    streamer._finish(row.tag, "length")
+                if row.tag.finished:
+                    ended.append(place)
+                    self._end(row.tag.request)
+            return ended
+
+        adapters = self.bank.rows([]) if self.bank is not None else None
+        try:
+            self.decoder.run(admit, on_step, self.eos_ids, adapters)
+        except Exception as e:
+            for r in [row.tag.request for row in rows if not row.tag.request.done.is_set()] + pending:
+                r.error = f"generation failed: {str(e).splitlines()[0]}"
+                self._end(r)
+            if not isinstance(e, Nf4tuneError):
+                raise
+
     @torch.no_grad()
     def _generate(self, batch: list[Request]) -> None:
+        if self.decoder is not None:
+            return self._continuous(batch)
         ids, mask = self._padded(batch)
         streamer = _BatchStreamer(self, batch)
         streamer.put(ids)
-        if self.decoder is not None:
-            adapters = self.bank.rows([r.adapter for r in batch]) if self.bank is not None else None
-            self.decoder.generate(ids, [r.sampling for r in batch], self.eos_ids, attention_mask=mask, adapters=adapters,
-                                  on_step=lambda tokens: streamer.put(torch.tensor(tokens), self.decoder.last_logits))
-            streamer.end()
-            return
         if self.bank is not None and self.bank.active != batch[0].adapter:
             self.bank.activate(batch[0].adapter)
         s = batch[0].sampling
