@@ -6,12 +6,15 @@
 A random Llama (char tokenizer, --hidden/--layers) quantized to NF4 on CPU, with --adapters random
 LoRA adapters of rank --lora-r on every projection, served in this process on a free port. Each
 client thread sends --requests completions one after another over its own connection (greedy,
-exactly --tokens tokens each: end-of-sequence is ignored) and times each. Three runs:
+exactly --tokens tokens each: end-of-sequence is ignored) and times each. Four runs:
 
-  single:   every client asks for the same adapter;
-  mixed:    client i asks for adapter i mod M, rows with different adapters sharing a batch;
-  grouped:  the same mixed load on the engine's former policy (a batch holds one adapter and one
-            sampling setting only; emulated by grouping in `_take_batch`).
+  single:   every client asks for the same adapter (continuous batching);
+  mixed:    client i asks for adapter i mod M; rows with different adapters share a batch, and a
+            request that comes while others decode joins them at the next step;
+  static:   the mixed load, rows with different adapters sharing a batch, but a batch formed once
+            and run to its end before the next (no joining);
+  grouped:  the mixed load on the engine's former policy: static batches that hold one adapter
+            and one sampling setting only.
 
 Reported per run: generated tokens per second over the whole run, and p50/p99 request latency.
 """
@@ -71,6 +74,17 @@ def grouped(engine: Engine):
     return take
 
 
+def static(engine: Engine):
+    """Batches formed once (by `_take_batch`) and run to their end: nothing joins a running batch."""
+    def admit(pending, live):
+        if live:
+            return []
+        admitted = list(pending)
+        pending.clear()
+        return admitted
+    return admit
+
+
 def load(server: Server, models: list[str], args) -> dict:
     latencies, errors = [], []
 
@@ -125,6 +139,8 @@ def main() -> None:
         names = list(adapters)
         load(server, names[:1], argparse.Namespace(**{**vars(args), "clients": 2, "requests": 1}))  # warm-up
         results = {"single": load(server, names[:1], args), "mixed": load(server, names, args)}
+        engine._admit = static(engine)
+        results["static"] = load(server, names, args)
         engine._take_batch = grouped(engine)
         results["grouped"] = load(server, names, args)
         server.stop()

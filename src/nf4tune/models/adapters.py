@@ -196,7 +196,9 @@ class AdapterBank:
         for name, directory in adapters.items():
             config, pairs, saved = read_adapter(directory)
             if saved:
-                raise Nf4tuneError(f"the adapter {name!r} in {directory} adds tokens; serve it alone with --adapter {directory}.")
+                raise Nf4tuneError(f"the adapter {name!r} in {directory} adds tokens, which the server cannot hold beside "
+                                   f"the base vocabulary yet; `nf4tune chat` and `nf4tune generate` take it with "
+                                   f"--adapter {directory}.")
             _check_fits(model, pairs, config, directory)
             lora = _lora_config(config, pairs)
             device, dtype = next(iter(self.layers.values())).weight_packed.device, torch.float32

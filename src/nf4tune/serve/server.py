@@ -385,9 +385,8 @@ class _Handler(BaseHTTPRequestHandler):
         if stream:
             self._stream(requests, shared, head, chat, echo and prompt, bool(options.get("include_usage")), usage)
             return
-        for r in requests:
-            while not r.done.wait(0.5):  # the worker drops it at its next token if the client leaves
-                pass
+        for r in requests:  # the worker drops them at their next token if the client leaves
+            r.wait()
         failed = next((r.error for r in requests if r.error), None)
         if failed:
             raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, failed, "server_error")
