@@ -16,7 +16,9 @@ exactly --tokens tokens each: end-of-sequence is ignored) and times each. Four r
   grouped:  the mixed load on the engine's former policy: static batches that hold one adapter
             and one sampling setting only.
 
-Reported per run: generated tokens per second over the whole run, and p50/p99 request latency.
+Each round runs the four one after another (the order rotating), for --rounds rounds: this shared
+machine's speed drifts, so each is reported by its median round (tokens per second: generated tokens
+over the run's wall time) and by the p50/p99 latency of all its requests.
 """
 
 from __future__ import annotations
@@ -108,10 +110,17 @@ def load(server: Server, models: list[str], args) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    latencies.sort()
-    return {"tokens_per_s": round(args.clients * args.requests * args.tokens / wall, 1), "wall_s": round(wall, 2),
+    return {"tokens_per_s": args.clients * args.requests * args.tokens / wall, "latencies": latencies,
+            "errors": len(errors)}
+
+
+def summary(runs: list[dict]) -> dict:
+    latencies = sorted(x for r in runs for x in r["latencies"])
+    return {"tokens_per_s": [round(r["tokens_per_s"], 1) for r in runs],
+            "median_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in runs), 1),
             "p50_s": round(statistics.median(latencies), 3),
-            "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3), "errors": len(errors)}
+            "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
+            "errors": sum(r["errors"] for r in runs)}
 
 
 def main() -> None:
@@ -124,6 +133,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base, adapters = build(Path(tmp), args)
@@ -138,15 +148,22 @@ def main() -> None:
               f"{torch.get_num_threads()} threads", flush=True)
         names = list(adapters)
         load(server, names[:1], argparse.Namespace(**{**vars(args), "clients": 2, "requests": 1}))  # warm-up
-        results = {"single": load(server, names[:1], args), "mixed": load(server, names, args)}
-        engine._admit = static(engine)
-        results["static"] = load(server, names, args)
-        engine._take_batch = grouped(engine)
-        results["grouped"] = load(server, names, args)
+        policies = {"single": (names[:1], {}), "mixed": (names, {}), "static": (names, {"_admit": static(engine)}),
+                    "grouped": (names, {"_admit": static(engine), "_take_batch": grouped(engine)})}
+        runs = {name: [] for name in policies}
+        for round_ in range(args.rounds):
+            order = list(policies)[round_ % len(policies):] + list(policies)[:round_ % len(policies)]
+            for name in order:
+                models, patches = policies[name]
+                for attr in ("_admit", "_take_batch"):
+                    engine.__dict__.pop(attr, None)
+                engine.__dict__.update(patches)
+                runs[name].append(load(server, models, args))
         server.stop()
+    results = {name: summary(r) for name, r in runs.items()}
     for name, r in results.items():
-        print(f"{name:8s} {r['tokens_per_s']:8.1f} tok/s  p50 {r['p50_s']:.2f} s  p99 {r['p99_s']:.2f} s  "
-              f"(wall {r['wall_s']:.1f} s, errors {r['errors']})")
+        print(f"{name:8s} {r['median_tokens_per_s']:8.1f} tok/s (rounds {r['tokens_per_s']})  "
+              f"p50 {r['p50_s']:.2f} s  p99 {r['p99_s']:.2f} s  errors {r['errors']}")
     print(json.dumps(results))
 
 
