@@ -266,6 +266,11 @@ class RowAdapters:
         self.names[row] = name
         self._all = self._groups(range(len(self.names)))
 
+    def trim(self, rows: int) -> None:
+        """Keep the first `rows` rows only (the batch shrank)."""
+        del self.names[rows:]
+        self._all = self._groups(range(len(self.names)))
+
     def _groups(self, rows) -> dict[str | None, list[int]]:
         groups: dict[str | None, list[int]] = {}
         for i, row in enumerate(rows):

@@ -344,18 +344,32 @@ class Decoder:
                 for place, r in enumerate(live):
                     if r is not None and r.done:
                         live[place] = None
+                        if adapters is not None:  # an idle place computes no adapter
+                            adapters.assign(place, None)
                 if not any(live):
                     continue
+                self._trim(live, adapters)
                 idle = [place for place, r in enumerate(live) if r is None]
                 if idle:  # places without a row attend to their own token only, at position 0
                     self.padding[idle], self.positions[idle] = self.slot, 0
-                logits = self.step(torch.tensor(tokens))
+                logits = self.step(torch.tensor(tokens[:len(live)]))
                 for place, r in enumerate(live):
                     if r is not None:
                         r.logits = logits[place]
         finally:
             self.adapters = None
             self.keys = self.values = None
+
+    def _trim(self, live: list[Row | None], adapters) -> None:
+        """Drop idle places at the end of the batch (views: each layer's first rows stay where they are)."""
+        rows = len(live)
+        while live and live[-1] is None:
+            live.pop()
+        if len(live) < rows:
+            self.keys, self.values = self.keys[:, :len(live)], self.values[:, :len(live)]
+            self.padding, self.positions = self.padding[:len(live)], self.positions[:len(live)]
+            if adapters is not None:
+                adapters.trim(len(live))
 
     @staticmethod
     def _draw(row: Row, eos_ids: set[int]) -> int:
