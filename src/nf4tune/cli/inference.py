@@ -144,6 +144,8 @@ def add_parsers(sub) -> None:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     serve.add_argument("--max-batch", type=count(1), default=8)
     serve.add_argument("--max-queue", type=count(1), default=64, help="requests waiting beyond this get 429")
+    serve.add_argument("--request-timeout", type=number(0, low_open=True), default=None, metavar="SECONDS",
+                       help="a reply ends where it is this long after its request came (finish_reason 'length')")
     serve.add_argument("--format", choices=["auto", "template", "guanaco"], default="auto")
     serve.set_defaults(run=run_serve)
 
@@ -349,7 +351,8 @@ def run_serve(args) -> int:
     if args.format_choice == "template" and Path(args.model_path).is_dir() and not _has_chat_template(Path(args.model_path)):
         raise Nf4tuneError(f"--format template: {args.model} has no chat template; use --format guanaco.")
     check_port_free(args.host, args.port)
-    engine = _engine(args, adapters, max_batch=args.max_batch, max_queue=args.max_queue)
+    engine = _engine(args, adapters, max_batch=args.max_batch, max_queue=args.max_queue,
+                     request_timeout=args.request_timeout)
     try:
         server = Server(engine, base_name=Path(str(args.model)).name or "base", api_key=args.api_key,
                         chat_style=args.format_choice, host=args.host, port=args.port)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import dispatch
 from ..atomic import atomic_write
 from ..errors import Nf4tuneError
 from ..layers.linear4bit import Linear4bit, lora_scaling
@@ -176,6 +177,7 @@ class AdapterBank:
 
         bank = AdapterBank(model, {"chat": "adapters/chat", "sql": "adapters/sql"})
         bank.activate("sql")   # or None for the base model alone
+        rows = bank.rows(["sql", None, "chat"])   # a batch whose rows each have their own (see RowAdapters)
     """
 
     def __init__(self, model, adapters: dict[str, str | Path]):
@@ -186,7 +188,9 @@ class AdapterBank:
         for name, directory in adapters.items():
             config, pairs, saved = read_adapter(directory)
             if saved:
-                raise Nf4tuneError(f"the adapter {name!r} in {directory} adds tokens; serve it alone with --adapter {directory}.")
+                raise Nf4tuneError(f"the adapter {name!r} in {directory} adds tokens, which the server cannot hold beside "
+                                   f"the base vocabulary yet; `nf4tune chat` and `nf4tune generate` take it with "
+                                   f"--adapter {directory}.")
             _check_fits(model, pairs, config, directory)
             lora = _lora_config(config, pairs)
             device, dtype = next(iter(self.layers.values())).weight_packed.device, torch.float32
@@ -195,20 +199,107 @@ class AdapterBank:
                          lora_scaling(lora.alpha, pair["A"].shape[0], lora.use_rslora))
                 for module, pair in pairs.items()
             }
+        # per layer, per adapter: what the layer holds while it applies that adapter (None: nothing)
+        self._held: dict[int, dict[str | None, tuple | None]] = {}
+        for module, layer in self.layers.items():
+            held = self._held[id(layer)] = {None: None}
+            for name, chosen in self.adapters.items():
+                if module in chosen:
+                    a, b, scaling = chosen[module]
+                    held[name] = (nn.Parameter(a, False), nn.Parameter(b, False), scaling)
+                else:
+                    held[name] = None
         self.activate(None)
+
+    def _apply(self, layer: Linear4bit, name: str | None) -> None:
+        held = self._held[id(layer)][name]
+        if held is None:
+            layer.lora_A = layer.lora_B = None
+        else:
+            layer.lora_A, layer.lora_B, layer.scaling = held
 
     def activate(self, name: str | None) -> None:
         """Make adapter `name` (None: none) the one every 4-bit layer applies."""
+        self._check(name)
+        for layer in self.layers.values():
+            self._apply(layer, name)
+        self.active = name
+
+    def _check(self, name: str | None) -> None:
         if name is not None and name not in self.adapters:
             raise Nf4tuneError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}.")
-        chosen = self.adapters.get(name, {})
-        for module, layer in self.layers.items():
-            if module in chosen:
-                a, b, scaling = chosen[module]
-                layer.lora_A, layer.lora_B, layer.scaling = nn.Parameter(a, False), nn.Parameter(b, False), scaling
-            else:
-                layer.lora_A = layer.lora_B = None
-        self.active = name
+
+    def rows(self, names: list[str | None]) -> "RowAdapters":
+        """Per-row adapters for one batch (None: the base alone); see `RowAdapters`."""
+        for name in names:
+            self._check(name)
+        self.active = RowAdapters.MIXED  # the layers now hold whichever adapter a row used last
+        return RowAdapters(self, names)
+
+
+class RowAdapters:
+    """Each row of a batch with its own adapter, applied unmerged, computed as `Linear4bit.infer`
+    computes one adapter: with the CPU kernel, the 4-bit product is taken once for every row in
+    float32, then each adapter's rows add their LoRA product before the one rounding; otherwise each
+    adapter's rows go through `infer` apart, that adapter switched in by reference. The kernels sum a
+    row alike whatever rows are beside it, so a row's result is bit for bit what it gets alone
+    (tests/test_serve_clients.py checks it)."""
+
+    MIXED = "<per-row adapters>"
+
+    def __init__(self, bank: AdapterBank, names: list[str | None]):
+        self.bank, self.names = bank, list(names)
+        self._all = self._groups(range(len(self.names)))
+
+    def assign(self, row: int, name: str | None) -> None:
+        """Put adapter `name` on row `row` (the batch grows to hold it): continuous batching."""
+        self.bank._check(name)
+        self.names.extend([None] * (row + 1 - len(self.names)))
+        self.names[row] = name
+        self._all = self._groups(range(len(self.names)))
+
+    def trim(self, rows: int) -> None:
+        """Keep the first `rows` rows only (the batch shrank)."""
+        del self.names[rows:]
+        self._all = self._groups(range(len(self.names)))
+
+    def _groups(self, rows) -> dict[str | None, list[int]]:
+        groups: dict[str | None, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(self.names[row], []).append(i)
+        return groups
+
+    def infer(self, layer: Linear4bit, x: torch.Tensor, matmul, rows: list[int] | None = None) -> torch.Tensor:
+        """`layer.infer(x, matmul)` with each row of x (the batch's `rows`, default all) under its adapter."""
+        groups = self._all if rows is None else self._groups(rows)
+        if len(groups) == 1:
+            self.bank._apply(layer, next(iter(groups)))
+            return layer.infer(x, matmul)
+        if isinstance(matmul, dispatch.Matmul4bit) and x.dim() == 2:
+            return self._shared_base(layer, x, matmul, groups)
+        out = None
+        for name, index in groups.items():
+            self.bank._apply(layer, name)
+            y = layer.infer(x[index], matmul)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out[index] = y
+        return out
+
+    def _shared_base(self, layer: Linear4bit, x: torch.Tensor, matmul, groups: dict) -> torch.Tensor:
+        """The 4-bit weight read once for all rows; the same steps, in float32, as `Linear4bit.infer`."""
+        x_c = x if x.dtype == layer.compute_dtype else x.to(layer.compute_dtype)
+        y = matmul(x_c, float32_out=True)
+        if layer.bias is not None:
+            y = y + layer.bias.float()
+        x2 = x_c.float()
+        held = self.bank._held[id(layer)]
+        for name, index in groups.items():
+            if held[name] is not None:
+                a, b, scaling = held[name]
+                y[index] = y[index] + matmul.matmul_f32(matmul.matmul_f32(x2[index], a.float()), b.float()) * scaling
+        y = y.to(layer.compute_dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _load_saved_modules(model, saved: dict[str, torch.Tensor], directory) -> None:

@@ -12,14 +12,19 @@ residual stream stays in float32, the KV cache in bfloat16.
 
 Prompts are prefilled layer by layer, each weight dequantized once for all of them and multiplied
 by BLAS (compute-bound: GEMMs), each prompt apart so that batching never changes its tokens; each
-row's cache is right-aligned and it attends from its first token on. `Decoder.unsupported(model)`
+row's cache is right-aligned and it attends from its first token on. `Decoder.run` batches
+continuously: sequences join a running batch between steps, each prefilled into the place a finished
+one left, with its own sampling settings and (through `AdapterBank.rows`) its own adapter.
+`Decoder.unsupported(model)`
 says why a model cannot use it (another family or device, no decode-attention kernel: `nf4tune.dispatch`);
 callers then keep `generate`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +67,27 @@ class _Block:
             self.proj[name] = (module, module.fused_matmul(torch.zeros(1, module.in_features, dtype=torch.bfloat16)))
 
 
+@dataclass(eq=False)
+class Row:
+    """One sequence of a continuous batch (`Decoder.run`): its prompt, its settings, what it made."""
+
+    prompt_ids: list[int]
+    sampling: Sampling
+    adapter: str | None = None
+    tag: Any = None  # the caller's (the engine's request)
+    out: list[int] = field(default_factory=list)
+    done: bool = False
+    logits: torch.Tensor | None = None  # the scores its next token is drawn from
+
+    def __post_init__(self):
+        self.seen = list(self.prompt_ids)
+        self.generator = None if self.sampling.seed is None else torch.Generator().manual_seed(self.sampling.seed)
+
+    @property
+    def remaining(self) -> int:
+        return self.sampling.max_new_tokens - len(self.out)
+
+
 class Decoder:
     """Greedy or sampled decoding with a KV cache for a 4-bit model, one or a few sequences at a
     time (see the module doc).
@@ -83,6 +109,8 @@ class Decoder:
         self.blocks = [_Block(layer, config, i) for i, layer in enumerate(inner.layers)]
         self.final_norm = inner.norm.weight.detach().float().contiguous()
         self.final_eps = inner.norm.variance_epsilon
+        self.adapters = None  # per-row adapters while `generate` runs (see there)
+        self.last_logits: torch.Tensor | None = None
 
     @staticmethod
     def unsupported(model) -> str | None:
@@ -115,7 +143,7 @@ class Decoder:
 
     def _project(self, block: _Block, name: str, x: torch.Tensor) -> torch.Tensor:
         module, matmul = block.proj[name]
-        return module.infer(x, matmul)
+        return module.infer(x, matmul) if self.adapters is None else self.adapters.infer(module, x, matmul)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, capacity: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,25 +163,37 @@ class Decoder:
         shape = (len(self.blocks), batch, self.kv_heads, capacity, self.head_dim)
         self.keys = torch.empty(shape, dtype=torch.bfloat16)  # slots before a row's first are never read
         self.values = torch.empty(shape, dtype=torch.bfloat16)
-        rotary = self.model.model.rotary_emb
-        if getattr(rotary, "rope_type", "default") in STATIC_ROPE:  # the same angles whatever the length: one table
-            cos, sin = rotary(torch.zeros(1), torch.arange(capacity)[None])
-            self.rope_table = (cos[0], sin[0])
-        else:
-            self.rope_table = None
-        embed = self.model.get_input_embeddings()
-        rows = [embed(input_ids[b, attention_mask[b].bool()]).float() for b in range(batch)]  # (T_b, hidden)
-        ropes = [self._rope(torch.arange(int(n))) for n in lengths]
-        for i, block in enumerate(self.blocks):
-            weights = {name: module.quantized_weight.dequantize(torch.bfloat16) for name, (module, _) in block.proj.items()}
-            for b, x in enumerate(rows):
-                self._prefill_layer(i, block, weights, b, x, *ropes[b], length)
-            del weights
-        last = torch.stack([x[-1] for x in rows])
-        h = dispatch.rms_norm(last, self.final_norm, self.final_eps)
+        self.rope_table = None
+        self._ensure_rope(capacity)
         self.slot = length  # where the next token's keys go, the same for every row
         self.padding = length - lengths  # rows' first slots
         self.positions = lengths.clone()  # rows' next rotary positions
+        return self._prefill_into([(b, input_ids[b, attention_mask[b].bool()]) for b in range(batch)], length)
+
+    def _ensure_rope(self, positions: int) -> None:
+        """A table of rotary angles for positions 0..positions-1, where they do not depend on the length."""
+        rotary = self.model.model.rotary_emb
+        if getattr(rotary, "rope_type", "default") not in STATIC_ROPE:
+            self.rope_table = None
+            return
+        if self.rope_table is None or self.rope_table[0].shape[0] < positions:
+            cos, sin = rotary(torch.zeros(1), torch.arange(positions)[None])
+            self.rope_table = (cos[0], sin[0])
+
+    def _prefill_into(self, prompts: list[tuple[int, torch.Tensor]], end: int) -> torch.Tensor:
+        """Run each prompt (cache row, ids (T,)) through the model layer by layer, each 4-bit weight
+        dequantized once for all of them; write their keys and values to their rows, ending before slot
+        `end`; return their last logits (P, vocab) in float32."""
+        embed = self.model.get_input_embeddings()
+        rows = [embed(ids).float() for _, ids in prompts]  # (T_b, hidden)
+        ropes = [self._rope(torch.arange(len(ids))) for _, ids in prompts]
+        for i, block in enumerate(self.blocks):
+            weights = {name: module.quantized_weight.dequantize(torch.bfloat16) for name, (module, _) in block.proj.items()}
+            for (row, _), x, rope in zip(prompts, rows, ropes):
+                self._prefill_layer(i, block, weights, row, x, *rope, end)
+            del weights
+        last = torch.stack([x[-1] for x in rows])
+        h = dispatch.rms_norm(last, self.final_norm, self.final_eps)
         return self.model.get_output_embeddings()(h).float()
 
     def _prefill_layer(self, i: int, block: _Block, weights: dict, row: int, x: torch.Tensor, cos: torch.Tensor,
@@ -163,6 +203,8 @@ class Decoder:
 
         def project(name: str, inputs: torch.Tensor) -> torch.Tensor:
             module, w = block.proj[name][0], weights[name]
+            if self.adapters is not None:  # this prompt's own adapter
+                return self.adapters.infer(module, inputs, lambda t: t @ w.t(), rows=[row])
             return module.infer(inputs, lambda t: t @ w.t())
 
         def rotate(t: torch.Tensor) -> torch.Tensor:  # (T, heads, D): rotate-half rotary, in float32
@@ -223,36 +265,155 @@ class Decoder:
         return self.model.get_output_embeddings()(h).float()
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, sampling: Sampling, eos_ids: set[int] = frozenset(),
+    def generate(self, input_ids: torch.Tensor, sampling: Sampling | Sequence[Sampling], eos_ids: set[int] = frozenset(),
                  attention_mask: torch.Tensor | None = None,
-                 on_step: Callable[[list[int]], None] | None = None) -> list[list[int]]:
-        """Up to `sampling.max_new_tokens` tokens after each prompt of `input_ids` (B, T; left-padded
-        where `attention_mask` has zeros), each row stopping after an end-of-sequence token. `on_step`
-        sees each step's tokens, one per row (rows that have stopped repeat their last token)."""
+                 on_step: Callable[[list[int]], Iterable[int] | None] | None = None,
+                 adapters=None) -> list[list[int]]:
+        """Up to `max_new_tokens` tokens after each prompt of `input_ids` (B, T; left-padded where
+        `attention_mask` has zeros), each row stopping after an end-of-sequence token.
+
+        `sampling`: one for every row, or one per row. `adapters`: None (the layers' own adapters), or
+        per-row adapters (`AdapterBank.rows`) applied unmerged, each row with its own. `on_step` sees each
+        step's tokens, one per row (rows that have stopped repeat their last token), with their logits
+        in `self.last_logits`; the rows it returns stop there (a client that went away)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length); got shape {list(input_ids.shape)}")
         rows = input_ids.shape[0]
+        samplings = [sampling] * rows if isinstance(sampling, Sampling) else list(sampling)
+        if len(samplings) != rows:
+            raise ValueError(f"{len(samplings)} sampling settings for {rows} rows")
         # one generator per row: a seeded request draws the same tokens alone or batched
-        generators = [None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed) for _ in range(rows)]
+        generators = [None if s.seed is None else torch.Generator().manual_seed(s.seed) for s in samplings]
         seen = [ids[mask.bool()].tolist() for ids, mask in
                 zip(input_ids, attention_mask if attention_mask is not None else torch.ones_like(input_ids))]
-        logits = self.prefill(input_ids, input_ids.shape[1] + sampling.max_new_tokens, attention_mask)
-        out: list[list[int]] = [[] for _ in range(rows)]
-        done = [False] * rows
-        while True:
-            step = []
-            for row in range(rows):
-                if done[row]:
-                    step.append(out[row][-1])
+        self.adapters = adapters
+        try:
+            logits = self.prefill(input_ids, input_ids.shape[1] + max(s.max_new_tokens for s in samplings), attention_mask)
+            out: list[list[int]] = [[] for _ in range(rows)]
+            done = [False] * rows
+            while True:
+                step = []
+                for row, s in enumerate(samplings):
+                    if done[row]:
+                        step.append(out[row][-1] if out[row] else 0)
+                        continue
+                    penalized = torch.tensor(seen[row]) if s.repetition_penalty != 1.0 else None
+                    token = next_token(logits[row], s, penalized, generators[row], out[row])
+                    out[row].append(token)
+                    seen[row].append(token)
+                    done[row] = token in eos_ids or len(out[row]) >= s.max_new_tokens
+                    step.append(token)
+                self.last_logits = logits
+                if on_step is not None:
+                    for row in on_step(step) or ():
+                        done[row] = True
+                if all(done):
+                    return out
+                logits = self.step(torch.tensor(step))
+        finally:
+            self.adapters = None
+
+    # --- continuous batching ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self, admit: Callable[[int], list[Row]], on_step: Callable[[list[Row | None], list[int]], Iterable[int] | None],
+            eos_ids: set[int] = frozenset(), adapters=None) -> None:
+        """Continuous batching: between steps, `admit(live)` (told how many rows are live) hands over new
+        rows, which are prefilled into the places of rows that ended (or new ones) and decode from the
+        next step on beside the others; each step draws every live row's next token (row.logits, its own
+        settings and generator), `on_step(rows, tokens)` sees them and returns the places of rows that end
+        there. `adapters` (`AdapterBank.rows([])`): each row under its own adapter. Returns once no row is
+        live and `admit` gives none. A row's tokens are bit for bit what it gets alone (`generate`)."""
+        live: list[Row | None] = []
+        self.keys = self.values = self.rope_table = None
+        self.slot, self.padding, self.positions = 0, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        self.adapters = adapters
+        try:
+            while True:
+                new = admit(sum(r is not None for r in live))
+                if new:
+                    self._admit(live, new, adapters)
+                if not any(live):
+                    return
+                tokens = [self._draw(r, eos_ids) if r is not None else 0 for r in live]
+                for place in on_step(live, tokens) or ():
+                    live[place].done = True
+                for place, r in enumerate(live):
+                    if r is not None and r.done:
+                        live[place] = None
+                        if adapters is not None:  # an idle place computes no adapter
+                            adapters.assign(place, None)
+                if not any(live):
                     continue
-                penalized = torch.tensor(seen[row]) if sampling.repetition_penalty != 1.0 else None
-                token = next_token(logits[row], sampling, penalized, generators[row])
-                out[row].append(token)
-                seen[row].append(token)
-                done[row] = token in eos_ids or len(out[row]) >= sampling.max_new_tokens
-                step.append(token)
-            if on_step is not None:
-                on_step(step)
-            if all(done):
-                return out
-            logits = self.step(torch.tensor(step))
+                self._trim(live, adapters)
+                idle = [place for place, r in enumerate(live) if r is None]
+                if idle:  # places without a row attend to their own token only, at position 0
+                    self.padding[idle], self.positions[idle] = self.slot, 0
+                logits = self.step(torch.tensor(tokens[:len(live)]))
+                for place, r in enumerate(live):
+                    if r is not None:
+                        r.logits = logits[place]
+        finally:
+            self.adapters = None
+            self.keys = self.values = None
+
+    def _trim(self, live: list[Row | None], adapters) -> None:
+        """Drop idle places at the end of the batch (views: each layer's first rows stay where they are)."""
+        rows = len(live)
+        while live and live[-1] is None:
+            live.pop()
+        if len(live) < rows:
+            self.keys, self.values = self.keys[:, :len(live)], self.values[:, :len(live)]
+            self.padding, self.positions = self.padding[:len(live)], self.positions[:len(live)]
+            if adapters is not None:
+                adapters.trim(len(live))
+
+    @staticmethod
+    def _draw(row: Row, eos_ids: set[int]) -> int:
+        s = row.sampling
+        penalized = torch.tensor(row.seen) if s.repetition_penalty != 1.0 else None
+        token = next_token(row.logits, s, penalized, row.generator, row.out)
+        row.out.append(token)
+        row.seen.append(token)
+        row.done = token in eos_ids or len(row.out) >= s.max_new_tokens
+        return token
+
+    def _admit(self, live: list[Row | None], new: list[Row], adapters) -> None:
+        """Give each new row a place (one a finished row left, else a new one), room in the cache, and
+        its prompt's keys and values right-aligned before the current slot."""
+        free = [place for place, r in enumerate(live) if r is None]
+        places = (free + list(range(len(live), len(live) + len(new))))[: len(new)]
+        live.extend([None] * (max(places) + 1 - len(live)))
+        need = max([r.sampling.max_new_tokens for r in new] + [r.remaining for r in live if r is not None]) + 1
+        self._make_room(len(live), max(len(r.prompt_ids) for r in new), need, [r is not None for r in live])
+        for place, r in zip(places, new):
+            live[place] = r
+            if adapters is not None:
+                adapters.assign(place, r.adapter)
+            self.padding[place], self.positions[place] = self.slot - len(r.prompt_ids), len(r.prompt_ids)
+        self._ensure_rope(max(len(r.prompt_ids) + r.sampling.max_new_tokens for r in new) + 1)
+        prompts = [(place, torch.tensor(r.prompt_ids, dtype=torch.long)) for place, r in zip(places, new)]
+        for r, logits in zip(new, self._prefill_into(prompts, self.slot)):
+            r.logits = logits
+
+    def _make_room(self, rows: int, front: int, need: int, live: list[bool]) -> None:
+        """A cache of at least `rows` rows with `front` slots before the next one and `need` from it on.
+        When it must grow, it is allocated anew with the live rows' keys and values moved left past
+        what no live row reads (so a batch that never empties does not grow without end)."""
+        batch = self.keys.shape[1] if self.keys is not None else 0
+        capacity = self.keys.shape[3] if self.keys is not None else 0
+        if rows <= batch and front <= self.slot and self.slot + need <= capacity:
+            return
+        first = min((int(self.padding[p]) for p, alive in enumerate(live) if alive and p < batch), default=self.slot)
+        used = self.slot - first
+        slot = max(used, front)
+        rows = max(rows, batch)
+        shape = (len(self.blocks), rows, self.kv_heads, slot + need, self.head_dim)
+        keys, values = torch.empty(shape, dtype=torch.bfloat16), torch.empty(shape, dtype=torch.bfloat16)
+        if used and batch:
+            keys[:, :batch, :, slot - used:slot] = self.keys[:, :, :, first:self.slot]
+            values[:, :batch, :, slot - used:slot] = self.values[:, :, :, first:self.slot]
+        padding, positions = torch.full((rows,), slot, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+        padding[:batch] = (self.padding + slot - self.slot).clamp(min=slot - used)
+        positions[:batch] = self.positions
+        self.keys, self.values, self.slot, self.padding, self.positions = keys, values, slot, padding, positions

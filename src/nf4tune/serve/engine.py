@@ -1,30 +1,39 @@
 """The generation engine: one 4-bit base, several adapters, requests batched and streamed.
 
-Requests wait in a bounded queue; a worker thread takes the oldest and, with it, every waiting
-request that uses the same adapter and sampling settings (up to `max_batch`), generates them as one
-left-padded batch with the KV cache (through `decoder.Decoder` where the model allows, else
-transformers' `generate`), and streams each request's text as its tokens arrive. A full queue
-refuses new requests at once (the server answers 429) instead of running out of memory.
+Requests wait in a bounded queue; a worker thread takes the oldest (up to `max_batch`) and generates
+them as one left-padded batch with the KV cache. Through `decoder.Decoder` (where the model allows)
+each row has its own adapter and sampling settings; otherwise (transformers' `generate`) a batch
+shares them. Each request's text streams as its tokens arrive, cut before any of its stop strings
+(text that may be the start of one is held back). A request ends at its next token when its client
+went away (`Request.cancel` or its `probe`), when its deadline passes (`request_timeout`), or when
+the engine closes; a prompt and reply never outgrow the model's context. A full queue refuses new
+requests at once (the server answers 429) instead of running out of memory.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from ..errors import Nf4tuneError
 from ..models.adapters import AdapterBank
-from .decoder import Decoder
+from .decoder import Decoder, Row
 from .sampling import Sampling
 
 GUANACO_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                   "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+MAX_STOPS = 4
 
 
 def render_chat(tokenizer, messages: list[dict], style: str = "auto") -> str:
@@ -44,24 +53,42 @@ class QueueFull(Nf4tuneError):
     """The engine has as many requests waiting as it accepts."""
 
 
+class ContextTooLong(Nf4tuneError):
+    """A prompt (or prompt plus the tokens asked for) beyond the model's context."""
+
+
+class Delta(str):
+    """A piece of a reply's text; `logprobs` holds its tokens' entries when the request asked for them."""
+
+    logprobs: list[dict] = []
+
+
 @dataclass
 class Request:
     prompt: str
     adapter: str | None = None
     sampling: Sampling = field(default_factory=Sampling)
+    stop: tuple[str, ...] = ()  # the reply ends before the first of these
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest
+    strict_length: bool = False  # prompt + max_new_tokens beyond the context: an error (else fewer tokens)
+    probe: Callable[[], bool] | None = None  # False once the client is gone (checked at each token)
+    deadline: float | None = None  # time.monotonic() past which the reply ends where it is
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
     # Filled in by the engine:
     deltas: "queue.Queue[str | None]" = field(default_factory=queue.Queue)
     text: str = ""
+    prompt_ids: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    token_logprobs: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
 
     def stream(self):
-        """Yield text pieces as they are generated."""
+        """Yield text pieces (`Delta`s) as they are generated."""
         while (piece := self.deltas.get()) is not None:
             yield piece
 
@@ -69,65 +96,178 @@ class Request:
         self.done.wait(timeout)
         return self
 
+    def cancel(self) -> None:
+        """Drop the request: nobody wants its reply any more (it ends at its next token)."""
+        self.cancelled = True
+
+    def abandoned(self) -> bool:
+        """Whether the request was cancelled or its client went away."""
+        if not self.cancelled and self.probe is not None and not self.probe():
+            self.cancelled = True
+        return self.cancelled
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many characters at the end of `text` may be the start of a stop string."""
+    for k in range(min(max(map(len, stops)) - 1, len(text)), 0, -1):
+        if any(len(s) > k and text.endswith(s[:k]) for s in stops):
+            return k
+    return 0
+
+
+class _Row:
+    """One request's reply as it is generated: its tokens, its text, how much of it was sent."""
+
+    def __init__(self, request: Request):
+        self.request, self.ids, self.text, self.sent = request, [], "", 0
+        self.window = (0, 0)  # where the decode window starts, where its new tokens start
+        self.ends: list[int] = []  # per token: where its text ends in self.text
+        self.pending: list[dict] = []  # logprob entries not yet sent with a delta
+        self.finished = False
+
 
 class _BatchStreamer(BaseStreamer):
-    """Routes the tokens generate() produces for a batch to each request, as text.
+    """Routes the tokens generated for a batch to each request, as text.
 
     Text is decoded incrementally (as text-generation-inference does): each new token's text is the
     decode of a short window ending in it minus the decode of the window without it, so a step costs
     the same at token 10 as at token 2000; a window ending inside a multi-byte character waits for
-    the rest of its bytes."""
+    the rest of its bytes. Stop strings are searched across token boundaries; text that may be the
+    start of one is held back until the next tokens decide."""
 
     def __init__(self, engine: "Engine", requests: list[Request]):
         self.engine, self.requests = engine, requests
-        self.ids: list[list[int]] = [[] for _ in requests]
-        self.windows = [(0, 0)] * len(requests)  # per row: where the window starts, where its new tokens start
-        self.finished = [False] * len(requests)
+        self.rows = [_Row(r) for r in requests]
         self.prompt_seen = False
 
-    def put(self, value: torch.Tensor) -> None:
+    @property
+    def finished(self) -> list[bool]:
+        return [row.finished for row in self.rows]
+
+    def put(self, value: torch.Tensor, logits: torch.Tensor | None = None) -> list[int]:
+        """Take one step's tokens (one per row); return the rows that ended at it."""
         if not self.prompt_seen:  # generate() first passes the prompts
             self.prompt_seen = True
-            return
+            return []
         if self.engine.closed:  # stop mid-reply: the process is leaving (Ctrl-C, shutdown)
             raise Nf4tuneError("the engine was closed during generation.")
-        eos, decode = self.engine.eos_ids, self.engine.tokenizer.decode
-        for row, token in enumerate(value.view(-1).tolist()):
-            request, ids = self.requests[row], self.ids[row]
-            if self.finished[row]:
+        ended = []
+        for index, token in enumerate(value.view(-1).tolist()):
+            row = self.rows[index]
+            if row.finished:
                 continue
-            if token in eos:
-                self.finished[row], request.finish_reason = True, "stop"
-                continue
-            ids.append(token)
-            request.completion_tokens = len(ids)
-            start, new = self.windows[row]
-            before = decode(ids[start:new], skip_special_tokens=True)
-            after = decode(ids[start:], skip_special_tokens=True)
-            if len(after) > len(before) and not after.endswith("\ufffd"):
-                delta = after[len(before):]
-                self.windows[row] = (new, len(ids))
-                request.text += delta
-                request.deltas.put(delta)
-            if len(ids) >= request.sampling.max_new_tokens:
-                self.finished[row], request.finish_reason = True, "length"
+            self._token(row, token, None if logits is None else logits[index])
+            if row.finished:
+                ended.append(index)
+        return ended
+
+    def _token(self, row: _Row, token: int, logits: torch.Tensor | None) -> None:
+        request, eos, decode = row.request, self.engine.eos_ids, self.engine.tokenizer.decode
+        if request.abandoned():
+            return self._finish(row, "cancelled")
+        if token in eos:
+            return self._finish(row, "stop")
+        row.ids.append(token)
+        request.completion_tokens = len(row.ids)
+        start, new = row.window
+        before = decode(row.ids[start:new], skip_special_tokens=True)
+        after = decode(row.ids[start:], skip_special_tokens=True)
+        searched = max(0, len(row.text) - max(map(len, request.stop), default=0) + 1)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            row.window = (new, len(row.ids))
+            row.text += after[len(before):]
+        row.ends.append(len(row.text))
+        if request.logprobs is not None and logits is not None:
+            row.pending.append(self._logprob_entry(token, logits, request.logprobs))
+        cut = min((i for i in (row.text.find(s, searched) for s in request.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            row.text = row.text[:cut]
+            return self._finish(row, "stop")
+        if len(row.ids) >= request.sampling.max_new_tokens or request.expired():
+            return self._finish(row, "length")
+        self._send(row, len(row.text) - (_held_back(row.text, request.stop) if request.stop else 0))
+
+    def _logprob_entry(self, token: int, logits: torch.Tensor, top: int) -> dict:
+        logprobs = torch.log_softmax(logits.float(), -1)
+        decode = self.engine.tokenizer.decode
+        entry = {"token": decode([token]), "logprob": float(logprobs[token]), "top_logprobs": []}
+        if top:
+            values, ids = torch.topk(logprobs, min(top, logprobs.numel()))
+            entry["top_logprobs"] = [{"token": decode([i]), "logprob": float(v)} for v, i in zip(values.tolist(), ids.tolist())]
+        return entry
+
+    def _send(self, row: _Row, upto: int, tokens: int | None = None) -> None:
+        """Send the text up to `upto`, with the logprob entries of its first `tokens` tokens (default:
+        those whose text it holds whole)."""
+        request, entries = row.request, []
+        if request.logprobs is not None:
+            tokens = bisect.bisect_right(row.ends, upto) if tokens is None else tokens
+            take = max(0, tokens - len(request.token_logprobs))
+            entries, row.pending = row.pending[:take], row.pending[take:]
+        if upto <= row.sent and not entries:
+            return
+        piece = Delta(row.text[row.sent:upto])
+        piece.logprobs = entries
+        request.token_logprobs.extend(entries)
+        row.sent = max(row.sent, upto)
+        request.text = row.text[:row.sent]
+        request.deltas.put(piece)
+
+    def _finish(self, row: _Row, reason: str) -> None:
+        row.finished = True
+        row.request.finish_reason = reason
+        length = len(row.text)
+        # a stop string cut the text: the tokens that began before the cut belong to the reply
+        tokens = len(row.ends) if not row.ends or row.ends[-1] <= length else \
+            (0 if length == 0 else min(bisect.bisect_left(row.ends, length) + 1, len(row.ends)))
+        self._send(row, length, tokens)
+        row.request.completion_tokens = len(row.ids)
 
     def end(self) -> None:
-        for row, request in enumerate(self.requests):
-            request.completion_tokens = len(self.ids[row])
-            request.finish_reason = request.finish_reason or "length"
+        for row in self.rows:
+            if not row.finished:
+                self._finish(row, "length")
+
+
+class _Stopped(StoppingCriteria):
+    """generate()'s view of the rows the streamer has ended (stop strings, clients gone, deadlines)."""
+
+    def __init__(self, streamer: _BatchStreamer):
+        self.streamer = streamer
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.tensor(self.streamer.finished, device=input_ids.device)
+
+
+class _ReplyPenalties(LogitsProcessor):
+    """OpenAI's frequency and presence penalties over the reply (what follows the padded prompts)."""
+
+    def __init__(self, prompt_length: int, sampling: Sampling):
+        self.start, self.s = prompt_length, sampling
+
+    def __call__(self, input_ids, scores):
+        reply = input_ids[:, self.start:]
+        counts = torch.zeros_like(scores).scatter_add_(1, reply, torch.ones_like(reply, dtype=scores.dtype))
+        return scores - counts * self.s.frequency_penalty - (counts > 0).to(scores.dtype) * self.s.presence_penalty
 
 
 class Engine:
-    """Generation for one model with optional named adapters, batched on a worker thread."""
+    """Generation for one model with optional named adapters, batched on a worker thread.
+
+    `request_timeout` (seconds, None: none): a request's reply ends where it is that long after it
+    was submitted (finish_reason "length"), so no client holds the worker indefinitely."""
 
     def __init__(self, model, tokenizer, adapters: dict[str, str] | None = None, max_batch: int = 8,
-                 max_queue: int = 64):
+                 max_queue: int = 64, request_timeout: float | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.bank = AdapterBank(model, adapters or {}) if adapters else None
         # the lean CPU decoder where the model allows, else generate()
         self.decoder = Decoder(model) if Decoder.unsupported(model) is None else None
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.request_timeout = max_batch, max_queue, request_timeout
+        self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
         if max_batch < 1 or max_queue < 1:  # [:0] of the queue would never answer
             raise Nf4tuneError(f"max_batch and max_queue must be 1 or more, got {max_batch} and {max_queue}.")
         if tokenizer.pad_token_id is None:
@@ -148,18 +288,46 @@ class Engine:
         return list(self.bank.adapters) if self.bank else []
 
     def submit(self, request: Request) -> Request:
-        """Queue a request; raises QueueFull when `max_queue` requests are already waiting."""
+        """Check and queue a request; raises Nf4tuneError for a bad one (ContextTooLong beyond the
+        model's context) and QueueFull when `max_queue` requests are already waiting."""
         request.sampling.check()
         if not request.prompt:
             raise Nf4tuneError("the prompt is empty; give the model some text to continue.")
         if request.adapter is not None and request.adapter not in self.adapter_names:
             raise Nf4tuneError(f"no adapter named {request.adapter!r}.")
+        request.stop = tuple(request.stop)
+        if len(request.stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in request.stop):
+            raise Nf4tuneError(f"'stop' takes up to {MAX_STOPS} non-empty strings.")
+        if request.logprobs is not None and self.decoder is None:
+            raise Nf4tuneError("logprobs are available with the CPU decoder only; this model is served by generate().")
+        request.prompt_ids = self.tokenizer(request.prompt, add_special_tokens=False).input_ids
+        request.prompt_tokens = len(request.prompt_ids)
+        if not request.prompt_ids:
+            raise Nf4tuneError("the prompt makes no tokens; give the model some text to continue.")
+        self._fit_context(request)
+        if request.deadline is None and self.request_timeout is not None:
+            request.deadline = time.monotonic() + self.request_timeout
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the server has {len(self._waiting)} requests waiting; retry shortly.")
             self._waiting.append(request)
             self._lock.notify()
         return request
+
+    def _fit_context(self, request: Request) -> None:
+        context, prompt, wanted = self.context_length, request.prompt_tokens, request.sampling.max_new_tokens
+        if not context:
+            return
+        if prompt >= context:
+            raise ContextTooLong(f"This model's maximum context length is {context} tokens. However, your prompt "
+                                 f"resulted in {prompt} tokens. Please reduce the length of the prompt.")
+        if prompt + wanted > context:
+            if request.strict_length:
+                raise ContextTooLong(
+                    f"This model's maximum context length is {context} tokens. However, you requested "
+                    f"{prompt + wanted} tokens ({prompt} in the prompt, {wanted} in the completion). "
+                    "Please reduce the length of the prompt or completion.")
+            request.sampling = dataclasses.replace(request.sampling, max_new_tokens=context - prompt)
 
     def generate(self, prompt: str, adapter: str | None = None, **sampling) -> Request:
         """Submit one prompt and wait for it."""
@@ -180,16 +348,31 @@ class Engine:
             self._worker.join(timeout)
 
     def _take_batch(self) -> list[Request]:
+        """The oldest waiting requests (up to max_batch); without the decoder, those that share the
+        first one's adapter and sampling. Requests whose clients left while waiting end here."""
         with self._lock:
-            while not self._waiting and not self._stopped:
-                self._lock.wait()
-            if self._stopped:
-                return []
+            while True:
+                while not self._waiting and not self._stopped:
+                    self._lock.wait()
+                if self._stopped:
+                    return []
+                for r in [r for r in self._waiting if r.abandoned() or r.expired()]:
+                    self._waiting.remove(r)
+                    r.finish_reason = "cancelled" if r.cancelled else "length"
+                    self._end(r)
+                if self._waiting:
+                    break
             first = self._waiting[0]
-            batch = [r for r in self._waiting if (r.adapter, r.sampling) == (first.adapter, first.sampling)][: self.max_batch]
+            batch = [r for r in self._waiting if self.decoder is not None
+                     or (r.adapter, r.sampling) == (first.adapter, first.sampling)][: self.max_batch]
             for r in batch:
                 self._waiting.remove(r)
             return batch
+
+    @staticmethod
+    def _end(request: Request) -> None:
+        request.deltas.put(None)
+        request.done.set()
 
     def _run(self) -> None:
         while True:
@@ -201,34 +384,96 @@ class Engine:
                 self._generate(batch)
             except Exception as e:  # one bad batch must not take the server down
                 for r in batch:
-                    r.error = f"generation failed: {str(e).splitlines()[0]}"
+                    if not r.done.is_set():
+                        r.error = f"generation failed: {str(e).splitlines()[0]}"
             finally:
                 for r in batch:
-                    r.deltas.put(None)
-                    r.done.set()
+                    if not r.done.is_set():
+                        self._end(r)
+
+    def _padded(self, batch: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts' ids, left-padded (B, T), and their attention mask."""
+        length = max(len(r.prompt_ids) for r in batch)
+        ids = torch.full((len(batch), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for row, r in enumerate(batch):
+            ids[row, length - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[row, length - len(r.prompt_ids):] = 1
+        return ids, mask
+
+    def _admit(self, pending: list[Request], live: int) -> list[Request]:
+        """Requests to start now beside `live` running ones: `pending` first, then the oldest waiting."""
+        room = self.max_batch - live
+        if room > 0 and self.gate.is_set():
+            with self._lock:
+                for r in [r for r in self._waiting if r.abandoned() or r.expired()]:
+                    self._waiting.remove(r)
+                    r.finish_reason = "cancelled" if r.cancelled else "length"
+                    self._end(r)
+                taken = self._waiting[: max(0, room - len(pending))]
+                del self._waiting[: len(taken)]
+            pending.extend(taken)
+        admitted, pending[:] = pending[: max(room, 0)], pending[max(room, 0):]
+        return admitted
+
+    @torch.no_grad()
+    def _continuous(self, batch: list[Request]) -> None:
+        """Decode with the CPU decoder, continuously: requests that come while others decode join the
+        batch at the next step, in the places of those that ended; each ends (and is answered) at its
+        own last token."""
+        streamer, pending, rows = _BatchStreamer(self, []), list(batch), []
+
+        def admit(live: int) -> list[Row]:
+            new = [Row(r.prompt_ids, r.sampling, r.adapter, tag=_Row(r)) for r in self._admit(pending, live)]
+            rows.extend(new)
+            return new
+
+        def on_step(live: list[Row | None], tokens: list[int]) -> list[int]:
+            if self.closed:  # stop mid-reply: the process is leaving (Ctrl-C, shutdown)
+                raise Nf4tuneError("the engine was closed during generation.")
+            ended = []
+            for place, (row, token) in enumerate(zip(live, tokens)):
+                if row is None:
+                    continue
+                streamer._token(row.tag, token, row.logits)
+                if row.done and not row.tag.finished:
+                    streamer._finish(row.tag, "length")
+                if row.tag.finished:
+                    ended.append(place)
+                    self._end(row.tag.request)
+            return ended
+
+        adapters = self.bank.rows([]) if self.bank is not None else None
+        try:
+            self.decoder.run(admit, on_step, self.eos_ids, adapters)
+        except Exception as e:
+            for r in [row.tag.request for row in rows if not row.tag.request.done.is_set()] + pending:
+                r.error = f"generation failed: {str(e).splitlines()[0]}"
+                self._end(r)
+            if not isinstance(e, Nf4tuneError):
+                raise
 
     @torch.no_grad()
     def _generate(self, batch: list[Request]) -> None:
+        if self.decoder is not None:
+            return self._continuous(batch)
+        ids, mask = self._padded(batch)
+        streamer = _BatchStreamer(self, batch)
+        streamer.put(ids)
         if self.bank is not None and self.bank.active != batch[0].adapter:
             self.bank.activate(batch[0].adapter)
         s = batch[0].sampling
-        enc = self.tokenizer([r.prompt for r in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        for r, mask in zip(batch, enc["attention_mask"]):
-            r.prompt_tokens = int(mask.sum())
-        streamer = _BatchStreamer(self, batch)
-        if self.decoder is not None:
-            streamer.put(enc["input_ids"])
-            self.decoder.generate(enc["input_ids"], s, self.eos_ids, attention_mask=enc["attention_mask"],
-                                  on_step=lambda tokens: streamer.put(torch.tensor(tokens)))
-            streamer.end()
-            return
         if s.seed is not None:
             torch.manual_seed(s.seed)
         kwargs = dict(max_new_tokens=s.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                      eos_token_id=list(self.eos_ids), repetition_penalty=s.repetition_penalty)
+                      eos_token_id=list(self.eos_ids), repetition_penalty=s.repetition_penalty,
+                      stopping_criteria=StoppingCriteriaList([_Stopped(streamer)]))
+        if s.penalizes_reply:
+            kwargs["logits_processor"] = LogitsProcessorList([_ReplyPenalties(ids.shape[1], s)])
         if s.temperature > 0:
             kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        self.model.generate(input_ids=enc["input_ids"].to(self.model.device),
-                            attention_mask=enc["attention_mask"].to(self.model.device), streamer=streamer, **kwargs)
+        self.model.generate(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+                            streamer=streamer, **kwargs)
+        streamer.end()

@@ -3,11 +3,14 @@
 `next_token` applies the repetition penalty, temperature, top-k and top-p in the order (and with
 the tie rules) of transformers' `generate` (RepetitionPenaltyLogitsProcessor, then the Temperature,
 TopK and TopP warpers), so a model decodes alike through nf4tune's decoder and through `generate`.
+OpenAI's frequency and presence penalties (over the tokens generated so far) come after the
+repetition penalty and before the temperature, as vLLM applies them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,20 +26,33 @@ class Sampling:
     top_k: int = 0  # 0: no top-k
     repetition_penalty: float = 1.0
     seed: int | None = None
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times each token's count in the reply so far
+    presence_penalty: float = 0.0  # OpenAI's: minus this for each token the reply has used
 
     def check(self) -> "Sampling":
+        floats = (self.temperature, self.top_p, self.repetition_penalty, self.frequency_penalty, self.presence_penalty)
         if self.max_new_tokens <= 0 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 \
-                or self.repetition_penalty <= 0:
+                or self.repetition_penalty <= 0 or not all(math.isfinite(v) for v in floats) \
+                or (self.seed is not None and not -(2 ** 63) <= self.seed < 2 ** 63):
             raise Nf4tuneError(f"invalid sampling settings: {dataclasses.asdict(self)}.")
         return self
 
+    @property
+    def penalizes_reply(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty)
 
-def process_logits(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None = None) -> torch.Tensor:
-    """The float32 scores (vocab,) sampling draws from: penalized, tempered and truncated (-inf)."""
+
+def process_logits(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None = None,
+                   generated: list[int] | None = None) -> torch.Tensor:
+    """The float32 scores (vocab,) sampling draws from: penalized, tempered and truncated (-inf).
+    `seen`: the prompt and reply tokens (repetition penalty); `generated`: the reply's (OpenAI's penalties)."""
     scores = logits.float().clone()
     if s.repetition_penalty != 1.0 and seen is not None and seen.numel():
         picked = scores[seen]
         scores[seen] = torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
+    if s.penalizes_reply and generated:
+        counts = torch.bincount(torch.tensor(generated), minlength=scores.numel())[: scores.numel()].float()
+        scores -= counts * s.frequency_penalty + (counts > 0).float() * s.presence_penalty
     if s.temperature == 0:
         return scores
     scores = scores / s.temperature
@@ -52,9 +68,9 @@ def process_logits(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None 
 
 
 def next_token(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> int:
+               generator: torch.Generator | None = None, generated: list[int] | None = None) -> int:
     """The next token for one sequence's last logits (vocab,): greedy when temperature is 0, else drawn."""
-    scores = process_logits(logits, s, seen)
+    scores = process_logits(logits, s, seen, generated)
     if s.temperature == 0:
         return int(scores.argmax())
     return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
