@@ -69,7 +69,7 @@ def quantize_checkpoint(
         targets = linear_weight_keys(ckpt.config)
         report = QuantizeReport(Path(out_dir), 0, 0, ckpt.nbytes, 0, 0)
         with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=f"quantizing {ckpt.path.name}", disable=not progress) as bar:
-            done = 0
+            shards_read = 0
             for shard in ckpt.shards:
                 out: dict[str, torch.Tensor] = {}
                 for key, tensor in iter_tensors(shard):
@@ -84,8 +84,8 @@ def quantize_checkpoint(
                     del tensor
                 writer.write_shard(out)
                 del out
-                done += shard.stat().st_size
-                bar.update(done - bar.n)  # file sizes include headers: reach the total
+                shards_read += shard.stat().st_size
+                bar.update(shards_read - bar.n)  # file sizes include headers: reach the total
         if not report.quantized:
             raise Nf4tuneError(
                 f"no linear layer weights of the {ckpt.config.get('model_type')} architecture were found in "

@@ -99,7 +99,7 @@ def merge_adapter(
     with CheckpointWriter(out_dir, ckpt.path, len(ckpt.shards)) as writer:
         assembler = QuantizedWeightAssembler(quantized)
         with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=f"merging {ckpt.path.name}", disable=not progress) as bar:
-            done = 0
+            shards_read = 0
             for shard in ckpt.shards:
                 out: dict[str, torch.Tensor] = {}
                 for key, tensor in iter_tensors(shard):
@@ -123,8 +123,8 @@ def merge_adapter(
                     out[key] = tensor
                 writer.write_shard(out)
                 del out
-                done += shard.stat().st_size
-                bar.update(done - bar.n)  # file sizes include headers: reach the total
+                shards_read += shard.stat().st_size
+                bar.update(shards_read - bar.n)  # file sizes include headers: reach the total
         if assembler.pending:
             raise Nf4tuneError(f"{ckpt.path} has incomplete 4-bit weights ({next(iter(assembler.pending))}); "
                                "the checkpoint is damaged.")
