@@ -8,6 +8,7 @@ import sys
 
 from ..errors import Nf4tuneError
 from . import estimate, inference, merge, quantize, train
+from . import eval as eval_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub)
     estimate.add_parser(sub)
     inference.add_parsers(sub)
+    eval_cli.add_parser(sub)
     return parser
 
 
