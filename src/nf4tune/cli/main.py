@@ -9,6 +9,7 @@ import sys
 from ..errors import Nf4tuneError
 from . import estimate, inference, merge, quantize, train
 from . import eval as eval_cli
+from . import judge as judge_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_parser(sub)
     inference.add_parsers(sub)
     eval_cli.add_parser(sub)
+    judge_cli.add_parser(sub)
     return parser
 
 
