@@ -236,6 +236,25 @@ def test_exact_match_accuracy_generates_in_batches(models):
     assert exact_match_accuracy(model, tok, own + [changed, ended_early], batch_size=2) == pytest.approx(2 / 4)
 
 
+def test_exact_match_accuracy_through_the_cpu_decoder(checkpoint):
+    """On a bf16 model the replies come from nf4tune's decoder, batched: its own single-prompt replies match."""
+    from nf4tune.serve.decoder import Decoder
+    from nf4tune.serve.sampling import Sampling
+
+    model, tok = nf4tune.load_model(checkpoint, compute_dtype=torch.bfloat16, device="cpu", progress=False)
+    if Decoder.unsupported(model):
+        pytest.skip(f"the CPU decoder does not run here: {Decoder.unsupported(model)}")
+    stop = end_of_turn_ids(tok, model)
+    own = []
+    for text in ("Hello there", "A much longer prompt than the first one", "Short"):
+        ids = torch.tensor([tok(text).input_ids])
+        (reply,) = Decoder(model).generate(ids, Sampling(max_new_tokens=3), eos_ids=stop)
+        own.append((ids[0].tolist(), reply))
+    assert exact_match_accuracy(model, tok, own, batch_size=3) == 1.0
+    own[2] = (own[2][0], [own[2][1][0] + 1] + own[2][1][1:])
+    assert exact_match_accuracy(model, tok, own, batch_size=3) == pytest.approx(2 / 3)
+
+
 def test_run_benchmarks_and_spec_parsing(models):
     model, _, tok = models
     specs = parse_benchmarks([{"task": "multiple_choice", "data": str(TEST), "dev": str(DEV), "shots": 2, "name": "mmlu"},

@@ -46,10 +46,24 @@ def reply_matches(generated: Sequence[int], target: Sequence[int], stop_ids: Ite
     return trim_at_end_of_turn(generated, stop) == target
 
 
+def _greedy(model, ids: torch.Tensor, mask: torch.Tensor, budget: int, stop: set[int], pad_id: int) -> list[list[int]]:
+    """Greedy replies to left-padded prompts: through nf4tune's CPU decoder where it runs the model, else
+    transformers' `generate`."""
+    from ..serve.decoder import Decoder
+    from ..serve.sampling import Sampling
+
+    if Decoder.unsupported(model) is None:
+        return Decoder(model).generate(ids, Sampling(max_new_tokens=budget), eos_ids=stop, attention_mask=mask)
+    out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=budget,
+                         do_sample=False, pad_token_id=pad_id, eos_token_id=sorted(stop))
+    return out[:, ids.shape[1]:].tolist()
+
+
 def exact_match_accuracy(model, tokenizer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
                          batch_size: int = 8, max_new_tokens: int | None = None) -> float:
     """Share of (prompt ids, target ids) pairs whose greedy reply matches the target (`reply_matches`).
-    Prompts are generated in left-padded batches; each generates at most its target's length + 1 tokens."""
+    Prompts are generated in left-padded batches (nf4tune's CPU decoder where it applies); each generates at
+    most its target's length + 1 tokens."""
     if not pairs:
         return 0.0
     stop = end_of_turn_ids(tokenizer, model)
@@ -72,10 +86,9 @@ def exact_match_accuracy(model, tokenizer, pairs: Sequence[tuple[Sequence[int], 
                 for r, (p, _) in enumerate(rows):
                     ids[r, width - len(p):] = torch.tensor(list(p))
                     mask[r, width - len(p):] = 1
-                out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=budget,
-                                     do_sample=False, pad_token_id=pad_id, eos_token_id=sorted(stop))
-                for r, (_, target) in enumerate(rows):
-                    hits += reply_matches(out[r, width:].tolist(), target, stop)
+                replies = _greedy(model, ids, mask, budget, stop, pad_id)
+                for reply, (_, target) in zip(replies, rows):
+                    hits += reply_matches(reply, target, stop)
     finally:
         model.train(was_training)
     return hits / len(pairs)
