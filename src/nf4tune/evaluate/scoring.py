@@ -22,28 +22,69 @@ def context_length(model, tokenizer=None) -> int:
     return limit or 2048
 
 
+def _cache_argument(model) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); whichever this model's forward takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+MIN_SHARED = 16  # shared prefixes shorter than this are not worth a separate pass
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def tail_logits(model, seqs: Sequence[Sequence[int]], keep: Sequence[int], batch_size: int,
                 pad_id: int, on_batch: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """For each token sequence, the float32 logits of its last `keep[i]` positions, shape (keep[i], vocab).
 
-    Sequences are run longest first in left-padded batches, with positions counted from each sequence's
-    first real token, so padding changes nothing but rounding; only the kept positions reach the head."""
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    Sequences are run in sorted order in left-padded batches, with positions counted from each sequence's
+    first real token, so padding changes nothing but rounding; only the kept positions reach the head.
+    Tokens a batch's sequences all start with (few-shot examples of one subject) are run once, and their
+    keys and values serve every batch that starts with them."""
+    import copy
+
+    order = sorted(range(len(seqs)), key=lambda i: tuple(seqs[i]))  # neighbours share the longest prefixes
     out: list[torch.Tensor | None] = [None] * len(seqs)
     device = model.device
+    shared_ids: tuple = ()
+    shared_cache = None
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            width = max(len(seqs[i]) for i in rows)
+            # The prefix every row starts with, leaving each row at least its kept positions.
+            n = min(_common_prefix(seqs[rows[0]], seqs[rows[-1]]), min(len(seqs[i]) - keep[i] for i in rows))
+            if getattr(model.config, "is_encoder_decoder", False) or n < MIN_SHARED:
+                n = 0
+            if n and tuple(seqs[rows[0]][:n]) != shared_ids:
+                prefix = torch.tensor([list(seqs[rows[0]][:n])], dtype=torch.long, device=device)
+                result = model(input_ids=prefix, use_cache=True, logits_to_keep=1)
+                shared_cache = getattr(result, "cache", None) or result.past_key_values
+                shared_ids = tuple(seqs[rows[0]][:n])
+            tails = [seqs[i][n:] for i in rows]
+            width = max(len(t) for t in tails)
             ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, width - len(seqs[i]):] = torch.tensor(seqs[i], dtype=torch.long)
-                mask[r, width - len(seqs[i]):] = 1
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            for r, t in enumerate(tails):
+                ids[r, width - len(t):] = torch.tensor(list(t), dtype=torch.long)
+                mask[r, width - len(t):] = 1
+            positions = n + (mask.cumsum(1) - 1).clamp(min=0)
             k = max(keep[i] for i in rows)
+            kwargs = dict(use_cache=False)
+            if n:
+                cache = copy.deepcopy(shared_cache)
+                cache.batch_repeat_interleave(len(rows))
+                mask = torch.cat([torch.ones((len(rows), n), dtype=torch.long), mask], 1)
+                kwargs = dict(use_cache=True, **{_cache_argument(model): cache})
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                           logits_to_keep=k, use_cache=False).logits
+                           logits_to_keep=k, **kwargs).logits
             logits = logits[:, -k:].float().cpu()
             for r, i in enumerate(rows):
                 out[i] = logits[r, k - keep[i]:]
