@@ -63,7 +63,9 @@ def tail_logits(model, seqs: Sequence[Sequence[int]], keep: Sequence[int], batch
             n = min(_common_prefix(seqs[rows[0]], seqs[rows[-1]]), min(len(seqs[i]) - keep[i] for i in rows))
             if getattr(model.config, "is_encoder_decoder", False) or n < MIN_SHARED:
                 n = 0
-            if n and tuple(seqs[rows[0]][:n]) != shared_ids:
+            if n and shared_ids and n >= len(shared_ids) and tuple(seqs[rows[0]][:len(shared_ids)]) == shared_ids:
+                n = len(shared_ids)  # the prefix already run serves this batch too
+            elif n:
                 prefix = torch.tensor([list(seqs[rows[0]][:n])], dtype=torch.long, device=device)
                 result = model(input_ids=prefix, use_cache=True, logits_to_keep=1)
                 shared_cache = getattr(result, "cache", None) or result.past_key_values
