@@ -12,6 +12,8 @@ import sys
 
 from ..errors import Nf4tuneError
 from . import doctor, estimate, inference, merge, quantize, train
+from . import eval as eval_cli
+from . import judge as judge_cli
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_parser(sub)
     inference.add_parsers(sub)
     doctor.add_parser(sub)
+    eval_cli.add_parser(sub)
+    judge_cli.add_parser(sub)
     return parser
 
 
