@@ -288,9 +288,8 @@ def run_generate(args) -> int:
     todo = rows[len(done):]
     with open(partial, "w", encoding="utf-8") as f:  # open()'s permissions; renamed onto OUT when complete
         f.writelines(line + "\n" for line in done)
-    written = len(done)
     if todo:
-        written = _generate_into(args, todo, sampling, partial, len(done), len(rows))
+        _generate_into(args, todo, sampling, partial, len(done), len(rows))
     os.replace(partial, out)
     print(f"wrote {len(rows)} completions to {out}" + (f" ({len(done)} kept from the interrupted run)" if done else ""))
     return 0

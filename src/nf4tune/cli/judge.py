@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .checks import count
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(

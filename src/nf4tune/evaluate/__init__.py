@@ -1,18 +1,22 @@
 """Evaluation: perplexity, MMLU-style multiple choice, exact match of chat replies, benchmarks run during
-training, and pairwise judging of answers with Elo ratings. The CLI's `eval` and `judge` call into here."""
+training, and pairwise judging of answers with Elo ratings. The CLI's `eval` and `judge` call into here.
 
-from .benchmarks import BenchmarkSpec, run_benchmarks
-from .exact_match import reply_matches, trim_at_end_of_turn
-from .multiple_choice import MultipleChoiceResult, evaluate_multiple_choice
-from .perplexity import PerplexityResult, perplexity
+Names load on first use, so the command line can read `registry.TASKS` without importing torch."""
 
-__all__ = [
-    "BenchmarkSpec",
-    "MultipleChoiceResult",
-    "PerplexityResult",
-    "evaluate_multiple_choice",
-    "perplexity",
-    "reply_matches",
-    "run_benchmarks",
-    "trim_at_end_of_turn",
-]
+_LAZY = {
+    "BenchmarkSpec": ".benchmarks", "run_benchmarks": ".benchmarks",
+    "reply_matches": ".exact_match", "trim_at_end_of_turn": ".exact_match",
+    "MultipleChoiceResult": ".multiple_choice", "evaluate_multiple_choice": ".multiple_choice",
+    "PerplexityResult": ".perplexity",  # the function: nf4tune.evaluate.perplexity.perplexity
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nf4tune.evaluate' has no attribute {name!r}")
