@@ -82,6 +82,8 @@ class TrainingSection:
     optim: str = "paged_adamw_32bit"  # paged_adamw_32bit | paged_adamw_8bit | adamw_torch
     max_bad_steps_in_a_row: int = 5
     loss_chunk_tokens: int = 1024
+    parallel: str = "auto"  # auto | ddp | fsdp: how several ranks (torchrun) share the work; see train/parallel.py
+    fsdp_cpu_offload: bool = False  # FSDP: keep sharded parameters in host memory between uses
 
 
 @dataclass
@@ -215,6 +217,7 @@ def _check_values(r: Recipe) -> None:
     one_of("data.on_bad_row", r.data.on_bad_row, ["error", "skip"])
     one_of("training.lr_scheduler_type", r.training.lr_scheduler_type, ["constant", "linear", "cosine"])
     one_of("training.optim", r.training.optim, ["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"])
+    one_of("training.parallel", r.training.parallel, ["auto", "ddp", "fsdp"])
     one_of("model.compute_dtype", r.model.compute_dtype, ["auto", "bfloat16", "float16", "float32"])
     for where, value in [("lora.r", r.lora.r), ("training.per_device_train_batch_size", r.training.per_device_train_batch_size),
                          ("training.gradient_accumulation_steps", r.training.gradient_accumulation_steps),
