@@ -159,3 +159,32 @@ def test_two_gpus_on_nccl(runs):
     assert done.returncode == 0, done.stderr[-3000:]
     for strategy in ("ddp", "fsdp"):
         assert len(_losses(root / strategy)) == 6
+
+
+def test_auto_picks_ddp_when_a_replica_fits_and_estimate_shares_the_formulas(runs, capsys):
+    from nf4tune.cli.main import main
+    from nf4tune.plan.estimate import GIB, estimate, pick_strategy
+    from nf4tune.train.parallel import plan_arguments
+
+    root, raw = runs
+    plan = plan_arguments(recipe_from_dict(raw))
+    model = raw["model"]["name_or_path"]
+    ddp, fsdp = (estimate(model, gpus=2, strategy=s, **plan) for s in ("ddp", "fsdp"))
+    assert ddp.weights_4bit == estimate(model, gpus=1, **plan).weights_4bit == 2 * fsdp.weights_4bit
+    assert ddp.activations == fsdp.activations  # activations stay per rank
+    assert pick_strategy(model, 80 * GIB, 2, **plan)[0] == "ddp"
+    strategy, why = pick_strategy(model, ddp.total_without_paged_states, 2, **plan)  # no headroom left
+    assert strategy == "fsdp" and "over 90%" in why
+    assert main(["estimate", model, "--gpus", "2", "--strategy", "fsdp", "--seq-len", "40", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "FSDP, per GPU" in out and "training.parallel=auto picks DDP on 2 x 80 GB" in out
+
+
+def test_nproc_starts_torchrun_with_the_same_arguments():
+    from nf4tune.cli.main import build_parser
+    from nf4tune.cli.train import torchrun_command
+
+    args = build_parser().parse_args(["train", "r.yaml", "training.max_steps=5", "--nproc", "4", "--resume", "--no-progress"])
+    command = torchrun_command(args)
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
+    assert command[5:] == ["-m", "nf4tune", "train", "r.yaml", "training.max_steps=5", "--resume", "--no-progress"]

@@ -293,6 +293,9 @@ class Trainer:
         if self.par.is_main:
             (out / "recipe.json").write_text(json.dumps(recipe_to_dict(self.recipe), indent=2) + "\n")
         self.measure = self.recipe.eval.exact_match and bool(self.eval_examples) and self.par.can_generate
+        if self.recipe.eval.exact_match and not self.par.can_generate:
+            log.warning("nf4tune: eval.exact_match is not measured under FSDP (generation needs the whole model); "
+                        "eval_loss still is")
         self.before = self._exact_match() if self.measure and self.resume_from is None else None
         log.info("nf4tune: %d training examples (%s format), %d held out; %d steps; trainable parameters %s of %s (%.2f%%)",
                  len(self.examples), self.stats.format, len(self.eval_examples), self.total, f"{self.trainable:,}",

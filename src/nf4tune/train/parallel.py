@@ -252,7 +252,9 @@ class Parallel:
             import torch.distributed.checkpoint as dcp
 
             state = {"optimizer": get_optimizer_state_dict(root, optimizer)}
-            dcp.load(state, checkpoint_id=str(path / OPTIMIZER_DIR))
+            with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, checkpoint_id=str(path / OPTIMIZER_DIR))
             set_optimizer_state_dict(root, optimizer, state["optimizer"])
         mine = path / f"rng-rank{self.rank}.pt"
         if saved.get("world_size", 1) == self.world_size and mine.is_file():
