@@ -241,8 +241,7 @@ class Parallel:
         if saved.get("optimizer") is not None and self.world_size == 1:
             optimizer.load_state_dict(saved["optimizer"])
             return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
         root = self.root if self.root is not None else LossModule(model, None, 0)
         if saved.get("optimizer") is not None:  # written by one process: whole tensors by parameter index
