@@ -10,6 +10,9 @@ import importlib
 from dataclasses import dataclass
 
 QUANT_TYPES = ("nf4", "fp4")
+# How several ranks (torchrun) share training: train/parallel.py. `auto` lets the planner choose.
+PARALLEL_STRATEGIES = ("fsdp", "ddp")
+
 # Elements per quantization block: powers of two, as bitsandbytes supports them.
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 

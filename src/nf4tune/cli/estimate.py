@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..registry import OPTIMIZERS
-from .checks import count, resolve_builtin
+from ..registry import OPTIMIZERS, PARALLEL_STRATEGIES
+from .checks import count, number, resolve_builtin
 
 
 def add_parser(sub) -> None:
@@ -23,19 +23,31 @@ def add_parser(sub) -> None:
     p.add_argument("--target", default="all-linear", help="all-linear, or module names: q_proj,v_proj")
     p.add_argument("--optim", default="paged_adamw_32bit", choices=list(OPTIMIZERS))
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
-    p.add_argument("--gpus", type=count(1), default=1, help="GPUs sharing the model (FSDP)")
+    p.add_argument("--gpus", type=count(1), default=1, help="GPUs training together (torchrun ranks)")
+    p.add_argument("--strategy", choices=PARALLEL_STRATEGIES, default=None,
+                   help="fsdp: weights, adapters and states sharded over the GPUs; ddp: replicated on each "
+                        "(default: what training.parallel=auto picks)")
+    p.add_argument("--gpu-gb", type=number(0, low_open=True), default=None,
+                   help="memory per GPU in GB for the auto choice (default: 80)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..plan.estimate import estimate, format_table
+    from ..plan.estimate import estimate, format_table, pick_strategy
 
-    est = estimate(resolve_builtin(args.model), args.seq_len, args.batch, args.r, args.target, args.optim,
-                   args.checkpointing, args.gpus)
+    model = resolve_builtin(args.model)
+    plan = dict(seq_len=args.seq_len, batch=args.batch, r=args.r, target=args.target, optim=args.optim,
+                checkpointing=args.checkpointing)
+    auto, why = pick_strategy(model, (args.gpu_gb or 80) * 1e9, args.gpus, **plan) if args.gpus > 1 else ("ddp", "")
+    strategy = args.strategy or auto
+    est = estimate(model, gpus=args.gpus, strategy=strategy, **plan)
     if args.json:
-        print(json.dumps(est.as_json(), indent=2))
+        print(json.dumps({**est.as_json(), "strategy": strategy, "auto_strategy": auto, "auto_reason": why}, indent=2))
     else:
         print(format_table(est, f"{args.model}: seq {args.seq_len} x batch {args.batch}, LoRA r={args.r} on {args.target}, "
-                                f"{args.optim}, checkpointing {'on' if args.checkpointing else 'off'}, {args.gpus} GPU(s)"))
+                                f"{args.optim}, checkpointing {'on' if args.checkpointing else 'off'}, {args.gpus} GPU(s), "
+                                f"{strategy.upper()}, per GPU"))
+        if args.gpus > 1:
+            print(f"training.parallel=auto picks {auto.upper()} on {args.gpus} x {args.gpu_gb or 80:g} GB: {why}")
     return 0

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
+
+from ..errors import Nf4tuneError
+from .checks import count
 
 PATH_RULE = ("relative paths: data.path and eval.path are read from the current folder, else from the recipe's "
              "folder; training.output_dir is relative to the current folder")
@@ -25,6 +30,9 @@ def add_parser(sub) -> None:
                    help="continue from the latest checkpoint of the run in output_dir, or from CHECKPOINT")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--nproc", type=count(1), default=None, metavar="N",
+                   help="start N processes on this machine through torchrun (one per GPU; gloo on CPU); "
+                        "training.parallel picks DDP or FSDP")
     p.set_defaults(run=run)
 
 
@@ -69,10 +77,24 @@ def _check_before_loading(recipe, resume) -> None:
         rundir.check_resume_fits(checkpoint, recipe_to_dict(recipe))
 
 
+def torchrun_command(args: argparse.Namespace) -> list[str]:
+    """The torchrun command line (one node) that runs this same training in `args.nproc` processes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "nf4tune", "train", args.recipe, *args.overrides]
+    if args.resume is not None:
+        command += ["--resume"] + ([] if args.resume is True else [str(args.resume)])
+    return command + ([] if args.progress else ["--no-progress"])
+
+
 def run(args: argparse.Namespace) -> int:
     from ..train.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.nproc is not None and not args.print_config:
+        if "WORLD_SIZE" in os.environ:
+            raise Nf4tuneError("--nproc starts torchrun itself; under torchrun, leave it out.")
+        # torchrun stops every rank when one fails and exits non-zero; its status is ours.
+        return subprocess.call(torchrun_command(args))
     if args.print_config:
         _print_config(recipe)
         return 0
@@ -87,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
             stop = rundir.interruption_on_disk(recipe.training.output_dir)
         print("\n" + rundir.interrupted_message(stop, args.recipe, args.overrides), file=sys.stderr)
         return 130
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports for all
+        return 0
     minutes, seconds = divmod(int(result.seconds), 60)
     print(f"\ntrained {result.steps} steps in {minutes}m{seconds:02d}s on {result.tokens:,} tokens; "
           f"final loss {result.final_loss:.4f}")

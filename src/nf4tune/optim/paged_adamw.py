@@ -54,6 +54,9 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def _new_state(self, p: torch.Tensor) -> dict:
         state = {"step": 0}
+        if hasattr(p, "device_mesh"):  # an FSDP shard (DTensor): states sharded alike, where it lives
+            return {**state, "exp_avg": torch.zeros_like(p, dtype=torch.float32),
+                    "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32)}
         paged = self._page(p, 2 * p.numel() * 4)
         device = "cpu" if paged else p.device
         for name in ("exp_avg", "exp_avg_sq"):

@@ -26,12 +26,13 @@ from pathlib import Path
 from ..checkpoint.hf import build_meta_model, quantizable_linears
 from ..errors import Nf4tuneError
 from ..quant.codes import bits_per_parameter
-from ..registry import OPTIMIZERS
+from ..registry import OPTIMIZERS, PARALLEL_STRATEGIES
 
 GIB = 2**30
 GPUS_GB = (24, 40, 48, 80)
 CUDA_OVERHEAD = 0.75 * GIB
 LOSS_CHUNK_TOKENS = 1024
+HEADROOM = 0.9  # `auto` picks DDP when one replica needs at most this share of a device's memory
 
 
 @dataclass
@@ -93,10 +94,14 @@ def _config(model: str) -> dict:
 
 def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, target: str = "all-linear",
              optim: str = "paged_adamw_32bit", checkpointing: bool = True, gpus: int = 1,
-             double_quant: bool = True, blocksize: int = 64) -> Estimate:
-    """Estimate the GPU memory of fine-tuning `model` (folder, config.json or Hub id) with nf4tune."""
+             double_quant: bool = True, blocksize: int = 64, strategy: str = "fsdp") -> Estimate:
+    """Estimate the GPU memory of fine-tuning `model` (folder, config.json or Hub id) with nf4tune, per
+    GPU: with `strategy="fsdp"` weights, adapters, gradients and optimizer states are split across
+    `gpus`; with "ddp" every GPU holds all of them."""
     if seq_len <= 0 or batch <= 0 or r <= 0 or gpus <= 0:
         raise Nf4tuneError(f"--seq-len, --batch, --r and --gpus must be positive (got {seq_len}, {batch}, {r}, {gpus}).")
+    if strategy not in PARALLEL_STRATEGIES:
+        raise Nf4tuneError(f"--strategy {strategy!r}: use one of {', '.join(PARALLEL_STRATEGIES)}.")
     if optim not in OPTIMIZERS:
         raise Nf4tuneError(f"--optim {optim!r}: use one of {', '.join(OPTIMIZERS)}.")
     config = _config(model)
@@ -126,7 +131,7 @@ def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, targe
     checkpointed = layers * 2 * hidden * tokens + per_layer_token * tokens
     logits = 3 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * vocab
 
-    shard = 1 / gpus  # weights, adapters and states split across GPUs (FSDP); activations stay per GPU
+    shard = 1 / gpus if strategy == "fsdp" else 1.0  # FSDP splits weights, adapters, states; activations stay per GPU
     est = Estimate(
         model_type=config.get("model_type", "?"), parameters=total_params, quantized_parameters=quantized,
         lora_parameters=lora,
@@ -177,3 +182,16 @@ def format_table(est: Estimate, args_line: str) -> str:
     fits = est.fits()
     lines.append("fits on: " + ", ".join(f"{gb} GB {'yes' if ok else 'no'}" for gb, ok in fits.items()))
     return "\n".join(lines)
+
+
+def pick_strategy(model: str, device_bytes: float, gpus: int, **plan) -> tuple[str, str]:
+    """What `training.parallel: auto` picks for `gpus` devices of `device_bytes` each, and why in a few
+    words: DDP when the whole run (paged optimizer states excluded) fits one device with headroom,
+    else FSDP. `plan` are `estimate`'s keyword arguments (seq_len, batch, r, ...)."""
+    ddp = estimate(model, gpus=gpus, strategy="ddp", **plan)
+    need, room = ddp.total_without_paged_states, HEADROOM * device_bytes
+    if need <= room:
+        return "ddp", f"a replica needs {need / GIB:.2f} GiB, within {HEADROOM:.0%} of {device_bytes / GIB:.1f} GiB per device"
+    fsdp = estimate(model, gpus=gpus, strategy="fsdp", **plan)
+    return "fsdp", (f"a replica needs {need / GIB:.2f} GiB, over {HEADROOM:.0%} of {device_bytes / GIB:.1f} GiB per device; "
+                    f"sharded over {gpus}: {fsdp.total_without_paged_states / GIB:.2f} GiB")

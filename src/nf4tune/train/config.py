@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import Nf4tuneError
 from ..layers.lora import LoraConfig
-from ..registry import OPTIMIZERS, QUANT_TYPES
+from ..registry import OPTIMIZERS, PARALLEL_STRATEGIES, QUANT_TYPES
 
 REQUIRED = object()  # marks fields a recipe must set
 
@@ -76,6 +76,8 @@ class TrainingSection:
     optim: str = "paged_adamw_32bit"  # a name in optim.OPTIMIZERS
     max_bad_steps_in_a_row: int = 5
     loss_chunk_tokens: int = 1024
+    parallel: str = "auto"  # auto | ddp | fsdp: how several ranks (torchrun) share the work; see train/parallel.py
+    fsdp_cpu_offload: bool = False  # FSDP: keep sharded parameters in host memory between uses
 
 
 @dataclass
@@ -212,6 +214,7 @@ def _check_values(r: Recipe) -> None:
     one_of("data.on_bad_row", r.data.on_bad_row, ["error", "skip"])
     one_of("training.lr_scheduler_type", r.training.lr_scheduler_type, ["constant", "linear", "cosine"])
     one_of("training.optim", r.training.optim, list(OPTIMIZERS))
+    one_of("training.parallel", r.training.parallel, ["auto", *PARALLEL_STRATEGIES])
     one_of("model.compute_dtype", r.model.compute_dtype, ["auto", "bfloat16", "float16", "float32"])
     for where, value in [("training.per_device_train_batch_size", r.training.per_device_train_batch_size),
                          ("training.gradient_accumulation_steps", r.training.gradient_accumulation_steps),

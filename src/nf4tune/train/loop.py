@@ -16,9 +16,8 @@ from tqdm.auto import tqdm
 from ..checkpoint.hf import resolve
 from ..errors import Nf4tuneError
 from ..layers.lora import trainable_parameters
-from ..models.adapters import save_adapter
 from ..models.load import load_model
-from ..optim import OPTIMIZERS
+from ..registry import OPTIMIZERS
 from . import state as ckpt
 from .config import Recipe, recipe_to_dict
 from .data import IGNORE_INDEX, DataStats, Tokenized, batch_order, collate, load_examples, pack
@@ -85,10 +84,6 @@ class BatchStream:
         self.epoch, self.index, self._order = position["epoch"], position["index"], None
 
 
-def _device(name: str) -> torch.device | None:
-    return None if name == "auto" else torch.device(name)
-
-
 def _dtype(name: str) -> torch.dtype | None:
     return None if name == "auto" else getattr(torch, name)
 
@@ -100,15 +95,15 @@ def _memory_gib(device: torch.device) -> float:
         return int(f.read().split()[1]) * 4096 / 2**30
 
 
-def evaluate(model, examples: list[Tokenized], batch_size: int, pad_id: int, chunk_tokens: int) -> float:
-    """Mean token loss over `examples`."""
+def evaluate(loss_fn, model, examples: list[Tokenized], batch_size: int, pad_id: int) -> float:
+    """Mean token loss over `examples`; `loss_fn(batch)` is (sum of token losses, count)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(model.device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
-            s, n = loss_sum(model, batch, chunk_tokens)
+            s, n = loss_fn(batch)
             total, count = total + float(s), count + n
     model.train(was_training)
     return total / max(1, count)
@@ -145,193 +140,328 @@ def _split_eval(recipe: Recipe, examples: list[Tokenized]) -> tuple[list[Tokeniz
 
 def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = True) -> TrainResult:
     """Run the recipe. Writes checkpoints, `metrics.jsonl`, `loss.png` and the final adapter to
-    `training.output_dir`; with `resume`, continues from a checkpoint exactly."""
-    t, d = recipe.training, recipe.data
-    out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    resume_from = ckpt.find_resume_checkpoint(out, resume) if resume else None
-    random.seed(t.seed)
-    torch.manual_seed(t.seed)
+    `training.output_dir`; with `resume`, continues from a checkpoint exactly.
 
-    # The tokenizer and the data first: a bad row is reported before minutes of model loading.
-    from transformers import AutoTokenizer
+    Under torchrun (WORLD_SIZE > 1) every rank runs this; `train.parallel` holds what differs."""
+    from .parallel import Parallel
 
-    model_path = resolve(recipe.model.name_or_path)
-    if not any((model_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise Nf4tuneError(f"{recipe.model.name_or_path} has no tokenizer files; training needs one.")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    add_tokens_to_tokenizer(tokenizer, recipe.model.add_tokens, recipe.model.add_special_tokens)
-
-    examples, stats = load_examples(d.path, d.split, d.format, tokenizer, d.source_max_len, d.target_max_len,
-                                    d.train_on_source, d.on_bad_row, d.max_samples)
-    if recipe.eval.path:
-        eval_examples, _ = load_examples(recipe.eval.path, "validation" if not Path(recipe.eval.path).exists() else d.split,
-                                         d.format, tokenizer, d.source_max_len, d.target_max_len, d.train_on_source,
-                                         d.on_bad_row, recipe.eval.max_eval_samples)
-    else:
-        examples, eval_examples = _split_eval(recipe, examples)
-    eval_examples = eval_examples[: recipe.eval.max_eval_samples] if recipe.eval.max_eval_samples else eval_examples
-
-    lora = recipe.lora
-    model, _ = load_model(model_path, recipe.quant.quant_type, recipe.quant.double_quant,
-                          _dtype(recipe.model.compute_dtype), _device(recipe.model.device), lora=lora,
-                          blocksize=recipe.quant.blocksize,
-                          gradient_checkpointing=recipe.model.gradient_checkpointing, progress=progress)
-    added = grow_vocab(model, len(tokenizer))
-    if added:
-        log.info("nf4tune: added %d token(s); their embedding rows train with the adapter", added)
-
-    if d.packing:
-        if model.config.is_encoder_decoder:
-            raise Nf4tuneError("data.packing is for decoder-only models; turn it off for encoder-decoders such as T5.")
-        unpacked = len(examples)
-        examples = pack(examples, d.source_max_len + d.target_max_len + 2, t.seed)
-        log.info("nf4tune: packed %d examples into %d rows", unpacked, len(examples))
-    stream = BatchStream(examples, t.per_device_train_batch_size, t.seed, d.group_by_length)
-    total = t.max_steps if t.max_steps > 0 else math.ceil(
-        t.num_train_epochs * stream.batches_per_epoch() / t.gradient_accumulation_steps)
-    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total)
-    params = [p for p in model.parameters() if p.requires_grad]
-    vocab = [p for p in params if p.dim() == 2 and p.shape[0] == model.get_input_embeddings().weight.shape[0]]
-    groups = [{"params": [p for p in params if all(p is not v for v in vocab)], "weight_decay": t.weight_decay}]
-    if vocab:
-        groups.append({"params": vocab, "weight_decay": 0.0})  # decay would move the frozen old rows
-    optimizer_class = OPTIMIZERS[t.optim].build
-    optimizer = optimizer_class(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.lr_scheduler_type, warmup, total))
-    compute_dtype = next(m for m in model.modules() if hasattr(m, "compute_dtype")).compute_dtype
-    scaler = torch.amp.GradScaler(model.device.type) if compute_dtype == torch.float16 else None
-
-    step, tokens, best, best_path, skipped, bad_in_a_row = 0, 0, None, None, 0, 0
-    if resume_from is not None:
-        saved = ckpt.load_trainer_state(resume_from)
-        ckpt.restore_adapter(model, resume_from)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        stream.seek(saved["data_position"])
-        step, tokens, skipped = saved["step"], saved["tokens"], saved["skipped_steps"]
-        best, best_path = saved["best_eval_loss"], Path(saved["best_checkpoint"]) if saved["best_checkpoint"] else None
-        ckpt.set_rng_state(saved["rng"])
-        _truncate_metrics(out / "metrics.jsonl", step)
-        log.info("nf4tune: resuming from %s at step %d", resume_from, step)
-    else:
-        (out / "metrics.jsonl").write_text("")
-    (out / "recipe.json").write_text(json.dumps(recipe_to_dict(recipe), indent=2) + "\n")
-
-    measure = recipe.eval.exact_match and bool(eval_examples)
-    before = exact_match(model, tokenizer, eval_examples) if measure and resume_from is None else None
-    trainable, all_params = trainable_parameters(model)
-    log.info("nf4tune: %d training examples (%s format), %d held out; %d steps; trainable parameters %s of %s (%.2f%%)",
-             len(examples), stats.format, len(eval_examples), total, f"{trainable:,}", f"{all_params:,}",
-             100 * trainable / all_params)
-
-    model.train()
-    start_time, window_loss, window_tokens, window_start, last_loss = time.time(), 0.0, 0, time.time(), float("nan")
-    bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not progress)
-    metrics = (out / "metrics.jsonl").open("a")
-    board = _tensorboard(out)
+    par = Parallel.from_environment(recipe)
     try:
-        while step < total:
-            drawn = [stream.next() for _ in range(t.gradient_accumulation_steps)]
-            micro = [collate(examples_, tokenizer.pad_token_id) for examples_ in drawn]
-            targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-            step_loss, step_tokens = 0.0, sum(len(e.input_ids) for examples_ in drawn for e in examples_)
-            for batch in micro:
-                batch = {k: v.to(model.device) for k, v in batch.items()}
-                s, _ = loss_sum(model, batch, t.loss_chunk_tokens)
-                loss = s / max(1, targets)
-                (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += loss.item()
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                if scaler:
-                    scaler.update()
-                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-                log.warning("nf4tune: step %d: loss or gradient is NaN/Inf; step skipped", step + 1)
-                if bad_in_a_row >= t.max_bad_steps_in_a_row:
-                    last = ckpt.checkpoints(out)
-                    cause = ("float16 overflow: use bfloat16 compute (model.compute_dtype=bfloat16) where the device has it"
-                             if compute_dtype == torch.float16 else "a learning rate too high: lower training.learning_rate")
-                    raise Nf4tuneError(
-                        f"the loss or gradients were NaN/Inf for {bad_in_a_row} steps in a row; the likely cause is {cause}. "
-                        + (f"The last good checkpoint is {last[-1]}." if last else "No checkpoint was written yet."))
-                continue
-            bad_in_a_row = 0
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            last_loss = step_loss
-            tokens += step_tokens
-            window_loss, window_tokens = window_loss + step_loss, window_tokens + step_tokens
-            record = {}
-            if step % t.logging_steps == 0 or step == total:
-                n = t.logging_steps if step % t.logging_steps == 0 else step % t.logging_steps
-                elapsed = time.time() - window_start
-                record.update(step=step, epoch=round(stream.epoch + stream.index / stream.batches_per_epoch(), 4),
-                              loss=window_loss / n, lr=lr, grad_norm=grad_norm,
-                              tokens_per_s=window_tokens / max(elapsed, 1e-9), memory_gib=round(_memory_gib(model.device), 3))
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                mem=f"{record['memory_gib']:.2f}G")
-                window_loss, window_tokens, window_start = 0.0, 0, time.time()
-            if eval_examples and t.eval_steps and (step % t.eval_steps == 0 or step == total):
-                eval_start = time.time()
-                eval_loss = evaluate(model, eval_examples, recipe.eval.per_device_eval_batch_size, tokenizer.pad_token_id,
-                                     t.loss_chunk_tokens)
-                window_start += time.time() - eval_start  # tokens/s measures training only
-                record.update(step=step, eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50)))
-                if best is None or eval_loss < best:
-                    best = eval_loss
-                    best_path = out / f"checkpoint-{step}"
-                    _save(out, step, model, tokenizer, optimizer, scheduler, scaler, stream, tokens, skipped, best, best_path)
-            if record:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                if board is not None:
-                    for key, value in record.items():
-                        if key != "step":
-                            board.add_scalar(f"{'eval' if key.startswith('eval') else 'train'}/{key}", value, step)
-            if step % t.save_steps == 0 or step == total:
-                _save(out, step, model, tokenizer, optimizer, scheduler, scaler, stream, tokens, skipped, best, best_path)
-                ckpt.prune(out, t.save_total_limit, keep=best_path)
-            bar.update(1)
+        return Trainer(recipe, par, resume, progress).run()
+    except Nf4tuneError as e:
+        par.fail(e)
+        raise
+    except Exception as e:
+        if par.world_size == 1:
+            raise
+        par.fail(e)  # one sentence naming the rank; torchrun stops the others
+        log.exception("nf4tune: rank %d failed", par.rank)
+        raise Nf4tuneError(f"rank {par.rank} of {par.world_size} failed: {type(e).__name__}: "
+                           f"{(str(e).splitlines() or [''])[0]}") from e
     finally:
-        bar.close()
-        metrics.close()
-        if board is not None:
-            board.close()
+        par.close()
 
-    adapter_dir = out / "adapter"
-    save_adapter(model, adapter_dir)
-    if added:
-        tokenizer.save_pretrained(adapter_dir)
-    from .plot import plot_losses
 
-    plot_losses(_read_metrics(out / "metrics.jsonl"), out / "loss.png")
-    result = TrainResult(out, adapter_dir, step, tokens, time.time() - start_time, last_loss, best, best_path, skipped, stats)
-    if measure:
-        result.exact_match = {"after": exact_match(model, tokenizer, eval_examples)}
-        if before is not None:
-            result.exact_match["before"] = before
-    summary = {"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),
-               "final_loss": result.final_loss, "best_eval_loss": best, "best_checkpoint": str(best_path) if best_path else None,
-               "adapter": str(adapter_dir), "skipped_steps": skipped, "exact_match": result.exact_match,
-               "data": {"rows": stats.rows, "used": stats.used, "skipped": stats.skipped, "truncated": stats.truncated,
-                        "format": stats.format}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return result
+@dataclass
+class RunState:
+    """What changes as training runs, and what a checkpoint saves of it."""
+
+    step: int = 0
+    tokens: int = 0
+    skipped: int = 0
+    bad_in_a_row: int = 0
+    best: float | None = None
+    best_path: Path | None = None
+    last_loss: float = float("nan")
+    window_loss: float = 0.0
+    window_tokens: int = 0
+    window_start: float = field(default_factory=time.time)
+
+
+class Trainer:
+    """One training run in small steps: data, model, optimizer, resume, then `train_step` and
+    `evaluate_and_save` until the last step, then `finish`. World size 1 is the single-device run."""
+
+    def __init__(self, recipe: Recipe, par, resume: str | bool | None = None, progress: bool = True):
+        self.recipe, self.par, self.t, self.progress = recipe, par, recipe.training, progress and par.is_main
+        self.out = Path(self.t.output_dir)
+        if par.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        par.barrier()
+        self.resume_from = ckpt.find_resume_checkpoint(self.out, resume) if resume else None
+        self.state = RunState()
+        random.seed(self.t.seed)
+        torch.manual_seed(self.t.seed)
+
+    def run(self) -> TrainResult:
+        self._setup_data()  # the data first: a bad row is reported before minutes of model loading
+        self._setup_model()
+        self._setup_optimizer()
+        self._restore_or_start()
+        self._train_all()
+        return self._finish()
+
+    # --- setup --------------------------------------------------------------------------------
+
+    def _setup_data(self) -> None:
+        from transformers import AutoTokenizer
+
+        recipe, d = self.recipe, self.recipe.data
+        self.model_path = resolve(recipe.model.name_or_path)
+        if not any((self.model_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise Nf4tuneError(f"{recipe.model.name_or_path} has no tokenizer files; training needs one.")
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        add_tokens_to_tokenizer(tokenizer, recipe.model.add_tokens, recipe.model.add_special_tokens)
+        examples, self.stats = load_examples(d.path, d.split, d.format, tokenizer, d.source_max_len, d.target_max_len,
+                                             d.train_on_source, d.on_bad_row, d.max_samples)
+        if recipe.eval.path:
+            eval_split = "validation" if not Path(recipe.eval.path).exists() else d.split
+            eval_examples, _ = load_examples(recipe.eval.path, eval_split, d.format, tokenizer, d.source_max_len,
+                                             d.target_max_len, d.train_on_source, d.on_bad_row,
+                                             recipe.eval.max_eval_samples)
+        else:
+            examples, eval_examples = _split_eval(recipe, examples)
+        max_eval = recipe.eval.max_eval_samples
+        self.tokenizer, self.examples = tokenizer, examples
+        self.eval_examples = eval_examples[:max_eval] if max_eval else eval_examples
+
+    def _setup_model(self) -> None:
+        recipe, t, d = self.recipe, self.t, self.recipe.data
+        lora = recipe.lora
+        device = self.par.device(recipe.model.device)
+        model, _ = load_model(self.model_path, recipe.quant.quant_type, recipe.quant.double_quant,
+                              _dtype(recipe.model.compute_dtype), device, lora=lora,
+                              blocksize=recipe.quant.blocksize,
+                              gradient_checkpointing=recipe.model.gradient_checkpointing, progress=self.progress)
+        self.added = grow_vocab(model, len(self.tokenizer))
+        if self.added:
+            log.info("nf4tune: added %d token(s); their embedding rows train with the adapter", self.added)
+        if d.packing:
+            if model.config.is_encoder_decoder:
+                raise Nf4tuneError("data.packing is for decoder-only models; turn it off for encoder-decoders such as T5.")
+            unpacked = len(self.examples)
+            self.examples = pack(self.examples, d.source_max_len + d.target_max_len + 2, t.seed)
+            log.info("nf4tune: packed %d examples into %d rows", unpacked, len(self.examples))
+        self.stream = BatchStream(self.examples, t.per_device_train_batch_size, t.seed, d.group_by_length)
+        # One optimizer step reads accumulation x world size micro-batches: the global batch.
+        self.micro_per_step = t.gradient_accumulation_steps * self.par.world_size
+        self.total = t.max_steps if t.max_steps > 0 else math.ceil(
+            t.num_train_epochs * self.stream.batches_per_epoch() / self.micro_per_step)
+        self.trainable, self.all_params = trainable_parameters(model)
+        self.compute_dtype = next(m for m in model.modules() if hasattr(m, "compute_dtype")).compute_dtype
+        self.model = model
+        if self.resume_from is not None:  # before wrapping: the adapter is copied into whole tensors
+            ckpt.restore_adapter(model, self.resume_from)
+        self.loss_fn = self.par.wrap(model, self.recipe, loss_sum, t.loss_chunk_tokens, self.model_path)
+
+    def _setup_optimizer(self) -> None:
+        t, model = self.t, self.model
+        warmup = t.warmup_steps or math.ceil(t.warmup_ratio * self.total)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        vocab_rows = model.get_input_embeddings().weight.shape[0]
+        vocab = [p for p in self.params if p.dim() == 2 and p.shape[0] == vocab_rows]
+        groups = [{"params": [p for p in self.params if all(p is not v for v in vocab)], "weight_decay": t.weight_decay}]
+        if vocab:
+            groups.append({"params": vocab, "weight_decay": 0.0})  # decay would move the frozen old rows
+        self.optimizer = OPTIMIZERS[t.optim].build(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.lr_scheduler_type, warmup, self.total))
+        self.scaler = torch.amp.GradScaler(model.device.type) if self.compute_dtype == torch.float16 else None
+
+    def _restore_or_start(self) -> None:
+        out, s = self.out, self.state
+        if self.resume_from is not None:
+            saved = ckpt.load_trainer_state(self.resume_from)
+            self.par.load_optimizer(self.model, self.optimizer, saved, self.resume_from)
+            self.scheduler.load_state_dict(saved["scheduler"])
+            if self.scaler is not None and saved.get("scaler"):
+                self.scaler.load_state_dict(saved["scaler"])
+            self.stream.seek(saved["data_position"])
+            s.step, s.tokens, s.skipped = saved["step"], saved["tokens"], saved["skipped_steps"]
+            s.best = saved["best_eval_loss"]
+            s.best_path = Path(saved["best_checkpoint"]) if saved["best_checkpoint"] else None
+            ckpt.set_rng_state(saved["rng"])
+            if self.par.is_main:
+                _truncate_metrics(out / "metrics.jsonl", s.step)
+            log.info("nf4tune: resuming from %s at step %d", self.resume_from, s.step)
+        elif self.par.is_main:
+            (out / "metrics.jsonl").write_text("")
+        if self.par.is_main:
+            (out / "recipe.json").write_text(json.dumps(recipe_to_dict(self.recipe), indent=2) + "\n")
+        self.measure = self.recipe.eval.exact_match and bool(self.eval_examples) and self.par.can_generate
+        if self.recipe.eval.exact_match and not self.par.can_generate:
+            log.warning("nf4tune: eval.exact_match is not measured under FSDP (generation needs the whole model); "
+                        "eval_loss still is")
+        self.before = self._exact_match() if self.measure and self.resume_from is None else None
+        log.info("nf4tune: %d training examples (%s format), %d held out; %d steps; trainable parameters %s of %s (%.2f%%)",
+                 len(self.examples), self.stats.format, len(self.eval_examples), self.total, f"{self.trainable:,}",
+                 f"{self.all_params:,}", 100 * self.trainable / self.all_params)
+        self.par.log_layout(self.t)
+
+    def _exact_match(self) -> float | None:
+        return exact_match(self.model, self.tokenizer, self.eval_examples) if self.par.is_main else None
+
+    # --- training -----------------------------------------------------------------------------
+
+    def _train_all(self) -> None:
+        self.model.train()
+        self.start_time = self.state.window_start = time.time()
+        bar = tqdm(total=self.total, initial=self.state.step, desc="training", unit="step", disable=not self.progress)
+        self.metrics = (self.out / "metrics.jsonl").open("a") if self.par.is_main else None
+        self.board = _tensorboard(self.out) if self.par.is_main else None
+        try:
+            while self.state.step < self.total:
+                record = self.train_step()
+                if record is None:
+                    continue
+                if "loss" in record:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['memory_gib']:.2f}G")
+                self.evaluate_and_save(record)
+                bar.update(1)
+        finally:
+            bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+            if self.board is not None:
+                self.board.close()
+
+    def train_step(self) -> dict | None:
+        """One optimizer step over the global batch (this rank's share of it); the record to log, or
+        None when the step was skipped for a NaN/Inf loss or gradient."""
+        t, s, par, optimizer, scaler = self.t, self.state, self.par, self.optimizer, self.scaler
+        drawn = [self.stream.next() for _ in range(self.micro_per_step)]
+        # The loss is normalised by the target tokens of the whole global batch, known to every rank,
+        # so the averaged gradients of N ranks are those of one process over the same examples.
+        targets = sum(int((collate(b, self.tokenizer.pad_token_id)["labels"][:, 1:] != IGNORE_INDEX).sum())
+                      for b in drawn) if par.world_size > 1 else None
+        mine = par.my_share(drawn)
+        micro = [collate(examples_, self.tokenizer.pad_token_id) for examples_ in mine]
+        if targets is None:
+            targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        step_loss, step_tokens = 0.0, sum(len(e.input_ids) for examples_ in drawn for e in examples_)
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(self.model.device) for k, v in batch.items()}
+            with par.accumulating(last=i == len(micro) - 1):
+                summed, _ = self.loss_fn(batch)
+                loss = summed * par.world_size / max(1, targets)  # ranks' gradients are averaged
+                (scaler.scale(loss) if scaler else loss).backward()
+            step_loss += loss.item() / par.world_size
+        step_loss = par.sum(step_loss)
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm))
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            self._skip_step()
+            return None
+        s.bad_in_a_row = 0
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        s.step += 1
+        s.last_loss = step_loss
+        s.tokens += step_tokens
+        s.window_loss, s.window_tokens = s.window_loss + step_loss, s.window_tokens + step_tokens
+        if not (s.step % t.logging_steps == 0 or s.step == self.total):
+            return {}
+        n = t.logging_steps if s.step % t.logging_steps == 0 else s.step % t.logging_steps
+        elapsed = time.time() - s.window_start
+        stream = self.stream
+        record = dict(step=s.step, epoch=round(stream.epoch + stream.index / stream.batches_per_epoch(), 4),
+                      loss=s.window_loss / n, lr=lr, grad_norm=grad_norm,
+                      tokens_per_s=s.window_tokens / max(elapsed, 1e-9),
+                      memory_gib=round(par.max(_memory_gib(self.model.device)), 3))
+        s.window_loss, s.window_tokens, s.window_start = 0.0, 0, time.time()
+        return record
+
+    def _skip_step(self) -> None:
+        s = self.state
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.update()
+        s.skipped, s.bad_in_a_row = s.skipped + 1, s.bad_in_a_row + 1
+        log.warning("nf4tune: step %d: loss or gradient is NaN/Inf; step skipped", s.step + 1)
+        if s.bad_in_a_row >= self.t.max_bad_steps_in_a_row:
+            last = ckpt.checkpoints(self.out)
+            cause = ("float16 overflow: use bfloat16 compute (model.compute_dtype=bfloat16) where the device has it"
+                     if self.compute_dtype == torch.float16 else "a learning rate too high: lower training.learning_rate")
+            raise Nf4tuneError(
+                f"the loss or gradients were NaN/Inf for {s.bad_in_a_row} steps in a row; the likely cause is {cause}. "
+                + (f"The last good checkpoint is {last[-1]}." if last else "No checkpoint was written yet."))
+
+    def evaluate_and_save(self, record: dict) -> None:
+        """After a step: evaluate, log, checkpoint, as the recipe's step counts say."""
+        t, s = self.t, self.state
+        if self.eval_examples and t.eval_steps and (s.step % t.eval_steps == 0 or s.step == self.total):
+            eval_start = time.time()
+            eval_loss = evaluate(self.loss_fn, self.model, self.eval_examples, self.recipe.eval.per_device_eval_batch_size,
+                                 self.tokenizer.pad_token_id)
+            s.window_start += time.time() - eval_start  # tokens/s measures training only
+            record.update(step=s.step, eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50)))
+            if s.best is None or eval_loss < s.best:
+                s.best = eval_loss
+                s.best_path = self.out / f"checkpoint-{s.step}"
+                self._save()
+        if record and self.metrics is not None:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+            if self.board is not None:
+                for key, value in record.items():
+                    if key != "step":
+                        self.board.add_scalar(f"{'eval' if key.startswith('eval') else 'train'}/{key}", value, s.step)
+        if s.step % t.save_steps == 0 or s.step == self.total:
+            self._save()
+            if self.par.is_main:
+                ckpt.prune(self.out, t.save_total_limit, keep=s.best_path)
+
+    def _save(self) -> None:
+        s = self.state
+        self.par.save_checkpoint(self.out, s.step, self.model, self.tokenizer, self.optimizer, {
+            "step": s.step, "tokens": s.tokens, "skipped_steps": s.skipped,
+            "best_eval_loss": s.best, "best_checkpoint": str(s.best_path) if s.best_path else None,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "data_position": self.stream.position(), "rng": ckpt.rng_state(),
+        })
+
+    # --- the end ------------------------------------------------------------------------------
+
+    def _finish(self) -> TrainResult:
+        out, s, par = self.out, self.state, self.par
+        adapter_dir = out / "adapter"
+        par.save_adapter(self.model, adapter_dir)
+        if self.added and par.is_main:
+            self.tokenizer.save_pretrained(adapter_dir)
+        result = TrainResult(out, adapter_dir, s.step, s.tokens, time.time() - self.start_time, s.last_loss, s.best,
+                             s.best_path, s.skipped, self.stats)
+        if self.measure:
+            after = self._exact_match()
+            if par.is_main:
+                result.exact_match = {"after": after}
+                if self.before is not None:
+                    result.exact_match["before"] = self.before
+        layout = par.layout(self.model)  # a collective: every rank takes part
+        if par.is_main:
+            from .plot import plot_losses
+
+            plot_losses(_read_metrics(out / "metrics.jsonl"), out / "loss.png")
+            stats = self.stats
+            summary = {"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),
+                       "final_loss": result.final_loss, "best_eval_loss": s.best,
+                       "best_checkpoint": str(s.best_path) if s.best_path else None,
+                       "adapter": str(adapter_dir), "skipped_steps": s.skipped, "exact_match": result.exact_match,
+                       "data": {"rows": stats.rows, "used": stats.used, "skipped": stats.skipped,
+                                "truncated": stats.truncated, "format": stats.format},
+                       **layout}
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        par.barrier()
+        return result
 
 
 def _tensorboard(out: Path):
@@ -341,16 +471,6 @@ def _tensorboard(out: Path):
     except ImportError:
         return None
     return SummaryWriter(str(out / "runs"))
-
-
-def _save(out, step, model, tokenizer, optimizer, scheduler, scaler, stream, tokens, skipped, best, best_path):
-    ckpt.save_checkpoint(out, step, model, tokenizer, {
-        "step": step, "tokens": tokens, "skipped_steps": skipped,
-        "best_eval_loss": best, "best_checkpoint": str(best_path) if best_path else None,
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler else None,
-        "data_position": stream.position(), "rng": ckpt.rng_state(),
-    })
 
 
 def _read_metrics(path: Path) -> list[dict]:

@@ -38,12 +38,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: Path, step: int, model, tokenizer, trainer_state: dict) -> Path:
-    """Write `checkpoint-<step>` atomically and return its path."""
+def save_checkpoint(output_dir: Path, step: int, model, tokenizer, trainer_state: dict,
+                    write_adapter=save_adapter, tmp: Path | None = None) -> Path:
+    """Write `checkpoint-<step>` atomically and return its path. `write_adapter(model, folder)`
+    writes the adapter (a distributed run passes one that writes what the ranks gathered); `tmp`,
+    the folder being filled, may already hold what other ranks wrote (their optimizer shards)."""
     final = output_dir / f"checkpoint-{step}"
-    tmp = temp_dir(output_dir, prefix=f".checkpoint-{step}.")  # mkdir's permissions, not mkdtemp's 0700
+    if tmp is None:
+        tmp = temp_dir(output_dir, prefix=f".checkpoint-{step}.")  # mkdir's permissions, not mkdtemp's 0700
     try:
-        save_adapter(model, tmp)
+        write_adapter(model, tmp)
         if getattr(model, "nf4tune_new_tokens_from", None) is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / STATE_FILE)

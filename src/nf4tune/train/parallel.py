@@ -1,0 +1,350 @@
+"""Where ranks differ: the process group, the wrapped model (DDP or FSDP2), each rank's share of the
+global batch, the all-reduced figures, and checkpoint I/O. With one process (no torchrun, or
+WORLD_SIZE=1) every method is the single-device behaviour, and nothing here touches torch.distributed.
+
+- DDP: the 4-bit base is replicated; only the trainable parameters (LoRA, new-token rows) are
+  all-reduced, in buckets overlapped with backward, and not at all during accumulation (`no_sync`).
+- FSDP2 (`fully_shard`): one unit per decoder layer plus the root; the 4-bit storage (packed codes,
+  absmax, nested absmax), the 16-bit parts and the adapters are all sharded, since the 4-bit buffers
+  become frozen parameters first (same tensors, storage unchanged).
+- Data: every rank draws the same global batch (accumulation x world size micro-batches, in an order
+  fixed by the seed and the step) and computes only its own slice of it.
+- Rank 0 alone writes files; adapters are gathered into an ordinary PEFT adapter; the optimizer
+  state is saved through torch.distributed.checkpoint, so a run resumes at another world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import Nf4tuneError
+from . import state as ckpt
+
+log = logging.getLogger("nf4tune")
+
+OPTIMIZER_DIR = "optimizer"  # torch.distributed.checkpoint files inside a checkpoint folder
+QUANT_BUFFERS = ("weight_packed", "weight_absmax", "weight_nested_absmax")
+
+
+class LossModule(nn.Module):
+    """The model and its chunked loss as one module: DDP and FSDP hook a module's forward, and the loss
+    reads the output head's weight directly, so the root unit must be around both."""
+
+    def __init__(self, model: nn.Module, loss_sum, chunk_tokens: int):
+        super().__init__()
+        self.model = model
+        self._loss_sum, self._chunk = loss_sum, chunk_tokens
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, int]:
+        return self._loss_sum(self.model, batch, self._chunk)
+
+
+class Parallel:
+    """This process's place in the run: rank, world size, strategy, and what differs by rank."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, parallel: str = "auto",
+                 cpu_offload: bool = False):
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.requested, self.cpu_offload = parallel, cpu_offload
+        self.strategy = "single" if world_size == 1 else None
+        self.root: nn.Module | None = None  # what state dicts are named from (the LossModule)
+        self.wrapped: nn.Module | None = None  # what forward goes through (DDP or the FSDP root)
+        self._failed = False
+        self._owns_group = False
+
+    # --- the process group --------------------------------------------------------------------
+
+    @classmethod
+    def from_environment(cls, recipe) -> "Parallel":
+        """From torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT): joins the
+        process group, NCCL on CUDA and gloo on CPU. Without it, one process."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        t = recipe.training
+        if world <= 1:
+            return cls(parallel=t.parallel, cpu_offload=t.fsdp_cpu_offload)
+        import torch.distributed as dist
+
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        par = cls(rank, world, local_rank, t.parallel, t.fsdp_cpu_offload)
+        par._owns_group = not dist.is_initialized()
+        if par._owns_group:
+            cuda = torch.cuda.is_available() and recipe.model.device != "cpu"
+            if cuda:
+                torch.cuda.set_device(local_rank)
+            timeout = datetime.timedelta(seconds=float(os.environ.get("NF4TUNE_DIST_TIMEOUT", "1800")))
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        if rank != 0:  # one voice: the other ranks only warn
+            logging.getLogger("nf4tune").setLevel(logging.WARNING)
+        return par
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def can_generate(self) -> bool:
+        """Whether rank 0 can run `generate` on its own (a sharded model needs every rank)."""
+        return self.strategy != "fsdp"
+
+    def device(self, name: str) -> torch.device | None:
+        """The device to load the model on: this rank's GPU under torchrun, else what the recipe says."""
+        if self.world_size == 1:
+            return None if name == "auto" else torch.device(name)
+        if name in ("auto", "cuda") and torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu" if name == "auto" else name)
+
+    def fail(self, error: BaseException) -> None:
+        """Name the rank in the error: torchrun stops the other ranks when this one exits non-zero."""
+        self._failed = True
+        if self.world_size > 1 and isinstance(error, Nf4tuneError) and not str(error).startswith("rank "):
+            error.args = (f"rank {self.rank} of {self.world_size}: {error}",)
+
+    def close(self) -> None:
+        if self.world_size > 1 and not self._failed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                if self._owns_group:
+                    dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def sum(self, value: float) -> float:
+        return self._reduce(value, "SUM")
+
+    def max(self, value: float) -> float:
+        return self._reduce(value, "MAX")
+
+    def _reduce(self, value: float, op: str) -> float:
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+        return float(t)
+
+    def _comm_device(self) -> torch.device:
+        import torch.distributed as dist
+
+        return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    # --- data ---------------------------------------------------------------------------------
+
+    def my_share(self, drawn: list) -> list:
+        """This rank's micro-batches of a global batch: a contiguous, disjoint slice."""
+        per_rank = len(drawn) // self.world_size
+        return drawn[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def accumulating(self, last: bool):
+        """DDP all-reduces gradients on the last micro-batch of a step only."""
+        if self.strategy == "ddp" and not last:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
+
+    # --- the model ----------------------------------------------------------------------------
+
+    def wrap(self, model: nn.Module, recipe, loss_sum, chunk_tokens: int, model_path: Path):
+        """`loss_fn(batch) -> (sum of token losses, count)` through the strategy's wrapper."""
+        if self.world_size == 1:
+            return lambda batch: loss_sum(model, batch, chunk_tokens)
+        self.strategy, why = self._choose(recipe, model_path)
+        if self.strategy == "fsdp" and recipe.training.optim == "paged_adamw_8bit":
+            raise Nf4tuneError("FSDP shards the optimizer states already; use training.optim=paged_adamw_32bit or "
+                               "adamw_torch with it (paged_adamw_8bit quantizes whole tensors), or training.parallel=ddp.")
+        log.info("nf4tune: %d ranks, %s (%s)", self.world_size, self.strategy.upper(), why)
+        self.root = LossModule(model, loss_sum, chunk_tokens)
+        if self.strategy == "ddp":
+            self.wrapped = _ddp(self.root, model.device)
+        else:
+            self.wrapped = _fsdp(self.root, model, self.world_size, model.device, self.cpu_offload)
+        return self.wrapped
+
+    def _choose(self, recipe, model_path: Path) -> tuple[str, str]:
+        if self.requested != "auto":
+            return self.requested, f"training.parallel={self.requested}"
+        from ..plan.estimate import pick_strategy
+
+        return pick_strategy(str(model_path), device_bytes=_device_bytes(self.device(recipe.model.device)),
+                             gpus=self.world_size, **plan_arguments(recipe))
+
+    def log_layout(self, t) -> None:
+        per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+        log.info("nf4tune: global batch %d = %d per device x %d accumulation x %d rank(s)",
+                 per_step * self.world_size, t.per_device_train_batch_size, t.gradient_accumulation_steps,
+                 self.world_size)
+
+    def layout(self, model: nn.Module) -> dict:
+        """`world_size`, `strategy` and `param_bytes_per_rank` (parameters and buffers this rank holds,
+        the largest over ranks) for summary.json."""
+        module = self.root if self.root is not None else model
+        return {"world_size": self.world_size, "strategy": self.strategy,
+                "param_bytes_per_rank": int(self.max(float(param_bytes(module))))}
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def save_adapter(self, model: nn.Module, directory: Path) -> None:
+        """An ordinary PEFT adapter, gathered from every rank and written by rank 0."""
+        from ..models.adapters import save_adapter
+
+        if self.strategy != "fsdp":  # whole adapters on every rank
+            if self.is_main:
+                save_adapter(model, directory)
+            self.barrier()
+            return
+        with _gathered(self.root):
+            if self.is_main:
+                save_adapter(model, directory)
+        self.barrier()
+
+    def save_checkpoint(self, out: Path, step: int, model, tokenizer, optimizer, trainer_state: dict) -> None:
+        """Rank 0 writes the adapter and trainer state; with several ranks the optimizer state is
+        written by all of them through torch.distributed.checkpoint, beside it in the same folder."""
+        if self.world_size == 1:
+            ckpt.save_checkpoint(out, step, model, tokenizer, {**trainer_state, "optimizer": optimizer.state_dict()})
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        tmp = out / f".checkpoint-{step}.partial"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self.barrier()
+        dcp.save({"optimizer": get_optimizer_state_dict(self.root, optimizer)}, checkpoint_id=str(tmp / OPTIMIZER_DIR))
+        torch.save(ckpt.rng_state(), tmp / f"rng-rank{self.rank}.pt")
+        state = {**trainer_state, "optimizer": None, "world_size": self.world_size, "strategy": self.strategy}
+        with _gathered(self.root) if self.strategy == "fsdp" else contextlib.nullcontext():
+            if self.is_main:
+                from ..models.adapters import save_adapter
+
+                ckpt.save_checkpoint(out, step, model, tokenizer, state, save_adapter, tmp)
+        self.barrier()
+
+    def load_optimizer(self, model: nn.Module, optimizer, saved: dict, path: Path) -> None:
+        """The optimizer state of a checkpoint, whichever world size wrote it (DCP reshards)."""
+        if saved.get("optimizer") is not None and self.world_size == 1:
+            optimizer.load_state_dict(saved["optimizer"])
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+
+        root = self.root if self.root is not None else LossModule(model, None, 0)
+        if saved.get("optimizer") is not None:  # written by one process: whole tensors by parameter index
+            full = _by_name(root, optimizer, saved["optimizer"])
+            set_optimizer_state_dict(root, optimizer, full, options=StateDictOptions(full_state_dict=True))
+        else:
+            import torch.distributed.checkpoint as dcp
+
+            state = {"optimizer": get_optimizer_state_dict(root, optimizer)}
+            with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, checkpoint_id=str(path / OPTIMIZER_DIR))
+            set_optimizer_state_dict(root, optimizer, state["optimizer"])
+        mine = path / f"rng-rank{self.rank}.pt"
+        if saved.get("world_size", 1) == self.world_size and mine.is_file():
+            saved["rng"] = torch.load(mine, weights_only=False)
+
+
+def plan_arguments(recipe) -> dict:
+    """The planner's inputs from a recipe: what `auto` and `nf4tune estimate` share."""
+    target = recipe.lora.target_modules
+    return dict(seq_len=recipe.data.source_max_len + recipe.data.target_max_len,
+                batch=recipe.training.per_device_train_batch_size, r=recipe.lora.r,
+                target=target if isinstance(target, str) else ",".join(target), optim=recipe.training.optim,
+                checkpointing=recipe.model.gradient_checkpointing, double_quant=recipe.quant.double_quant,
+                blocksize=recipe.quant.blocksize)
+
+
+def _device_bytes(device: torch.device | None) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def param_bytes(module: nn.Module) -> int:
+    """Bytes of the parameters and buffers this process holds (its shards, under FSDP)."""
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    tensors = {id(t): local(t) for t in list(module.parameters()) + list(module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _ddp(root: LossModule, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # Only the trainable parameters are synchronised; the frozen 4-bit base is never broadcast.
+    frozen = [n for n, p in root.named_parameters() if not p.requires_grad] + [n for n, _ in root.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(root, frozen)
+    with warnings.catch_warnings():  # broadcast_buffers=False is what keeps the 4-bit buffers from being broadcast
+        warnings.simplefilter("ignore", FutureWarning)
+        return DDP(root, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+def _fsdp(root: LossModule, model: nn.Module, world: int, device: torch.device, cpu_offload: bool) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    layers = getattr(getattr(model, model.base_model_prefix, None), "layers", None)
+    if layers is None:
+        raise Nf4tuneError(f"FSDP needs a decoder-only model with .layers; {model.config.model_type} has none: "
+                           "use training.parallel=ddp.")
+    frozen_buffers_as_parameters(model)
+    options = {"mesh": init_device_mesh(device.type, (world,))}
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for layer in layers:
+        fully_shard(layer, **options)
+    fully_shard(root, **options)
+    return root
+
+
+def frozen_buffers_as_parameters(model: nn.Module) -> None:
+    """Register each Linear4bit's packed codes, absmax and nested absmax as frozen parameters: FSDP
+    shards parameters, not buffers. The tensors are the same objects; nothing is re-quantized."""
+    for module in model.modules():
+        for name in QUANT_BUFFERS:
+            tensor = module._buffers.get(name) if name in module._buffers else None
+            if tensor is not None:
+                del module._buffers[name]
+                module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+
+
+@contextlib.contextmanager
+def _gathered(root: nn.Module):
+    """Every FSDP unit under `root` unsharded (each rank joins), resharded afterwards: for writing
+    the adapter on rank 0 from whole tensors."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def _by_name(root: nn.Module, optimizer, saved: dict) -> dict:
+    """A one-process optimizer state (keyed by parameter index) keyed by parameter name instead."""
+    names = {id(p): n for n, p in root.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    state = {order[i]: v for i, v in saved["state"].items()}
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]
+    return {"state": state, "param_groups": groups}

@@ -1,0 +1,190 @@
+"""Training in several processes (torchrun, gloo on CPU): DDP and FSDP2 reproduce one process's losses
+and adapter for the same global batch, FSDP holds about half the bytes per rank, a checkpoint resumes
+at the same and at another world size, and a failure on one rank stops the whole run with a sentence."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nf4tune.checkpoint.tiny import build_tiny_checkpoint
+from nf4tune.train.config import recipe_from_dict
+from nf4tune.train.loop import train
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+# Every run of one launch shares a process group, so torch and the model code are imported once.
+DRIVER = """
+import json, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+from nf4tune.train.config import recipe_from_dict
+from nf4tune.train.loop import train
+
+root, backend = Path(sys.argv[1]), sys.argv[2]
+raw = json.loads((root / "recipe.json").read_text())
+if backend == "nccl":
+    raw["model"]["device"] = "cuda"
+    torch.cuda.set_device(int(__import__("os").environ["LOCAL_RANK"]))
+dist.init_process_group(backend)
+
+def run(out, resume=None, **training):
+    t = {**raw["training"], "output_dir": str(root / out), "gradient_accumulation_steps": 1, **training}
+    train(recipe_from_dict({**raw, "training": t}), resume=resume, progress=False)
+
+run("ddp", parallel="ddp")
+run("fsdp", parallel="fsdp")
+if backend == "gloo":
+    run("fsdp_resumed", resume=str(root / "fsdp" / "checkpoint-3"), parallel="fsdp")  # same world size
+    run("one_to_two", resume=str(root / "one" / "checkpoint-3"), parallel="fsdp")  # 1 -> 2
+dist.destroy_process_group()
+"""
+
+# Rank 1 reads a file with a bad row; rank 0 reads a good one and goes on to the first collective.
+FAULT_DRIVER = """
+import os, sys
+from nf4tune.cli.main import main
+recipe, good, bad = sys.argv[1:4]
+data = bad if os.environ["RANK"] == "1" else good
+sys.exit(main(["train", recipe, f"data.path={data}", "training.parallel=ddp", "--no-progress"]))
+"""
+
+
+def _raw(root: Path, model: Path) -> dict:
+    return {
+        "model": {"name_or_path": str(model), "compute_dtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},  # dropout masks depend on each rank's RNG
+        "data": {"path": str(root / "train.jsonl"), "source_max_len": 32, "target_max_len": 8},
+        "training": {"output_dir": str(root / "one"), "max_steps": 6, "per_device_train_batch_size": 4,
+                     "gradient_accumulation_steps": 2, "learning_rate": 2e-3, "lr_scheduler_type": "cosine",
+                     "warmup_steps": 2, "logging_steps": 1, "save_steps": 3, "seed": 3},
+    }
+
+
+def _torchrun(script: Path, *args, timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.time()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    return done, time.time() - start
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _assert_same_losses(got: dict, want: dict, steps) -> None:
+    assert sorted(got) == list(steps), got
+    for step in steps:
+        assert math.isclose(got[step], want[step], rel_tol=1e-5), (step, got[step], want[step])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process (global batch 8 = 4 x 2 accumulation), then one two-process launch (4 x 1 x 2 ranks)."""
+    root = tmp_path_factory.mktemp("dist")
+    model = build_tiny_checkpoint(root / "model")
+    rows = [{"prompt": f"Is {n} even or odd? ", "completion": "even" if n % 2 == 0 else "odd"} for n in range(100, 260)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = _raw(root, model)
+    (root / "recipe.json").write_text(json.dumps(raw))
+    train(recipe_from_dict(raw), progress=False)
+    (root / "driver.py").write_text(DRIVER)
+    done, _ = _torchrun(root / "driver.py", root, "gloo")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root, raw
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_give_the_losses_and_adapter_of_one_process(runs, strategy):
+    root, _ = runs
+    one = _losses(root / "one")
+    assert len(set(one.values())) == 6  # it trains
+    _assert_same_losses(_losses(root / strategy), one, range(1, 7))
+    want = load_file(root / "one" / "adapter" / "adapter_model.safetensors")
+    got = load_file(root / strategy / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=1e-5, atol=1e-7), key
+    assert json.loads((root / strategy / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    summary = json.loads((root / strategy / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["strategy"] == strategy
+
+
+def test_fsdp_holds_half_the_bytes_per_rank(runs):
+    root, _ = runs
+    bytes_of = {name: json.loads((root / name / "summary.json").read_text())["param_bytes_per_rank"]
+                for name in ("one", "ddp", "fsdp")}
+    assert bytes_of["ddp"] == bytes_of["one"]  # replicated
+    assert 0.45 < bytes_of["fsdp"] / bytes_of["one"] < 0.56, bytes_of  # packed 4-bit bytes sharded too
+
+
+def test_resume_at_the_same_and_at_another_world_size(runs):
+    root, raw = runs
+    uninterrupted = _losses(root / "one")
+    _assert_same_losses(_losses(root / "fsdp_resumed"), _losses(root / "fsdp"), range(4, 7))  # 2 -> 2
+    _assert_same_losses(_losses(root / "one_to_two"), uninterrupted, range(4, 7))  # 1 -> 2
+    # 2 -> 1: the sharded optimizer state read back by one process
+    recipe = recipe_from_dict({**raw, "training": {**raw["training"], "output_dir": str(root / "two_to_one")}})
+    train(recipe, resume=root / "fsdp" / "checkpoint-3", progress=False)
+    _assert_same_losses(_losses(root / "two_to_one"), uninterrupted, range(4, 7))
+
+
+def test_a_bad_row_on_one_rank_stops_every_rank_with_a_sentence(runs):
+    import yaml
+
+    root, raw = runs
+    (root / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    faulty = {**raw, "training": {**raw["training"], "output_dir": str(root / "fault")}}
+    (root / "fault.yaml").write_text(yaml.safe_dump(faulty))
+    (root / "fault_driver.py").write_text(FAULT_DRIVER)
+    done, seconds = _torchrun(root / "fault_driver.py", root / "fault.yaml", root / "train.jsonl", root / "bad.jsonl",
+                              timeout=120)
+    assert done.returncode != 0 and seconds < 60, (done.returncode, seconds)
+    assert "error: rank 1 of 2: " in done.stderr and "bad.jsonl, row 2: field 'completion' is missing" in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL)")
+def test_two_gpus_on_nccl(runs):
+    root, _ = runs
+    done, _ = _torchrun(root / "driver.py", root, "nccl")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for strategy in ("ddp", "fsdp"):
+        assert len(_losses(root / strategy)) == 6
+
+
+def test_auto_picks_ddp_when_a_replica_fits_and_estimate_shares_the_formulas(runs, capsys):
+    from nf4tune.cli.main import main
+    from nf4tune.plan.estimate import GIB, estimate, pick_strategy
+    from nf4tune.train.parallel import plan_arguments
+
+    root, raw = runs
+    plan = plan_arguments(recipe_from_dict(raw))
+    model = raw["model"]["name_or_path"]
+    ddp, fsdp = (estimate(model, gpus=2, strategy=s, **plan) for s in ("ddp", "fsdp"))
+    assert ddp.weights_4bit == estimate(model, gpus=1, **plan).weights_4bit == 2 * fsdp.weights_4bit
+    assert ddp.activations == fsdp.activations  # activations stay per rank
+    assert pick_strategy(model, 80 * GIB, 2, **plan)[0] == "ddp"
+    strategy, why = pick_strategy(model, ddp.total_without_paged_states, 2, **plan)  # no headroom left
+    assert strategy == "fsdp" and "over 90%" in why
+    assert main(["estimate", model, "--gpus", "2", "--strategy", "fsdp", "--seq-len", "40", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "FSDP, per GPU" in out and "training.parallel=auto picks DDP on 2 x 80 GB" in out
+
+
+def test_nproc_starts_torchrun_with_the_same_arguments():
+    from nf4tune.cli.main import build_parser
+    from nf4tune.cli.train import torchrun_command
+
+    args = build_parser().parse_args(["train", "r.yaml", "training.max_steps=5", "--nproc", "4", "--resume", "--no-progress"])
+    command = torchrun_command(args)
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
+    assert command[5:] == ["-m", "nf4tune", "train", "r.yaml", "training.max_steps=5", "--resume", "--no-progress"]
