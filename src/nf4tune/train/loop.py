@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,11 @@ from ..errors import Nf4tuneError
 from ..layers.lora import trainable_parameters
 from ..models.load import load_model
 from ..registry import OPTIMIZERS
+from . import rundir
 from . import state as ckpt
 from .config import Recipe, recipe_to_dict
 from .data import IGNORE_INDEX, DataStats, Tokenized, batch_order, collate, load_examples, pack
+from .formats import save_prompt_format
 from .loss import loss_sum
 from .tokens import add_tokens_to_tokenizer, grow_vocab
 
@@ -185,13 +186,22 @@ class Trainer:
     def __init__(self, recipe: Recipe, par, resume: str | bool | None = None, progress: bool = True):
         self.recipe, self.par, self.t, self.progress = recipe, par, recipe.training, progress and par.is_main
         self.out = Path(self.t.output_dir)
-        if par.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        if par.is_main:  # a folder holding another run is refused (or moved aside), never mixed into
+            rundir.prepare_output_dir(self.out, resume, self.t.overwrite_output_dir)
         par.barrier()
-        self.resume_from = ckpt.find_resume_checkpoint(self.out, resume) if resume else None
+        self.resume_from = None
+        if resume is True:
+            self.resume_from = rundir.latest_checkpoint_of_run(self.out) or ckpt.find_resume_checkpoint(self.out, True)
+        elif resume:
+            self.resume_from = ckpt.find_resume_checkpoint(self.out, resume)
+        self.run_id = None  # rank 0's, which it saves in every checkpoint
+        if par.is_main:
+            if self.resume_from is not None:
+                rundir.check_checkpoint_run(self.out, self.resume_from)
+                rundir.check_resume_fits(self.resume_from, recipe_to_dict(recipe))
+            self.run_id = rundir.start_run(self.out, self.resume_from)
+        par.barrier()
         self.state = RunState()
-        random.seed(self.t.seed)
-        torch.manual_seed(self.t.seed)
 
     def run(self) -> TrainResult:
         self._setup_data()  # the data first: a bad row is reported before minutes of model loading
@@ -229,6 +239,9 @@ class Trainer:
 
     def _setup_model(self) -> None:
         recipe, t, d = self.recipe, self.t, self.recipe.data
+        # Seeded here, after everything that may build or download (the built-in demo model is made
+        # on first use): the adapters' initialisation is then the same on the first run and every later one.
+        rundir.seed_everything(t.seed)
         lora = recipe.lora
         device = self.par.device(recipe.model.device)
         model, _ = load_model(self.model_path, recipe.quant.quant_type, recipe.quant.double_quant,
@@ -293,7 +306,13 @@ class Trainer:
         if self.recipe.eval.exact_match and not self.par.can_generate:
             log.warning("nf4tune: eval.exact_match is not measured under FSDP (generation needs the whole model); "
                         "eval_loss still is")
-        self.before = self._exact_match() if self.measure and self.resume_from is None else None
+        self.before = None
+        if self.measure and self.resume_from is None:
+            self.before = self._exact_match()
+            if self.par.is_main:
+                rundir.update_run_info(self.out, exact_match_before=self.before)
+        elif self.measure:  # measured when the run started: kept for the summary
+            self.before = rundir.read_run_info(self.out).get("exact_match_before")
         log.info("nf4tune: %d training examples (%s format), %d held out; %d steps; trainable parameters %s of %s (%.2f%%)",
                  len(self.examples), self.stats.format, len(self.eval_examples), self.total, f"{self.trainable:,}",
                  f"{self.all_params:,}", 100 * self.trainable / self.all_params)
@@ -310,6 +329,7 @@ class Trainer:
         bar = tqdm(total=self.total, initial=self.state.step, desc="training", unit="step", disable=not self.progress)
         self.metrics = (self.out / "metrics.jsonl").open("a") if self.par.is_main else None
         self.board = _tensorboard(self.out) if self.par.is_main else None
+        self._resume_point = (self.stream.position(), ckpt.rng_state())
         try:
             while self.state.step < self.total:
                 record = self.train_step()
@@ -320,6 +340,8 @@ class Trainer:
                                     tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['memory_gib']:.2f}G")
                 self.evaluate_and_save(record)
                 bar.update(1)
+        except KeyboardInterrupt:
+            raise self._interrupted() from None
         finally:
             bar.close()
             if self.metrics is not None:
@@ -365,6 +387,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         s.step += 1
+        self._resume_point = (self.stream.position(), ckpt.rng_state())  # where a save on Ctrl-C continues
         s.last_loss = step_loss
         s.tokens += step_tokens
         s.window_loss, s.window_tokens = s.window_loss + step_loss, s.window_tokens + step_tokens
@@ -379,6 +402,20 @@ class Trainer:
                       memory_gib=round(par.max(_memory_gib(self.model.device)), 3))
         s.window_loss, s.window_tokens, s.window_start = 0.0, 0, time.time()
         return record
+
+    def _interrupted(self) -> "rundir.TrainingInterrupted":
+        """Ctrl-C: keep the progress (a checkpoint of the last complete step when the run has none
+        newer) and say what is saved; the CLI prints the exact --resume command."""
+        self.optimizer.zero_grad(set_to_none=True)
+        step = self.state.step
+        latest, saved_now = rundir.latest_checkpoint_of_run(self.out), False
+        if self.par.world_size == 1 and rundir.should_save_on_interrupt(self.out, step):
+            position, rng = self._resume_point
+            self.stream.seek(position)
+            ckpt.set_rng_state(rng)
+            self._save()
+            latest, saved_now = self.out / f"checkpoint-{step}", True
+        return rundir.TrainingInterrupted(self.out, step, latest, saved_now)
 
     def _skip_step(self) -> None:
         s = self.state
@@ -423,7 +460,7 @@ class Trainer:
     def _save(self) -> None:
         s = self.state
         self.par.save_checkpoint(self.out, s.step, self.model, self.tokenizer, self.optimizer, {
-            "step": s.step, "tokens": s.tokens, "skipped_steps": s.skipped,
+            "step": s.step, "run_id": self.run_id, "tokens": s.tokens, "skipped_steps": s.skipped,
             "best_eval_loss": s.best, "best_checkpoint": str(s.best_path) if s.best_path else None,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -436,8 +473,10 @@ class Trainer:
         out, s, par = self.out, self.state, self.par
         adapter_dir = out / "adapter"
         par.save_adapter(self.model, adapter_dir)
-        if self.added and par.is_main:
-            self.tokenizer.save_pretrained(adapter_dir)
+        if par.is_main:
+            save_prompt_format(adapter_dir, self.stats.format)  # chat and generate then prompt as trained
+            if self.added:
+                self.tokenizer.save_pretrained(adapter_dir)
         result = TrainResult(out, adapter_dir, s.step, s.tokens, time.time() - self.start_time, s.last_loss, s.best,
                              s.best_path, s.skipped, self.stats)
         if self.measure:
