@@ -10,7 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from nf4tune.cli.main import main
-from nf4tune.errors import Nf4tuneError
 from nf4tune.evaluate.elo import elo, elo_over_orders
 from nf4tune.evaluate.judge import PROMPTS, judge, parse_verdict
 
