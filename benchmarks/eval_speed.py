@@ -108,7 +108,8 @@ def side_lm_eval(path: Path, test: Path, dev: Path, batch: int) -> dict:
             "dataset_kwargs": {"data_files": {"test": str(folder / f"{s}_test.jsonl"), "dev": str(folder / f"{s}_dev.jsonl")}},
             "test_split": "test", "fewshot_split": "dev", "fewshot_config": {"sampler": "first_n"},
             "output_type": "multiple_choice",
-            "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:",
+            "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\n"
+                           "D. {{choices[3]}}\nAnswer:",
             "doc_to_choice": ["A", "B", "C", "D"], "doc_to_target": "answer",
             "description": f"The following are multiple choice questions (with answers) about {s.replace('_', ' ')}.\n\n",
             "metric_list": [{"metric": "acc"}]}))

@@ -77,7 +77,8 @@ def test_prompt_is_lm_eval_mmlu_format():
         "What is the largest desert in Africa?\nA. Sahara\nB. Kalahari\nC. Namib\nD. Gobi\nAnswer: A\n\n"
         "Which river flows through Cairo?\nA. Nile\nB. Amazon\nC. Danube\nD. Volga\nAnswer:")
     no_subject = load_questions(str(TEST))[0].__class__("Q?", ("x", "y"), 1)
-    assert build_prompt(no_subject, []) == "The following are multiple choice questions (with answers).\n\nQ?\nA. x\nB. y\nAnswer:"
+    assert build_prompt(no_subject, []) == ("The following are multiple choice questions (with answers).\n\n"
+                                            "Q?\nA. x\nB. y\nAnswer:")
 
 
 def _letter_logits_predictions(plain, tok, questions, dev):
@@ -107,10 +108,12 @@ def _lm_eval_predictions(plain, tok, tmp_path, questions, dev):
                         f.write(json.dumps({"question": q.question, "choices": list(q.choices), "answer": q.answer}) + "\n")
         (tmp_path / f"{s}.yaml").write_text(json.dumps({
             "task": f"local_{s}", "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {"test": str(tmp_path / f"{s}_test.jsonl"), "dev": str(tmp_path / f"{s}_dev.jsonl")}},
+            "dataset_kwargs": {"data_files": {"test": str(tmp_path / f"{s}_test.jsonl"),
+                                              "dev": str(tmp_path / f"{s}_dev.jsonl")}},
             "test_split": "test", "fewshot_split": "dev", "fewshot_config": {"sampler": "first_n"},
             "output_type": "multiple_choice",
-            "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:",
+            "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\n"
+                           "D. {{choices[3]}}\nAnswer:",
             "doc_to_choice": ["A", "B", "C", "D"], "doc_to_target": "answer",
             "description": f"The following are multiple choice questions (with answers) about {s.replace('_', ' ')}.\n\n",
             "metric_list": [{"metric": "acc"}]}))

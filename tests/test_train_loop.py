@@ -218,3 +218,22 @@ def test_float16_compute_trains_with_loss_scaling(setup):
     assert result.steps == 3 and math.isfinite(result.final_loss)
     state = torch.load(result.output_dir / "checkpoint-3" / "trainer_state.pt", weights_only=False)
     assert state["scaler"] is not None and state["scaler"]["scale"] > 0  # the loss scaler ran and is saved
+
+
+def test_recipe_benchmarks_are_scored_logged_and_summarized(setup):
+    from nf4tune.evaluate.benchmarks import parse_benchmarks, run_benchmarks
+
+    root, model = setup
+    out = root / "bench"
+    bench = {"task": "multiple_choice", "data": str(ROOT / "tests" / "data" / "mmlu_test.jsonl"), "shots": 0, "name": "mc"}
+    recipe = _recipe(root, model, out, max_steps=3, save_steps=3, eval_steps=3)
+    recipe.eval.benchmarks = [bench]
+    result = train(recipe, progress=False)
+    logged = [r for r in _metrics(out) if "mc_accuracy" in r]
+    assert [r["step"] for r in logged] == [3]
+    summary = json.loads((out / "summary.json").read_text())["benchmarks"]
+    assert summary == result.benchmarks and set(summary) == {"before", "after"}
+    # the summary's "after" is the trained adapter's score, as a direct evaluation of it gives
+    trained, tok = nf4tune.load_model(model, adapter=result.adapter_dir, device="cpu")
+    assert summary["after"]["mc_accuracy"] == run_benchmarks(trained, tok, parse_benchmarks([bench]))["mc_accuracy"]
+    assert logged[0]["mc_accuracy"] == summary["after"]["mc_accuracy"]

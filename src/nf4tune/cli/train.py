@@ -122,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {_plural(result.skipped_steps, 'step')} skipped for NaN/Inf loss or gradients")
     if result.best_eval_loss is not None:
         print(f"  best eval loss {result.best_eval_loss:.4f} at {result.best_checkpoint}")
+    after = result.benchmarks.get("after", {}) if result.benchmarks else {}
+    for key, value in after.items():
+        before = result.benchmarks.get("before", {}).get(key)
+        print(f"  {key}: " + (f"{before:.4f} before -> " if before is not None else "") + f"{value:.4f} after training")
     if result.exact_match:
         em = result.exact_match
         if "before" in em:

@@ -87,6 +87,9 @@ class EvalSection:
     per_device_eval_batch_size: int = 4
     max_eval_samples: typing.Optional[int] = None
     exact_match: bool = False  # also measure greedy exact-match accuracy on the held-out rows, before and after
+    # scored at every eval_steps and at the end, e.g. [{task: multiple_choice, data: cais/mmlu, shots: 5}];
+    # see nf4tune.evaluate.benchmarks.BenchmarkSpec for the keys
+    benchmarks: list[dict] = field(default_factory=list)
 
 
 @dataclass

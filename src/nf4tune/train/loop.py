@@ -41,6 +41,7 @@ class TrainResult:
     skipped_steps: int = 0
     data: DataStats | None = None
     exact_match: dict = field(default_factory=dict)
+    benchmarks: dict = field(default_factory=dict)  # {"before": {...}, "after": {...}}, as metrics.jsonl names them
 
 
 def lr_lambda(kind: str, warmup: int, total: int):
@@ -110,21 +111,16 @@ def evaluate(loss_fn, model, examples: list[Tokenized], batch_size: int, pad_id:
     return total / max(1, count)
 
 
-def exact_match(model, tokenizer, examples: list[Tokenized], max_new_tokens: int = 32) -> float:
-    """Share of examples whose greedy continuation of the prompt equals the target exactly."""
-    was_training = model.training
-    model.eval()
-    hits = 0
-    with torch.no_grad():
-        for e in examples:
-            prompt_len = next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels))
-            target = [t for t in e.input_ids[prompt_len:]]
-            ids = torch.tensor([e.input_ids[:prompt_len]], device=model.device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=min(max_new_tokens, len(target)),
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            hits += out[0, prompt_len:].tolist() == target
-    model.train(was_training)
-    return hits / max(1, len(examples))
+def exact_match(model, tokenizer, examples: list[Tokenized], batch_size: int = 8) -> float:
+    """Share of held-out examples whose greedy reply equals the target reply, both ended at the
+    end-of-turn token (the chat template's text after it does not count), decoded in batches."""
+    from ..evaluate.exact_match import exact_match_accuracy
+
+    pairs = []
+    for e in examples:
+        prompt_len = next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels))
+        pairs.append((e.input_ids[:prompt_len], e.input_ids[prompt_len:]))
+    return exact_match_accuracy(model, tokenizer, pairs, batch_size=batch_size)
 
 
 def _split_eval(recipe: Recipe, examples: list[Tokenized]) -> tuple[list[Tokenized], list[Tokenized]]:
@@ -234,6 +230,9 @@ class Trainer:
         else:
             examples, eval_examples = _split_eval(recipe, examples)
         max_eval = recipe.eval.max_eval_samples
+        from ..evaluate.benchmarks import parse_benchmarks
+
+        self.benchmarks = parse_benchmarks(recipe.eval.benchmarks)  # a bad entry stops here, before the model loads
         self.tokenizer, self.examples = tokenizer, examples
         self.eval_examples = eval_examples[:max_eval] if max_eval else eval_examples
 
@@ -313,13 +312,30 @@ class Trainer:
                 rundir.update_run_info(self.out, exact_match_before=self.before)
         elif self.measure:  # measured when the run started: kept for the summary
             self.before = rundir.read_run_info(self.out).get("exact_match_before")
+        self.benchmarks_before = {}
+        if self.benchmarks and self.resume_from is None:
+            self.benchmarks_before = self._run_benchmarks()
+            if self.par.is_main:
+                rundir.update_run_info(self.out, benchmarks_before=self.benchmarks_before)
+        elif self.benchmarks:
+            self.benchmarks_before = rundir.read_run_info(self.out).get("benchmarks_before", {})
         log.info("nf4tune: %d training examples (%s format), %d held out; %d steps; trainable parameters %s of %s (%.2f%%)",
                  len(self.examples), self.stats.format, len(self.eval_examples), self.total, f"{self.trainable:,}",
                  f"{self.all_params:,}", 100 * self.trainable / self.all_params)
         self.par.log_layout(self.t)
 
     def _exact_match(self) -> float | None:
-        return exact_match(self.model, self.tokenizer, self.eval_examples) if self.par.is_main else None
+        if not self.par.is_main:
+            return None
+        return exact_match(self.model, self.tokenizer, self.eval_examples, self.recipe.eval.per_device_eval_batch_size)
+
+    def _run_benchmarks(self) -> dict[str, float]:
+        """The recipe's benchmark scores (rank 0; not under FSDP, where no rank holds the whole model)."""
+        if not (self.benchmarks and self.par.is_main and self.par.can_generate):
+            return {}
+        from ..evaluate.benchmarks import run_benchmarks
+
+        return run_benchmarks(self.model, self.tokenizer, self.benchmarks)
 
     # --- training -----------------------------------------------------------------------------
 
@@ -435,6 +451,13 @@ class Trainer:
     def evaluate_and_save(self, record: dict) -> None:
         """After a step: evaluate, log, checkpoint, as the recipe's step counts say."""
         t, s = self.t, self.state
+        if self.benchmarks and t.eval_steps and (s.step % t.eval_steps == 0 or s.step == self.total):
+            bench_start = time.time()
+            scores = self._run_benchmarks()
+            s.window_start += time.time() - bench_start  # tokens/s measures training only
+            if scores:
+                record.update(step=s.step, **scores)
+                self.benchmarks_last = (s.step, scores)
         if self.eval_examples and t.eval_steps and (s.step % t.eval_steps == 0 or s.step == self.total):
             eval_start = time.time()
             eval_loss = evaluate(self.loss_fn, self.model, self.eval_examples, self.recipe.eval.per_device_eval_batch_size,
@@ -485,6 +508,10 @@ class Trainer:
                 result.exact_match = {"after": after}
                 if self.before is not None:
                     result.exact_match["before"] = self.before
+        if self.benchmarks:
+            step, scores = getattr(self, "benchmarks_last", (None, None))
+            after = scores if step == s.step else self._run_benchmarks()
+            result.benchmarks = {"before": self.benchmarks_before, "after": after}
         layout = par.layout(self.model)  # a collective: every rank takes part
         if par.is_main:
             from .plot import plot_losses
@@ -495,6 +522,7 @@ class Trainer:
                        "final_loss": result.final_loss, "best_eval_loss": s.best,
                        "best_checkpoint": str(s.best_path) if s.best_path else None,
                        "adapter": str(adapter_dir), "skipped_steps": s.skipped, "exact_match": result.exact_match,
+                       "benchmarks": result.benchmarks,
                        "data": {"rows": stats.rows, "used": stats.used, "skipped": stats.skipped,
                                 "truncated": stats.truncated, "format": stats.format},
                        **layout}
