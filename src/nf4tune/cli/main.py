@@ -7,7 +7,7 @@ import logging
 import sys
 
 from ..errors import Nf4tuneError
-from . import estimate, inference, merge, quantize, train
+from . import estimate, export, inference, merge, quantize, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     quantize.add_parser(sub)
     merge.add_parser(sub)
+    export.add_parser(sub)
     train.add_parser(sub)
     estimate.add_parser(sub)
     inference.add_parsers(sub)
