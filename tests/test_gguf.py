@@ -158,6 +158,22 @@ def test_tiny_gguf_loads_as_transformers_reads_it_quantized_by_nf4tune(tiny_bpe_
     assert tok(MULTILINGUAL).input_ids == bpe_tokenizer()(MULTILINGUAL).input_ids
 
 
+def test_quantize_and_merge_take_a_gguf_base(tiny_bpe_llama, tmp_path):
+    """`nf4tune quantize` and `merge` on a GGUF file write checkpoints with the GGUF's tokenizer, and the
+    4-bit checkpoint is the model load_model makes of the GGUF directly."""
+    gguf_file = tmp_path / "m.gguf"
+    export_gguf(tiny_bpe_llama / "src", gguf_file, progress=False)
+    assert main(["quantize", str(gguf_file), str(tmp_path / "q")]) == 0
+    assert main(["merge", str(gguf_file), str(tiny_bpe_llama / "adapter"), str(tmp_path / "merged")]) == 0
+    for out in ("q", "merged"):
+        assert sorted(p.name for p in (tmp_path / out).iterdir() if p.name.startswith("tokenizer")) == \
+            ["tokenizer.json", "tokenizer_config.json"], out
+    direct, tok = nf4tune.load_model(gguf_file, device="cpu", compute_dtype=torch.float32, progress=False)
+    via_bnb, _ = nf4tune.load_model(tmp_path / "q", device="cpu", compute_dtype=torch.float32, progress=False)
+    ids = tok(MULTILINGUAL, return_tensors="pt").input_ids
+    assert torch.equal(_logits(direct, ids), _logits(via_bnb, ids))
+
+
 def test_llama_cpp_loads_the_export_and_agrees(tiny_bpe_llama, tmp_path):
     """llama.cpp itself (the llama-cpp-python package, optional extra `llamacpp`): same logits and greedy tokens."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs `pip install llama-cpp-python` (extra llamacpp)")

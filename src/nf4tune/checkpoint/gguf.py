@@ -228,3 +228,18 @@ def iter_gguf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if result.name not in mapping:
             continue
         yield mapping[result.name], torch.from_numpy(np.array(result.weights, dtype=np.float32, copy=True))
+
+
+@contextlib.contextmanager
+def companion_files(ckpt) -> Iterator[Path]:
+    """The folder whose tokenizer and other files a checkpoint written from `ckpt` copies: its own
+    folder, or for a GGUF checkpoint a temporary one holding the tokenizer from the GGUF metadata
+    (the folder of a .gguf may hold anything)."""
+    if ckpt.gguf is None:
+        yield ckpt.path
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf_tokenizer(ckpt.gguf).save_pretrained(tmp)
+        yield Path(tmp)

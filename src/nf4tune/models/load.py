@@ -205,6 +205,22 @@ def load_model(
     return model, tokenizer
 
 
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a checkpoint folder, or the one transformers builds from a GGUF file's
+    metadata; None when there is none."""
+    from transformers import AutoTokenizer
+
+    from ..checkpoint.gguf import find_gguf
+
+    path = resolve(path)
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        from ..checkpoint.gguf import gguf_tokenizer
+
+        return gguf_tokenizer(gguf_file)
+    return AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+
+
 def _has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 

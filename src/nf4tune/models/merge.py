@@ -8,9 +8,7 @@ A 4-bit (`*-bnb-4bit`) base has no original weights, so it is always merged dequ
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..checkpoint.bnb4bit import QuantizedWeightAssembler
+from ..checkpoint.gguf import companion_files
 from ..checkpoint.hf import iter_tensors, open_checkpoint, resolve
 from ..checkpoint.writer import CheckpointWriter
 from ..errors import Nf4tuneError
@@ -157,14 +156,7 @@ def merge_adapter(
     ckpt = open_checkpoint(resolve(base))
     _, pairs, _ = read_adapter(adapter)
     dequantized = dequantized or ckpt.config.get("quantization_config") is not None
-    with contextlib.ExitStack() as stack:
-        source = ckpt.path
-        if ckpt.gguf is not None:  # its folder holds no tokenizer files: write the GGUF's out beside the weights
-            from ..checkpoint.gguf import gguf_tokenizer
-
-            source = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            gguf_tokenizer(ckpt.gguf).save_pretrained(source)
-        writer = stack.enter_context(CheckpointWriter(out_dir, source, len(ckpt.shards)))
+    with companion_files(ckpt) as source, CheckpointWriter(out_dir, source, len(ckpt.shards)) as writer:
         out: dict[str, torch.Tensor] = {}
         current = 0
         for index, key, tensor in merged_tensors(base, adapter, dequantized, quant_type, double_quant, blocksize, progress):

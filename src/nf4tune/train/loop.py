@@ -17,7 +17,7 @@ from ..checkpoint.hf import resolve
 from ..errors import Nf4tuneError
 from ..layers.lora import LoraConfig, trainable_parameters
 from ..models.adapters import save_adapter
-from ..models.load import load_model
+from ..models.load import load_model, load_tokenizer
 from ..optim import PagedAdamW, PagedAdamW8bit
 from . import state as ckpt
 from .config import Recipe, recipe_to_dict
@@ -154,12 +154,10 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     torch.manual_seed(t.seed)
 
     # The tokenizer and the data first: a bad row is reported before minutes of model loading.
-    from transformers import AutoTokenizer
-
     model_path = resolve(recipe.model.name_or_path)
-    if not any((model_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    tokenizer = load_tokenizer(model_path)  # a folder's tokenizer files, or a GGUF file's metadata
+    if tokenizer is None:
         raise Nf4tuneError(f"{recipe.model.name_or_path} has no tokenizer files; training needs one.")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     add_tokens_to_tokenizer(tokenizer, recipe.model.add_tokens, recipe.model.add_special_tokens)
