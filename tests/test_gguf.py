@@ -90,6 +90,27 @@ def test_export_f16_reads_back_as_the_merged_model_in_float16(tiny_bpe_llama, tm
     assert (_logits(base, ids) - _logits(merged, ids)).abs().max() > 1e-3
 
 
+def test_export_qwen2_with_attention_biases(tmp_path):
+    """Qwen2 (biases on q/k/v, no rotary row permutation in llama.cpp) reads back as itself in float16."""
+    from transformers import AutoModelForCausalLM
+
+    tok = bpe_tokenizer()
+    src = build_tiny_checkpoint(tmp_path / "src", arch="qwen2", dtype=torch.float32, max_shard_size=None, vocab_size=len(tok),
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tok.save_pretrained(src)
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in original.named_parameters():
+            p.add_(torch.randn_like(p) * 0.05) if name.endswith("bias") else None  # random, not zero, biases
+            if p.dim() == 2:
+                p.copy_(p.half().float())
+    original.save_pretrained(src)
+    export_gguf(src, tmp_path / "out" / "q.gguf", progress=False)
+    exported, _ = _read_back(tmp_path / "out" / "q.gguf")
+    ids = tok(MULTILINGUAL, return_tensors="pt").input_ids
+    torch.testing.assert_close(_logits(exported, ids), _logits(original, ids), rtol=0, atol=1e-5)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -147,7 +147,8 @@ def _tokenizer(key: tuple[str, int, int]):
         with _parsed_once(path):
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError, NotImplementedError) as e:
-        raise Nf4tuneError(f"{path}: transformers cannot build a tokenizer from this GGUF file ({str(e).splitlines()[0]}).") from e
+        raise Nf4tuneError(f"{path}: transformers cannot build a tokenizer from this GGUF file "
+                           f"({str(e).splitlines()[0]}).") from e
 
 
 def gguf_tokenizer(path: Path):

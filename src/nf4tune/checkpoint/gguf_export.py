@@ -31,7 +31,8 @@ EXPORT_TYPES = {
     "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
 }
 # Types llama.cpp has that the gguf package cannot make: named so the refusal can say what to do.
-UNSUPPORTED_TYPES = {"q4_k_m": "Q4_K_M", "q4_k_s": "Q4_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "q2_k": "Q2_K", "q3_k_m": "Q3_K_M"}
+UNSUPPORTED_TYPES = {"q4_k_m": "Q4_K_M", "q4_k_s": "Q4_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "q2_k": "Q2_K",
+                     "q3_k_m": "Q3_K_M"}
 
 # transformers model_type -> (llama.cpp architecture, whether Q/K rows are permuted for its rotary layout)
 EXPORT_FAMILIES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
