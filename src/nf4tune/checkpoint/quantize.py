@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .. import dispatch  # noqa: F401  (installs the fast 4-bit paths into quant)
 from ..errors import Nf4tuneError
 from ..quant import quantize
+from .gguf import companion_files
 from .hf import iter_tensors, linear_weight_keys, open_checkpoint
 from .writer import CheckpointWriter
 
@@ -65,7 +66,7 @@ def quantize_checkpoint(
     if "quantization_config" in ckpt.config:
         method = ckpt.config["quantization_config"].get("quant_method", "?")
         raise Nf4tuneError(f"{ckpt.path} is already quantized ({method}); give the original 16-bit checkpoint.")
-    with CheckpointWriter(out_dir, ckpt.path, len(ckpt.shards)) as writer:
+    with companion_files(ckpt) as source, CheckpointWriter(out_dir, source, len(ckpt.shards)) as writer:
         targets = linear_weight_keys(ckpt.config)
         report = QuantizeReport(Path(out_dir), 0, 0, ckpt.nbytes, 0, 0)
         with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=f"quantizing {ckpt.path.name}", disable=not progress) as bar:

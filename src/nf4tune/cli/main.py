@@ -11,7 +11,7 @@ import logging
 import sys
 
 from ..errors import Nf4tuneError
-from . import doctor, estimate, inference, merge, quantize, train
+from . import doctor, estimate, export, inference, merge, quantize, train
 from . import eval as eval_cli
 from . import judge as judge_cli
 
@@ -31,10 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     quantize.add_parser(sub)
     merge.add_parser(sub)
+    export.add_parser(sub)
     train.add_parser(sub)
     estimate.add_parser(sub)
     inference.add_parsers(sub)
     doctor.add_parser(sub)
+    export.add_parser(sub)
     eval_cli.add_parser(sub)
     judge_cli.add_parser(sub)
     return parser

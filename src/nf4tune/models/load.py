@@ -102,7 +102,8 @@ def load_model(
     """Load a causal LM (or T5) with every linear layer of its blocks in 4-bit.
 
     Args:
-        path: a local checkpoint folder or a Hugging Face Hub id; 16-bit or `*-bnb-4bit`.
+        path: a local checkpoint folder or a Hugging Face Hub id; 16-bit or `*-bnb-4bit`; or a
+            GGUF file (or a folder holding one), dequantized tensor by tensor.
         quant_type, double_quant, blocksize: how 16-bit weights are quantized (ignored for a
             pre-quantized checkpoint, which keeps its own).
         compute_dtype: dtype of activations and of the frozen matmuls; default bfloat16 where the
@@ -196,11 +197,35 @@ def load_model(
 
     # An adapter trained with new tokens carries its tokenizer; otherwise the base model's is used.
     tokenizer = None
+    if ckpt.gguf is not None and not (adapter is not None and _has_tokenizer(Path(adapter))):
+        from ..checkpoint.gguf import gguf_tokenizer
+
+        return model, gguf_tokenizer(ckpt.gguf)
     for folder in ([Path(adapter)] if adapter is not None else []) + [path]:
-        if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        if _has_tokenizer(folder):
             tokenizer = AutoTokenizer.from_pretrained(folder)
             break
     return model, tokenizer
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a checkpoint folder, or the one transformers builds from a GGUF file's
+    metadata; None when there is none."""
+    from transformers import AutoTokenizer
+
+    from ..checkpoint.gguf import find_gguf
+
+    path = resolve(path)
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        from ..checkpoint.gguf import gguf_tokenizer
+
+        return gguf_tokenizer(gguf_file)
+    return AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 def _enable_checkpointing(model) -> None:

@@ -9,6 +9,7 @@ A 4-bit (`*-bnb-4bit`) base has no original weights, so it is always merged dequ
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import dispatch  # noqa: F401  (installs the fast 4-bit paths into quant)
 from ..checkpoint.bnb4bit import QuantizedWeightAssembler
+from ..checkpoint.gguf import companion_files
 from ..checkpoint.hf import iter_tensors, open_checkpoint, resolve
 from ..checkpoint.writer import CheckpointWriter
 from ..errors import Nf4tuneError
@@ -62,6 +64,81 @@ def _check_shapes(ckpt, shapes: dict, pairs: dict, adapter_dir) -> None:
                                f"but the adapter makes {expected}; it was trained on another base model.")
 
 
+def merged_tensors(
+    base: str | Path,
+    adapter: str | Path | None,
+    dequantized: bool = False,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    progress: bool = True,
+    desc: str = "merging",
+) -> Iterator[tuple[int, str, torch.Tensor]]:
+    """Yield (shard index, key, tensor) of `base` with `adapter` merged in (or `base` alone when
+    `adapter` is None: 4-bit weights dequantized), one tensor at a time in checkpoint order.
+
+    `quant_type`, `double_quant` and `blocksize` say how the 4-bit weights the adapter trained
+    against were made (used with `dequantized=True` on a 16-bit base). A GGUF base's weights are
+    its dequantized tensors.
+    """
+    ckpt = open_checkpoint(resolve(base))
+    if adapter is not None:
+        config, pairs, saved = read_adapter(adapter)
+        if saved:
+            raise Nf4tuneError(f"the adapter in {adapter} adds tokens (it saves {', '.join(sorted(saved))}); "
+                               "merging vocabulary changes is not supported yet.")
+    else:
+        config, pairs = {}, {}
+    qcfg = ckpt.config.get("quantization_config")
+    prequantized = qcfg is not None
+    if prequantized and not (qcfg.get("quant_method") == "bitsandbytes" and qcfg.get("load_in_4bit")):
+        raise Nf4tuneError(f"{ckpt.path} is quantized with {qcfg.get('quant_method')}; merge needs a 16-bit or 4-bit bnb base.")
+    if ckpt.gguf is not None:
+        from ..checkpoint.gguf import gguf_shapes
+
+        shapes = gguf_shapes(ckpt.gguf)
+    else:
+        shapes = _header_shapes(ckpt)
+    quantized = {k for k in shapes if f"{k}.absmax" in shapes}  # 4-bit weights of a bnb checkpoint
+    if prequantized:
+        log.info("nf4tune: %s is 4-bit; merging into its dequantized weights.", ckpt.path)
+        dequantized = True
+    else:
+        _check_shapes(ckpt, shapes, pairs, adapter)
+    targets = {f"{name}.weight": pair for name, pair in pairs.items()}
+
+    merged = 0
+    assembler = QuantizedWeightAssembler(quantized)
+    with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
+        for index, shard in enumerate(ckpt.shards):
+            for key, tensor in iter_tensors(shard):
+                bar.update(tensor.nbytes)
+                if assembler.owner(key):
+                    done = assembler.add(key, tensor)
+                    if done is None:
+                        continue
+                    key, tensor = done[0], done[1].dequantize()
+                elif key in targets and dequantized:
+                    tensor = quantize(tensor, quant_type, blocksize, double_quant, name=key).dequantize()
+                if key in targets:
+                    pair = targets[key]
+                    if list(tensor.shape) != [pair["B"].shape[0], pair["A"].shape[1]]:
+                        raise Nf4tuneError(f"the adapter in {adapter} does not fit {ckpt.path}: {key} is "
+                                           f"{list(tensor.shape)}; it was trained on another base model.")
+                    tensor = merged_weight(tensor, pair["A"], pair["B"],
+                                           lora_scaling(config.get("lora_alpha", 8), pair["A"].shape[0],
+                                                        bool(config.get("use_rslora"))))
+                    merged += 1
+                yield index, key, tensor
+        bar.update(bar.total - bar.n)  # sizes counted by tensor miss the files' headers: reach the total
+    if assembler.pending:
+        raise Nf4tuneError(f"{ckpt.path} has incomplete 4-bit weights ({next(iter(assembler.pending))}); "
+                           "the checkpoint is damaged.")
+    if merged != len(targets):
+        raise Nf4tuneError(f"{ckpt.path} lacks {len(targets) - merged} weight(s) the adapter targets; "
+                           "it was trained on another base model.")
+
+
 def merge_adapter(
     base: str | Path,
     adapter: str | Path,
@@ -75,63 +152,21 @@ def merge_adapter(
     """Write `base` with `adapter` merged in as a standard 16-bit safetensors checkpoint in `out_dir`.
 
     Streams shard by shard. `quant_type`, `double_quant` and `blocksize` say how the 4-bit weights
-    the adapter trained against were made (used with `dequantized=True` on a 16-bit base).
+    the adapter trained against were made (used with `dequantized=True` on a 16-bit base). A GGUF
+    base is written as its dequantized (float32) tensors, with its tokenizer.
     """
     ckpt = open_checkpoint(resolve(base))
-    config, pairs, saved = read_adapter(adapter)
-    if saved:
-        raise Nf4tuneError(f"the adapter in {adapter} adds tokens (it saves {', '.join(sorted(saved))}); "
-                           "merging vocabulary changes is not supported yet.")
-    qcfg = ckpt.config.get("quantization_config")
-    prequantized = qcfg is not None
-    if prequantized and not (qcfg.get("quant_method") == "bitsandbytes" and qcfg.get("load_in_4bit")):
-        raise Nf4tuneError(f"{ckpt.path} is quantized with {qcfg.get('quant_method')}; merge needs a 16-bit or 4-bit bnb base.")
-    shapes = _header_shapes(ckpt)
-    quantized = {k for k in shapes if f"{k}.absmax" in shapes}  # 4-bit weights of a bnb checkpoint
-    if prequantized:
-        log.info("nf4tune: %s is 4-bit; merging into its dequantized weights.", ckpt.path)
-        dequantized = True
-    else:
-        _check_shapes(ckpt, shapes, pairs, adapter)
-    targets = {f"{name}.weight": pair for name, pair in pairs.items()}
-
-    merged = 0
-    with CheckpointWriter(out_dir, ckpt.path, len(ckpt.shards)) as writer:
-        assembler = QuantizedWeightAssembler(quantized)
-        with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=f"merging {ckpt.path.name}", disable=not progress) as bar:
-            shards_read = 0
-            for shard in ckpt.shards:
-                out: dict[str, torch.Tensor] = {}
-                for key, tensor in iter_tensors(shard):
-                    bar.update(tensor.nbytes)
-                    if assembler.owner(key):
-                        done = assembler.add(key, tensor)
-                        if done is None:
-                            continue
-                        key, tensor = done[0], done[1].dequantize()
-                    elif key in targets and dequantized:
-                        tensor = quantize(tensor, quant_type, blocksize, double_quant, name=key).dequantize()
-                    if key in targets:
-                        pair = targets[key]
-                        if list(tensor.shape) != [pair["B"].shape[0], pair["A"].shape[1]]:
-                            raise Nf4tuneError(f"the adapter in {adapter} does not fit {ckpt.path}: {key} is "
-                                               f"{list(tensor.shape)}; it was trained on another base model.")
-                        tensor = merged_weight(tensor, pair["A"], pair["B"],
-                                                lora_scaling(config.get("lora_alpha", 8), pair["A"].shape[0],
-                                                             bool(config.get("use_rslora"))))
-                        merged += 1
-                    out[key] = tensor
+    _, pairs, _ = read_adapter(adapter)
+    dequantized = dequantized or ckpt.config.get("quantization_config") is not None
+    with companion_files(ckpt) as source, CheckpointWriter(out_dir, source, len(ckpt.shards)) as writer:
+        out: dict[str, torch.Tensor] = {}
+        current = 0
+        for index, key, tensor in merged_tensors(base, adapter, dequantized, quant_type, double_quant, blocksize, progress):
+            if index != current:
                 writer.write_shard(out)
-                del out
-                shards_read += shard.stat().st_size
-                bar.update(shards_read - bar.n)  # file sizes include headers: reach the total
-        if assembler.pending:
-            raise Nf4tuneError(f"{ckpt.path} has incomplete 4-bit weights ({next(iter(assembler.pending))}); "
-                               "the checkpoint is damaged.")
-        if merged != len(targets):
-            raise Nf4tuneError(f"{ckpt.path} lacks {len(targets) - merged} weight(s) the adapter targets; "
-                               "it was trained on another base model.")
+                out, current = {}, index
+            out[key] = tensor
+        writer.write_shard(out)
         out_config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
         writer.finish(out_config)
-    return MergeReport(Path(out_dir), merged, dequantized)
-
+    return MergeReport(Path(out_dir), len(pairs), dequantized)

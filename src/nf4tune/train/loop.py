@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..checkpoint.hf import resolve
 from ..errors import Nf4tuneError
 from ..layers.lora import trainable_parameters
-from ..models.load import load_model
+from ..models.load import load_model, load_tokenizer
 from ..registry import OPTIMIZERS
 from . import rundir
 from . import state as ckpt
@@ -210,13 +210,12 @@ class Trainer:
     # --- setup --------------------------------------------------------------------------------
 
     def _setup_data(self) -> None:
-        from transformers import AutoTokenizer
 
         recipe, d = self.recipe, self.recipe.data
         self.model_path = resolve(recipe.model.name_or_path)
         if not any((self.model_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             raise Nf4tuneError(f"{recipe.model.name_or_path} has no tokenizer files; training needs one.")
-        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        tokenizer = load_tokenizer(self.model_path)  # a folder's tokenizer files, or a GGUF file's metadata
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         add_tokens_to_tokenizer(tokenizer, recipe.model.add_tokens, recipe.model.add_special_tokens)

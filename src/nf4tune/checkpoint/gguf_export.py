@@ -1,0 +1,269 @@
+"""Writing GGUF files that llama.cpp loads: its tensor names and layout, model metadata, the tokenizer
+and chat template, tensor types made by the `gguf` package's own quantizers.
+
+The file is written to a temporary name beside the output (tensor data spooled to an unnamed
+temporary file as each tensor arrives, so no more than one tensor is in memory) and renamed into
+place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import Nf4tuneError
+from .gguf import require_gguf
+
+log = logging.getLogger("nf4tune")
+
+# --type choices: (ggml type of 2-D weights, llama.cpp file type). One registry.
+EXPORT_TYPES = {
+    "f16": ("F16", "MOSTLY_F16"),
+    "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+    "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+}
+# Types llama.cpp has that the gguf package cannot make: named so the refusal can say what to do.
+UNSUPPORTED_TYPES = {"q4_k_m": "Q4_K_M", "q4_k_s": "Q4_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "q2_k": "Q2_K",
+                     "q3_k_m": "Q3_K_M"}
+
+# transformers model_type -> (llama.cpp architecture, whether Q/K rows are permuted for its rotary layout)
+EXPORT_FAMILIES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+
+
+def check_export_type(kind: str) -> None:
+    """Refuse a --type the exporter cannot write, with a sentence saying what to do instead."""
+    if kind in EXPORT_TYPES:
+        return
+    if kind in UNSUPPORTED_TYPES:
+        raise Nf4tuneError(
+            f"--type {kind} is not supported: the gguf package has no {UNSUPPORTED_TYPES[kind]} quantizer; export "
+            f"--type f16 and run llama.cpp's `llama-quantize OUT.gguf OUT-{kind}.gguf {UNSUPPORTED_TYPES[kind]}`.")
+    raise Nf4tuneError(f"unknown --type {kind!r}; supported: {', '.join(EXPORT_TYPES)}.")
+
+
+def permute_for_llama_cpp(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of a Q or K projection in llama.cpp's rotary order (interleaved pairs), as its
+    convert_hf_to_gguf.py writes them; transformers' GGUF loader undoes exactly this."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class ExportPlan:
+    """What to write: the llama.cpp architecture, metadata from the config, and how to name tensors."""
+
+    arch: str
+    permute: bool
+    config: dict
+    name_map: object
+
+    @classmethod
+    def for_config(cls, config: dict) -> "ExportPlan":
+        gguf = require_gguf()
+        model_type = config.get("model_type")
+        if model_type not in EXPORT_FAMILIES:
+            raise Nf4tuneError(f"exporting {model_type!r} models to GGUF is not supported yet; supported families: "
+                               f"{', '.join(EXPORT_FAMILIES)}.")
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        if rope.get("rope_type", "default") not in ("default", None):
+            raise Nf4tuneError(f"the model uses {rope['rope_type']!r} rope scaling, which the GGUF exporter does not "
+                               "write yet.")
+        arch, permute = EXPORT_FAMILIES[model_type]
+        arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+        return cls(arch, permute, config, gguf.get_tensor_name_map(arch_id, config["num_hidden_layers"]))
+
+    def gguf_name(self, key: str) -> str | None:
+        """llama.cpp's name for a transformers key, or None for a tensor llama.cpp does not store."""
+        if key == "lm_head.weight" and self.config.get("tie_word_embeddings"):
+            return None
+        name, _, suffix = key.rpartition(".")
+        mapped = self.name_map.get_name(name)
+        return None if mapped is None else f"{mapped}.{suffix}"
+
+    def layout(self, gguf_name: str, w: torch.Tensor) -> torch.Tensor:
+        if self.permute and gguf_name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
+            heads = self.config["num_attention_heads"]
+            if ".attn_k." in gguf_name:
+                heads = self.config.get("num_key_value_heads") or heads
+            return permute_for_llama_cpp(w, heads)
+        return w
+
+    def add_metadata(self, writer, name: str, kind: str) -> None:
+        gguf = require_gguf()
+        c = self.config
+        heads = c["num_attention_heads"]
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        rope = c.get("rope_parameters") or {}
+        writer.add_name(name)
+        writer.add_context_length(c.get("max_position_embeddings", 2048))
+        writer.add_embedding_length(c["hidden_size"])
+        writer.add_block_count(c["num_hidden_layers"])
+        writer.add_feed_forward_length(c["intermediate_size"])
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(c.get("num_key_value_heads") or heads)
+        writer.add_rope_freq_base(float(rope.get("rope_theta", c.get("rope_theta", 10000.0))))
+        writer.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
+        writer.add_rope_dimension_count(head_dim)
+        if head_dim != c["hidden_size"] // heads:
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+        writer.add_vocab_size(c["vocab_size"])
+        writer.add_file_type(getattr(gguf.LlamaFileType, EXPORT_TYPES[kind][1]))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def to_gguf_array(gguf_name: str, w: torch.Tensor, kind: str):
+    """(numpy array, ggml type or None) for one tensor: 2-D weights in `kind`, others float32, as llama.cpp
+    keeps norms and biases; a weight whose rows do not fill whole quantization blocks stays float16."""
+    import numpy as np
+
+    gguf = require_gguf()
+    qtype = getattr(gguf.GGMLQuantizationType, EXPORT_TYPES[kind][0])
+    w = w.detach().to(torch.float32).contiguous()
+    if w.dim() < 2:
+        return w.numpy(), None
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return w.to(torch.float16).numpy(), None
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if w.shape[-1] % block:
+        log.warning("nf4tune: %s has rows of %d, not a multiple of %d; written as F16.", gguf_name, w.shape[-1], block)
+        return w.to(torch.float16).numpy(), None
+    return gguf.quants.quantize(np.ascontiguousarray(w.numpy()), qtype), qtype
+
+
+def copy_tokenizer_fields(writer, source_gguf: Path) -> None:
+    """The source GGUF's tokenizer.* metadata (vocabulary, merges, pre-tokenizer, special ids, chat template) as they are."""
+    gguf = require_gguf()
+    from .gguf import reader
+
+    for key, fld in reader(source_gguf).fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = fld.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(key, fld.contents(), vtype, sub_type=fld.types[-1])
+        else:
+            writer.add_key_value(key, fld.contents(), vtype)
+
+
+def add_hf_tokenizer(writer, tokenizer) -> None:
+    """A transformers fast tokenizer as llama.cpp's vocabulary: byte-level BPE ("gpt2", with merges) or
+    BPE with byte fallback ("llama", SentencePiece-style scores), special and added tokens, chat template."""
+    gguf = require_gguf()
+    from gguf.vocab import BpeVocab, LlamaHfVocab, SpecialVocab
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        tj = Path(tmp) / "tokenizer.json"
+        model = json.loads(tj.read_text())["model"] if tj.is_file() else {}
+        if model.get("type") != "BPE":
+            raise Nf4tuneError(f"the tokenizer is a {model.get('type') or 'slow'} tokenizer; GGUF holds BPE or SentencePiece "
+                               "vocabularies, so it cannot be written for llama.cpp.")
+        byte_fallback = bool(model.get("byte_fallback"))
+        vocab = LlamaHfVocab(Path(tmp)) if byte_fallback else BpeVocab(Path(tmp))
+        tokens, scores, types = [], [], []
+        for text, score, toktype in vocab.all_tokens():
+            tokens.append(text)
+            scores.append(score)
+            types.append(toktype)
+        n_vocab = len(tokenizer)
+        writer.add_tokenizer_model("llama" if byte_fallback else "gpt2")
+        writer.add_tokenizer_pre("default" if byte_fallback else _pre_tokenizer(json.loads(tj.read_text())))
+        writer.add_token_list(tokens)
+        if byte_fallback:
+            writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        SpecialVocab(Path(tmp), load_merges=not byte_fallback, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
+        if tokenizer.chat_template and "tokenizer.chat_template" not in writer.kv_data[0]:
+            writer.add_chat_template(tokenizer.chat_template)
+
+
+def _pre_tokenizer(tokenizer_json: dict) -> str:
+    """llama.cpp's name for the pre-tokenizer: GPT-2's byte-level regex is "gpt2"; others get llama.cpp's default."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt2"
+    log.warning("nf4tune: the tokenizer's pre-tokenizer has no llama.cpp name known to nf4tune; llama.cpp will split "
+                "text with its default rules.")
+    return "default"
+
+
+def write_gguf(
+    out_path: Path,
+    config: dict,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    kind: str,
+    name: str,
+    tokenizer=None,
+    source_gguf: Path | None = None,
+) -> int:
+    """Write `tensors` (transformers keys, merged 16/32-bit weights, consumed one at a time) as a GGUF
+    llama.cpp loads; the tokenizer from `source_gguf`'s metadata when given, else from `tokenizer`.
+    Atomic: a temporary file beside `out_path`, renamed when complete. Returns the tensor count."""
+    gguf = require_gguf()
+    check_export_type(kind)
+    plan = ExportPlan.for_config(config)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
+    writer = gguf.GGUFWriter(partial, plan.arch, use_temp_file=True)
+    # Tensor data waits in an unnamed file beside the output (not /tmp: a large model may not fit there).
+    writer.temp_file = tempfile.TemporaryFile(dir=out_path.parent)
+    try:
+        plan.add_metadata(writer, name, kind)
+        if source_gguf is not None:
+            copy_tokenizer_fields(writer, source_gguf)
+        elif tokenizer is not None:
+            add_hf_tokenizer(writer, tokenizer)
+        else:
+            raise Nf4tuneError("the base model has no tokenizer; llama.cpp needs one in the GGUF file.")
+        count = 0
+        for key, w in tensors:
+            gguf_name = plan.gguf_name(key)
+            if gguf_name is None:
+                continue
+            array, qtype = to_gguf_array(gguf_name, plan.layout(gguf_name, w), kind)
+            writer.add_tensor(gguf_name, array, raw_dtype=qtype)
+            count += 1
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()  # the tensor table, then the spooled data
+        writer.close()
+        os.replace(partial, out_path)
+        return count
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def ollama_modelfile(gguf_path: Path, tokenizer, chat_template: str | None) -> str:
+    """An Ollama Modelfile for `gguf_path`: the chat template in Go template syntax (ChatML or Llama-3 style
+    recognized; otherwise a plain prompt) and the end-of-turn tokens as stop words."""
+    template = chat_template or ""
+    stops: list[str] = []
+    if "<|im_start|>" in template:
+        go = ('{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+              '{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}'
+              '<|im_start|>assistant\n{{ .Response }}<|im_end|>\n')
+        stops = ["<|im_end|>", "<|im_start|>"]
+    elif "<|start_header_id|>" in template:
+        go = ('{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}'
+              '{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>{{ end }}'
+              '<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>')
+        stops = ["<|eot_id|>", "<|start_header_id|>"]
+    else:
+        go = "{{ if .System }}{{ .System }}\n{{ end }}{{ .Prompt }}{{ .Response }}"
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos and eos not in stops:
+        stops.append(eos)
+    lines = [f"FROM ./{gguf_path.name}", f'TEMPLATE """{go}"""']
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    return "\n".join(lines) + "\n"

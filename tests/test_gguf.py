@@ -1,0 +1,272 @@
+"""GGUF files in (`load_model` on a .gguf) and out (`nf4tune export`), against transformers' GGUF loader."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+
+import nf4tune
+from nf4tune.checkpoint.tiny import build_tiny_checkpoint
+from nf4tune.cli.main import main
+from nf4tune.layers.linear4bit import Linear4bit
+from nf4tune.layers.lora import lora_layers
+from nf4tune.models.export import export_gguf
+from nf4tune.models.merge import merge_adapter
+
+gguf = pytest.importorskip("gguf", reason="the GGUF tests need the gguf package (pip install gguf)")
+
+MULTILINGUAL = "Héllo wörld, 東京 — добрый день! 🙂 ¿Qué tal?\n\tnumbers 12345"
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def bpe_tokenizer():
+    """A small byte-level BPE tokenizer (GPT-2 style, with merges and ChatML special tokens), trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 3, "hello world, hello there", MULTILINGUAL],
+                            trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>", chat_template=CHATML)
+
+
+@pytest.fixture(scope="module")
+def tiny_bpe_llama(tmp_path_factory):
+    """A tiny random Llama (GQA: 4 query / 2 key-value heads) with a byte-level BPE tokenizer, and a LoRA adapter."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = bpe_tokenizer()
+    src = build_tiny_checkpoint(root / "src", dtype=torch.float32, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tok.save_pretrained(src)
+    model, _ = nf4tune.load_model(src, device="cpu", lora=nf4tune.LoraConfig(r=4, dropout=0.0), progress=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.05)
+    nf4tune.save_adapter(model, root / "adapter")
+    merge_adapter(src, root / "adapter", root / "merged", progress=False)
+    return root
+
+
+def _read_back(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+    return model, AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def test_export_f16_reads_back_as_the_merged_model_in_float16(tiny_bpe_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(tiny_bpe_llama / "src"), str(out), "--adapter", str(tiny_bpe_llama / "adapter")]) == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~_umask()  # as a plain open() makes it
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no partial files left
+    model, tok = _read_back(out)
+    merged = AutoModelForCausalLM.from_pretrained(tiny_bpe_llama / "merged", dtype=torch.float32).eval()
+    # The merged model with its matrices rounded to float16, as the file stores them (norms stay float32).
+    with torch.no_grad():
+        for p in merged.parameters():
+            if p.dim() == 2:
+                p.copy_(p.half().float())
+    ids = tok(MULTILINGUAL, return_tensors="pt").input_ids
+    torch.testing.assert_close(_logits(model, ids), _logits(merged, ids), rtol=0, atol=1e-5)
+    # The adapter changed the function: the base model gives other logits.
+    base = AutoModelForCausalLM.from_pretrained(tiny_bpe_llama / "src", dtype=torch.float32).eval()
+    assert (_logits(base, ids) - _logits(merged, ids)).abs().max() > 1e-3
+
+
+def test_export_qwen2_with_attention_biases(tmp_path):
+    """Qwen2 (biases on q/k/v, no rotary row permutation in llama.cpp) reads back as itself in float16."""
+    from transformers import AutoModelForCausalLM
+
+    tok = bpe_tokenizer()
+    src = build_tiny_checkpoint(tmp_path / "src", arch="qwen2", dtype=torch.float32, max_shard_size=None, vocab_size=len(tok),
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tok.save_pretrained(src)
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in original.named_parameters():
+            p.add_(torch.randn_like(p) * 0.05) if name.endswith("bias") else None  # random, not zero, biases
+            if p.dim() == 2:
+                p.copy_(p.half().float())
+    original.save_pretrained(src)
+    export_gguf(src, tmp_path / "out" / "q.gguf", progress=False)
+    exported, _ = _read_back(tmp_path / "out" / "q.gguf")
+    ids = tok(MULTILINGUAL, return_tensors="pt").input_ids
+    torch.testing.assert_close(_logits(exported, ids), _logits(original, ids), rtol=0, atol=1e-5)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_export_keeps_the_tokenizer_and_chat_template(tiny_bpe_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "m.gguf"
+    export_gguf(tiny_bpe_llama / "src", out, progress=False)
+    _, tok = _read_back(out)
+    original = AutoTokenizer.from_pretrained(tiny_bpe_llama / "src")
+    assert tok(MULTILINGUAL).input_ids == original(MULTILINGUAL).input_ids
+    assert tok.decode(tok(MULTILINGUAL).input_ids) == MULTILINGUAL
+    assert tok.chat_template == CHATML
+    assert tok.eos_token == "<|im_end|>"
+    messages = [{"role": "user", "content": "hello"}]
+    assert tok.apply_chat_template(messages, tokenize=False) == original.apply_chat_template(messages, tokenize=False)
+
+
+def test_q8_0_and_q4_0_through_the_gguf_quantizers(tiny_bpe_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tiny_bpe_llama / "merged", dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 70, 71, 90, 200, 33, 64, 12]])
+    reference = _logits(merged, ids)
+    errors = {}
+    for kind in ("q8_0", "q4_0"):
+        out = tmp_path / f"{kind}.gguf"
+        export_gguf(tiny_bpe_llama / "src", out, tiny_bpe_llama / "adapter", kind=kind, progress=False)
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+        assert types["blk.0.attn_q.weight"] == kind.upper() and types["blk.0.attn_norm.weight"] == "F32"
+        errors[kind] = (_logits(_read_back(out)[0], ids) - reference).abs().max() / reference.abs().max()
+    # Stated tolerances (random weights, the hard case; measured 1.2% and about 10x that): 8-bit blocks within 2%
+    # of the largest logit, 4-bit within 20%, and 8-bit much the closer.
+    assert errors["q8_0"] < 0.02 and errors["q4_0"] < 0.2 and errors["q8_0"] < errors["q4_0"] / 3, errors
+
+
+def test_unsupported_types_and_tokenizers_are_refused_with_a_sentence(tiny_bpe_llama, tmp_path, capsys):
+    assert main(["export", str(tiny_bpe_llama / "src"), str(tmp_path / "k.gguf"), "--type", "q4_k_m"]) == 2
+    assert "llama-quantize" in capsys.readouterr().err
+    # The demo model's character-level (WordLevel) tokenizer has no GGUF form: refused, nothing left behind.
+    assert main(["export", "tiny-random:llama-demo", str(tmp_path / "demo.gguf")]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_in_then_out_gives_the_same_tensors(tiny_bpe_llama, tmp_path):
+    first, second = tmp_path / "a" / "first.gguf", tmp_path / "b" / "second.gguf"
+    export_gguf(tiny_bpe_llama / "src", first, progress=False)
+    export_gguf(first, second, progress=False)
+    a, b = gguf.GGUFReader(first), gguf.GGUFReader(second)
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert ta.tensor_type == tb.tensor_type and bytes(ta.data) == bytes(tb.data), ta.name
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template", "llama.attention.head_count_kv"):
+        assert a.fields[key].contents() == b.fields[key].contents(), key
+
+
+def test_tiny_gguf_loads_as_transformers_reads_it_quantized_by_nf4tune(tiny_bpe_llama, tmp_path):
+    out = tmp_path / "m.gguf"
+    export_gguf(tiny_bpe_llama / "src", out, kind="q8_0", progress=False)
+    model, tok = nf4tune.load_model(tmp_path, device="cpu", compute_dtype=torch.float32, progress=False)  # the folder
+    assert_same_as_quantized_oracle(model, _transformers_gguf_model(out).state_dict(), torch.float32)
+    assert tok(MULTILINGUAL).input_ids == bpe_tokenizer()(MULTILINGUAL).input_ids
+
+
+def test_quantize_and_merge_take_a_gguf_base(tiny_bpe_llama, tmp_path):
+    """`nf4tune quantize` and `merge` on a GGUF file write checkpoints with the GGUF's tokenizer, and the
+    4-bit checkpoint is the model load_model makes of the GGUF directly."""
+    gguf_file = tmp_path / "m.gguf"
+    export_gguf(tiny_bpe_llama / "src", gguf_file, progress=False)
+    assert main(["quantize", str(gguf_file), str(tmp_path / "q")]) == 0
+    assert main(["merge", str(gguf_file), str(tiny_bpe_llama / "adapter"), str(tmp_path / "merged")]) == 0
+    for out in ("q", "merged"):
+        assert sorted(p.name for p in (tmp_path / out).iterdir() if p.name.startswith("tokenizer")) == \
+            ["tokenizer.json", "tokenizer_config.json"], out
+    direct, tok = nf4tune.load_model(gguf_file, device="cpu", compute_dtype=torch.float32, progress=False)
+    via_bnb, _ = nf4tune.load_model(tmp_path / "q", device="cpu", compute_dtype=torch.float32, progress=False)
+    ids = tok(MULTILINGUAL, return_tensors="pt").input_ids
+    assert torch.equal(_logits(direct, ids), _logits(via_bnb, ids))
+
+
+def test_llama_cpp_loads_the_export_and_agrees(tiny_bpe_llama, tmp_path):
+    """llama.cpp itself (the llama-cpp-python package, optional extra `llamacpp`): same logits and greedy tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs `pip install llama-cpp-python` (extra llamacpp)")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "m.gguf"
+    export_gguf(tiny_bpe_llama / "src", out, tiny_bpe_llama / "adapter", progress=False)
+    llm = llama_cpp.Llama(model_path=str(out), logits_all=True, verbose=False, n_ctx=64)
+    ids = [5, 70, 71, 90, 200, 33]
+    llm.eval(ids)
+    theirs = torch.tensor(llm.scores[: len(ids)])
+    merged = AutoModelForCausalLM.from_pretrained(tiny_bpe_llama / "merged", dtype=torch.float32).eval()
+    ours = _logits(merged, torch.tensor([ids]))[0]
+    assert (theirs - ours).abs().max() < 0.01 * ours.abs().max()
+    expected = merged.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False)[0, len(ids):].tolist()
+    llm.reset()
+    got = [t for _, t in zip(range(5), llm.generate(ids, temp=0.0, top_k=1))]
+    assert got == expected
+
+
+def _transformers_gguf_model(gguf_file):
+    """The oracle: transformers' own GGUF loader (it dequantizes every tensor to float32)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name).eval()
+
+
+def assert_same_as_quantized_oracle(model, oracle_state: dict, dtype: torch.dtype) -> None:
+    """Every 4-bit weight of `model` is nf4tune's quantization of the oracle's tensor, byte for byte, and
+    every other tensor is the oracle's cast to `dtype`."""
+    linears = {name for name, m in model.named_modules() if isinstance(m, Linear4bit)}
+    assert linears, "no 4-bit layers"
+    for name in linears:
+        q = model.get_submodule(name).quantized_weight
+        expected = nf4tune.quantize(oracle_state[f"{name}.weight"], "nf4", 64, True)
+        got, want = q.bnb_state_dict("w"), expected.bnb_state_dict("w")
+        for key in want:
+            assert torch.equal(got[key], want[key]), f"{name}: {key} differs"
+    for key, param in model.state_dict().items():
+        module = key.rsplit(".", 1)[0]
+        if module in linears or key not in oracle_state or "lora" in key:
+            continue
+        assert torch.equal(param, oracle_state[key].to(dtype)), key
+
+
+def _save_as_safetensors(model, folder) -> None:
+    """A transformers model's state as a plain checkpoint folder (its tied head left out, as transformers does)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    tied = set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}, str(folder / "model.safetensors"))
+    config = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.real_model
+def test_real_gguf_loads_as_transformers_reads_it_quantized_by_nf4tune(smollm2_gguf, tmp_path):
+    """The Q4_1 SmolLM2 file: tensors, config and tokenizer as transformers builds them, then NF4."""
+    model, tokenizer = nf4tune.load_model(smollm2_gguf, device="cpu", compute_dtype=torch.bfloat16, progress=False)
+    oracle = _transformers_gguf_model(smollm2_gguf)
+    assert model.config.num_key_value_heads == 3 and model.config.tie_word_embeddings
+    assert_same_as_quantized_oracle(model, oracle.state_dict(), torch.bfloat16)
+
+    # Logits bit for bit against nf4tune loading transformers' dequantized weights from safetensors.
+    _save_as_safetensors(oracle, tmp_path / "oracle")
+    del oracle
+    reference, _ = nf4tune.load_model(tmp_path / "oracle", device="cpu", compute_dtype=torch.bfloat16, progress=False)
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    # A folder holding the .gguf is the same model.
+    assert nf4tune.load_model(smollm2_gguf.parent, device="cpu", progress=False)[0].config.num_hidden_layers == 30
