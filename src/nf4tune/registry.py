@@ -16,6 +16,17 @@ PARALLEL_STRATEGIES = ("fsdp", "ddp")
 # Elements per quantization block: powers of two, as bitsandbytes supports them.
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
+# GGUF types `nf4tune export --type` writes: name -> (gguf tensor type, gguf file type)
+EXPORT_TYPES = {
+    "f16": ("F16", "MOSTLY_F16"),
+    "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+    "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+}
+# Types llama.cpp has that the gguf package cannot make: named so the refusal can say what to do.
+UNSUPPORTED_TYPES = {"q4_k_m": "Q4_K_M", "q4_k_s": "Q4_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "q2_k": "Q2_K",
+                     "q3_k_m": "Q3_K_M"}
+
 
 @dataclass(frozen=True)
 class OptimizerSpec:

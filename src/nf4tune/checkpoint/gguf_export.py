@@ -24,15 +24,7 @@ from .gguf import require_gguf
 log = logging.getLogger("nf4tune")
 
 # --type choices: (ggml type of 2-D weights, llama.cpp file type). One registry.
-EXPORT_TYPES = {
-    "f16": ("F16", "MOSTLY_F16"),
-    "bf16": ("BF16", "MOSTLY_BF16"),
-    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
-    "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
-}
-# Types llama.cpp has that the gguf package cannot make: named so the refusal can say what to do.
-UNSUPPORTED_TYPES = {"q4_k_m": "Q4_K_M", "q4_k_s": "Q4_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "q2_k": "Q2_K",
-                     "q3_k_m": "Q3_K_M"}
+from ..registry import EXPORT_TYPES, UNSUPPORTED_TYPES  # noqa: E402, F401  (re-exported)
 
 # transformers model_type -> (llama.cpp architecture, whether Q/K rows are permuted for its rotary layout)
 EXPORT_FAMILIES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -156,7 +148,7 @@ def copy_tokenizer_fields(writer, source_gguf: Path) -> None:
 def add_hf_tokenizer(writer, tokenizer) -> None:
     """A transformers fast tokenizer as llama.cpp's vocabulary: byte-level BPE ("gpt2", with merges) or
     BPE with byte fallback ("llama", SentencePiece-style scores), special and added tokens, chat template."""
-    gguf = require_gguf()
+    require_gguf()  # one sentence on how to install gguf when it is missing
     from gguf.vocab import BpeVocab, LlamaHfVocab, SpecialVocab
 
     with tempfile.TemporaryDirectory() as tmp:

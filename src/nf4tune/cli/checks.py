@@ -58,7 +58,9 @@ def looks_local(name: str) -> bool:
 
 
 def check_model_location(name: str, what: str = "the model") -> None:
-    """A local model path must be a folder; say so now rather than after other work."""
+    """A local model path must be a folder or a .gguf file; say so now rather than after other work."""
+    if name.startswith("pip:"):
+        return  # the .gguf an installed package ships: found (or refused with a sentence) when loading
     if name.startswith("tiny-random:"):
         from ..checkpoint.tiny import BUILTIN
 
@@ -71,7 +73,9 @@ def check_model_location(name: str, what: str = "the model") -> None:
     path = Path(name).expanduser()
     if not path.exists():
         raise Nf4tuneError(f"{what} {name} is not a folder (it does not exist); give the folder of a Hugging Face "
-                           "checkpoint (config.json + *.safetensors) or a Hub id.")
+                           "checkpoint (config.json + *.safetensors), a .gguf file or a Hub id.")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return
     if not path.is_dir():
         raise Nf4tuneError(f"{what} {name} is not a folder; give the folder of a Hugging Face checkpoint "
                            "(config.json + *.safetensors), not a file in it.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoint.gguf_export import EXPORT_TYPES, UNSUPPORTED_TYPES
+from ..registry import EXPORT_TYPES, UNSUPPORTED_TYPES
 
 
 def add_parser(sub) -> None:

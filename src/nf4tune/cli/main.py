@@ -36,7 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_parser(sub)
     inference.add_parsers(sub)
     doctor.add_parser(sub)
-    export.add_parser(sub)
     eval_cli.add_parser(sub)
     judge_cli.add_parser(sub)
     return parser
