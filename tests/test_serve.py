@@ -44,10 +44,14 @@ def setup(tmp_path_factory):
 
 
 def _direct(base, adapter_dir, prompt, n):
+    """The greedy reply of a model loaded with this one adapter alone, through its own engine (no server, no
+    other adapters): what the server must return. (The decoder against transformers: tests/test_decoder.py.)"""
     model, tok = nf4tune.load_model(base, device="cpu", adapter=adapter_dir)
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    own = Engine(model, tok)
+    try:
+        return own.generate(prompt, max_new_tokens=n, temperature=0.0).text
+    finally:
+        own.close()
 
 
 def test_models_chat_and_completions_in_the_openai_format(setup):

@@ -69,3 +69,13 @@ def test_print_config_states_the_path_rule(capsys, monkeypatch, tmp_path):
 
     assert yaml.safe_load(out)["training"]["overwrite_output_dir"] is False  # comments aside, still YAML
     assert json.dumps(yaml.safe_load(out))  # plain data
+
+
+def test_the_loading_bar_is_labelled_and_reaches_its_total(capsys):
+    from nf4tune import load_model
+    from nf4tune.checkpoint.tiny import builtin_path
+
+    load_model(builtin_path("tiny-random:llama-demo"), device="cpu")
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    m = re.search(r"loading llama-demo \(4-bit\): 100%.*?([\d.]+k?)/([\d.]+k?) ", last)
+    assert m and m[1] == m[2], last

@@ -153,7 +153,7 @@ def load_model(
     assembler = QuantizedWeightAssembler(set(weight_keys) if qcfg is not None else set())
     unexpected: list[str] = []
     loaded: set[str] = set()
-    with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
+    with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=f"loading {path.name} (4-bit)", disable=not progress) as bar:
         for shard in ckpt.shards:
             for key, tensor in iter_tensors(shard):
                 bar.update(tensor.nbytes)
@@ -172,6 +172,7 @@ def load_model(
                 else:
                     unexpected.append(key)
                 del tensor
+        bar.update(bar.total - bar.n)  # sizes counted by tensor miss the files' headers: reach the total
     if unexpected:
         log.warning("nf4tune: %d checkpoint tensor(s) have no place in the model and were skipped: %s",
                     len(unexpected), ", ".join(unexpected[:5]))
