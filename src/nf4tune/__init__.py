@@ -6,6 +6,7 @@ checkpoints in and out), `nf4tune.layers` (the 4-bit linear layer and LoRA), `nf
 """
 
 from .errors import Nf4tuneError
+from .lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -18,20 +19,11 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        from . import dispatch  # noqa: F401  (installs the fast 4-bit paths into quant)
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'nf4tune' has no attribute {name!r}")
+def _install_fast_paths() -> None:
+    from . import dispatch  # noqa: F401  (installs the fast 4-bit paths into quant)
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, before=_install_fast_paths)
 
 __all__ = [
     "Linear4bit",

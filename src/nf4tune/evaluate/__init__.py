@@ -3,6 +3,8 @@ training, and pairwise judging of answers with Elo ratings. The CLI's `eval` and
 
 Names load on first use, so the command line can read `registry.TASKS` without importing torch."""
 
+from ..lazy import lazy_names
+
 _LAZY = {
     "BenchmarkSpec": ".benchmarks", "run_benchmarks": ".benchmarks",
     "reply_matches": ".exact_match", "trim_at_end_of_turn": ".exact_match",
@@ -12,11 +14,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'nf4tune.evaluate' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -168,7 +168,8 @@ class Nf4tuneModelMixin:
         missing = [f"{name}.lora_{w}" for name in layers for w in "AB" if f"{name}.lora_{w}" not in loaded]
         if strict and (missing or unexpected):
             raise Nf4tuneError(f"the adapter does not fit this model: {len(missing)} adapter tensor(s) missing "
-                               f"(first: {(missing or ['-'])[0]}), {len(unexpected)} unexpected (first: {(unexpected or ['-'])[0]}).")
+                               f"(first: {(missing or ['-'])[0]}), {len(unexpected)} unexpected "
+                               f"(first: {(unexpected or ['-'])[0]}).")
         return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     # --- what PEFT users call -----------------------------------------------------------------

@@ -16,8 +16,8 @@ from .codes import QUANT_TYPES, bits_per_parameter, code_4bit, dynamic_code, on_
 NESTED_BLOCKSIZE = 256
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The arithmetic `quantize` and `QuantizedTensor.dequantize` run: the reference kernels of `blockwise`
-# until `nf4tune.dispatch` (imported by the layers, loaders and `nf4tune.quantize`) installs its faster paths, which the tests hold
-# to these byte for byte. So quant/ imports no kernel, and its results never depend on which path ran.
+# until `nf4tune.dispatch` (imported by the layers, loaders and `nf4tune.quantize`) installs its faster
+# paths, which the tests hold to these byte for byte. So quant/ imports no kernel, and its results never depend on which path ran.
 _kernels: dict = {"quantize_4bit": blockwise.quantize_4bit, "dequantize_4bit": blockwise.dequantize_4bit}
 
 

@@ -276,7 +276,8 @@ class Trainer:
         groups = [{"params": [p for p in self.params if all(p is not v for v in vocab)], "weight_decay": t.weight_decay}]
         if vocab:
             groups.append({"params": vocab, "weight_decay": 0.0})  # decay would move the frozen old rows
-        self.optimizer = OPTIMIZERS[t.optim].build(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+        self.optimizer = OPTIMIZERS[t.optim].build(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                                   eps=t.adam_epsilon)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.lr_scheduler_type, warmup, self.total))
         self.scaler = torch.amp.GradScaler(model.device.type) if self.compute_dtype == torch.float16 else None
 
