@@ -5,6 +5,7 @@ at the same and at another world size, and a failure on one rank stops the whole
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -98,7 +99,14 @@ def runs(tmp_path_factory):
     (root / "recipe.json").write_text(json.dumps(raw))
     train(recipe_from_dict(raw), progress=False)
     (root / "driver.py").write_text(DRIVER)
+    before = set(root.iterdir())
     done, _ = _torchrun(root / "driver.py", root, "gloo")
+    if done.returncode != 0 and "Connection closed by peer" in done.stderr:
+        # Seen about once in three full-suite runs on a 2-core machine, never alone: gloo's TCP pair
+        # between the two ranks drops. Launch once more from a clean folder; a real failure fails twice.
+        for made in set(root.iterdir()) - before:
+            shutil.rmtree(made) if made.is_dir() else made.unlink()
+        done, _ = _torchrun(root / "driver.py", root, "gloo")
     assert done.returncode == 0, "\n".join(line for line in done.stderr.splitlines() if "[rank1]" in line)[-3000:] or done.stderr[-3000:]
     return root, raw
 
