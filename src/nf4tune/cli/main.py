@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+from pathlib import Path
 
 from ..errors import Nf4tuneError
 from . import doctor, estimate, export, inference, merge, quantize, train
@@ -41,11 +43,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OVERRIDE = re.compile(r"[A-Za-z_][\w.-]*=")  # a recipe override: dotted.key=value
+
+
+def is_override(token: str) -> bool:
+    """Whether a command-line word is a `dotted.key=value` recipe override."""
+    return OVERRIDE.match(token) is not None
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`parser.parse_args`, where a command taking `key=value` overrides takes them anywhere on its line
+    (argparse alone takes positionals only before the first flag), in the order written.
+
+    `--resume` (an optional value) takes a path only if it is one: `--resume training.max_steps=45` is
+    `--resume` (the latest checkpoint) and an override, unless a path of that name exists."""
+    args, extras = parser.parse_known_args(argv)
+    if not hasattr(args, "overrides"):
+        if extras:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return args
+    unknown = [t for t in extras if not is_override(t)]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    taken = set(args.overrides) | set(extras)
+    resume = getattr(args, "resume", None)
+    if isinstance(resume, str) and is_override(resume) and not Path(resume).exists():
+        args.resume = True
+        taken.add(resume)
+    # Each word of argv in order, so a later override of the same key wins as it reads.
+    args.overrides = [t for t in argv if t in taken]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command in `argv`; returns the exit status (2: bad input, 130: interrupted)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(build_parser(), sys.argv[1:] if argv is None else list(argv))
     except SystemExit as e:  # argparse printed the usage and its one-line error (or --help / --version)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:

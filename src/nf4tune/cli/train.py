@@ -20,14 +20,15 @@ def add_parser(sub) -> None:
         "train",
         help="fine-tune with QLoRA from a YAML recipe",
         description="Fine-tune a 4-bit model with LoRA adapters as a YAML recipe says. Overrides are key=value with "
-        "dotted keys (training.learning_rate=1e-4). Checkpoints, metrics.jsonl, loss.png and the final adapter go "
+        "dotted keys (training.learning_rate=1e-4), anywhere after the recipe; a later one wins. Checkpoints, metrics.jsonl, loss.png and the final adapter go "
         "to training.output_dir; a folder holding a run is continued with --resume or replaced with "
         f"training.overwrite_output_dir=true (the old run is moved aside). {PATH_RULE[0].upper() + PATH_RULE[1:]}.",
     )
     p.add_argument("recipe", help="recipe file (see recipes/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. training.max_steps=100")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="continue from the latest checkpoint of the run in output_dir, or from CHECKPOINT")
+                   help="continue from the latest checkpoint of the run in output_dir, or from CHECKPOINT (a path; "
+                        "a key=value word after --resume that is no existing path is an override)")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument("--nproc", type=count(1), default=None, metavar="N",
