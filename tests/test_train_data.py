@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,8 @@ from nf4tune import Nf4tuneError
 from nf4tune.checkpoint.tiny import char_tokenizer
 from nf4tune.train.data import IGNORE_INDEX, batch_order, collate, load_examples
 from nf4tune.train.formats import ALPACA_NO_INPUT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
@@ -140,3 +143,62 @@ def test_parquet_files(tmp_path, tok):
     pq.write_table(pa.Table.from_pylist([{"instruction": "Add", "input": "1 2", "output": "3"}]), tmp_path / "d.parquet")
     examples, stats = load_examples(str(tmp_path / "d.parquet"), "train", "auto", tok, 256, 16, False)
     assert stats.format == "alpaca" and _trained_text(tok, examples[0]) == "3</s>"
+
+
+def _examples(lengths):
+    from nf4tune.train.data import Tokenized
+
+    return [Tokenized(list(range(1, n + 1)), [IGNORE_INDEX] + list(range(2, n + 1))) for n in lengths]
+
+
+def test_packing_keeps_each_batch_of_examples_and_says_so():
+    from nf4tune.train.data import pack, plan_packing
+
+    # 10 examples of 5 tokens, batches of 4 examples, rows of 10 tokens: batches of 4, 4, 2 examples
+    # pack into 2, 2 and 1 rows.
+    plan = plan_packing(_examples([5] * 10), batch_size=4, max_len=10, seed=0, group_by_length=False)
+    assert (plan.rows, plan.batches, plan.fewest_rows, plan.most_rows) == (5, 3, 1, 2)
+    assert plan.describe() == ("10 examples packed into 5 rows of at most 10 tokens per epoch: each batch of 4 examples "
+                               "(per_device_train_batch_size counts examples) packs into 1-2 rows; 3 batches per "
+                               "epoch, as without packing")
+    examples = _examples([3, 7, 2, 9, 4])
+    rows = pack(examples, 10)  # first fit in the order given: 3+7 | 2+4 | 9
+    assert [len(r.input_ids) for r in rows] == [10, 6, 9]
+    assert rows[0].position_ids == [0, 1, 2, 0, 1, 2, 3, 4, 5, 6]  # positions restart at each example
+    assert sorted(t for r in rows for t in r.input_ids) == sorted(t for e in examples for t in e.input_ids)
+
+
+def test_packed_training_takes_the_steps_and_losses_of_unpacked_training(tmp_path, caplog):
+    """per_device_train_batch_size counts examples under packing: 60 examples in batches of 16 are 4 steps an
+    epoch with packing as without, and each step's loss is the unpacked step's (no dropout, float32)."""
+    from nf4tune.train.config import recipe_from_dict
+    from nf4tune.train.loop import train
+
+    def run(packing):
+        recipe = recipe_from_dict({
+            "model": {"name_or_path": "tiny-random:llama-demo", "compute_dtype": "float32"},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"path": str(ROOT / "recipes" / "data" / "parity_train.jsonl"), "max_samples": 60, "source_max_len": 120,
+                     "target_max_len": 8, "packing": packing},
+            "eval": {"size": 0, "exact_match": False},
+            "training": {"output_dir": str(tmp_path / f"packed-{packing}"), "num_train_epochs": 1,
+                         "per_device_train_batch_size": 16, "learning_rate": 1e-3, "logging_steps": 1,
+                         "save_steps": 100, "seed": 0},
+        })
+        with caplog.at_level("INFO", logger="nf4tune"):
+            result = train(recipe, progress=False)
+        losses = [json.loads(line)["loss"] for line in (tmp_path / f"packed-{packing}" / "metrics.jsonl").open()]
+        return result, losses
+
+    plain, plain_losses = run(False)
+    caplog.clear()
+    packed, packed_losses = run(True)
+    assert plain.steps == packed.steps == 4 and len(packed_losses) == 4
+    assert packed_losses == pytest.approx(plain_losses, rel=1e-4)
+    assert packed.tokens == plain.tokens  # the same examples, without the padding
+    line = next(r.getMessage() for r in caplog.records if "packed into" in r.getMessage())
+    assert line.startswith("nf4tune: 60 examples packed into ") and " rows of at most 130 tokens per epoch" in line
+    assert "each batch of 16 examples" in line and "4 batches per epoch" in line
+    rows = int(line.split("packed into ")[1].split()[0])
+    assert packed.tokens / 130 <= rows < 60 / 2  # several examples a row, and no fewer rows than the tokens need
+    assert any("60 training examples" in r.getMessage() for r in caplog.records)

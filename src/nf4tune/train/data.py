@@ -195,12 +195,13 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
     return batches
 
 
-def pack(examples: list[Tokenized], max_len: int, seed: int) -> list[Tokenized]:
-    """Concatenate short examples into rows of at most `max_len` tokens (first fit, in a seeded
-    order). Positions restart at each example, from which transformers builds a block-diagonal
-    causal mask: no token attends across an example boundary. The first label of each example is
-    dropped, so nothing is learned across one either."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+def pack(examples: list[Tokenized], max_len: int, seed: int | None = None) -> list[Tokenized]:
+    """Concatenate short examples into rows of at most `max_len` tokens (first fit, in a seeded order,
+    or in the order given when `seed` is None). Positions restart at each example, from which
+    transformers builds a block-diagonal causal mask: no token attends across an example boundary.
+    The first label of each example is dropped, so nothing is learned across one either."""
+    order = (range(len(examples)) if seed is None
+             else torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist())
     rows: list[Tokenized] = []
     for i in order:
         e = examples[i]
@@ -214,6 +215,37 @@ def pack(examples: list[Tokenized], max_len: int, seed: int) -> list[Tokenized]:
             row.labels += labels
             row.position_ids += positions
     return rows
+
+
+@dataclass
+class Packing:
+    """What `data.packing` makes of one epoch. A batch is `batch_size` examples, as without packing,
+    packed on its own into rows of at most `max_len` tokens: packing saves padding, and leaves the
+    steps per epoch and what each step learns as they were."""
+
+    examples: int
+    rows: int
+    max_len: int
+    batch_size: int
+    batches: int
+    fewest_rows: int
+    most_rows: int
+
+    def describe(self) -> str:
+        spread = (f"{self.fewest_rows}" if self.fewest_rows == self.most_rows
+                  else f"{self.fewest_rows}-{self.most_rows}")
+        return (f"{self.examples} examples packed into {self.rows} rows of at most {self.max_len} tokens per epoch: "
+                f"each batch of {self.batch_size} examples (per_device_train_batch_size counts examples) packs "
+                f"into {spread} rows; {self.batches} batches per epoch, as without packing")
+
+
+def plan_packing(examples: list[Tokenized], batch_size: int, max_len: int, seed: int,
+                 group_by_length: bool) -> Packing:
+    """How the first epoch's batches pack (later epochs differ only in order)."""
+    lengths = [len(e.input_ids) for e in examples]
+    per_batch = [len(pack([examples[i] for i in b], max_len))
+                 for b in batch_order(lengths, batch_size, seed, 0, group_by_length)]
+    return Packing(len(examples), sum(per_batch), max_len, batch_size, len(per_batch), min(per_batch), max(per_batch))
 
 
 def collate(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from ..registry import OPTIMIZERS
 from . import rundir
 from . import state as ckpt
 from .config import Recipe, recipe_to_dict
-from .data import IGNORE_INDEX, DataStats, Tokenized, batch_order, collate, load_examples, pack
+from .data import IGNORE_INDEX, DataStats, Tokenized, batch_order, collate, load_examples, pack, plan_packing
 from .formats import save_prompt_format
 from .loss import loss_sum
 from .tokens import add_tokens_to_tokenizer, grow_vocab
@@ -59,10 +59,13 @@ def lr_lambda(kind: str, warmup: int, total: int):
 
 
 class BatchStream:
-    """Micro-batches over epochs, in an order fixed by (seed, epoch); its position is saved and restored."""
+    """Micro-batches over epochs, in an order fixed by (seed, epoch); its position is saved and restored.
+    With `pack_to`, each micro-batch of `batch_size` examples comes packed into rows of at most that many tokens."""
 
-    def __init__(self, examples: list[Tokenized], batch_size: int, seed: int, group_by_length: bool):
+    def __init__(self, examples: list[Tokenized], batch_size: int, seed: int, group_by_length: bool,
+                 pack_to: int | None = None):
         self.examples, self.batch_size, self.seed, self.group = examples, batch_size, seed, group_by_length
+        self.pack_to = pack_to
         self.lengths = [len(e.input_ids) for e in examples]
         self.epoch, self.index, self._order = 0, 0, None
 
@@ -77,7 +80,7 @@ class BatchStream:
             self._order = batch_order(self.lengths, self.batch_size, self.seed, self.epoch, self.group)
         batch = [self.examples[i] for i in self._order[self.index]]
         self.index += 1
-        return batch
+        return pack(batch, self.pack_to) if self.pack_to else batch
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
@@ -249,13 +252,15 @@ class Trainer:
         self.added = grow_vocab(model, len(self.tokenizer))
         if self.added:
             log.info("nf4tune: added %d token(s); their embedding rows train with the adapter", self.added)
+        pack_to = None
         if d.packing:
             if model.config.is_encoder_decoder:
                 raise Nf4tuneError("data.packing is for decoder-only models; turn it off for encoder-decoders such as T5.")
-            unpacked = len(self.examples)
-            self.examples = pack(self.examples, d.source_max_len + d.target_max_len + 2, t.seed)
-            log.info("nf4tune: packed %d examples into %d rows", unpacked, len(self.examples))
-        self.stream = BatchStream(self.examples, t.per_device_train_batch_size, t.seed, d.group_by_length)
+            # per_device_train_batch_size keeps counting examples: each batch is packed on its own
+            pack_to = d.source_max_len + d.target_max_len + 2
+            self.packing = plan_packing(self.examples, t.per_device_train_batch_size, pack_to, t.seed, d.group_by_length)
+            log.info("nf4tune: %s", self.packing.describe())
+        self.stream = BatchStream(self.examples, t.per_device_train_batch_size, t.seed, d.group_by_length, pack_to)
         # One optimizer step reads accumulation x world size micro-batches: the global batch.
         self.micro_per_step = t.gradient_accumulation_steps * self.par.world_size
         self.total = t.max_steps if t.max_steps > 0 else math.ceil(
