@@ -261,7 +261,7 @@ def training(args, label: str, shape: dict, root: Path) -> dict:
                          "--device", args.device)
             if side == "nf4tune":
                 records = [json.loads(line) for line in (root / "nf4tune-out" / "metrics.jsonl").read_text().splitlines()]
-                r["peak_memory_gib"] = max((x.get("memory_gib", 0) for x in records), default=None)
+                r["peak_memory_gib"] = max((x.get("peak_memory_gib", 0) for x in records), default=None)
             rows.append({"benchmark": f"`nf4tune train`, {train_steps} steps", "side": side, **r})
         except BaseException as e:  # noqa: BLE001
             rows.append({"benchmark": f"`nf4tune train`, {train_steps} steps", "side": side, "error": str(e)})

@@ -7,7 +7,7 @@ double quantization, LoRA r=16 on all linear layers, float32 compute, per-device
 parity rows. One process with accumulation 2 and two processes with accumulation 1 train the same
 global batch of 8 (weak scaling by ranks: each rank does half the work per step); 1 thread per rank
 (OMP_NUM_THREADS). tokens/s is the global figure rank 0 logs, averaged over the steps after the first
-two; memory is the largest resident set of any rank at a logging step (`memory_gib`), and
+two; memory is the largest peak resident set of any rank (`peak_memory_gib`, ru_maxrss), and
 `param_bytes_per_rank` the parameters and buffers a rank holds (summary.json). Scaling efficiency is
 tokens/s(N) / (N x tokens/s(1)) where the one process runs the same global batch, so a perfect
 2-rank run takes half the time per step.
@@ -54,7 +54,7 @@ def run(root: Path, recipe: Path, nproc: int, strategy: str, threads: int) -> di
     summary = json.loads((out / "summary.json").read_text())
     return {"nproc": nproc, "strategy": strategy if nproc > 1 else "single",
             "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in rows),
-            "memory_gib_per_rank": max(r["memory_gib"] for r in rows),
+            "memory_gib_per_rank": max(r["peak_memory_gib"] for r in rows),
             "param_bytes_per_rank": summary["param_bytes_per_rank"], "final_loss": summary["final_loss"]}
 
 

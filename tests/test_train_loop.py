@@ -69,7 +69,7 @@ def test_outputs_metrics_plot_checkpoints_and_summary(setup, capsys):
     records = _metrics(out)
     logged = [r for r in records if "loss" in r]
     assert [r["step"] for r in logged] == list(range(1, 10))
-    assert all({"step", "loss", "lr", "tokens_per_s", "grad_norm", "memory_gib"} <= r.keys() for r in logged)
+    assert all({"step", "loss", "lr", "tokens_per_s", "grad_norm", "peak_memory_gib"} <= r.keys() for r in logged)
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [3, 6, 9]
     assert all(math.isclose(r["eval_perplexity"], math.exp(r["eval_loss"])) for r in evals)

@@ -119,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
     if data is not None:
         print(f"  data: {data.used} examples from {data.source} ({data.format} format), "
               f"{_plural(data.skipped, 'row')} skipped, {data.truncated} truncated")
+    if result.peak_memory:
+        print(f"  peak memory {result.peak_memory['peak_memory_gib']:.2f} GiB "
+              f"({result.peak_memory['peak_memory_measure']})")
     if result.skipped_steps:
         print(f"  {_plural(result.skipped_steps, 'step')} skipped for NaN/Inf loss or gradients")
     if result.best_eval_loss is not None:

@@ -42,6 +42,7 @@ class TrainResult:
     data: DataStats | None = None
     exact_match: dict = field(default_factory=dict)
     benchmarks: dict = field(default_factory=dict)  # {"before": {...}, "after": {...}}, as metrics.jsonl names them
+    peak_memory: dict = field(default_factory=dict)  # summary.json's peak_memory_* keys
 
 
 def lr_lambda(kind: str, warmup: int, total: int):
@@ -93,11 +94,28 @@ def _dtype(name: str) -> torch.dtype | None:
     return None if name == "auto" else getattr(torch, name)
 
 
-def _memory_gib(device: torch.device) -> float:
+def peak_memory_gib(device: torch.device) -> float:
+    """The peak memory of this process so far, in GiB: on CUDA the most its tensors held at once
+    (`max_memory_allocated`); elsewhere the peak resident set of the process (`ru_maxrss`), which also
+    counts the model's loading, the Python interpreter and torch itself."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**30
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+
+
+def peak_memory_summary(device: torch.device, reduce_max) -> dict:
+    """summary.json's peak memory keys (the largest over ranks, through `reduce_max`), named by what they measure."""
+    summary = {"peak_memory_gib": round(reduce_max(peak_memory_gib(device)), 3)}
+    if device.type == "cuda":
+        summary["peak_memory_reserved_gib"] = round(reduce_max(torch.cuda.max_memory_reserved(device) / 2**30), 3)
+        summary["peak_memory_measure"] = "torch.cuda.max_memory_allocated (reserved: max_memory_reserved)"
+    else:
+        summary["peak_memory_measure"] = "peak resident set of the process (getrusage ru_maxrss)"
+    return summary
 
 
 def evaluate(loss_fn, model, examples: list[Tokenized], batch_size: int, pad_id: int) -> float:
@@ -358,7 +376,7 @@ class Trainer:
                     continue
                 if "loss" in record:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['memory_gib']:.2f}G")
+                                    tok_s=f"{record['tokens_per_s']:.0f}", peak_mem=f"{record['peak_memory_gib']:.2f}G")
                 self.evaluate_and_save(record)
                 bar.update(1)
         except KeyboardInterrupt:
@@ -420,7 +438,7 @@ class Trainer:
         record = dict(step=s.step, epoch=round(stream.epoch + stream.index / stream.batches_per_epoch(), 4),
                       loss=s.window_loss / n, lr=lr, grad_norm=grad_norm,
                       tokens_per_s=s.window_tokens / max(elapsed, 1e-9),
-                      memory_gib=round(par.max(_memory_gib(self.model.device)), 3))
+                      peak_memory_gib=round(par.max(peak_memory_gib(self.model.device)), 3))
         s.window_loss, s.window_tokens, s.window_start = 0.0, 0, time.time()
         return record
 
@@ -518,6 +536,7 @@ class Trainer:
             after = scores if step == s.step else self._run_benchmarks()
             result.benchmarks = {"before": self.benchmarks_before, "after": after}
         layout = par.layout(self.model)  # a collective: every rank takes part
+        result.peak_memory = peak_memory_summary(self.model.device, par.max)  # a collective too
         if par.is_main:
             from .plot import plot_losses
 
@@ -529,8 +548,9 @@ class Trainer:
                        "adapter": str(adapter_dir), "skipped_steps": s.skipped, "exact_match": result.exact_match,
                        "benchmarks": result.benchmarks,
                        "data": {"rows": stats.rows, "used": stats.used, "skipped": stats.skipped,
-                                "truncated": stats.truncated, "format": stats.format},
-                       **layout}
+                                "truncated": stats.truncated, "format": stats.format,
+                                **({"packed_rows_per_epoch": self.packing.rows} if self.recipe.data.packing else {})},
+                       **result.peak_memory, **layout}
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         par.barrier()
         return result

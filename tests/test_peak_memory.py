@@ -1,0 +1,69 @@
+"""Memory figures named for what they measure: peaks, on CPU and CUDA; and `estimate` starting no CUDA
+context (issue 17, "Also")."""
+
+import json
+
+import pytest
+import torch
+
+from nf4tune.cli.main import main
+from nf4tune.train import loop
+
+
+def _resident_gib() -> float:
+    """The resident set now (what `memory_gib` used to report on CPU)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**30
+
+
+def test_cpu_figure_is_the_peak_not_the_resident_set_now():
+    before = _resident_gib()
+    block = torch.ones(96 * 2**20)  # 384 MiB, every page written
+    del block  # returned to the system: the resident set falls back
+    peak, now = loop.peak_memory_gib(torch.device("cpu")), _resident_gib()
+    assert peak >= before + 0.35
+    assert now < peak - 0.3
+
+
+def test_summary_names_the_cuda_peaks(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 4 * 2**30)
+    summary = loop.peak_memory_summary(torch.device("cuda", 0), lambda x: x)
+    assert summary["peak_memory_gib"] == 3 and summary["peak_memory_reserved_gib"] == 4
+    assert "max_memory_allocated" in summary["peak_memory_measure"]
+    cpu = loop.peak_memory_summary(torch.device("cpu"), lambda x: x)
+    assert set(cpu) == {"peak_memory_gib", "peak_memory_measure"} and "ru_maxrss" in cpu["peak_memory_measure"]
+
+
+def test_metrics_and_summary_report_the_peak(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+    assert main(["train", str(recipe), "--no-progress", f"training.output_dir={tmp_path / 'run'}",
+                 "training.max_steps=3", "training.logging_steps=1", "eval.exact_match=false",
+                 "eval.max_eval_samples=4", "data.max_samples=48"]) == 0
+    import resource
+
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peaks = [r["peak_memory_gib"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open()) if "loss" in r]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert len(peaks) == 3 and peaks == sorted(peaks)  # a peak never falls
+    assert peaks[-1] <= summary["peak_memory_gib"] <= process_peak + 1e-3
+    assert "ru_maxrss" in summary["peak_memory_measure"]
+    assert f"peak memory {summary['peak_memory_gib']:.2f} GiB (peak resident set" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra", [[], ["--gpus", "2", "--json"]])
+def test_estimate_starts_no_cuda_context(monkeypatch, capsys, extra):
+    """As on a machine with a GPU: any call that would initialise CUDA fails the test."""
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("estimate initialised CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", no_cuda)
+    monkeypatch.setattr(torch.cuda, "init", no_cuda)
+    assert main(["estimate", "tiny-random:llama-demo", *extra]) == 0
+    assert "total" in capsys.readouterr().out
+    assert not torch.cuda.is_initialized()
