@@ -67,3 +67,23 @@ def test_estimate_starts_no_cuda_context(monkeypatch, capsys, extra):
     assert main(["estimate", "tiny-random:llama-demo", *extra]) == 0
     assert "total" in capsys.readouterr().out
     assert not torch.cuda.is_initialized()
+
+
+def test_a_cpu_estimate_counts_no_cuda_context(capsys):
+    from nf4tune.plan.estimate import estimate
+
+    gpu, cpu = estimate(_builtin()), estimate(_builtin(), device="cpu")
+    assert gpu.overhead > 0 and cpu.overhead == 0
+    # the paged optimizer's states count in a CPU run: they are in host memory either way
+    assert cpu.total == cpu.total_without_paged_states == pytest.approx(gpu.total - gpu.overhead)
+    assert main(["estimate", "tiny-random:llama-demo", "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "CUDA context" not in table and "fits on" not in table and "CPU, 1 process(es)" in table
+    assert main(["estimate", "tiny-random:llama-demo"]) == 0
+    assert "CUDA context" in capsys.readouterr().out
+
+
+def _builtin() -> str:
+    from nf4tune.cli.checks import resolve_builtin
+
+    return resolve_builtin("tiny-random:llama-demo")

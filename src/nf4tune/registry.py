@@ -12,6 +12,8 @@ from dataclasses import dataclass
 QUANT_TYPES = ("nf4", "fp4")
 # How several ranks (torchrun) share training: train/parallel.py. `auto` lets the planner choose.
 PARALLEL_STRATEGIES = ("fsdp", "ddp")
+# What `nf4tune estimate --device` sizes a run for: plan/estimate.py.
+ESTIMATE_DEVICES = ("cuda", "cpu")
 
 # Elements per quantization block: powers of two, as bitsandbytes supports them.
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..registry import OPTIMIZERS, PARALLEL_STRATEGIES
+from ..registry import ESTIMATE_DEVICES, OPTIMIZERS, PARALLEL_STRATEGIES
 from .checks import count, number, resolve_builtin
 
 
@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
                         "(default: what training.parallel=auto picks)")
     p.add_argument("--gpu-gb", type=number(0, low_open=True), default=None,
                    help="memory per GPU in GB for the auto choice (default: 80)")
+    p.add_argument("--device", choices=ESTIMATE_DEVICES, default="cuda",
+                   help="cpu: the memory of a CPU run, per process (no CUDA context; optimizer states stay in "
+                        "host memory); nothing is run on any device either way")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = resolve_builtin(args.model)
     plan = dict(seq_len=args.seq_len, batch=args.batch, r=args.r, target=args.target, optim=args.optim,
-                checkpointing=args.checkpointing)
+                checkpointing=args.checkpointing, device=args.device)
     auto, why = pick_strategy(model, (args.gpu_gb or 80) * 1e9, args.gpus, **plan) if args.gpus > 1 else ("ddp", "")
     strategy = args.strategy or auto
     est = estimate(model, gpus=args.gpus, strategy=strategy, **plan)
@@ -46,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**est.as_json(), "strategy": strategy, "auto_strategy": auto, "auto_reason": why}, indent=2))
     else:
         print(format_table(est, f"{args.model}: seq {args.seq_len} x batch {args.batch}, LoRA r={args.r} on {args.target}, "
-                                f"{args.optim}, checkpointing {'on' if args.checkpointing else 'off'}, {args.gpus} GPU(s), "
-                                f"{strategy.upper()}, per GPU"))
+                                f"{args.optim}, checkpointing {'on' if args.checkpointing else 'off'}, "
+                                + (f"{args.gpus} GPU(s), {strategy.upper()}, per GPU" if args.device == "cuda"
+                                   else f"CPU, {args.gpus} process(es), {strategy.upper()}, per process")))
         if args.gpus > 1:
             print(f"training.parallel=auto picks {auto.upper()} on {args.gpus} x {args.gpu_gb or 80:g} GB: {why}")
     return 0

@@ -14,7 +14,8 @@ training adds is sized the way nf4tune trains:
     MLP's gate, up, activation and product; attention itself is memory-efficient);
   - logits: the chunked loss holds 1024 tokens x vocabulary of float32 logits, their softmax and
     gradient, never batch x sequence x vocabulary;
-  - 0.75 GiB for the CUDA context and allocator slack.
+  - 0.75 GiB for the CUDA context and allocator slack (none for a CPU run, `device="cpu"`, where the
+    optimizer states are in host memory anyway and so always counted).
 These are estimates: BENCHMARKS.md compares them with measured peaks where a GPU was available.
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from ..checkpoint.hf import build_meta_model, quantizable_linears
 from ..errors import Nf4tuneError
 from ..quant.codes import bits_per_parameter
-from ..registry import OPTIMIZERS, PARALLEL_STRATEGIES
+from ..registry import ESTIMATE_DEVICES, OPTIMIZERS, PARALLEL_STRATEGIES
 
 GIB = 2**30
 GPUS_GB = (24, 40, 48, 80)
@@ -57,9 +58,12 @@ class Estimate:
     overhead: float
     total: float
     total_without_paged_states: float
+    device: str = "cuda"
 
     def fits(self) -> dict[int, bool]:
-        """For 24/40/48/80 GB cards: whether the run fits (paged states may live on the host)."""
+        """For 24/40/48/80 GB cards: whether the run fits (paged states may live on the host); a CPU run: {}."""
+        if self.device == "cpu":
+            return {}
         need = self.total_without_paged_states
         return {gb: need <= gb * GIB for gb in GPUS_GB}
 
@@ -94,14 +98,17 @@ def _config(model: str) -> dict:
 
 def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, target: str = "all-linear",
              optim: str = "paged_adamw_32bit", checkpointing: bool = True, gpus: int = 1,
-             double_quant: bool = True, blocksize: int = 64, strategy: str = "fsdp") -> Estimate:
+             double_quant: bool = True, blocksize: int = 64, strategy: str = "fsdp", device: str = "cuda") -> Estimate:
     """Estimate the GPU memory of fine-tuning `model` (folder, config.json or Hub id) with nf4tune, per
     GPU: with `strategy="fsdp"` weights, adapters, gradients and optimizer states are split across
-    `gpus`; with "ddp" every GPU holds all of them."""
+    `gpus`; with "ddp" every GPU holds all of them. `device="cpu"` sizes a CPU run (per process): no
+    CUDA context, and no optimizer states paged out. Nothing here touches a device."""
     if seq_len <= 0 or batch <= 0 or r <= 0 or gpus <= 0:
         raise Nf4tuneError(f"--seq-len, --batch, --r and --gpus must be positive (got {seq_len}, {batch}, {r}, {gpus}).")
     if strategy not in PARALLEL_STRATEGIES:
         raise Nf4tuneError(f"--strategy {strategy!r}: use one of {', '.join(PARALLEL_STRATEGIES)}.")
+    if device not in ESTIMATE_DEVICES:
+        raise Nf4tuneError(f"--device {device!r}: use one of {', '.join(ESTIMATE_DEVICES)}.")
     if optim not in OPTIMIZERS:
         raise Nf4tuneError(f"--optim {optim!r}: use one of {', '.join(OPTIMIZERS)}.")
     config = _config(model)
@@ -139,10 +146,11 @@ def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, targe
         quant_constants=quantized * (bits_per_parameter(blocksize, double_quant) - 4) / 8 * shard,
         weights_16bit=(total_params - quantized) * 2 * shard,
         lora=lora * 4 * shard, gradients=lora * 4 * shard, optimizer_states=lora * OPTIMIZERS[optim].state_bytes * shard,
-        optimizer_pageable=OPTIMIZERS[optim].pageable,
+        optimizer_pageable=OPTIMIZERS[optim].pageable and device == "cuda",
         activations=checkpointed if checkpointing else full,
         activations_without_checkpointing=full, activations_with_checkpointing=checkpointed,
-        logits=logits, overhead=CUDA_OVERHEAD, total=0.0, total_without_paged_states=0.0,
+        logits=logits, overhead=CUDA_OVERHEAD if device == "cuda" else 0.0, total=0.0, total_without_paged_states=0.0,
+        device=device,
     )
     base = (est.weights_4bit + est.quant_constants + est.weights_16bit + est.lora + est.gradients
             + est.activations + est.logits + est.overhead)
@@ -168,19 +176,24 @@ def format_table(est: Estimate, args_line: str) -> str:
         ("16-bit parts", est.weights_16bit, "embeddings, norms, output head (bf16)"),
         ("LoRA parameters", est.lora, f"{format_count(est.lora_parameters)} in float32"),
         ("gradients", est.gradients, "LoRA only, float32"),
-        ("optimizer states", est.optimizer_states, "pageable to host memory" if est.optimizer_pageable else "on the GPU"),
+        ("optimizer states", est.optimizer_states, "pageable to host memory" if est.optimizer_pageable
+         else "on the GPU" if est.device == "cuda" else "in host memory"),
         ("activations", est.activations, f"with checkpointing {gib(est.activations_with_checkpointing).strip()}, "
                                          f"without {gib(est.activations_without_checkpointing).strip()}"),
         ("logits", est.logits, "chunked loss"),
-        ("CUDA context, allocator", est.overhead, ""),
     ]
+    if est.device == "cuda":
+        rows.append(("CUDA context, allocator", est.overhead, ""))
     lines = [f"# {args_line}", f"{'component':<26}{'memory':>13}   note"]
     lines += [f"{name:<26}{gib(b):>13}   {note}" for name, b, note in rows]
     lines.append(f"{'total':<26}{gib(est.total):>13}")
     if est.optimizer_pageable:
         lines.append(f"{'total, states paged out':<26}{gib(est.total_without_paged_states):>13}")
     fits = est.fits()
-    lines.append("fits on: " + ", ".join(f"{gb} GB {'yes' if ok else 'no'}" for gb, ok in fits.items()))
+    if fits:
+        lines.append("fits on: " + ", ".join(f"{gb} GB {'yes' if ok else 'no'}" for gb, ok in fits.items()))
+    else:  # a CPU run: the process also holds Python and torch, which the table does not count
+        lines.append("a CPU run: the process's peak resident set is this plus Python and torch themselves")
     return "\n".join(lines)
 
 
