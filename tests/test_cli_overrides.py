@@ -33,6 +33,8 @@ def test_overrides_before_between_and_after_flags_keep_their_order():
 def test_resume_followed_by_an_override_means_the_latest_checkpoint():
     args = _parse("--resume", "training.max_steps=45")
     assert args.resume is True and args.overrides == ["training.max_steps=45"]
+    args = _parse("lora.r=8", "--resume=training.max_steps=45", "--no-progress")
+    assert args.resume is True and args.overrides == ["lora.r=8", "training.max_steps=45"]
     args = _parse("--resume")
     assert args.resume is True and args.overrides == []
 

@@ -70,6 +70,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     if isinstance(resume, str) and is_override(resume) and not Path(resume).exists():
         args.resume = True
         taken.add(resume)
+        argv = [resume if t == f"--resume={resume}" else t for t in argv]
     # Each word of argv in order, so a later override of the same key wins as it reads.
     args.overrides = [t for t in argv if t in taken]
     return args
