@@ -20,8 +20,9 @@ def add_parser(sub) -> None:
         "train",
         help="fine-tune with QLoRA from a YAML recipe",
         description="Fine-tune a 4-bit model with LoRA adapters as a YAML recipe says. Overrides are key=value with "
-        "dotted keys (training.learning_rate=1e-4), anywhere after the recipe; a later one wins. Checkpoints, metrics.jsonl, loss.png and the final adapter go "
-        "to training.output_dir; a folder holding a run is continued with --resume or replaced with "
+        "dotted keys (training.learning_rate=1e-4), anywhere after the recipe; a later one wins. Checkpoints, "
+        "metrics.jsonl, loss.png and the final adapter go to training.output_dir; a folder holding a run is continued "
+        "with --resume or replaced with "
         f"training.overwrite_output_dir=true (the old run is moved aside). {PATH_RULE[0].upper() + PATH_RULE[1:]}.",
     )
     p.add_argument("recipe", help="recipe file (see recipes/)")
