@@ -131,3 +131,36 @@ def test_loglikelihood_through_the_packed_path(bf16_model, float32_oracle, monke
     f, s, e = (torch.tensor(r.scores) for r in (fast, slow, exact))
     assert (f - e).abs().max() <= 1.5 * (s - e).abs().max()
     assert fast.predictions == exact.predictions == slow.predictions
+
+
+def test_sliding_window_layers_attend_only_within_the_window(bf16_model, tmp_path):
+    """A Mistral model with an 8-token window: packed tails past the window match transformers in float32,
+    and would not if the window were ignored."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from nf4tune.layers import Linear4bit
+
+    _, tok = bf16_model
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8, max_position_embeddings=256,
+                        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    MistralForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, _ = nf4tune.load_model(tmp_path, compute_dtype=torch.bfloat16, device="cpu", progress=False)
+    exact_model = MistralForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, Linear4bit):
+                exact_model.get_submodule(name).weight.copy_(module.quantized_weight.dequantize().float())
+    torch.manual_seed(1)
+    prefix = torch.randint(0, 1000, (30,)).tolist()
+    seqs = [prefix + torch.randint(0, 1000, (n,)).tolist() for n in (3, 12, 5)] + [torch.randint(0, 1000, (20,)).tolist()]
+    keep = [1, 6, 2, 5]
+    exact = tail_logits(exact_model, seqs, keep, batch_size=8, pad_id=0)
+    scorer = PackedScorer(model)
+    for p, e in zip(scorer.tail_logits(seqs, keep, batch_size=2), exact):
+        assert (p - e).abs().max() < 0.02 * e.abs().max()
+    for block in scorer.decoder.blocks:
+        block.window = None
+    assert all((p - e).abs().max() > 0.2 * e.abs().max() for p, e in zip(scorer.tail_logits(seqs, keep, 2), exact))

@@ -131,7 +131,7 @@ class PackedScorer:
         """As `scoring.tail_logits`: per sequence, the float32 logits of its last `keep[i]` positions.
         A pass holds as many tokens as `batch_size` of the longest sequences."""
         out: list[torch.Tensor | None] = [None] * len(seqs)
-        budget = batch_size * max(len(s) for s in seqs)
+        budget = batch_size * max((len(s) for s in seqs), default=1)
         with torch.inference_mode():
             for parts in plan_passes(seqs, keep, budget):
                 for i, logits in self._run(parts, keep).items():
