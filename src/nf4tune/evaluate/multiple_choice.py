@@ -186,7 +186,11 @@ def evaluate_multiple_choice(model, tokenizer, questions: list[Question], dev: l
                  dropped, len(questions), limit)
 
     with tqdm(total=len(seqs), desc="scoring", unit="seq", disable=not progress) as bar:
-        logits = tail_logits(model, seqs, keep, batch_size, pad_id, on_batch=bar.update)
+        fast = packed_scorer(model)
+        if fast is not None:
+            logits = fast.tail_logits(seqs, keep, batch_size, on_batch=bar.update)
+        else:
+            logits = tail_logits(model, seqs, keep, batch_size, pad_id, on_batch=bar.update)
 
     predictions, scores = [], []
     for (kind, first, data) in plans:
@@ -202,6 +206,18 @@ def evaluate_multiple_choice(model, tokenizer, questions: list[Question], dev: l
         scores.append(s)
         predictions.append(LETTERS[max(range(len(s)), key=s.__getitem__)])
     return _summarize(method, questions, predictions, scores, shots, dropped, truncated)
+
+
+def packed_scorer(model):
+    """nf4tune's CPU prefill scorer (`packed.PackedScorer`) where it runs `model` (a bf16 4-bit Llama-family
+    model on a CPU with the AVX-512 kernels), else None: transformers' forward (`scoring.tail_logits`)."""
+    from ..serve.decoder import Decoder
+
+    if Decoder.unsupported(model) is not None:
+        return None
+    from .packed import PackedScorer
+
+    return PackedScorer(model)
 
 
 def _summarize(method, questions, predictions, scores, shots, dropped, truncated) -> MultipleChoiceResult:
