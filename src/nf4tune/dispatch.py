@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .kernels import base, compiled, compiled_4bit
+from .kernels import base, compiled, compiled_4bit, lora_4bit_op
 from .kernels import cpu as native
 from .kernels import cuda as cuda_kernels
 from .quant import blockwise, tensor
@@ -282,8 +282,6 @@ def lora_linear_4bit(x: torch.Tensor, x_lora, lora_A, lora_B, scaling: float, bi
                      absmax: torch.Tensor, nested, meta: dict) -> torch.Tensor:
     """`Linear4bit`'s forward under `torch.compile`: the `nf4tune::lora_linear_4bit` custom op (no graph
     break; the weight dequantized through `dequantize_4bit` above), `meta` the layer's quantization fields."""
-    from .kernels import lora_4bit_op
-
     return lora_4bit_op.lora_linear_4bit(x, x_lora, lora_A, lora_B, float(scaling), bias, packed, absmax, nested,
                                          list(meta["shape"]), meta["quant_type"], meta["blocksize"],
                                          float(meta["offset"] or 0.0), int(meta["nested_blocksize"] or 0))
@@ -362,4 +360,9 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _scratch_weight(q, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_scratch(q, dtype)  # looked up per call: tests may wrap dequantize_scratch
+
+
 tensor.use_fast_paths(quantize_4bit, dequantize_4bit)
+lora_4bit_op.use_dequantize(_scratch_weight)  # the compiled layers' custom ops use the reused buffer too

@@ -5,7 +5,10 @@ device (`nf4tune.dispatch`, through `QuantizedTensor.dequantize`), in forward an
 
 `nf4tune::dequantize_4bit` is the weight alone; `nf4tune::lora_linear_4bit` is
 y = x W^T + b + scaling * (x_lora A^T) B^T with the same arithmetic as `layers.linear4bit`'s autograd
-function (the eager path), and a backward that recomputes the small x_lora A^T instead of saving it.
+function (the eager path), and a backward that recomputes the small x_lora A^T instead of saving it;
+its input gradient grad_y W is `nf4tune::grad_input_4bit`. Inside these two ops the weight is
+dequantized through `dequantize_weight`, which `nf4tune.dispatch` points at its reused per-thread
+buffer: the weight never leaves the op, so no graph sees (or schedules around) the shared buffer.
 """
 
 from __future__ import annotations
@@ -22,6 +25,19 @@ def _weight(packed: Tensor, absmax: Tensor, nested: Optional[Tensor], shape: lis
             blocksize: int, offset: float, nested_blocksize: int) -> QuantizedTensor:
     return QuantizedTensor(packed, absmax, torch.Size(shape), torch.bfloat16, quant_type, blocksize,
                            offset if nested is not None else None, nested, nested_blocksize)
+
+
+def _fresh(q: QuantizedTensor, dtype: torch.dtype) -> Tensor:
+    return q.dequantize(dtype)
+
+
+dequantize_weight = _fresh  # (q, dtype) -> W: a weight used at once inside one op and dropped
+
+
+def use_dequantize(fn) -> None:
+    """Dequantize the weights inside the ops with `fn(q, dtype)` (dispatch's reused buffer)."""
+    global dequantize_weight
+    dequantize_weight = fn
 
 
 @torch.library.custom_op("nf4tune::dequantize_4bit", mutates_args=())
@@ -42,7 +58,8 @@ def lora_linear_4bit(x: Tensor, x_lora: Optional[Tensor], lora_A: Optional[Tenso
                      shape: list[int], quant_type: str, blocksize: int, offset: float,
                      nested_blocksize: int) -> Tensor:
     """x @ W^T (+ bias) (+ scaling * (x_lora @ A^T) @ B^T), in x's dtype (adapters cast to it)."""
-    w = dequantize_4bit(packed, absmax, nested, shape, quant_type, blocksize, offset, nested_blocksize, x.dtype)
+    w = dequantize_weight(_weight(packed, absmax, nested, shape, quant_type, blocksize, offset, nested_blocksize),
+                          x.dtype)
     y = x @ w.t()
     del w
     if bias is not None:
@@ -60,6 +77,20 @@ def _(x, x_lora, lora_A, lora_B, scaling, bias, packed, absmax, nested, shape, q
     return x.new_empty(*x.shape[:-1], shape[0])
 
 
+@torch.library.custom_op("nf4tune::grad_input_4bit", mutates_args=())
+def grad_input_4bit(grad_y: Tensor, packed: Tensor, absmax: Tensor, nested: Optional[Tensor], shape: list[int],
+                    quant_type: str, blocksize: int, offset: float, nested_blocksize: int) -> Tensor:
+    """grad_y @ W for the 4-bit weight W, in grad_y's dtype."""
+    w = dequantize_weight(_weight(packed, absmax, nested, shape, quant_type, blocksize, offset, nested_blocksize),
+                          grad_y.dtype)
+    return grad_y @ w
+
+
+@grad_input_4bit.register_fake
+def _(grad_y, packed, absmax, nested, shape, quant_type, blocksize, offset, nested_blocksize):
+    return grad_y.new_empty(*grad_y.shape[:-1], shape[1])
+
+
 def _setup(ctx, inputs, output):
     x, x_lora, lora_A, lora_B, scaling, bias, packed, absmax, nested, *meta = inputs
     ctx.scaling, ctx.meta = scaling, meta
@@ -70,7 +101,7 @@ def _backward(ctx, grad_y):
     x_lora, lora_A, lora_B, packed, absmax, nested = ctx.saved_tensors
     grad_x = grad_x_lora = grad_A = grad_B = None
     if ctx.needs_input_grad[0]:
-        grad_x = grad_y @ dequantize_4bit(packed, absmax, nested, *ctx.meta, grad_y.dtype)
+        grad_x = grad_input_4bit(grad_y, packed, absmax, nested, *ctx.meta)
     if lora_A is not None:
         a, b = lora_A.to(grad_y.dtype), lora_B.to(grad_y.dtype)
         g = grad_y.reshape(-1, grad_y.shape[-1])
