@@ -287,6 +287,13 @@ def lora_linear_4bit(x: torch.Tensor, x_lora, lora_A, lora_B, scaling: float, bi
                                          float(meta["offset"] or 0.0), int(meta["nested_blocksize"] or 0))
 
 
+def decode_matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested, meta: dict) -> torch.Tensor:
+    """`matmul_4bit` as the `nf4tune::matmul_4bit` custom op: opaque to `torch.compile` and captured
+    whole by a CUDA graph (`serve.static_decoder`); `meta` the layer's quantization fields."""
+    return lora_4bit_op.matmul_4bit(x, packed, absmax, nested, list(meta["shape"]), meta["quant_type"],
+                                    meta["blocksize"], float(meta["offset"] or 0.0), int(meta["nested_blocksize"] or 0))
+
+
 class Compiled:
     """`fn`, compiled on first use where `path("loss", first argument)` says so, else `fn` itself."""
 
@@ -366,3 +373,4 @@ def _scratch_weight(q, dtype: torch.dtype) -> torch.Tensor:
 
 tensor.use_fast_paths(quantize_4bit, dequantize_4bit)
 lora_4bit_op.use_dequantize(_scratch_weight)  # the compiled layers' custom ops use the reused buffer too
+lora_4bit_op.use_matmul(lambda x, q: matmul_4bit(x, q))  # the static decoder's step: the fused kernels

@@ -40,6 +40,31 @@ def use_dequantize(fn) -> None:
     dequantize_weight = fn
 
 
+def _through_weight(x: Tensor, q: QuantizedTensor) -> Tensor:
+    return x @ q.dequantize(x.dtype).t()
+
+
+matmul_weight = _through_weight  # (x, q) -> x W^T: dispatch points it at the fused few-token kernels
+
+
+def use_matmul(fn) -> None:
+    """Compute `nf4tune::matmul_4bit` with `fn(x, q)` (dispatch's fused kernel where there is one)."""
+    global matmul_weight
+    matmul_weight = fn
+
+
+@torch.library.custom_op("nf4tune::matmul_4bit", mutates_args=())
+def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, nested: Optional[Tensor], shape: list[int], quant_type: str,
+                blocksize: int, offset: float, nested_blocksize: int) -> Tensor:
+    """x @ W^T for the 4-bit weight W (a decoding step's few tokens: W decoded on the fly), in x's dtype."""
+    return matmul_weight(x, _weight(packed, absmax, nested, shape, quant_type, blocksize, offset, nested_blocksize))
+
+
+@matmul_4bit.register_fake
+def _(x, packed, absmax, nested, shape, quant_type, blocksize, offset, nested_blocksize):
+    return x.new_empty(*x.shape[:-1], shape[0])
+
+
 @torch.library.custom_op("nf4tune::dequantize_4bit", mutates_args=())
 def dequantize_4bit(packed: Tensor, absmax: Tensor, nested: Optional[Tensor], shape: list[int], quant_type: str,
                     blocksize: int, offset: float, nested_blocksize: int, dtype: torch.dtype) -> Tensor:
