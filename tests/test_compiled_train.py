@@ -20,7 +20,7 @@ from nf4tune.train.config import recipe_from_dict
 from nf4tune.train.loop import train
 from nf4tune.train.offload import Transfers
 
-STEPS, LAYERS = 3, 2
+STEPS, LAYERS = 3, 3
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,8 @@ def test_compiled_offloaded_layers_train_with_the_eager_losses_and_no_graph_brea
     compiled, compiled_adapter = _run(root, model, "compiled", compile=True, offload_activations=True)
     counters = torch._dynamo.utils.counters
     assert not counters["graph_break"], dict(counters["graph_break"])  # each decoder layer is one graph
-    assert counters["stats"]["unique_graphs"] >= 1
+    # the layers, alike but for their weights, share their graphs (at most one more for a new sequence length)
+    assert 1 <= counters["stats"]["unique_graphs"] < LAYERS
     for (a, ga), (b, gb) in zip(eager, compiled):
         assert b == pytest.approx(a, rel=1e-4) and gb == pytest.approx(ga, rel=1e-3)
     for name, value in eager_adapter.items():

@@ -279,12 +279,16 @@ def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def lora_linear_4bit(x: torch.Tensor, x_lora, lora_A, lora_B, scaling: float, bias, packed: torch.Tensor,
-                     absmax: torch.Tensor, nested, meta: dict) -> torch.Tensor:
+                     absmax: torch.Tensor, nested, meta: dict, offset: torch.Tensor | None = None) -> torch.Tensor:
     """`Linear4bit`'s forward under `torch.compile`: the `nf4tune::lora_linear_4bit` custom op (no graph
-    break; the weight dequantized through `dequantize_4bit` above), `meta` the layer's quantization fields."""
+    break; the weight dequantized into `dequantize_scratch`'s buffer), `meta` the layer's quantization
+    fields, `offset` its double-quantization offset as a 0-dim CPU tensor (the layer's `weight_offset`:
+    then the decoder layers, alike but for their values, share one compiled graph)."""
+    if offset is None:
+        offset = torch.tensor(float(meta["offset"] or 0.0))
     return lora_4bit_op.lora_linear_4bit(x, x_lora, lora_A, lora_B, float(scaling), bias, packed, absmax, nested,
-                                         list(meta["shape"]), meta["quant_type"], meta["blocksize"],
-                                         float(meta["offset"] or 0.0), int(meta["nested_blocksize"] or 0))
+                                         list(meta["shape"]), meta["quant_type"], meta["blocksize"], offset,
+                                         int(meta["nested_blocksize"] or 0))
 
 
 def decode_matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested, meta: dict) -> torch.Tensor:

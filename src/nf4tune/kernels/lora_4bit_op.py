@@ -22,9 +22,10 @@ from ..quant import QuantizedTensor
 
 
 def _weight(packed: Tensor, absmax: Tensor, nested: Optional[Tensor], shape: list[int], quant_type: str,
-            blocksize: int, offset: float, nested_blocksize: int) -> QuantizedTensor:
+            blocksize: int, offset, nested_blocksize: int) -> QuantizedTensor:
+    """The weight's parts as a `QuantizedTensor`; `offset` a float or a 0-dim CPU tensor (no device sync)."""
     return QuantizedTensor(packed, absmax, torch.Size(shape), torch.bfloat16, quant_type, blocksize,
-                           offset if nested is not None else None, nested, nested_blocksize)
+                           float(offset) if nested is not None else None, nested, nested_blocksize)
 
 
 def _fresh(q: QuantizedTensor, dtype: torch.dtype) -> Tensor:
@@ -80,9 +81,11 @@ def _(packed, absmax, nested, shape, quant_type, blocksize, offset, nested_block
 @torch.library.custom_op("nf4tune::lora_linear_4bit", mutates_args=())
 def lora_linear_4bit(x: Tensor, x_lora: Optional[Tensor], lora_A: Optional[Tensor], lora_B: Optional[Tensor],
                      scaling: float, bias: Optional[Tensor], packed: Tensor, absmax: Tensor, nested: Optional[Tensor],
-                     shape: list[int], quant_type: str, blocksize: int, offset: float,
+                     shape: list[int], quant_type: str, blocksize: int, offset: Tensor,
                      nested_blocksize: int) -> Tensor:
-    """x @ W^T (+ bias) (+ scaling * (x_lora @ A^T) @ B^T), in x's dtype (adapters cast to it)."""
+    """x @ W^T (+ bias) (+ scaling * (x_lora @ A^T) @ B^T), in x's dtype (adapters cast to it). The
+    double-quantization `offset` is a 0-dim CPU tensor: as a float, each layer's value would be a
+    constant of its graph, and every decoder layer would compile again."""
     w = dequantize_weight(_weight(packed, absmax, nested, shape, quant_type, blocksize, offset, nested_blocksize),
                           x.dtype)
     y = x @ w.t()
@@ -104,7 +107,7 @@ def _(x, x_lora, lora_A, lora_B, scaling, bias, packed, absmax, nested, shape, q
 
 @torch.library.custom_op("nf4tune::grad_input_4bit", mutates_args=())
 def grad_input_4bit(grad_y: Tensor, packed: Tensor, absmax: Tensor, nested: Optional[Tensor], shape: list[int],
-                    quant_type: str, blocksize: int, offset: float, nested_blocksize: int) -> Tensor:
+                    quant_type: str, blocksize: int, offset: Tensor, nested_blocksize: int) -> Tensor:
     """grad_y @ W for the 4-bit weight W, in grad_y's dtype."""
     w = dequantize_weight(_weight(packed, absmax, nested, shape, quant_type, blocksize, offset, nested_blocksize),
                           grad_y.dtype)
@@ -117,16 +120,18 @@ def _(grad_y, packed, absmax, nested, shape, quant_type, blocksize, offset, nest
 
 
 def _setup(ctx, inputs, output):
-    x, x_lora, lora_A, lora_B, scaling, bias, packed, absmax, nested, *meta = inputs
-    ctx.scaling, ctx.meta = scaling, meta
-    ctx.save_for_backward(x_lora, lora_A, lora_B, packed, absmax, nested)
+    x, x_lora, lora_A, lora_B, scaling, bias, packed, absmax, nested, shape, quant_type, blocksize, offset, \
+        nested_blocksize = inputs
+    ctx.scaling, ctx.meta = scaling, (shape, quant_type, blocksize, nested_blocksize)
+    ctx.save_for_backward(x_lora, lora_A, lora_B, packed, absmax, nested, offset)
 
 
 def _backward(ctx, grad_y):
-    x_lora, lora_A, lora_B, packed, absmax, nested = ctx.saved_tensors
+    x_lora, lora_A, lora_B, packed, absmax, nested, offset = ctx.saved_tensors
     grad_x = grad_x_lora = grad_A = grad_B = None
     if ctx.needs_input_grad[0]:
-        grad_x = grad_input_4bit(grad_y, packed, absmax, nested, *ctx.meta)
+        shape, quant_type, blocksize, nested_blocksize = ctx.meta
+        grad_x = grad_input_4bit(grad_y, packed, absmax, nested, shape, quant_type, blocksize, offset, nested_blocksize)
     if lora_A is not None:
         a, b = lora_A.to(grad_y.dtype), lora_B.to(grad_y.dtype)
         g = grad_y.reshape(-1, grad_y.shape[-1])
