@@ -145,3 +145,31 @@ def test_the_switches_are_checked_and_auto_compiles_on_cuda_only(setup):
     assert compile_mod.compile_wanted("auto", torch.device("cuda")) and not compile_mod.compile_wanted(
         "auto", torch.device("cpu"))
     assert compile_mod.compile_wanted(True, torch.device("cpu"))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_pinned_host_transfers_round_trip_on_a_side_stream():
+    from nf4tune.train.offload import ActivationOffloader, PinnedHostTransfers
+
+    offloader = ActivationOffloader(PinnedHostTransfers(torch.device("cuda")))
+    x = torch.randn(4, 256, device="cuda", requires_grad=True)
+    with offloader.hooks():
+        y = (x * 2).sin()  # saves its input, x * 2
+    y.sum().backward()
+    assert offloader.packed >= 1 and offloader.unpacked == offloader.packed
+    assert torch.allclose(x.grad, 2 * torch.cos(x.detach() * 2))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_cuda_inductor_compiled_offloaded_layers_train_with_the_eager_losses(setup):
+    root, model = setup
+    eager, _ = _run(root, model, "cuda-eager", compile=False)
+    torch._dynamo.reset()
+    compiled, _ = _run(root, model, "cuda-compiled", compile=True, offload_activations=True)
+    for (a, ga), (b, gb) in zip(eager, compiled):
+        assert b == pytest.approx(a, rel=1e-3) and gb == pytest.approx(ga, rel=1e-2)
