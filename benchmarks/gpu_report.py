@@ -14,7 +14,10 @@ files are rewritten after every section, so a run cut short keeps what it measur
 - batch-1 and batch-8 decoding at the 7B shape (`decode_speed.py`'s sides), with the share of the
   bandwidth roofline;
 - paged AdamW with its states larger than the free GPU memory (CUDA only);
-- `nf4tune estimate` against the measured training-step peak (CUDA only).
+- `nf4tune estimate` against the measured training-step peak (CUDA only);
+- the compiled training step (`training.compile`) and activation offload (`training.offload_activations`)
+  against the eager layers (tokens/s, peak memory), and `serve.static_decoder.StaticDecoder` eager,
+  compiled and captured in a CUDA graph (tokens/s, the same tokens), at the 1B-class shape.
 
 --quick: tiny shapes and one step each (what the tests run on CPU, under 3 minutes). --wheels DIR:
 where bitsandbytes is not installed, it is installed from the wheels in DIR (`pip install --no-index
@@ -349,6 +352,102 @@ def paged_adamw(args) -> dict | str:
             "step_s": times, "state_locations": sorted(where), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def _fresh_model(path: Path, device: str):
+    import nf4tune
+
+    model, _ = nf4tune.load_model(path, device=device, compute_dtype=torch.bfloat16, progress=False,
+                                  lora=nf4tune.LoraConfig(r=16, alpha=16, dropout=0.0))
+    return model
+
+
+def _train_runs(args, path: Path, device: str) -> list[dict]:
+    """Forward + backward of the chunked loss, eager / compiled layers / offloaded layer inputs."""
+    from nf4tune.train import compile as compile_mod
+    from nf4tune.train.loss import loss_sum
+
+    batch, seq, steps = (1, 16, 1) if args.quick else (4, 1024, 5)
+    # on CPU the compiled run shows the path works; Inductor's C++ code generation would take minutes
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows = []
+    for label, compile_, offload in (("eager", False, False), (f"compiled ({backend})", True, False),
+                                     ("eager + offload", False, True), ("compiled + offload", True, True)):
+        model = _fresh_model(path, device).train()
+        saved, compile_mod.BACKEND = compile_mod.BACKEND, backend
+        try:
+            torch._dynamo.reset()
+            compile_mod.prepare_layers(model, compile_, offload, True, torch.device(device))
+        finally:
+            compile_mod.BACKEND = saved
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=gen).to(device)
+        data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        times, losses = [], []
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(steps + 1):  # the first step compiles
+            sync()
+            start = time.perf_counter()
+            total, count = loss_sum(model, data)
+            (total / count).backward()
+            sync()
+            if i:
+                times.append(time.perf_counter() - start)
+            losses.append(float(total / count))
+            model.zero_grad(set_to_none=True)
+        row = {"layers": label, "tokens_per_s": batch * seq / statistics.median(times), "first_loss": losses[0],
+               "step_s": statistics.median(times)}
+        if device == "cuda":
+            row["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        rows.append(row)
+        del model
+    return rows
+
+
+def _decode_runs(args, path: Path, device: str) -> list[dict]:
+    """`StaticDecoder` eager, compiled, and (CUDA) captured in a CUDA graph, batch 1."""
+    from nf4tune.serve.sampling import Sampling
+    from nf4tune.serve.static_decoder import StaticDecoder
+
+    new, prompt = (2, 3) if args.quick else (64, 128)
+    model = _fresh_model(path, device).eval()
+    ids = torch.randint(3, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
+    modes = ["eager", "compiled"] + (["graphs"] if device == "cuda" else [])
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows, reference = [], None
+    for mode in modes:
+        torch._dynamo.reset()
+        decoder = StaticDecoder(model, 1, prompt + new + 1, mode=mode,
+                                backend="inductor" if device == "cuda" else "aot_eager")
+        decoder.generate(ids, Sampling(max_new_tokens=2))  # compiles, captures
+        sync()
+        start = time.perf_counter()
+        [tokens] = decoder.generate(ids, Sampling(max_new_tokens=new))
+        sync()
+        seconds = time.perf_counter() - start
+        reference = reference or tokens
+        rows.append({"mode": mode, "tokens_per_s (prompt fed a token at a time)": (prompt + new) / seconds,
+                     "same_tokens_as_eager": tokens == reference})
+    return rows
+
+
+def gpu_path(args, root: Path) -> dict:
+    """What issue 15 added: the compiled training step, activation offload, the CUDA-graph decoder."""
+    shape = SHAPE_TINY if args.quick else SHAPE_1B
+    model = root / "model"
+    model.mkdir(parents=True)
+    decode_speed.build_random(model, shape)
+    train_rows = _train_runs(args, model, args.device)
+    decode_rows = _decode_runs(args, model, args.device)
+    eager = train_rows[0]["tokens_per_s"]
+    summary = f"shape {shape}; training tokens/s vs eager: " + ", ".join(
+        f"{r['layers']} {r['tokens_per_s'] / eager:.2f}x" for r in train_rows[1:])
+    summary += "; decoding tokens/s: " + ", ".join(
+        f"{r['mode']} {r['tokens_per_s (prompt fed a token at a time)']:.1f}" for r in decode_rows)
+    failed = not all(r["same_tokens_as_eager"] for r in decode_rows)
+    return {"summary": summary, "training_step": train_rows, "static_decoder": decode_rows, "failed": failed}
+
+
 def install_peer(wheels: str | None) -> str | None:
     """Make bitsandbytes importable by the peer's processes (from `wheels` if it is missing); say what was done."""
     if subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True).returncode == 0:
@@ -393,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         report.section("decoding, 7B-class" + (" (tiny shape: --quick)" if args.quick else ""), decoding, args, Path(tmp))
     report.section("paged AdamW under memory pressure", paged_adamw, args)
+    with tempfile.TemporaryDirectory() as tmp:
+        report.section("compiled layers, activation offload, CUDA-graph decoding"
+                       + (" (tiny shape: --quick)" if args.quick else ""), gpu_path, args, Path(tmp))
     report.data["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     report.write()
     print(f"wrote {args.out / 'gpu_report.md'} and {args.out / 'gpu_report.json'}")

@@ -202,7 +202,7 @@ def test_compiling_traces_through_the_4bit_lora_layer_with_the_eager_results(dou
     meta = layer._quant_meta
     args = (x.detach().requires_grad_(), x.detach(), layer.lora_A, layer.lora_B, 2.0, layer.bias, layer.weight_packed,
             layer.weight_absmax, layer.weight_nested_absmax, list(meta["shape"]), meta["quant_type"], meta["blocksize"],
-            float(meta["offset"] or 0.0), int(meta["nested_blocksize"] or 0))
+            layer.weight_offset, int(meta["nested_blocksize"] or 0))
     torch.library.opcheck(lora_4bit_op.lora_linear_4bit, args)  # fake and autograd registrations agree with the op
 
 

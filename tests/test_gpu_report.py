@@ -51,5 +51,10 @@ def test_the_quick_report_runs_every_section_on_cpu(tmp_path):
     assert {(r["batch"], r["side"]) for r in rows if r.get("decode_tokens_per_s", 0) > 0} == {
         (b, s) for b in (1, 8) for s in ("nf4tune", "transformers+bnb")}
     assert all(r["decoder"] and 0 < r["roofline_pct"] for r in rows if r["side"] == "nf4tune")
+    gpu_path = next(v for k, v in sections.items() if k.startswith("compiled layers"))
+    losses = [r["first_loss"] for r in gpu_path["training_step"]]  # eager, compiled, offloaded: one loss
+    assert len(losses) == 4 and max(losses) - min(losses) <= 1e-3 * abs(losses[0])
+    assert [r["mode"] for r in gpu_path["static_decoder"]] == ["eager", "compiled"]
+    assert all(r["same_tokens_as_eager"] for r in gpu_path["static_decoder"])
     md = (tmp_path / "gpu_report.md").read_text()
     assert all(f"## {name}: " in md for name in sections)

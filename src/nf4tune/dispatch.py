@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .kernels import base, compiled, compiled_4bit
+from .kernels import base, compiled, compiled_4bit, lora_4bit_op
 from .kernels import cpu as native
 from .kernels import cuda as cuda_kernels
 from .quant import blockwise, tensor
@@ -279,14 +279,23 @@ def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def lora_linear_4bit(x: torch.Tensor, x_lora, lora_A, lora_B, scaling: float, bias, packed: torch.Tensor,
-                     absmax: torch.Tensor, nested, meta: dict) -> torch.Tensor:
+                     absmax: torch.Tensor, nested, meta: dict, offset: torch.Tensor | None = None) -> torch.Tensor:
     """`Linear4bit`'s forward under `torch.compile`: the `nf4tune::lora_linear_4bit` custom op (no graph
-    break; the weight dequantized through `dequantize_4bit` above), `meta` the layer's quantization fields."""
-    from .kernels import lora_4bit_op
-
+    break; the weight dequantized into `dequantize_scratch`'s buffer), `meta` the layer's quantization
+    fields, `offset` its double-quantization offset as a 0-dim CPU tensor (the layer's `weight_offset`:
+    then the decoder layers, alike but for their values, share one compiled graph)."""
+    if offset is None:
+        offset = torch.tensor(float(meta["offset"] or 0.0))
     return lora_4bit_op.lora_linear_4bit(x, x_lora, lora_A, lora_B, float(scaling), bias, packed, absmax, nested,
-                                         list(meta["shape"]), meta["quant_type"], meta["blocksize"],
-                                         float(meta["offset"] or 0.0), int(meta["nested_blocksize"] or 0))
+                                         list(meta["shape"]), meta["quant_type"], meta["blocksize"], offset,
+                                         int(meta["nested_blocksize"] or 0))
+
+
+def decode_matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested, meta: dict) -> torch.Tensor:
+    """`matmul_4bit` as the `nf4tune::matmul_4bit` custom op: opaque to `torch.compile` and captured
+    whole by a CUDA graph (`serve.static_decoder`); `meta` the layer's quantization fields."""
+    return lora_4bit_op.matmul_4bit(x, packed, absmax, nested, list(meta["shape"]), meta["quant_type"],
+                                    meta["blocksize"], float(meta["offset"] or 0.0), int(meta["nested_blocksize"] or 0))
 
 
 class Compiled:
@@ -362,4 +371,10 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _scratch_weight(q, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_scratch(q, dtype)  # looked up per call: tests may wrap dequantize_scratch
+
+
 tensor.use_fast_paths(quantize_4bit, dequantize_4bit)
+lora_4bit_op.use_dequantize(_scratch_weight)  # the compiled layers' custom ops use the reused buffer too
+lora_4bit_op.use_matmul(lambda x, q: matmul_4bit(x, q))  # the static decoder's step: the fused kernels

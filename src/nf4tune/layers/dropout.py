@@ -69,7 +69,8 @@ class LoraDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         if not self.training or self.p == 0:
             return x, 1.0
-        if self.p > _SPARSE_MAX_P:
+        # Under torch.compile one dense mask: the gaps' data-dependent lengths would break the graph.
+        if self.p > _SPARSE_MAX_P or torch.compiler.is_compiling():
             return x * torch.empty_like(x).bernoulli_(1 - self.p), 1 / (1 - self.p)
         x = x.contiguous()
         return _ZeroPositions.apply(x, dropped_positions(x.numel(), self.p, x.device)), 1 / (1 - self.p)

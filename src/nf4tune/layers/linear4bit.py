@@ -88,6 +88,9 @@ class Linear4bit(nn.Module):
         self.register_buffer("weight_absmax", None)
         self.register_buffer("weight_nested_absmax", None)
         self._quant_meta: dict = {}
+        # the double-quantization offset as a 0-dim CPU tensor, for the compiled path: a tensor is an input
+        # of the graph (one graph for every decoder layer), and on the CPU reading it needs no device sync
+        self.weight_offset = torch.zeros(())
         self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
@@ -111,6 +114,7 @@ class Linear4bit(nn.Module):
             raise ValueError(f"a {list(q.shape)} weight does not fit a {self.in_features}->{self.out_features} layer")
         self.weight_packed, self.weight_absmax, self.weight_nested_absmax = q.packed, q.absmax, q.nested_absmax
         self._decode_plan = None
+        self.weight_offset = torch.tensor(float(q.offset or 0.0))
         self._quant_meta = dict(shape=q.shape, dtype=q.dtype, quant_type=q.quant_type, blocksize=q.blocksize,
                                 offset=q.offset, nested_blocksize=q.nested_blocksize)
 
@@ -146,7 +150,8 @@ class Linear4bit(nn.Module):
             scaling *= keep_scale
         if compiling:  # the same arithmetic as a custom op, which torch.compile traces through
             y = dispatch.lora_linear_4bit(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.weight_packed,
-                                          self.weight_absmax, self.weight_nested_absmax, self._quant_meta)
+                                          self.weight_absmax, self.weight_nested_absmax, self._quant_meta,
+                                          self.weight_offset)
         else:
             y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.quantized_weight)
         return y.to(in_dtype)

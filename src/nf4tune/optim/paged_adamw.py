@@ -24,6 +24,41 @@ STATE_BLOCKSIZE = 256
 MIN_8BIT_NUMEL = 4096
 
 
+class CudaCalls:
+    """Every CUDA call paging makes, in one place, so the tests run the paging logic on CPU with a
+    fake (streams, events and pinned memory that record what was asked of them)."""
+
+    def pages(self, device: torch.device) -> bool:
+        """Whether states of parameters on `device` can be paged (a GPU's, to host memory)."""
+        return device.type == "cuda"
+
+    def free_bytes(self, device: torch.device) -> int:
+        return torch.cuda.mem_get_info(device)[0]
+
+    def pin(self, t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory()
+
+    def is_pinned(self, t: torch.Tensor) -> bool:
+        return t.is_pinned()
+
+    def new_stream(self, device: torch.device):
+        return torch.cuda.Stream(device=device)
+
+    def current_stream(self, device: torch.device):
+        return torch.cuda.current_stream(device)
+
+    def use_stream(self, stream):
+        """A context in which work is issued on `stream`."""
+        return torch.cuda.stream(stream)
+
+    def new_event(self):
+        return torch.cuda.Event()
+
+    def record_stream(self, t: torch.Tensor, stream) -> None:
+        """The allocator keeps t's memory until the work issued on `stream` so far has run."""
+        t.record_stream(stream)
+
+
 class PagedAdamW(torch.optim.Optimizer):
     """AdamW with 32-bit states that may be paged to host memory.
 
@@ -39,17 +74,18 @@ class PagedAdamW(torch.optim.Optimizer):
             raise ValueError(f"invalid AdamW hyperparameters: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.paging = paging
+        self.cuda = CudaCalls()  # the tests put a fake here
         self._stream = None
 
     # --- where states live -------------------------------------------------------------------
 
     def _page(self, p: torch.Tensor, nbytes: int) -> bool:
         """Whether this parameter's states go to pinned host memory."""
-        if p.device.type != "cuda" or self.paging is False:
+        if self.paging is False or not self.cuda.pages(p.device):
             return False
         if self.paging is True:
             return True
-        free, _ = torch.cuda.mem_get_info(p.device)
+        free = self.cuda.free_bytes(p.device)
         return free < nbytes + (1 << 30)  # keep a GiB of headroom for activations
 
     def _new_state(self, p: torch.Tensor) -> dict:
@@ -61,13 +97,13 @@ class PagedAdamW(torch.optim.Optimizer):
         device = "cpu" if paged else p.device
         for name in ("exp_avg", "exp_avg_sq"):
             t = torch.zeros(p.shape, dtype=torch.float32, device=device)
-            state[name] = t.pin_memory() if paged else t
+            state[name] = self.cuda.pin(t) if paged else t
         return state
 
     def _load(self, p: torch.Tensor, state: dict, non_blocking: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The float32 moments of `p` on its device."""
-        return (state["exp_avg"].to(p.device, non_blocking=non_blocking),
-                state["exp_avg_sq"].to(p.device, non_blocking=non_blocking))
+        """The float32 moments of `p` on its device (copies when paged: the update must not write the host states)."""
+        return (state["exp_avg"].to(p.device, non_blocking=non_blocking, copy=non_blocking),
+                state["exp_avg_sq"].to(p.device, non_blocking=non_blocking, copy=non_blocking))
 
     def _store(self, p: torch.Tensor, state: dict, m: torch.Tensor, v: torch.Tensor) -> None:
         for name, value in (("exp_avg", m), ("exp_avg_sq", v)):
@@ -108,19 +144,20 @@ class PagedAdamW(torch.optim.Optimizer):
         return loss
 
     def _is_paged(self, state: dict) -> bool:
-        return any(isinstance(t, torch.Tensor) and t.is_pinned() for t in state.values())
+        return any(isinstance(t, torch.Tensor) and self.cuda.is_pinned(t) for t in state.values())
 
     def _step_paged(self, work) -> None:
         """Copy the next parameter's states in on a side stream while the current one updates, and
         its results back out on the same stream once the update has been issued."""
+        cuda, device = self.cuda, work[0][0].device
         if self._stream is None:
-            self._stream = torch.cuda.Stream(device=work[0][0].device)
-        side, main = self._stream, torch.cuda.current_stream(work[0][0].device)
+            self._stream = cuda.new_stream(device)
+        side, main = self._stream, cuda.current_stream(device)
 
         def fetch(p):
-            with torch.cuda.stream(side):
+            with cuda.use_stream(side):
                 tensors = self._load(p, self.state[p], non_blocking=True)
-                ready = torch.cuda.Event()
+                ready = cuda.new_event()
                 ready.record(side)
             return tensors, ready
 
@@ -130,17 +167,17 @@ class PagedAdamW(torch.optim.Optimizer):
             (m, v), ready = upcoming
             main.wait_event(ready)
             for t in (m, v):
-                t.record_stream(main)
+                cuda.record_stream(t, main)
             if i + 1 < len(work):
                 upcoming = fetch(work[i + 1][0])
             self._update(p, group, self.state[p], m, v)
-            done = torch.cuda.Event()
+            done = cuda.new_event()
             done.record(main)
-            with torch.cuda.stream(side):
+            with cuda.use_stream(side):
                 side.wait_event(done)
                 self._store(p, self.state[p], m, v)
                 for t in (m, v):
-                    t.record_stream(side)
+                    cuda.record_stream(t, side)
         main.wait_stream(side)
 
     @staticmethod
@@ -166,7 +203,7 @@ class PagedAdamW(torch.optim.Optimizer):
             if state and self._page(p, self._state_nbytes(state)):
                 for name, t in state.items():
                     if isinstance(t, torch.Tensor):
-                        state[name] = t.cpu().pin_memory()
+                        state[name] = self.cuda.pin(t.cpu())
 
     @staticmethod
     def _state_nbytes(state: dict) -> int:
@@ -187,7 +224,7 @@ class PagedAdamW8bit(PagedAdamW):
             q = torch.zeros(p.shape, dtype=torch.uint8, device=device)
             # Zero moments: code of 0 with absmax 0 decodes to 0 whatever the code.
             a = torch.zeros(blocks, dtype=torch.float32, device=device)
-            state[f"{name}_q"], state[f"{name}_absmax"] = (q.pin_memory(), a.pin_memory()) if paged else (q, a)
+            state[f"{name}_q"], state[f"{name}_absmax"] = (self.cuda.pin(q), self.cuda.pin(a)) if paged else (q, a)
         return state
 
     def _load(self, p, state, non_blocking=False):

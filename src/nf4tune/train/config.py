@@ -78,6 +78,10 @@ class TrainingSection:
     loss_chunk_tokens: int = 1024
     parallel: str = "auto"  # auto | ddp | fsdp: how several ranks (torchrun) share the work; see train/parallel.py
     fsdp_cpu_offload: bool = False  # FSDP: keep sharded parameters in host memory between uses
+    # compile each decoder layer with torch.compile: true | false | auto (on CUDA only); see train/compile.py
+    compile: typing.Union[bool, str] = "auto"
+    # keep each checkpointed layer's input in (pinned) host memory until backward; see train/offload.py
+    offload_activations: bool = False
 
 
 @dataclass
@@ -211,13 +215,18 @@ def recipe_from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:
 def _check_values(r: Recipe) -> None:
     def one_of(where, value, options):
         if value not in options:
-            raise Nf4tuneError(f"{where} is {value!r}; use one of {', '.join(options)}.")
+            names = [str(o).lower() if isinstance(o, bool) else o for o in options]
+            raise Nf4tuneError(f"{where} is {value!r}; use one of {', '.join(names)}.")
 
     one_of("quant.quant_type", r.quant.quant_type, QUANT_TYPES)
     one_of("data.on_bad_row", r.data.on_bad_row, ["error", "skip"])
     one_of("training.lr_scheduler_type", r.training.lr_scheduler_type, ["constant", "linear", "cosine"])
     one_of("training.optim", r.training.optim, list(OPTIMIZERS))
     one_of("training.parallel", r.training.parallel, ["auto", *PARALLEL_STRATEGIES])
+    one_of("training.compile", r.training.compile, ["auto", True, False])
+    if r.training.offload_activations and not r.model.gradient_checkpointing:
+        raise Nf4tuneError("training.offload_activations moves the layer inputs that gradient checkpointing keeps; "
+                           "set model.gradient_checkpointing: true with it.")
     one_of("model.compute_dtype", r.model.compute_dtype, ["auto", "bfloat16", "float16", "float32"])
     for where, value in [("training.per_device_train_batch_size", r.training.per_device_train_batch_size),
                          ("training.gradient_accumulation_steps", r.training.gradient_accumulation_steps),

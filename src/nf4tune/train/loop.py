@@ -267,6 +267,10 @@ class Trainer:
                               _dtype(recipe.model.compute_dtype), device, lora=lora,
                               blocksize=recipe.quant.blocksize,
                               gradient_checkpointing=recipe.model.gradient_checkpointing, progress=self.progress)
+        from .compile import prepare_layers  # training.compile / offload_activations, before any wrapping
+
+        self.offloader = prepare_layers(model, t.compile, t.offload_activations, recipe.model.gradient_checkpointing,
+                                        model.device)
         self.added = grow_vocab(model, len(self.tokenizer))
         if self.added:
             log.info("nf4tune: added %d token(s); their embedding rows train with the adapter", self.added)
