@@ -78,8 +78,8 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     shape = x.shape
     b = _blocks(x)
     sub = b.reshape(-1, 8, 32)
-    av_x = np.sqrt((b * b).sum(-1) / QK_K).astype(np.float32)
-    weights = av_x[:, None, None] + np.abs(sub)
+    av_x = np.sqrt((sub * sub).sum(-1) / 32).astype(np.float32)  # each sub-block's RMS
+    weights = av_x[..., None] + np.abs(sub)
     scales, mins = _make_qkx2_quants(sub, weights, 15, -1.0, 0.1, 20)
     max_scale, max_min = scales.max(-1), mins.max(-1)
     inv_scale = np.where(max_scale > 0, 63 / np.where(max_scale > 0, max_scale, 1), 0).astype(np.float32)
@@ -135,7 +135,7 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     shape = x.shape
     b = _blocks(x)
     sub = b.reshape(-1, 16, 16)
-    scales, _ = _make_qx_quants(sub, 32)
+    scales, codes = _make_qx_quants(sub, 32)
     idx = np.abs(scales).argmax(-1)
     max_scale = np.take_along_axis(scales, idx[:, None], -1)[:, 0]
     zero = np.abs(max_scale) < _EPS
@@ -144,7 +144,8 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     sc = np.minimum(np.rint(iscale[:, None] * scales), 127).astype(np.int8)
     d = d16.astype(np.float32)[:, None] * sc
     safe_d = np.where(d == 0, 1, d)
-    q = np.where(d[..., None] == 0, 0, np.clip(np.rint(sub / safe_d[..., None]), -32, 31)) + 32
+    # A sub-block whose scale rounds to 0 keeps make_qx_quants' codes, as llama.cpp's (they dequantize to 0).
+    q = np.where(d[..., None] == 0, codes, np.clip(np.rint(sub / safe_d[..., None]), -32, 31) + 32)
     q = q.astype(np.uint8).reshape(-1, 2, 4, 32)  # per 128 weights: four runs of 32
     ql = np.concatenate([q[:, :, 0] & 0x0F | ((q[:, :, 2] & 0x0F) << 4),
                          q[:, :, 1] & 0x0F | ((q[:, :, 3] & 0x0F) << 4)], axis=-1).reshape(-1, 128)
