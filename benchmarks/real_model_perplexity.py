@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from conftest import real_model_file  # noqa: E402
 
 
-def perplexity(model, ids: torch.Tensor, window: int) -> float:
+def perplexity(model, ids: torch.Tensor, window: int, name: str) -> float:
+    """exp(mean next-token loss) over non-overlapping windows of `ids`; one progress line per window."""
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, ids.numel() - 1, window):
@@ -34,6 +35,7 @@ def perplexity(model, ids: torch.Tensor, window: int) -> float:
             logits = model(chunk[:, :-1]).logits.float()
             loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
             total, count = total + loss.item(), count + chunk.shape[1] - 1
+            print(f"{name}: {count}/{ids.numel() - 1} tokens", file=sys.stderr, flush=True)
     return math.exp(total / count)
 
 
@@ -64,16 +66,16 @@ def main() -> None:
         tied = set((getattr(reference, "all_tied_weights_keys", None) or {}).keys())
         save_file({k: v.contiguous() for k, v in reference.state_dict().items() if k not in tied}, f"{tmp}/model.safetensors")
         Path(tmp, "config.json").write_text(json.dumps(config))
-        results["bf16"] = perplexity(reference, ids, args.window)
+        results["bf16"] = perplexity(reference, ids, args.window, "bf16")
         del reference
         # Both 4-bit sides quantize the same bf16 checkpoint (bit-identical 4-bit weights; only compute differs).
         model, _ = nf4tune.load_model(tmp, device="cpu", compute_dtype=torch.bfloat16, progress=False)
-        results["nf4tune_nf4"] = perplexity(model, ids, args.window)
+        results["nf4tune_nf4"] = perplexity(model, ids, args.window, "nf4tune_nf4")
         del model
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=bnb, dtype=torch.bfloat16).eval()
-        results["bitsandbytes_nf4"] = perplexity(model, ids, args.window)
+        results["bitsandbytes_nf4"] = perplexity(model, ids, args.window, "bitsandbytes_nf4")
     print(json.dumps(results, indent=2))
 
 

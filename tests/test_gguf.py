@@ -150,8 +150,96 @@ def test_q8_0_and_q4_0_through_the_gguf_quantizers(tiny_bpe_llama, tmp_path):
     assert errors["q8_0"] < 0.03 and errors["q4_0"] < 0.3 and errors["q8_0"] < errors["q4_0"] / 3, errors
 
 
+def _llama_cpp_test_rows(n_rows: int = 128) -> "np.ndarray":
+    """llama.cpp's own quantizer test data (tests/test-quantize-fns.cpp): 0.1 + 2 cos(i), as rows of 256."""
+    import numpy as np
+
+    return (0.1 + 2 * np.cos(np.arange(n_rows * 256, dtype=np.float64))).astype(np.float32).reshape(n_rows, 256)
+
+
+@pytest.mark.parametrize("kind, max_rel_rms", [("Q4_K", 0.08), ("Q6_K", 0.02)])
+def test_k_quants_read_back_through_the_gguf_dequantizers(kind, max_rel_rms):
+    """nf4tune's Q4_K / Q6_K bytes, read by the gguf package's own dequantizers (those transformers uses).
+
+    Tolerance as RMS error relative to the weights' RMS, for Gaussian weights (what trained matrices look
+    like block by block): a uniform grid of step s errs by s/sqrt(12); 32 Gaussians span about 4.1 sigma, so
+    Q4_K's 15 steps per sub-block give 0.079 sigma, and Q6_K's symmetric 64 levels over 16 weights (largest
+    about 1.8 sigma) 0.016 sigma plus its 8-bit sub-scales; llama.cpp's least-squares search lands just under
+    these (measured 0.072 and 0.018). Also llama.cpp's own acceptance check on its test data
+    (test-quantize-fns: sqrt(sum of squared errors) / n < 0.002), and Q4_K beats the plain Q4_0."""
+    import numpy as np
+
+    from nf4tune.checkpoint.gguf_quants import quantize
+
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    x = np.random.default_rng(0).standard_normal((64, 1024)).astype(np.float32) * 0.02
+    x[0] = 0  # an all-zero super-block dequantizes to zeros
+    x[1, :256] = 0.005  # a constant one to a constant
+    y = gguf.quants.dequantize(quantize(x, kind), qtype)
+    assert y.shape == x.shape and not y[0].any()
+    rel_rms = np.sqrt(((y - x) ** 2).mean() / (x ** 2).mean())
+    assert rel_rms < max_rel_rms, rel_rms
+    assert np.abs(y[1, :256] - 0.005).max() < 0.005 * 0.03
+    q4_0 = gguf.quants.dequantize(gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0), gguf.GGMLQuantizationType.Q4_0)
+    assert rel_rms < np.sqrt(((q4_0 - x) ** 2).mean() / (x ** 2).mean())
+    data = _llama_cpp_test_rows()
+    back = gguf.quants.dequantize(quantize(data, kind), qtype)
+    assert np.sqrt(((back - data) ** 2).sum()) / data.size < 0.002
+
+
+def test_q4_k_m_picks_llama_cpps_types_per_tensor():
+    """llama.cpp's Q4_K_M mix (llama_tensor_get_type): with 8 layers, attn_v and ffn_down of layers 0, 3, 6, 7
+    in Q6_K; the output (or the tied embedding) in Q6_K; rows not a multiple of 256 fall back."""
+    from nf4tune.checkpoint.gguf_quants import q4_k_m_type
+
+    six = [i for i in range(8) if q4_k_m_type(f"blk.{i}.ffn_down.weight", 8, 512, True) == "Q6_K"]
+    assert six == [0, 3, 6, 7]
+    assert q4_k_m_type("blk.3.attn_v.weight", 8, 512, True) == "Q6_K"
+    assert [i for i in range(4) if q4_k_m_type(f"blk.{i}.attn_v.weight", 4, 512, True) == "Q6_K"] == [2, 3]
+    assert q4_k_m_type("blk.3.attn_q.weight", 8, 512, True) == "Q4_K"
+    assert q4_k_m_type("output.weight", 8, 512, True) == "Q6_K"
+    assert q4_k_m_type("token_embd.weight", 8, 512, True) == "Q4_K"
+    assert q4_k_m_type("token_embd.weight", 8, 512, False) == "Q6_K"
+    assert q4_k_m_type("token_embd.weight", 8, 576, False) == "Q8_0"
+    assert q4_k_m_type("blk.1.ffn_up.weight", 8, 576, True) == "Q5_0"
+
+
+def test_export_q4_k_m_reads_back_through_transformers(tmp_path):
+    """A tiny Llama whose rows fill 256-weight super-blocks, exported --type q4_k_m and read by transformers'
+    GGUF loader: the mix of types in the file, every weight within the k-quant tolerance above, and logits
+    within 30% of the largest (as q4_0; random weights, the hard case) and closer than q4_0's."""
+    from transformers import AutoModelForCausalLM
+
+    tok = bpe_tokenizer()
+    src = build_tiny_checkpoint(tmp_path / "src", dtype=torch.float32, vocab_size=len(tok), hidden_size=256,
+                                intermediate_size=256, num_hidden_layers=4, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_shard_size=None)
+    tok.save_pretrained(src)
+    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 70, 71, 90, 200, 33, 64, 12]])
+    expected = _logits(reference, ids)
+    errors, states = {}, {}
+    for kind in ("q4_k_m", "q4_0"):
+        out = tmp_path / f"{kind}.gguf"
+        assert main(["export", str(src), str(out), "--type", kind]) == 0
+        model, _ = _read_back(out)
+        errors[kind] = (_logits(model, ids) - expected).abs().max() / expected.abs().max()
+        states[kind] = model.state_dict()
+    reader = gguf.GGUFReader(tmp_path / "q4_k_m.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    # With 4 layers llama.cpp's use_more_bits picks layers 2 and 3.
+    assert types["output.weight"] == types["blk.2.attn_v.weight"] == types["blk.3.ffn_down.weight"] == "Q6_K"
+    assert types["blk.1.attn_v.weight"] == types["blk.0.attn_q.weight"] == types["token_embd.weight"] == "Q4_K"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    for key, w in reference.state_dict().items():
+        rel_rms = ((states["q4_k_m"][key] - w).pow(2).mean() / w.pow(2).mean()).sqrt()
+        assert rel_rms < 0.08 if w.dim() == 2 else rel_rms == 0, key
+    assert errors["q4_k_m"] < 0.3 and errors["q4_k_m"] < errors["q4_0"], errors
+
+
 def test_unsupported_types_and_tokenizers_are_refused_with_a_sentence(tiny_bpe_llama, tmp_path, capsys):
-    assert main(["export", str(tiny_bpe_llama / "src"), str(tmp_path / "k.gguf"), "--type", "q4_k_m"]) == 2
+    assert main(["export", str(tiny_bpe_llama / "src"), str(tmp_path / "k.gguf"), "--type", "q4_k_s"]) == 2
     assert "llama-quantize" in capsys.readouterr().err
     # The demo model's character-level (WordLevel) tokenizer has no GGUF form: refused, nothing left behind.
     assert main(["export", "tiny-random:llama-demo", str(tmp_path / "demo.gguf")]) == 2

@@ -24,10 +24,13 @@ EXPORT_TYPES = {
     "bf16": ("BF16", "MOSTLY_BF16"),
     "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
     "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+    # k-quants by nf4tune's ports of llama.cpp's quantizers (checkpoint/gguf_quants.py); "Q4_K_M" is not one
+    # tensor type but llama.cpp's mix of Q4_K and Q6_K (gguf_quants.q4_k_m_type).
+    "q6_k": ("Q6_K", "MOSTLY_Q6_K"),
+    "q4_k_m": ("Q4_K_M", "MOSTLY_Q4_K_M"),
 }
-# Types llama.cpp has that the gguf package cannot make: named so the refusal can say what to do.
-UNSUPPORTED_TYPES = {"q4_k_m": "Q4_K_M", "q4_k_s": "Q4_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K", "q2_k": "Q2_K",
-                     "q3_k_m": "Q3_K_M"}
+# Types llama.cpp has that nf4tune cannot make: named so the refusal can say what to do.
+UNSUPPORTED_TYPES = {"q4_k_s": "Q4_K_S", "q5_k_m": "Q5_K_M", "q2_k": "Q2_K", "q3_k_m": "Q3_K_M"}
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def check_export_type(kind: str) -> None:
         return
     if kind in UNSUPPORTED_TYPES:
         raise Nf4tuneError(
-            f"--type {kind} is not supported: the gguf package has no {UNSUPPORTED_TYPES[kind]} quantizer; export "
+            f"--type {kind} is not supported: nf4tune has no {UNSUPPORTED_TYPES[kind]} quantizer; export "
             f"--type f16 and run llama.cpp's `llama-quantize OUT.gguf OUT-{kind}.gguf {UNSUPPORTED_TYPES[kind]}`.")
     raise Nf4tuneError(f"unknown --type {kind!r}; supported: {', '.join(EXPORT_TYPES)}.")
 
@@ -111,23 +111,39 @@ class ExportPlan:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def to_gguf_array(gguf_name: str, w: torch.Tensor, kind: str):
-    """(numpy array, ggml type or None) for one tensor: 2-D weights in `kind`, others float32, as llama.cpp
-    keeps norms and biases; a weight whose rows do not fill whole quantization blocks stays float16."""
-    import numpy as np
+def tensor_type(gguf_name: str, w: torch.Tensor, kind: str, n_layers: int, has_output: bool) -> str:
+    """The ggml type of one tensor for --type `kind`: 1-D tensors F32 (llama.cpp keeps norms and biases so),
+    Q4_K_M's per-tensor mix (gguf_quants.q4_k_m_type), else `kind`'s type; a k-quant whose rows do not fill
+    256-weight super-blocks falls back as llama.cpp's does (Q6_K -> Q8_0)."""
+    from .gguf_quants import QK_K, q4_k_m_type
 
-    gguf = require_gguf()
-    qtype = getattr(gguf.GGMLQuantizationType, EXPORT_TYPES[kind][0])
-    w = w.detach().to(torch.float32).contiguous()
     if w.dim() < 2:
+        return "F32"
+    qtype = EXPORT_TYPES[kind][0]
+    if qtype == "Q4_K_M":
+        return q4_k_m_type(gguf_name, n_layers, w.shape[-1], has_output)
+    if qtype == "Q6_K" and w.shape[-1] % QK_K:
+        return "Q8_0"
+    return qtype
+
+
+def to_gguf_array(gguf_name: str, w: torch.Tensor, qtype: str):
+    """(numpy array, ggml type or None) for one tensor in ggml type `qtype` (see `tensor_type`); a weight whose
+    rows do not fill whole quantization blocks stays float16."""
+    gguf = require_gguf()
+    from .gguf_quants import quantize
+
+    w = w.detach().to(torch.float32).contiguous()
+    if qtype == "F32":
         return w.numpy(), None
-    if qtype == gguf.GGMLQuantizationType.F16:
+    if qtype == "F16":
         return w.to(torch.float16).numpy(), None
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    ggml_type = getattr(gguf.GGMLQuantizationType, qtype)
+    block = gguf.GGML_QUANT_SIZES[ggml_type][0]
     if w.shape[-1] % block:
         log.warning("nf4tune: %s has rows of %d, not a multiple of %d; written as F16.", gguf_name, w.shape[-1], block)
         return w.to(torch.float16).numpy(), None
-    return gguf.quants.quantize(np.ascontiguousarray(w.numpy()), qtype), qtype
+    return quantize(w.numpy(), qtype), ggml_type
 
 
 def copy_tokenizer_fields(writer, source_gguf: Path) -> None:
@@ -217,11 +233,13 @@ def write_gguf(
         else:
             raise Nf4tuneError("the base model has no tokenizer; llama.cpp needs one in the GGUF file.")
         count = 0
+        has_output = not config.get("tie_word_embeddings")  # llama.cpp's has_output: a separate output.weight
         for key, w in tensors:
             gguf_name = plan.gguf_name(key)
             if gguf_name is None:
                 continue
-            array, qtype = to_gguf_array(gguf_name, plan.layout(gguf_name, w), kind)
+            qtype = tensor_type(gguf_name, w, kind, config["num_hidden_layers"], has_output)
+            array, qtype = to_gguf_array(gguf_name, plan.layout(gguf_name, w), qtype)
             writer.add_tensor(gguf_name, array, raw_dtype=qtype)
             count += 1
         writer.write_header_to_file()

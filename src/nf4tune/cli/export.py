@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("out", help="the .gguf file to write")
     p.add_argument("--adapter", help="adapter folder to merge in (nf4tune or PEFT format)")
     p.add_argument("--type", dest="kind", default="f16", choices=list(EXPORT_TYPES) + list(UNSUPPORTED_TYPES),
-                   help="tensor type of the weights (default f16); K-quants need llama.cpp's llama-quantize afterwards")
+                   help="tensor type of the weights (default f16); q4_k_m is llama.cpp's Q4_K/Q6_K mix; other K-quants "
+                        "need llama.cpp's llama-quantize afterwards")
     p.add_argument("--name", help="model name in the file's metadata (default: the adapter's or model's folder name)")
     p.add_argument("--ollama", action="store_true", help="also write a Modelfile beside it (chat template, stop tokens)")
     p.add_argument("--dequantized", action="store_true",

@@ -234,9 +234,9 @@ class Trainer:
 
         recipe, d = self.recipe, self.recipe.data
         self.model_path = resolve(recipe.model.name_or_path)
-        if not any((self.model_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            raise Nf4tuneError(f"{recipe.model.name_or_path} has no tokenizer files; training needs one.")
         tokenizer = load_tokenizer(self.model_path)  # a folder's tokenizer files, or a GGUF file's metadata
+        if tokenizer is None:
+            raise Nf4tuneError(f"{recipe.model.name_or_path} has no tokenizer files; training needs one.")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         add_tokens_to_tokenizer(tokenizer, recipe.model.add_tokens, recipe.model.add_special_tokens)
