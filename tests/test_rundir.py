@@ -45,6 +45,19 @@ def test_a_folder_holding_a_run_is_refused(tmp_path):
     assert (tmp_path / "new").is_dir()
 
 
+def test_a_run_that_stopped_during_set_up_does_not_block_the_next(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    old_id = rundir.start_run(out)  # what set-up writes before a model that will not load stops it
+    (out / "recipe.json").write_text("{}")
+    assert rundir.prepare_output_dir(out, resume=None, overwrite=False) is None
+    assert sorted(p.name for p in out.iterdir()) == ["recipe.json", "run.json"]  # reused in place
+    assert rundir.start_run(out) != old_id  # the new run is a run of its own
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')  # a run that took a step is kept
+    with pytest.raises(Nf4tuneError, match="already holds a training run"):
+        rundir.prepare_output_dir(out, resume=None, overwrite=False)
+
+
 def test_overwrite_moves_the_old_run_aside(tmp_path):
     out = tmp_path / "run"
     _finished_run(out)

@@ -31,6 +31,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 # What a run leaves in its folder; any of these means the folder holds a run.
 _RUN_OUTPUTS = ("summary.json", "metrics.jsonl", "adapter", "loss.png", "recipe.json", RUN_FILE)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# What a run writes before its first step: a run that stopped during set-up (a bad recipe, a model that
+# would not load) left nothing worth keeping, so its folder may be reused as it is.
+_SET_UP_ONLY = {RUN_FILE, "recipe.json"}
 
 
 # --- the output folder -------------------------------------------------------------------------
@@ -49,13 +52,14 @@ def prepare_output_dir(output_dir: str | Path, resume: str | bool | None, overwr
     """Make `output_dir` ready for a run; returns where an old run was moved, if one was.
 
     A folder holding a run is refused unless `resume` is set (continue it) or `overwrite` is true
-    (move it aside to `OUTPUT.old-<YYYYmmdd-HHMMSS>`). Calling it again on the prepared folder is a no-op.
+    (move it aside to `OUTPUT.old-<YYYYmmdd-HHMMSS>`). A run that stopped before its first step left only
+    its set-up files, and its folder is reused. Calling it again on the prepared folder is a no-op.
     """
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise Nf4tuneError(f"training.output_dir {out} is a file; give a folder.")
     found = run_contents(out)
-    if resume or not found:
+    if resume or set(found) <= _SET_UP_ONLY:
         out.mkdir(parents=True, exist_ok=True)
         return None
     if not overwrite:
