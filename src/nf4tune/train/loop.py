@@ -23,7 +23,7 @@ from .config import Recipe, recipe_to_dict
 from .data import IGNORE_INDEX, DataStats, Tokenized, batch_order, collate, load_examples, pack
 from .formats import save_prompt_format
 from .loss import loss_sum
-from .tokens import add_tokens_to_tokenizer, grow_vocab
+from .tokens import add_tokens_to_tokenizer, grow_vocab, new_token_learning_rate
 
 log = logging.getLogger("nf4tune")
 
@@ -213,7 +213,10 @@ class Trainer:
 
         recipe, d = self.recipe, self.recipe.data
         self.model_path = resolve(recipe.model.name_or_path)
-        if not any((self.model_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        from ..checkpoint.gguf import find_gguf  # a GGUF file carries its tokenizer in its metadata
+
+        if find_gguf(self.model_path) is None and not any(
+                (self.model_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             raise Nf4tuneError(f"{recipe.model.name_or_path} has no tokenizer files; training needs one.")
         tokenizer = load_tokenizer(self.model_path)  # a folder's tokenizer files, or a GGUF file's metadata
         if tokenizer.pad_token_id is None:
@@ -274,8 +277,8 @@ class Trainer:
         vocab_rows = model.get_input_embeddings().weight.shape[0]
         vocab = [p for p in self.params if p.dim() == 2 and p.shape[0] == vocab_rows]
         groups = [{"params": [p for p in self.params if all(p is not v for v in vocab)], "weight_decay": t.weight_decay}]
-        if vocab:
-            groups.append({"params": vocab, "weight_decay": 0.0})  # decay would move the frozen old rows
+        if vocab:  # the rows of added tokens: no decay (it would move the frozen old rows), their own rate
+            groups.append({"params": vocab, "weight_decay": 0.0, "lr": new_token_learning_rate(t)})
         self.optimizer = OPTIMIZERS[t.optim].build(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                                    eps=t.adam_epsilon)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.lr_scheduler_type, warmup, self.total))

@@ -1,0 +1,113 @@
+"""Tokens added to the vocabulary, end to end: their own learning rate, saved as only their rows in
+PEFT's `trainable_token_indices` format (PEFT loads them), older whole-matrix adapters still load,
+served beside base-vocabulary adapters, merged into a resized checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+import nf4tune
+from nf4tune.checkpoint.tiny import build_tiny_checkpoint
+from nf4tune.layers.lora import lora_layers
+from nf4tune.train.tokens import add_tokens_to_tokenizer, grow_vocab
+
+BNB = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                         bnb_4bit_compute_dtype=torch.bfloat16)
+NEW = ["<|answer|>", "<|think|>"]
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def trained(request, tmp_path_factory):
+    """A tiny model with two added tokens whose rows (and LoRA B) are set as training would, saved."""
+    root = tmp_path_factory.mktemp("newtok")
+    base = build_tiny_checkpoint(root / "base", tie_word_embeddings=request.param)
+    model, tok = nf4tune.load_model(base, device="cpu", compute_dtype=torch.bfloat16,
+                                    lora=nf4tune.LoraConfig(r=4, alpha=8, dropout=0.0))
+    old = model.get_input_embeddings().weight.shape[0]
+    add_tokens_to_tokenizer(tok, [], NEW)
+    assert grow_vocab(model, len(tok)) == 2
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.05)
+        for m in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+            m.weight[old:] += torch.randn(m.weight[old:].shape, generator=gen)
+    model.eval()
+    adapter = root / "adapter"
+    nf4tune.save_adapter(model, adapter)
+    tok.save_pretrained(adapter)
+    ids = tok("ab<|answer|>cd<|think|>e", return_tensors="pt").input_ids
+    assert ids.max() >= old  # the prompt holds the new tokens
+    return dict(base=base, adapter=adapter, model=model, old=old, ids=ids, tied=request.param)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def _close(a, b, rel=0.03):
+    # same 4-bit bits and adapters; bf16 rounding in different matmul kernels remains
+    return (a - b).abs().max() <= rel * b.abs().max()
+
+
+def test_only_the_new_rows_are_saved_in_peft_format(trained):
+    tensors = load_file(trained["adapter"] / "adapter_model.safetensors")
+    config = json.loads((trained["adapter"] / "adapter_config.json").read_text())
+    rows = [trained["old"], trained["old"] + 1]
+    deltas = {k: v for k, v in tensors.items() if "lora_" not in k}
+    expected = ["base_model.model.lm_head.token_adapter.trainable_tokens_delta",
+                "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert sorted(deltas) == expected  # as PEFT writes them (a tied head's rows too)
+    hidden = trained["model"].config.hidden_size
+    assert all(v.shape == (2, hidden) for v in deltas.values())
+    assert config["modules_to_save"] is None
+    assert config["trainable_token_indices"] == ({"embed_tokens": rows} if trained["tied"]
+                                                 else {"embed_tokens": rows, "lm_head": rows})
+    model = trained["model"]
+    assert torch.equal(deltas[expected[1]], model.get_input_embeddings().weight[trained["old"]:].float())
+    assert torch.equal(deltas[expected[0]], model.get_output_embeddings().weight[trained["old"]:].float())
+
+
+def test_peft_loads_the_adapter_with_the_same_logits(trained):
+    tok = AutoTokenizer.from_pretrained(trained["adapter"])
+    base = AutoModelForCausalLM.from_pretrained(trained["base"], quantization_config=BNB, dtype=torch.bfloat16,
+                                                device_map="cpu")
+    base.resize_token_embeddings(len(tok))  # PEFT's way: resize the base to the adapter's tokenizer, then load
+    theirs = peft.PeftModel.from_pretrained(base, trained["adapter"]).eval()
+    if trained["tied"]:  # the head stays tied: one set of rows serves both
+        head, embed = theirs.get_output_embeddings().token_adapter, theirs.get_input_embeddings().token_adapter
+        assert head.trainable_tokens_delta is embed.trainable_tokens_delta and head.tied_adapter is embed
+    ours, _ = nf4tune.load_model(trained["base"], device="cpu", compute_dtype=torch.bfloat16, adapter=trained["adapter"])
+    a, b = _logits(ours, trained["ids"]), _logits(theirs, trained["ids"])
+    assert a.shape[-1] == trained["old"] + 2 and a.shape == b.shape
+    assert _close(a, b), (a - b).abs().max()
+    assert _close(_logits(trained["model"], trained["ids"]), a, rel=0.01)  # as the model that saved it
+    with theirs.disable_adapter():  # the new rows matter: without them PEFT's model is another model
+        assert not _close(_logits(theirs, trained["ids"]), b, rel=1e-3)
+
+
+def test_older_adapters_with_whole_matrices_still_load(trained, tmp_path):
+    """nf4tune before PEFT's format saved the whole embedding (and head) as `modules_to_save`."""
+    model = trained["model"]
+    tensors = {k: v for k, v in load_file(trained["adapter"] / "adapter_model.safetensors").items() if "lora_" in k}
+    tensors["base_model.model.model.embed_tokens.weight"] = model.get_input_embeddings().weight.detach().float()
+    saved = ["embed_tokens"]
+    if not trained["tied"]:
+        tensors["base_model.model.lm_head.weight"] = model.get_output_embeddings().weight.detach().float()
+        saved.append("lm_head")
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(tensors, old / "adapter_model.safetensors")
+    config = json.loads((trained["adapter"] / "adapter_config.json").read_text())
+    config.update(modules_to_save=saved, trainable_token_indices=None)
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    again, _ = nf4tune.load_model(trained["base"], device="cpu", compute_dtype=torch.bfloat16, adapter=old)
+    new, _ = nf4tune.load_model(trained["base"], device="cpu", compute_dtype=torch.bfloat16, adapter=trained["adapter"])
+    assert torch.equal(_logits(again, trained["ids"]), _logits(new, trained["ids"]))
