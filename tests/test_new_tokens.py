@@ -5,6 +5,7 @@ served beside base-vocabulary adapters, merged into a resized checkpoint."""
 from __future__ import annotations
 
 import json
+import threading
 
 import peft
 import pytest
@@ -111,3 +112,81 @@ def test_older_adapters_with_whole_matrices_still_load(trained, tmp_path):
     again, _ = nf4tune.load_model(trained["base"], device="cpu", compute_dtype=torch.bfloat16, adapter=old)
     new, _ = nf4tune.load_model(trained["base"], device="cpu", compute_dtype=torch.bfloat16, adapter=trained["adapter"])
     assert torch.equal(_logits(again, trained["ids"]), _logits(new, trained["ids"]))
+
+
+def test_merge_writes_the_grown_vocabulary_and_tokenizer(trained, tmp_path):
+    from nf4tune.models.merge import merge_adapter
+
+    out = tmp_path / "merged"
+    merge_adapter(trained["base"], trained["adapter"], out, dequantized=True, progress=False)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids(NEW) == [trained["old"], trained["old"] + 1]
+    assert tok("ab<|answer|>cd<|think|>e", return_tensors="pt").input_ids.tolist() == trained["ids"].tolist()
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    assert merged.config.vocab_size == trained["old"] + 2
+    assert (merged.get_output_embeddings().weight is merged.get_input_embeddings().weight) == trained["tied"]
+    ours, _ = nf4tune.load_model(trained["base"], device="cpu", compute_dtype=torch.bfloat16, adapter=trained["adapter"])
+    a, b = _logits(ours, trained["ids"]), _logits(merged, trained["ids"])
+    assert a.shape == b.shape and _close(a, b), (a - b).abs().max()
+
+
+def _alone(base, adapter, prompt, **sampling):
+    from nf4tune.serve import Engine
+
+    model, tok = nf4tune.load_model(base, device="cpu", adapter=adapter)
+    engine = Engine(model, tok)
+    try:
+        return engine.generate(prompt, **sampling).text
+    finally:
+        engine.close()
+
+
+def test_the_server_holds_an_adapter_with_new_tokens_beside_others(trained, tmp_path):
+    openai = pytest.importorskip("openai", reason="the official client is the oracle for the wire format")
+    from nf4tune.serve import Engine
+    from nf4tune.serve.server import Server
+
+    base = trained["base"]
+    plain_model, _ = nf4tune.load_model(base, device="cpu", lora=nf4tune.LoraConfig(r=4, alpha=32, dropout=0.0))
+    with torch.no_grad():
+        for layer in lora_layers(plain_model).values():
+            layer.lora_B.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    nf4tune.save_adapter(plain_model, tmp_path / "plain")
+    model, tok = nf4tune.load_model(base, device="cpu")
+    engine = Engine(model, tok, {"tok": str(trained["adapter"]), "plain": str(tmp_path / "plain")}, max_batch=4)
+    server = Server(engine, base_name="base", port=0)
+    server.start()
+    try:
+        host, port = server.address
+        client = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="-", max_retries=0)
+        prompt = "ab<|answer|>cd"
+        asks = {("tok", 0.0): {}, ("plain", 0.0): {}, ("base", 0.0): {}, ("plain", 1.0): {"seed": 5}}
+        got = {}
+
+        def ask(key):
+            name, temperature = key
+            got[key] = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=temperature,
+                                                 **asks[key]).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(key,)) for key in asks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # each as it is served alone: the added rows for "tok" (its tokenizer encodes <|answer|>), the base
+        # vocabulary for the others (they never draw an added token, seeded sampling included)
+        assert got[("tok", 0.0)] == _alone(base, trained["adapter"], prompt, max_new_tokens=8, temperature=0.0)
+        assert got[("plain", 0.0)] == _alone(base, tmp_path / "plain", prompt, max_new_tokens=8, temperature=0.0)
+        assert got[("base", 0.0)] == _alone(base, None, prompt, max_new_tokens=8, temperature=0.0)
+        assert got[("plain", 1.0)] == _alone(base, tmp_path / "plain", prompt, max_new_tokens=8, temperature=1.0, seed=5)
+    finally:
+        server.stop()
+
+
+def test_one_server_holds_one_adapter_that_adds_tokens(trained):
+    from nf4tune.errors import Nf4tuneError
+    from nf4tune.models.adapters import AdapterBank
+
+    model, _ = nf4tune.load_model(trained["base"], device="cpu")
+    with pytest.raises(Nf4tuneError, match="'a' and 'b' both add tokens.*second server"):
+        AdapterBank(model, {"a": trained["adapter"], "b": trained["adapter"]})

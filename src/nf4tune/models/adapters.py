@@ -275,13 +275,15 @@ class AdapterBank:
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
         self.adapters: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
         self.active: str | None = None
+        # Vocabulary size per adapter (None: the base). One adapter may add tokens: the model's vocabulary
+        # grows by its rows, the others keep the base's (their rows never see nor draw the added tokens),
+        # and `tokenizer` is its tokenizer, which encodes the added tokens (else None: the base's).
+        self.vocab: dict[str | None, int] = {None: model.get_input_embeddings().weight.shape[0]}
+        self.tokenizer, self._adds_tokens = None, None
         for name, directory in adapters.items():
             config, pairs, saved = read_adapter(directory)
-            if saved:
-                raise Nf4tuneError(f"the adapter {name!r} in {directory} adds tokens, which the server cannot hold beside "
-                                   f"the base vocabulary yet; `nf4tune chat` and `nf4tune generate` take it with "
-                                   f"--adapter {directory}.")
             _check_fits(model, pairs, config, directory)
+            self.vocab[name] = self._add_tokens(name, directory, saved) if saved else self.vocab[None]
             lora = _lora_config(config, pairs)
             device, dtype = next(iter(self.layers.values())).weight_packed.device, torch.float32
             self.adapters[name] = {
@@ -300,6 +302,27 @@ class AdapterBank:
                 else:
                     held[name] = None
         self.activate(None)
+
+    def _add_tokens(self, name: str, directory, saved: dict[str, VocabRows]) -> int:
+        """Grow the model's vocabulary by the rows of the tokens adapter `name` adds; its vocabulary size."""
+        from .load import load_tokenizer
+
+        if self._adds_tokens is not None:
+            raise Nf4tuneError(f"the adapters {self._adds_tokens!r} and {name!r} both add tokens; one server holds one "
+                               "such adapter (beside any number that keep the base vocabulary): serve the other "
+                               "from a second server.")
+        tokenizer = load_tokenizer(directory)
+        if tokenizer is None:
+            raise Nf4tuneError(f"the adapter {name!r} in {directory} adds tokens but has no tokenizer files; save the "
+                               "tokenizer with the added tokens beside it (nf4tune train does).")
+        base = self.vocab[None]
+        _load_saved_modules(self.model, {m: rows.added_from(base) for m, rows in saved.items()}, directory)
+        self.tokenizer, self._adds_tokens = tokenizer, name
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    def vocab_size(self, name: str | None) -> int:
+        """The vocabulary size of adapter `name` (None: the base model)."""
+        return self.vocab[name]
 
     def _apply(self, layer: Linear4bit, name: str | None) -> None:
         held = self._held[id(layer)][name]
@@ -340,6 +363,12 @@ class RowAdapters:
     def __init__(self, bank: AdapterBank, names: list[str | None]):
         self.bank, self.names = bank, list(names)
         self._all = self._groups(range(len(self.names)))
+
+    def own_vocab(self, logits: torch.Tensor, name: str | None) -> torch.Tensor:
+        """A row's logits (vocab,) over its adapter's vocabulary only: an adapter that keeps the base
+        vocabulary draws exactly as it would alone, never a token another adapter added."""
+        size = self.bank.vocab_size(name)
+        return logits if size == logits.shape[-1] else logits[:size]
 
     def assign(self, row: int, name: str | None) -> None:
         """Put adapter `name` on row `row` (the batch grows to hold it): continuous batching."""
