@@ -190,3 +190,104 @@ def test_one_server_holds_one_adapter_that_adds_tokens(trained):
     model, _ = nf4tune.load_model(trained["base"], device="cpu")
     with pytest.raises(Nf4tuneError, match="'a' and 'b' both add tokens.*second server"):
         AdapterBank(model, {"a": trained["adapter"], "b": trained["adapter"]})
+
+
+def test_added_rows_learn_at_their_own_rate(tmp_path):
+    from nf4tune.train.config import TrainingSection, recipe_from_dict
+    from nf4tune.train.loop import train
+    from nf4tune.train.tokens import DEFAULT_EMBEDDING_LEARNING_RATE, new_token_learning_rate
+
+    base = build_tiny_checkpoint(tmp_path / "base")
+    rows = [{"prompt": f"Is {n} even? ", "completion": "<|answer|>" + ("yes" if n % 2 == 0 else "no")} for n in range(32)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps, lr, embedding_lr = 3, 1e-4, 1e-2
+    recipe = recipe_from_dict({
+        "model": {"name_or_path": str(base), "add_special_tokens": ["<|answer|>"]},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"path": str(tmp_path / "train.jsonl"), "source_max_len": 16, "target_max_len": 8},
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": steps, "per_device_train_batch_size": 8,
+                     "learning_rate": lr, "embedding_learning_rate": embedding_lr, "save_steps": 100}})
+    result = train(recipe, progress=False)
+    start = nf4tune.load_model(base, device="cpu")[0].get_input_embeddings().weight.float().mean(0)
+    loaded, tok = nf4tune.load_model(base, device="cpu", adapter=result.adapter_dir)
+    moved = (loaded.get_input_embeddings().weight[tok.convert_tokens_to_ids("<|answer|>")].float() - start).abs().max()
+    # Adam moves an element about one learning rate a step: the adapters' rate could not have moved it this far
+    assert 10 * steps * lr < moved <= 4 * steps * embedding_lr, moved
+    default = TrainingSection(output_dir="x", learning_rate=2e-4)
+    assert new_token_learning_rate(default) == DEFAULT_EMBEDDING_LEARNING_RATE > default.learning_rate
+
+
+@pytest.mark.real_model
+def test_the_real_model_learns_to_say_a_new_token(smollm2_gguf, tmp_path):
+    """SmolLM2 (tied embeddings): a special token added and used in every answer is generated after a few
+    steps with the added rows' own learning rate (with the adapters' alone it reached loss 1.91 and replies
+    came back empty), and the adapter saved with it is small and generates it too."""
+    pytest.importorskip("gguf", reason="the real model is a GGUF file: pip install gguf")
+    from nf4tune.train.config import TrainingSection
+    from nf4tune.train.tokens import parameter_groups
+
+    model, tok = nf4tune.load_model(smollm2_gguf, device="cpu", lora=nf4tune.LoraConfig(r=8, alpha=16, dropout=0.0),
+                                    progress=False)
+    add_tokens_to_tokenizer(tok, [], ["<|answer|>"])
+    grow_vocab(model, len(tok))
+    answer = tok.convert_tokens_to_ids("<|answer|>")
+    pairs = [("Spain", "Madrid"), ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Peru", "Lima")]
+    texts = [f"Capital of {c}?<|answer|>{cap}{tok.eos_token}" for c, cap in pairs]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    optimizer = torch.optim.AdamW(parameter_groups(model, TrainingSection(output_dir="-", learning_rate=2e-3)), lr=2e-3)
+    model.train()
+    for _ in range(8):
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    prompt = tok("Capital of France?", return_tensors="pt").input_ids
+
+    def first_token(m):
+        with torch.no_grad():
+            return int(m(prompt).logits[0, -1].argmax())
+
+    assert first_token(model) == answer
+    nf4tune.save_adapter(model, tmp_path / "adapter")
+    tok.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size < 8 * 2**20  # not the 49k x 576 matrix
+    loaded, loaded_tok = nf4tune.load_model(smollm2_gguf, device="cpu", adapter=tmp_path / "adapter", progress=False)
+    assert loaded_tok.convert_tokens_to_ids("<|answer|>") == answer and first_token(loaded) == answer
+
+
+def test_export_to_gguf_holds_the_added_tokens(tmp_path):
+    pytest.importorskip("gguf", reason="GGUF export: pip install gguf")
+    from test_gguf import bpe_tokenizer
+
+    from nf4tune.models.export import export_gguf
+    from nf4tune.models.merge import merge_adapter
+
+    tok = bpe_tokenizer()
+    src = build_tiny_checkpoint(tmp_path / "src", dtype=torch.float32, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    tok.save_pretrained(src)
+    model, _ = nf4tune.load_model(src, device="cpu", lora=nf4tune.LoraConfig(r=4, dropout=0.0), progress=False)
+    add_tokens_to_tokenizer(tok, [], NEW)
+    grow_vocab(model, len(tok))
+    with torch.no_grad():
+        model.get_input_embeddings().weight[-2:] += torch.randn(2, model.config.hidden_size,
+                                                                generator=torch.Generator().manual_seed(0))
+    nf4tune.save_adapter(model, tmp_path / "adapter")
+    tok.save_pretrained(tmp_path / "adapter")
+    merge_adapter(src, tmp_path / "adapter", tmp_path / "merged", progress=False)
+    out = tmp_path / "m.gguf"
+    export_gguf(src, out, tmp_path / "adapter", kind="f16", progress=False)
+
+    read = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name).eval()
+    read_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
+    text = "hello<|answer|> world<|think|>"
+    ids = tok(text, return_tensors="pt").input_ids
+    assert read_tok(text).input_ids == ids[0].tolist() and ids.max() == len(tok) - 1  # the added tokens, as trained
+    assert read.get_input_embeddings().weight.shape[0] == len(tok)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():  # the file's float16 matrices
+        for p in merged.parameters():
+            if p.dim() == 2:
+                p.copy_(p.half().float())
+    torch.testing.assert_close(_logits(read, ids), _logits(merged, ids), rtol=0, atol=1e-5)

@@ -19,6 +19,20 @@ def new_token_learning_rate(training) -> float:
     return max(DEFAULT_EMBEDDING_LEARNING_RATE, training.learning_rate)
 
 
+def parameter_groups(model, training) -> list[dict]:
+    """The optimizer's parameter groups: the adapters (with `training.weight_decay`), and the
+    vocabulary matrices of added tokens (no decay: it would move the frozen old rows; their own
+    learning rate, `new_token_learning_rate`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    vocab_rows = model.get_input_embeddings().weight.shape[0]
+    vocab = [p for p in params if p.dim() == 2 and p.shape[0] == vocab_rows] \
+        if getattr(model, "nf4tune_new_tokens_from", None) is not None else []
+    groups = [{"params": [p for p in params if all(p is not v for v in vocab)], "weight_decay": training.weight_decay}]
+    if vocab:
+        groups.append({"params": vocab, "weight_decay": 0.0, "lr": new_token_learning_rate(training)})
+    return groups
+
+
 def add_tokens_to_tokenizer(tokenizer, tokens: list[str], special_tokens: list[str]) -> None:
     """Add `tokens` and `special_tokens` to the tokenizer (before the data is tokenized with it)."""
     tokenizer.add_tokens([t for t in tokens if t not in tokenizer.get_vocab()])
