@@ -237,12 +237,12 @@ def test_the_real_model_learns_to_say_a_new_token(smollm2_gguf, tmp_path):
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     optimizer = torch.optim.AdamW(parameter_groups(model, TrainingSection(output_dir="-", learning_rate=2e-3)), lr=2e-3)
     model.train()
-    for _ in range(8):
+    for _ in range(10):
         model(**batch, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    prompt = tok("Capital of France?", return_tensors="pt").input_ids
+    prompt = tok("Capital of Peru?", return_tensors="pt").input_ids  # a trained question: the answer starts with it
 
     def first_token(m):
         with torch.no_grad():
