@@ -123,7 +123,8 @@ def test_new_tokens_train_their_rows_and_travel_with_the_adapter(setup):
     head = loaded.get_output_embeddings().weight
     assert head.shape[0] == emb.shape[0]
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
-    assert config["modules_to_save"] == ["embed_tokens", "lm_head"]
+    rows = list(range(old.shape[0], old.shape[0] + 3))
+    assert config["trainable_token_indices"] == {"embed_tokens": rows, "lm_head": rows}  # only the new rows saved
 
 
 @pytest.mark.slow

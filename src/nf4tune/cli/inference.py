@@ -32,7 +32,7 @@ def _model_args(p: argparse.ArgumentParser, many_adapters: bool = False) -> None
     p.add_argument("model", help="base model folder or Hub id (16-bit or *-bnb-4bit)")
     if many_adapters:
         p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                       help="serve the adapter in DIR under the model name NAME (repeatable)")
+                       help="serve the adapter in DIR under the model name NAME (repeatable; DIR alone: named after its folder)")
     else:
         p.add_argument("--adapter", help="LoRA adapter folder (nf4tune or PEFT)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA if available)")
@@ -341,8 +341,10 @@ def run_serve(args) -> int:
     adapters = {}
     for item in args.adapter:
         name, sep, directory = item.partition("=")
-        if not sep or not name or not directory:
-            raise Nf4tuneError(f"--adapter {item!r}: write NAME=DIR.")
+        if not sep and Path(item).is_dir():  # a folder alone: served under its own name
+            name, directory = Path(item).resolve().name, item
+        elif not sep or not name or not directory:
+            raise Nf4tuneError(f"--adapter {item!r}: write NAME=DIR (or the adapter's folder alone).")
         check_adapter_dir(directory)
         adapters[name] = directory
     args.format_choice, args.format = args.format, None

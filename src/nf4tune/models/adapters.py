@@ -3,12 +3,19 @@
 Keys are `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, as PEFT writes them, so
 `peft.PeftModel.from_pretrained(base, dir)` reads what `save_adapter` writes, and `load_adapter`
 reads what PEFT writes.
+
+Tokens added to the vocabulary travel as PEFT's `trainable_token_indices` (its TrainableTokens
+layer): only their rows, `<module>.token_adapter.trainable_tokens_delta` (the rows' values, not a
+difference), for the input embedding and, when untied, the output head; PEFT loads them onto a base
+resized to the adapter's tokenizer (`base.resize_token_embeddings(len(tokenizer))`). Older nf4tune
+adapters saved the whole matrices as `modules_to_save`; they still load.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +32,33 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+TOKEN_DELTA = "token_adapter.trainable_tokens_delta"
+_TOKEN_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$")
+
+
+@dataclass
+class VocabRows:
+    """Rows an adapter sets in a vocabulary matrix (input embedding or output head): row
+    `indices[i]` is `values[i]`; the vocabulary grows to hold the largest index."""
+
+    indices: list[int]
+    values: torch.Tensor  # (len(indices), hidden)
+
+    @property
+    def size(self) -> int:
+        """The vocabulary size these rows need."""
+        return max(self.indices) + 1
+
+    def apply(self, weight: torch.Tensor) -> None:
+        """Write the rows into `weight` in place (in its dtype)."""
+        index = torch.tensor(self.indices, device=weight.device)
+        with torch.no_grad():
+            weight.index_copy_(0, index, self.values.to(weight.device, weight.dtype))
+
+    def added_from(self, base_rows: int) -> "VocabRows":
+        """Only the rows of tokens beyond the base vocabulary of `base_rows` rows."""
+        keep = [i for i, row in enumerate(self.indices) if row >= base_rows]
+        return VocabRows([self.indices[i] for i in keep], self.values[keep])
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -39,6 +73,27 @@ def _vocab_module_names(model) -> dict[str, torch.nn.Module]:
         if any(module is w for w in wanted if w is not None) and all(module.weight is not m.weight for m in found.values()):
             found[name] = module
     return found
+
+
+def _new_rows(model) -> list[int]:
+    first = getattr(model, "nf4tune_new_tokens_from", None)
+    return [] if first is None else list(range(first, model.get_input_embeddings().weight.shape[0]))
+
+
+def _token_modules(model) -> dict[str, nn.Module]:
+    """The modules whose new rows are saved, by name: the input embedding and the output head (both
+    also when tied, as PEFT writes them: the head's rows are then the embedding's)."""
+    wanted = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return {name: m for name, m in model.named_modules() if any(m is w for w in wanted if w is not None)}
+
+
+def _trainable_token_indices(model) -> dict[str, list[int]] | None:
+    """PEFT's `trainable_token_indices` for the added tokens: the embedding's rows, and the head's
+    when it is not tied (PEFT ties a tied head's rows to the embedding's itself)."""
+    rows = _new_rows(model)
+    if not rows:
+        return None
+    return {name.rsplit(".", 1)[-1]: rows for name in _vocab_module_names(model)}
 
 
 def adapter_config(model, layers: list[str]) -> dict:
@@ -59,8 +114,8 @@ def adapter_config(model, layers: list[str]) -> dict:
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": sorted(n.rsplit(".", 1)[-1] for n in _vocab_module_names(model))
-        if getattr(model, "nf4tune_new_tokens_from", None) is not None else None,
+        "modules_to_save": None,
+        "trainable_token_indices": _trainable_token_indices(model),
         "rank_pattern": {},
         "alpha_pattern": {},
         "revision": None,
@@ -78,18 +133,20 @@ def save_adapter(model, directory: str | Path) -> Path:
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
-    if getattr(model, "nf4tune_new_tokens_from", None) is not None:  # trained new-token rows travel whole
-        for name, module in _vocab_module_names(model).items():
-            tensors[f"{PREFIX}{name}.weight"] = module.weight.detach().contiguous().cpu()
+    rows = _new_rows(model)
+    if rows:  # only the added tokens' rows travel with the adapter
+        for name, module in _token_modules(model).items():
+            tensors[f"{PREFIX}{name}.{TOKEN_DELTA}"] = module.weight[rows[0]:].detach().float().cpu().clone()
     config = adapter_config(model, list(layers))
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
     return directory
 
 
-def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """(adapter_config, {module name: {"A": tensor, "B": tensor}}, {module name: full weight}) of a PEFT
-    LoRA adapter folder; full weights are the `modules_to_save` (embeddings and head with new tokens)."""
+def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict[str, VocabRows]]:
+    """(adapter_config, {module name: {"A": tensor, "B": tensor}}, {module name: VocabRows}) of a PEFT
+    LoRA adapter folder; the rows are those of added tokens (`trainable_token_indices`), or whole
+    matrices (`modules_to_save` of older nf4tune adapters: every row)."""
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
         raise Nf4tuneError(f"{directory} has no {CONFIG_NAME}; is it a LoRA adapter folder?")
@@ -110,23 +167,56 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, dict[str, torch
     if not isinstance(config.get("r"), int) or config["r"] <= 0:
         raise Nf4tuneError(f"{directory}: adapter rank r={config.get('r')!r}; a LoRA rank must be a positive integer.")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    saved: dict[str, torch.Tensor] = {}
+    saved: dict[str, VocabRows] = {}
     to_save = set(config.get("modules_to_save") or [])
+    deltas = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m is not None:
             pairs.setdefault(m["module"], {})[m["which"]] = t
             continue
+        if (m := _TOKEN_KEY.match(key)) is not None:
+            deltas[m["module"]] = t
+            continue
         module = key.removeprefix(PREFIX).removesuffix(".weight")
         if key.endswith(".weight") and module.rsplit(".", 1)[-1] in to_save:
-            saved[module] = t
+            saved[module] = VocabRows(list(range(t.shape[0])), t)
             continue
         raise Nf4tuneError(f"{directory}: tensor {key} is not a LoRA A/B weight nor a module_to_save; "
                            "adapters with biases are not supported yet.")
     for name, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise Nf4tuneError(f"{directory}: {name} has lora_{next(iter(pair))} but not its partner.")
+    saved.update(_token_rows(config.get("trainable_token_indices"), deltas, directory))
     return config, pairs, saved
+
+
+def _token_rows(indices, deltas: dict[str, torch.Tensor], directory) -> dict[str, VocabRows]:
+    """PEFT's trainable-token rows by module. `indices` is a list (the input embedding's) or
+    {module name or its last part: list}; a tied head saved without its own entry shares the embedding's."""
+    if not deltas:
+        return {}
+    if isinstance(indices, list):
+        indices = {"embed_tokens": indices}
+    if not isinstance(indices, dict) or not indices:
+        raise Nf4tuneError(f"{directory} saves token rows but its adapter_config.json has no trainable_token_indices.")
+
+    def lookup(module: str):
+        for key, rows in indices.items():
+            if module == key or module.endswith("." + key):
+                return rows
+        return None
+
+    found = {module: lookup(module) for module in deltas}
+    fallback = next((rows for rows in found.values() if rows is not None), None)
+    rows = {}
+    for module, t in deltas.items():
+        index = found[module] if found[module] is not None else fallback
+        if index is None or len(index) != t.shape[0]:
+            raise Nf4tuneError(f"{directory}: {module} saves {t.shape[0]} token rows but trainable_token_indices "
+                               f"names {len(index or [])}; the adapter is damaged.")
+        rows[module] = VocabRows([int(i) for i in index], t)
+    return rows
 
 
 def _check_fits(model, pairs: dict, config: dict, directory) -> None:
@@ -185,13 +275,15 @@ class AdapterBank:
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
         self.adapters: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
         self.active: str | None = None
+        # Vocabulary size per adapter (None: the base). One adapter may add tokens: the model's vocabulary
+        # grows by its rows, the others keep the base's (their rows never see nor draw the added tokens),
+        # and `tokenizer` is its tokenizer, which encodes the added tokens (else None: the base's).
+        self.vocab: dict[str | None, int] = {None: model.get_input_embeddings().weight.shape[0]}
+        self.tokenizer, self._adds_tokens = None, None
         for name, directory in adapters.items():
             config, pairs, saved = read_adapter(directory)
-            if saved:
-                raise Nf4tuneError(f"the adapter {name!r} in {directory} adds tokens, which the server cannot hold beside "
-                                   f"the base vocabulary yet; `nf4tune chat` and `nf4tune generate` take it with "
-                                   f"--adapter {directory}.")
             _check_fits(model, pairs, config, directory)
+            self.vocab[name] = self._add_tokens(name, directory, saved) if saved else self.vocab[None]
             lora = _lora_config(config, pairs)
             device, dtype = next(iter(self.layers.values())).weight_packed.device, torch.float32
             self.adapters[name] = {
@@ -210,6 +302,27 @@ class AdapterBank:
                 else:
                     held[name] = None
         self.activate(None)
+
+    def _add_tokens(self, name: str, directory, saved: dict[str, VocabRows]) -> int:
+        """Grow the model's vocabulary by the rows of the tokens adapter `name` adds; its vocabulary size."""
+        from .load import load_tokenizer
+
+        if self._adds_tokens is not None:
+            raise Nf4tuneError(f"the adapters {self._adds_tokens!r} and {name!r} both add tokens; one server holds one "
+                               "such adapter (beside any number that keep the base vocabulary): serve the other "
+                               "from a second server.")
+        tokenizer = load_tokenizer(directory)
+        if tokenizer is None:
+            raise Nf4tuneError(f"the adapter {name!r} in {directory} adds tokens but has no tokenizer files; save the "
+                               "tokenizer with the added tokens beside it (nf4tune train does).")
+        base = self.vocab[None]
+        _load_saved_modules(self.model, {m: rows.added_from(base) for m, rows in saved.items()}, directory)
+        self.tokenizer, self._adds_tokens = tokenizer, name
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    def vocab_size(self, name: str | None) -> int:
+        """The vocabulary size of adapter `name` (None: the base model)."""
+        return self.vocab[name]
 
     def _apply(self, layer: Linear4bit, name: str | None) -> None:
         held = self._held[id(layer)][name]
@@ -250,6 +363,12 @@ class RowAdapters:
     def __init__(self, bank: AdapterBank, names: list[str | None]):
         self.bank, self.names = bank, list(names)
         self._all = self._groups(range(len(self.names)))
+
+    def own_vocab(self, logits: torch.Tensor, name: str | None) -> torch.Tensor:
+        """A row's logits (vocab,) over its adapter's vocabulary only: an adapter that keeps the base
+        vocabulary draws exactly as it would alone, never a token another adapter added."""
+        size = self.bank.vocab_size(name)
+        return logits if size == logits.shape[-1] else logits[:size]
 
     def assign(self, row: int, name: str | None) -> None:
         """Put adapter `name` on row `row` (the batch grows to hold it): continuous batching."""
@@ -302,20 +421,19 @@ class RowAdapters:
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def _load_saved_modules(model, saved: dict[str, torch.Tensor], directory) -> None:
-    """Put whole saved embedding / head matrices in place, growing the vocabulary to their size."""
-    from ..train.tokens import resize_vocab
+def _load_saved_modules(model, saved: dict[str, VocabRows], directory) -> None:
+    """Put an adapter's vocabulary rows in place, growing the vocabulary to hold them (the old rows
+    stay; the new ones not named start at the mean of the old ones). A tied head shares the rows."""
+    from ..train.tokens import grow_rows
 
     modules = dict(model.named_modules())
-    rows = {t.shape[0] for t in saved.values()}
-    for name, t in saved.items():
-        if name not in modules or t.shape[1:] != modules[name].weight.shape[1:]:
-            raise Nf4tuneError(f"the adapter in {directory} saves {name} {list(t.shape)}, which does not fit this model.")
-    if len(rows) == 1 and next(iter(rows)) != model.get_input_embeddings().weight.shape[0]:
-        resize_vocab(model, next(iter(rows)))
+    for name, rows in saved.items():
+        if name not in modules or rows.values.shape[1:] != modules[name].weight.shape[1:]:
+            raise Nf4tuneError(f"the adapter in {directory} saves {name} rows {list(rows.values.shape)}, "
+                               "which do not fit this model.")
+    size = max(rows.size for rows in saved.values())
+    if size > model.get_input_embeddings().weight.shape[0]:
+        grow_rows(model, size)
         modules = dict(model.named_modules())
-    for name, t in saved.items():
-        weight = modules[name].weight
-        modules[name].weight = torch.nn.Parameter(t.to(weight.device, weight.dtype), requires_grad=False)
-    if model.config.tie_word_embeddings and len(saved) == 1:
-        model.tie_weights()
+    for name, rows in saved.items():
+        rows.apply(modules[name].weight)

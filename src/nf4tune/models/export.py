@@ -9,7 +9,7 @@ from pathlib import Path
 from ..checkpoint.gguf_export import check_export_type, ollama_modelfile, write_gguf
 from ..checkpoint.hf import open_checkpoint, resolve
 from ..errors import Nf4tuneError
-from .merge import merged_tensors
+from .merge import merged_config, merged_tensors
 
 
 @dataclass
@@ -58,7 +58,8 @@ def export_gguf(
     source_gguf = ckpt.gguf if ckpt.gguf is not None and not adapter_has_tokenizer else None
     name = name or (Path(adapter).name if adapter is not None else Path(str(base).rstrip("/")).stem)
     tensors = ((key, t) for _, key, t in merged_tensors(base, adapter, dequantized, progress=progress, desc="exporting"))
-    count = write_gguf(out_path, ckpt.config, tensors, kind, name, tokenizer=tokenizer, source_gguf=source_gguf)
+    config = merged_config(ckpt.config, adapter)  # the vocabulary grown by the tokens an adapter added
+    count = write_gguf(out_path, config, tensors, kind, name, tokenizer=tokenizer, source_gguf=source_gguf)
     modelfile = None
     if ollama:
         template = getattr(tokenizer, "chat_template", None)

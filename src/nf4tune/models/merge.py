@@ -8,7 +8,10 @@ A 4-bit (`*-bnb-4bit`) base has no original weights, so it is always merged dequ
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +28,7 @@ from ..checkpoint.writer import CheckpointWriter
 from ..errors import Nf4tuneError
 from ..layers.linear4bit import lora_scaling
 from ..quant import quantize
-from .adapters import read_adapter
+from .adapters import VocabRows, read_adapter
 
 log = logging.getLogger("nf4tune")
 
@@ -64,6 +67,47 @@ def _check_shapes(ckpt, shapes: dict, pairs: dict, adapter_dir) -> None:
                                f"but the adapter makes {expected}; it was trained on another base model.")
 
 
+def _vocab_targets(saved: dict[str, VocabRows], shapes: dict, adapter, path) -> dict[str, VocabRows]:
+    """The checkpoint keys an adapter's vocabulary rows go into. A tied model's checkpoint has no head
+    weight: the head's rows (the embedding's) are then left out."""
+    targets = {f"{name}.weight": rows for name, rows in saved.items() if f"{name}.weight" in shapes}
+    if saved and not targets:
+        raise Nf4tuneError(f"the adapter in {adapter} sets rows of {', '.join(sorted(saved))}, which {path} does not "
+                           "have; it was trained on another base model.")
+    return targets
+
+
+def with_rows(weight: torch.Tensor, rows: VocabRows) -> torch.Tensor:
+    """`weight` (vocabulary x hidden) grown to hold `rows` and with them written in: the vocabulary of a
+    model whose adapter added tokens (rows it does not name start at the mean of the old ones, as in training)."""
+    if rows.values.shape[1:] != weight.shape[1:]:
+        raise Nf4tuneError(f"the adapter's token rows are {list(rows.values.shape)} but the base's vocabulary matrix "
+                           f"is {list(weight.shape)}; it was trained on another base model.")
+    size = max(rows.size, weight.shape[0])
+    out = weight.new_empty((size, *weight.shape[1:]))
+    out[: weight.shape[0]] = weight
+    out[weight.shape[0]:] = weight.float().mean(0).to(weight.dtype)
+    rows.apply(out)
+    return out
+
+
+def vocab_size_of(adapter: str | Path | None) -> int | None:
+    """The vocabulary size a model with `adapter` has when the adapter adds tokens, else None."""
+    if adapter is None:
+        return None
+    _, _, saved = read_adapter(adapter)
+    return max((rows.size for rows in saved.values()), default=None)
+
+
+def merged_config(config: dict, adapter: str | Path | None) -> dict:
+    """The base's config.json for the merged model: 16-bit, its vocabulary grown by the adapter's tokens."""
+    out = {k: v for k, v in config.items() if k != "quantization_config"}
+    size = vocab_size_of(adapter)
+    if size is not None and size > out.get("vocab_size", 0):
+        out["vocab_size"] = size
+    return out
+
+
 def merged_tensors(
     base: str | Path,
     adapter: str | Path | None,
@@ -84,11 +128,8 @@ def merged_tensors(
     ckpt = open_checkpoint(resolve(base))
     if adapter is not None:
         config, pairs, saved = read_adapter(adapter)
-        if saved:
-            raise Nf4tuneError(f"the adapter in {adapter} adds tokens (it saves {', '.join(sorted(saved))}); "
-                               "merging vocabulary changes is not supported yet.")
     else:
-        config, pairs = {}, {}
+        config, pairs, saved = {}, {}, {}
     qcfg = ckpt.config.get("quantization_config")
     prequantized = qcfg is not None
     if prequantized and not (qcfg.get("quant_method") == "bitsandbytes" and qcfg.get("load_in_4bit")):
@@ -106,6 +147,7 @@ def merged_tensors(
     else:
         _check_shapes(ckpt, shapes, pairs, adapter)
     targets = {f"{name}.weight": pair for name, pair in pairs.items()}
+    vocab = _vocab_targets(saved, shapes, adapter, ckpt.path)
 
     merged = 0
     assembler = QuantizedWeightAssembler(quantized)
@@ -129,6 +171,8 @@ def merged_tensors(
                                            lora_scaling(config.get("lora_alpha", 8), pair["A"].shape[0],
                                                         bool(config.get("use_rslora"))))
                     merged += 1
+                if key in vocab:
+                    tensor = with_rows(tensor, vocab[key])
                 yield index, key, tensor
         bar.update(bar.total - bar.n)  # sizes counted by tensor miss the files' headers: reach the total
     if assembler.pending:
@@ -137,6 +181,25 @@ def merged_tensors(
     if merged != len(targets):
         raise Nf4tuneError(f"{ckpt.path} lacks {len(targets) - merged} weight(s) the adapter targets; "
                            "it was trained on another base model.")
+
+
+@contextlib.contextmanager
+def _with_adapter_tokenizer(files: Path, adapter: str | Path) -> Iterator[Path]:
+    """The files a merged checkpoint copies: the base's, with the tokenizer the adapter saved (one
+    with the tokens it added) in place of the base's."""
+    from .load import _has_tokenizer
+
+    if not _has_tokenizer(Path(adapter)):
+        yield files
+        return
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in files.iterdir():
+            if f.is_file():
+                shutil.copyfile(f, Path(tmp) / f.name)
+        AutoTokenizer.from_pretrained(adapter).save_pretrained(tmp)
+        yield Path(tmp)
 
 
 def merge_adapter(
@@ -158,7 +221,8 @@ def merge_adapter(
     ckpt = open_checkpoint(resolve(base))
     _, pairs, _ = read_adapter(adapter)
     dequantized = dequantized or ckpt.config.get("quantization_config") is not None
-    with companion_files(ckpt) as source, CheckpointWriter(out_dir, source, len(ckpt.shards)) as writer:
+    with companion_files(ckpt) as base_files, _with_adapter_tokenizer(base_files, adapter) as source, \
+            CheckpointWriter(out_dir, source, len(ckpt.shards)) as writer:
         out: dict[str, torch.Tensor] = {}
         current = 0
         for index, key, tensor in merged_tensors(base, adapter, dequantized, quant_type, double_quant, blocksize, progress):
@@ -167,6 +231,5 @@ def merge_adapter(
                 out, current = {}, index
             out[key] = tensor
         writer.write_shard(out)
-        out_config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
-        writer.finish(out_config)
+        writer.finish(merged_config(ckpt.config, adapter))
     return MergeReport(Path(out_dir), len(pairs), dequantized)

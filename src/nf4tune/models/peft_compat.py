@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import Nf4tuneError
 from ..layers.lora import LoraConfig, lora_layers, trainable_parameters
-from .adapters import _KEY, PREFIX, WEIGHTS_NAME, save_adapter
+from .adapters import _KEY, _TOKEN_KEY, PREFIX, WEIGHTS_NAME, save_adapter
 
 # Trainer's resume reads `model.safetensors.index.json` when a checkpoint has no full weights and the
 # model is not a peft.PeftModel; this index points it at the adapter file, which `load_state_dict` reads.
@@ -163,6 +163,10 @@ class Nf4tuneModelMixin:
                 elif m is None and module in vocab and vocab[module].weight.shape == tensor.shape:
                     vocab[module].weight.copy_(tensor)  # trained new-token rows (modules_to_save)
                     loaded.add(f"{module}.weight")
+                elif (t := _TOKEN_KEY.match(key)) and t["module"] in vocab and self.nf4tune.new_tokens_from is not None \
+                        and vocab[t["module"]].weight[self.nf4tune.new_tokens_from:].shape == tensor.shape:
+                    vocab[t["module"]].weight[self.nf4tune.new_tokens_from:].copy_(tensor)  # the added tokens' rows
+                    loaded.add(f"{t['module']}.weight")
                 else:
                     unexpected.append(key)
         missing = [f"{name}.lora_{w}" for name in layers for w in "AB" if f"{name}.lora_{w}" not in loaded]

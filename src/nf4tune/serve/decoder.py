@@ -352,7 +352,7 @@ class Decoder:
                 logits = self.step(torch.tensor(tokens[:len(live)]))
                 for place, r in enumerate(live):
                     if r is not None:
-                        r.logits = logits[place]
+                        r.logits = logits[place] if adapters is None else adapters.own_vocab(logits[place], r.adapter)
         finally:
             self.adapters = None
             self.keys = self.values = None
@@ -394,7 +394,7 @@ class Decoder:
         self._ensure_rope(max(len(r.prompt_ids) + r.sampling.max_new_tokens for r in new) + 1)
         prompts = [(place, torch.tensor(r.prompt_ids, dtype=torch.long)) for place, r in zip(places, new)]
         for r, logits in zip(new, self._prefill_into(prompts, self.slot)):
-            r.logits = logits
+            r.logits = logits if adapters is None else adapters.own_vocab(logits, r.adapter)
 
     def _make_room(self, rows: int, front: int, need: int, live: list[bool]) -> None:
         """A cache of at least `rows` rows with `front` slots before the next one and `need` from it on.

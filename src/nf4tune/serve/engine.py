@@ -254,6 +254,17 @@ class _ReplyPenalties(LogitsProcessor):
         return scores - counts * self.s.frequency_penalty - (counts > 0).to(scores.dtype) * self.s.presence_penalty
 
 
+class _BaseVocabulary:
+    """Scores of tokens beyond the first `size` (those an adapter other than the batch's added) at -inf."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.size:] = float("-inf")
+        return scores
+
+
 class Engine:
     """Generation for one model with optional named adapters, batched on a worker thread.
 
@@ -264,6 +275,15 @@ class Engine:
                  max_queue: int = 64, request_timeout: float | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.bank = AdapterBank(model, adapters or {}) if adapters else None
+        # An adapter's added tokens: its tokenizer encodes its prompts and decodes every reply (it decodes
+        # the base's ids as the base's does); other prompts are encoded as the base encodes them.
+        self._encoders = {None: tokenizer}
+        if self.bank is not None and self.bank.tokenizer is not None:
+            self._encoders[self.bank._adds_tokens] = self.bank.tokenizer
+            self.tokenizer = self.bank.tokenizer
+            self.tokenizer.padding_side = "left"
+            if self.tokenizer.pad_token_id is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
         # the lean CPU decoder where the model allows, else generate()
         self.decoder = Decoder(model) if Decoder.unsupported(model) is None else None
         self.max_batch, self.max_queue, self.request_timeout = max_batch, max_queue, request_timeout
@@ -300,7 +320,8 @@ class Engine:
             raise Nf4tuneError(f"'stop' takes up to {MAX_STOPS} non-empty strings.")
         if request.logprobs is not None and self.decoder is None:
             raise Nf4tuneError("logprobs are available with the CPU decoder only; this model is served by generate().")
-        request.prompt_ids = self.tokenizer(request.prompt, add_special_tokens=False).input_ids
+        encoder = self._encoders.get(request.adapter, self._encoders[None])
+        request.prompt_ids = encoder(request.prompt, add_special_tokens=False).input_ids
         request.prompt_tokens = len(request.prompt_ids)
         if not request.prompt_ids:
             raise Nf4tuneError("the prompt makes no tokens; give the model some text to continue.")
@@ -468,8 +489,11 @@ class Engine:
         kwargs = dict(max_new_tokens=s.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
                       eos_token_id=list(self.eos_ids), repetition_penalty=s.repetition_penalty,
                       stopping_criteria=StoppingCriteriaList([_Stopped(streamer)]))
-        if s.penalizes_reply:
-            kwargs["logits_processor"] = LogitsProcessorList([_ReplyPenalties(ids.shape[1], s)])
+        processors = [_ReplyPenalties(ids.shape[1], s)] if s.penalizes_reply else []
+        if self.bank is not None and self.bank.vocab_size(batch[0].adapter) < self.model.get_input_embeddings().weight.shape[0]:
+            processors.append(_BaseVocabulary(self.bank.vocab_size(batch[0].adapter)))  # not another adapter's tokens
+        if processors:
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         if s.temperature > 0:
             kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
         else:

@@ -60,6 +60,10 @@ class TrainingSection:
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-4
+    # Rows of tokens added to the vocabulary (model.add_tokens / add_special_tokens) start at the mean of
+    # the old rows and must move far to be predicted: they get their own learning rate (as Unsloth's
+    # embedding_learning_rate); None: 5e-3 or learning_rate, whichever is larger.
+    embedding_learning_rate: typing.Optional[float] = None
     lr_scheduler_type: str = "constant"  # constant | linear | cosine (all with warmup)
     warmup_ratio: float = 0.0
     warmup_steps: int = 0

@@ -23,7 +23,7 @@ from .config import Recipe, recipe_to_dict
 from .data import IGNORE_INDEX, DataStats, Tokenized, batch_order, collate, load_examples, pack, plan_packing
 from .formats import save_prompt_format
 from .loss import loss_sum
-from .tokens import add_tokens_to_tokenizer, grow_vocab
+from .tokens import add_tokens_to_tokenizer, grow_vocab, parameter_groups
 
 log = logging.getLogger("nf4tune")
 
@@ -298,11 +298,7 @@ class Trainer:
         t, model = self.t, self.model
         warmup = t.warmup_steps or math.ceil(t.warmup_ratio * self.total)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        vocab_rows = model.get_input_embeddings().weight.shape[0]
-        vocab = [p for p in self.params if p.dim() == 2 and p.shape[0] == vocab_rows]
-        groups = [{"params": [p for p in self.params if all(p is not v for v in vocab)], "weight_decay": t.weight_decay}]
-        if vocab:
-            groups.append({"params": vocab, "weight_decay": 0.0})  # decay would move the frozen old rows
+        groups = parameter_groups(model, t)
         self.optimizer = OPTIMIZERS[t.optim].build(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                                    eps=t.adam_epsilon)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.lr_scheduler_type, warmup, self.total))

@@ -109,5 +109,5 @@ def restore_adapter(model, path: Path) -> None:
         for name, pair in pairs.items():
             modules[name].lora_A.copy_(pair["A"])
             modules[name].lora_B.copy_(pair["B"])
-        for name, weight in saved.items():
-            modules[name].weight.copy_(weight)
+        for name, rows in saved.items():
+            rows.apply(modules[name].weight)

@@ -6,6 +6,33 @@ import torch
 from torch import nn
 
 
+# training.embedding_learning_rate's default floor: the new rows of the real SmolLM2 learned a token
+# used in every answer with it (tests/test_new_tokens.py), and not with the adapters' 2e-4 to 1e-3.
+DEFAULT_EMBEDDING_LEARNING_RATE = 5e-3
+
+
+def new_token_learning_rate(training) -> float:
+    """The learning rate of added tokens' rows: `training.embedding_learning_rate`, by default the larger
+    of DEFAULT_EMBEDDING_LEARNING_RATE and the adapters' learning rate."""
+    if training.embedding_learning_rate is not None:
+        return training.embedding_learning_rate
+    return max(DEFAULT_EMBEDDING_LEARNING_RATE, training.learning_rate)
+
+
+def parameter_groups(model, training) -> list[dict]:
+    """The optimizer's parameter groups: the adapters (with `training.weight_decay`), and the
+    vocabulary matrices of added tokens (no decay: it would move the frozen old rows; their own
+    learning rate, `new_token_learning_rate`)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    vocab_rows = model.get_input_embeddings().weight.shape[0]
+    vocab = [p for p in params if p.dim() == 2 and p.shape[0] == vocab_rows] \
+        if getattr(model, "nf4tune_new_tokens_from", None) is not None else []
+    groups = [{"params": [p for p in params if all(p is not v for v in vocab)], "weight_decay": training.weight_decay}]
+    if vocab:
+        groups.append({"params": vocab, "weight_decay": 0.0, "lr": new_token_learning_rate(training)})
+    return groups
+
+
 def add_tokens_to_tokenizer(tokenizer, tokens: list[str], special_tokens: list[str]) -> None:
     """Add `tokens` and `special_tokens` to the tokenizer (before the data is tokenized with it)."""
     tokenizer.add_tokens([t for t in tokens if t not in tokenizer.get_vocab()])
@@ -20,12 +47,18 @@ def grow_vocab(model, size: int) -> int:
     old = model.get_input_embeddings().weight.shape[0]
     if size <= old:
         return 0
+    grow_rows(model, size)
+    train_new_rows(model, old)
+    return size - old
+
+
+def grow_rows(model, size: int) -> None:
+    """Resize the vocabulary matrices to `size` rows (frozen), the new rows at the mean of the old ones."""
+    old = model.get_input_embeddings().weight.shape[0]
     resize_vocab(model, size)
     for module in _vocab_modules(model):
         with torch.no_grad():
             module.weight[old:] = module.weight[:old].float().mean(0).to(module.weight.dtype)
-    train_new_rows(model, old)
-    return size - old
 
 
 def _vocab_modules(model) -> list[nn.Module]:
