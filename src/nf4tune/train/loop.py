@@ -231,7 +231,7 @@ class Trainer:
     # --- setup --------------------------------------------------------------------------------
 
     def _setup_data(self) -> None:
-
+        """The tokenizer (with any added tokens), the training and evaluation examples, and the batches."""
         recipe, d = self.recipe, self.recipe.data
         self.model_path = resolve(recipe.model.name_or_path)
         tokenizer = load_tokenizer(self.model_path)  # a folder's tokenizer files, or a GGUF file's metadata
