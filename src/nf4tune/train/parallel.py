@@ -228,6 +228,9 @@ class Parallel:
         self.barrier()
         dcp.save({"optimizer": get_optimizer_state_dict(self.root, optimizer)}, checkpoint_id=str(tmp / OPTIMIZER_DIR))
         torch.save(ckpt.rng_state(), tmp / f"rng-rank{self.rank}.pt")
+        # Every rank's files are in before rank 0 renames the folder into place: without this barrier
+        # a DDP rank 0 (no collective until here) could move the folder while rank 1 was still writing.
+        self.barrier()
         state = {**trainer_state, "optimizer": None, "world_size": self.world_size, "strategy": self.strategy}
         with _gathered(self.root) if self.strategy == "fsdp" else contextlib.nullcontext():
             if self.is_main:
