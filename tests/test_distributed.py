@@ -43,15 +43,18 @@ if dist.get_rank() == 1:  # a slow rank 1, as under load: rank 0 must not move a
         return save(obj, f, *args, **kwargs)
     torch.save = slow_save
 
-def run(out, resume=None, **training):
+def run(out, resume=None, model=None, **training):
     t = {**raw["training"], "output_dir": str(root / out), "gradient_accumulation_steps": 1, **training}
-    train(recipe_from_dict({**raw, "training": t}), resume=resume, progress=False)
+    m = {**raw["model"], "name_or_path": model or raw["model"]["name_or_path"]}
+    train(recipe_from_dict({**raw, "model": m, "training": t}), resume=resume, progress=False)
 
 run("ddp", parallel="ddp")
 run("fsdp", parallel="fsdp")
 if backend == "gloo":
     run("fsdp_resumed", resume=str(root / "fsdp" / "checkpoint-3"), parallel="fsdp")  # same world size
     run("one_to_two", resume=str(root / "one" / "checkpoint-3"), parallel="fsdp")  # 1 -> 2
+    for strategy in ("ddp", "fsdp"):  # 8 layers: what a rank holds while loading
+        run(f"deep_{strategy}", model=str(root / "deep"), parallel=strategy, max_steps=1)
 dist.destroy_process_group()
 """
 
@@ -105,6 +108,7 @@ def runs(tmp_path_factory):
     """One process (global batch 8 = 4 x 2 accumulation), then one two-process launch (4 x 1 x 2 ranks)."""
     root = tmp_path_factory.mktemp("dist")
     model = build_tiny_checkpoint(root / "model")
+    build_tiny_checkpoint(root / "deep", num_hidden_layers=8)
     rows = [{"prompt": f"Is {n} even or odd? ", "completion": "even" if n % 2 == 0 else "odd"} for n in range(100, 260)]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     raw = _raw(root, model)
@@ -138,6 +142,17 @@ def test_fsdp_holds_half_the_bytes_per_rank(runs):
                 for name in ("one", "ddp", "fsdp")}
     assert bytes_of["ddp"] == bytes_of["one"]  # replicated
     assert 0.45 < bytes_of["fsdp"] / bytes_of["one"] < 0.56, bytes_of  # packed 4-bit bytes sharded too
+
+
+def test_fsdp_ranks_never_hold_every_layer_while_loading(runs):
+    root, _ = runs
+    summary = {name: json.loads((root / name / "summary.json").read_text()) for name in ("deep_ddp", "deep_fsdp")}
+    whole = summary["deep_ddp"]["param_bytes_per_rank"]  # a replica: the whole model
+    assert summary["deep_ddp"]["load_peak_param_bytes_per_rank"] == whole
+    # Each layer is sharded as soon as it is read: a rank holds its halves of the layers, the layer
+    # being read, and the embeddings and head until the root unit is sharded.
+    peak = summary["deep_fsdp"]["load_peak_param_bytes_per_rank"]
+    assert summary["deep_fsdp"]["param_bytes_per_rank"] < peak < 0.7 * whole, (peak, whole)
 
 
 def test_resume_at_the_same_and_at_another_world_size(runs):

@@ -245,7 +245,8 @@ class Trainer:
         model, _ = load_model(self.model_path, recipe.quant.quant_type, recipe.quant.double_quant,
                               _dtype(recipe.model.compute_dtype), device, lora=lora,
                               blocksize=recipe.quant.blocksize,
-                              gradient_checkpointing=recipe.model.gradient_checkpointing, progress=self.progress)
+                              gradient_checkpointing=recipe.model.gradient_checkpointing, progress=self.progress,
+                              layer_ready=self.par.loading_hook(recipe, self.model_path, self.resume_from))
         self.added = grow_vocab(model, len(self.tokenizer))
         if self.added:
             log.info("nf4tune: added %d token(s); their embedding rows train with the adapter", self.added)
@@ -264,7 +265,7 @@ class Trainer:
         self.compute_dtype = next(m for m in model.modules() if hasattr(m, "compute_dtype")).compute_dtype
         self.model = model
         if self.resume_from is not None:  # before wrapping: the adapter is copied into whole tensors
-            ckpt.restore_adapter(model, self.resume_from)
+            self.par.restore_adapter(model, self.resume_from)
         self.loss_fn = self.par.wrap(model, self.recipe, loss_sum, t.loss_chunk_tokens, self.model_path)
 
     def _setup_optimizer(self) -> None:

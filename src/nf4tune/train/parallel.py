@@ -60,6 +60,8 @@ class Parallel:
         self.wrapped: nn.Module | None = None  # what forward goes through (DDP or the FSDP root)
         self._failed = False
         self._owns_group = False
+        self._streamed = False  # layers sharded while loading (FSDP)
+        self.load_peak_bytes = 0  # the most parameter and buffer bytes the model held while loading
 
     # --- the process group --------------------------------------------------------------------
 
@@ -159,21 +161,70 @@ class Parallel:
 
     # --- the model ----------------------------------------------------------------------------
 
+    def loading_hook(self, recipe, model_path: Path, resume_from: Path | None = None):
+        """What `load_model(layer_ready=...)` calls as each decoder layer arrives, or None. Under FSDP
+        the layer (with its adapters, restored from `resume_from` when resuming) is sharded at once,
+        so a rank holds whole only the layer being read, its shards of the others, and the 16-bit
+        parts outside the layers until the root unit is sharded: ranks do not each hold the model."""
+        if self.world_size == 1:
+            return None
+        self._decide(recipe, model_path)
+        if self.strategy != "fsdp":
+            return None
+        pairs = {}
+        if resume_from is not None:
+            from ..models.adapters import read_adapter
+
+            pairs = read_adapter(resume_from)[1]
+        options = _fsdp_options(self.world_size, self.device(recipe.model.device), self.cpu_offload)
+        self._streamed = True
+
+        def shard(model: nn.Module, name: str) -> None:
+            from torch.distributed.fsdp import fully_shard
+
+            layer = model.get_submodule(name)
+            _copy_adapters(layer, name, pairs)
+            self.load_peak_bytes = max(self.load_peak_bytes, param_bytes(model))
+            frozen_buffers_as_parameters(layer)
+            fully_shard(layer, **options)
+
+        return shard
+
+    def restore_adapter(self, model: nn.Module, path: Path) -> None:
+        """A checkpoint's adapter into the loaded model (before `wrap`); the layers sharded while
+        loading got theirs then, so only the rows outside them (new-token embeddings) are left."""
+        if not self._streamed:
+            ckpt.restore_adapter(model, path)
+            return
+        from ..models.adapters import read_adapter
+
+        saved = read_adapter(path)[2]
+        with torch.no_grad():
+            for name, weight in saved.items():
+                model.get_submodule(name).weight.copy_(weight)
+
     def wrap(self, model: nn.Module, recipe, loss_sum, chunk_tokens: int, model_path: Path):
         """`loss_fn(batch) -> (sum of token losses, count)` through the strategy's wrapper."""
+        self.load_peak_bytes = max(self.load_peak_bytes, param_bytes(model))
         if self.world_size == 1:
             return lambda batch: loss_sum(model, batch, chunk_tokens)
+        self._decide(recipe, model_path)
+        self.root = LossModule(model, loss_sum, chunk_tokens)
+        if self.strategy == "ddp":
+            self.wrapped = _ddp(self.root, model.device)
+        else:
+            self.wrapped = _fsdp(self.root, model, _fsdp_options(self.world_size, model.device, self.cpu_offload))
+        return self.wrapped
+
+    def _decide(self, recipe, model_path: Path) -> None:
+        """The strategy, chosen and logged once (before loading, where the loading depends on it)."""
+        if self.strategy is not None:
+            return
         self.strategy, why = self._choose(recipe, model_path)
         if self.strategy == "fsdp" and recipe.training.optim == "paged_adamw_8bit":
             raise Nf4tuneError("FSDP shards the optimizer states already; use training.optim=paged_adamw_32bit or "
                                "adamw_torch with it (paged_adamw_8bit quantizes whole tensors), or training.parallel=ddp.")
         log.info("nf4tune: %d ranks, %s (%s)", self.world_size, self.strategy.upper(), why)
-        self.root = LossModule(model, loss_sum, chunk_tokens)
-        if self.strategy == "ddp":
-            self.wrapped = _ddp(self.root, model.device)
-        else:
-            self.wrapped = _fsdp(self.root, model, self.world_size, model.device, self.cpu_offload)
-        return self.wrapped
 
     def _choose(self, recipe, model_path: Path) -> tuple[str, str]:
         if self.requested != "auto":
@@ -190,11 +241,13 @@ class Parallel:
                  self.world_size)
 
     def layout(self, model: nn.Module) -> dict:
-        """`world_size`, `strategy` and `param_bytes_per_rank` (parameters and buffers this rank holds,
+        """`world_size`, `strategy`, `param_bytes_per_rank` (parameters and buffers this rank holds,
+        the largest over ranks) and `load_peak_param_bytes_per_rank` (the most it held while loading,
         the largest over ranks) for summary.json."""
         module = self.root if self.root is not None else model
         return {"world_size": self.world_size, "strategy": self.strategy,
-                "param_bytes_per_rank": int(self.max(float(param_bytes(module))))}
+                "param_bytes_per_rank": int(self.max(float(param_bytes(module)))),
+                "load_peak_param_bytes_per_rank": int(self.max(float(self.load_peak_bytes)))}
 
     # --- checkpoints --------------------------------------------------------------------------
 
@@ -285,7 +338,7 @@ def param_bytes(module: nn.Module) -> int:
         return t.to_local() if hasattr(t, "to_local") else t
 
     tensors = {id(t): local(t) for t in list(module.parameters()) + list(module.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(t.numel() * t.element_size() for t in tensors.values() if t.device.type != "meta")  # meta: not loaded yet
 
 
 def _ddp(root: LossModule, device: torch.device) -> nn.Module:
@@ -299,22 +352,39 @@ def _ddp(root: LossModule, device: torch.device) -> nn.Module:
         return DDP(root, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
-def _fsdp(root: LossModule, model: nn.Module, world: int, device: torch.device, cpu_offload: bool) -> nn.Module:
+def _fsdp_options(world: int, device: torch.device, cpu_offload: bool) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    options = {"mesh": init_device_mesh(device.type, (world,))}
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    return options
+
+
+def _fsdp(root: LossModule, model: nn.Module, options: dict) -> nn.Module:
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     layers = getattr(getattr(model, model.base_model_prefix, None), "layers", None)
     if layers is None:
         raise Nf4tuneError(f"FSDP needs a decoder-only model with .layers; {model.config.model_type} has none: "
                            "use training.parallel=ddp.")
     frozen_buffers_as_parameters(model)
-    options = {"mesh": init_device_mesh(device.type, (world,))}
-    if cpu_offload:
-        options["offload_policy"] = CPUOffloadPolicy()
     for layer in layers:
-        fully_shard(layer, **options)
+        if not isinstance(layer, FSDPModule):  # not sharded while loading
+            fully_shard(layer, **options)
     fully_shard(root, **options)
     return root
+
+
+def _copy_adapters(layer: nn.Module, name: str, pairs: dict) -> None:
+    """A saved adapter's A and B into the layer `name`'s adapters (whole tensors, before sharding)."""
+    with torch.no_grad():
+        for module_name, pair in pairs.items():
+            if module_name.startswith(name + "."):
+                module = layer.get_submodule(module_name[len(name) + 1:])
+                module.lora_A.copy_(pair["A"])
+                module.lora_B.copy_(pair["B"])
 
 
 def frozen_buffers_as_parameters(model: nn.Module) -> None:
