@@ -67,6 +67,37 @@ data = bad if os.environ["RANK"] == "1" else good
 sys.exit(main(["train", recipe, f"data.path={data}", "training.parallel=ddp", "--no-progress"]))
 """
 
+# Rank 1 raises an ordinary exception in its third step, after checkpoint-2 is written.
+EXCEPTION_DRIVER = """
+import os, sys
+from nf4tune.cli.main import main
+from nf4tune.train import loop
+if os.environ["RANK"] == "1":
+    step = loop.Trainer.train_step
+    def failing(self):
+        if self.state.step == 2:
+            raise RuntimeError("injected fault")
+        return step(self)
+    loop.Trainer.train_step = failing
+sys.exit(main(["train", sys.argv[1], "training.parallel=ddp", "training.gradient_accumulation_steps=1",
+               "training.save_steps=2", "--no-progress"]))
+"""
+
+# On the first attempt rank 1 is killed in its fifth step (after checkpoint-3); torchrun restarts both.
+ELASTIC_DRIVER = """
+import os, signal, sys
+from nf4tune.cli.main import main
+from nf4tune.train import loop
+if os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+    step = loop.Trainer.train_step
+    def dying(self):
+        if self.state.step == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(self)
+    loop.Trainer.train_step = dying
+sys.exit(main(["train", sys.argv[1], "training.parallel=ddp", "training.gradient_accumulation_steps=1", "--no-progress"]))
+"""
+
 
 def _raw(root: Path, model: Path) -> dict:
     return {
@@ -79,11 +110,12 @@ def _raw(root: Path, model: Path) -> dict:
     }
 
 
-def _torchrun(script: Path, *args, timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
+def _torchrun(script: Path, *args, timeout: float = 240, restarts: int = 0) -> tuple[subprocess.CompletedProcess, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.time()
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(script), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+                           f"--max-restarts={restarts}", str(script), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
     return done, time.time() - start
 
 
@@ -178,6 +210,37 @@ def test_a_bad_row_on_one_rank_stops_every_rank_with_a_sentence(runs):
                               timeout=120)
     assert done.returncode != 0 and seconds < 60, (done.returncode, seconds)
     assert "error: rank 1 of 2: " in done.stderr and "bad.jsonl, row 2: field 'completion' is missing" in done.stderr
+
+
+def _recipe_file(root: Path, raw: dict, name: str) -> Path:
+    import yaml
+
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**raw, "training": {**raw["training"], "output_dir": str(root / name)}}))
+    return path
+
+
+def test_an_exception_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(runs):
+    from nf4tune.train.rundir import latest_checkpoint_of_run
+
+    root, raw = runs
+    (root / "exception_driver.py").write_text(EXCEPTION_DRIVER)
+    done, seconds = _torchrun(root / "exception_driver.py", _recipe_file(root, raw, "exception"), timeout=120)
+    assert done.returncode != 0 and seconds < 60, (done.returncode, seconds)
+    assert "error: rank 1 of 2 failed: RuntimeError: injected fault" in done.stderr, _rank_errors(done.stderr)
+    latest = latest_checkpoint_of_run(root / "exception")
+    assert latest == root / "exception" / "checkpoint-2"
+    assert (latest / "adapter_model.safetensors").is_file() and (latest / "rng-rank1.pt").is_file()
+
+
+@pytest.mark.slow  # two launches of two ranks (the restart included): about 40 s on 2 cores
+def test_a_killed_rank_restarted_by_torchrun_resumes_from_the_last_checkpoint(runs):
+    root, raw = runs
+    (root / "elastic_driver.py").write_text(ELASTIC_DRIVER)
+    done, _ = _torchrun(root / "elastic_driver.py", _recipe_file(root, raw, "elastic"), restarts=1)
+    assert done.returncode == 0, _rank_errors(done.stderr)
+    assert "resuming from the last complete checkpoint" in done.stderr
+    _assert_same_losses(_losses(root / "elastic"), _losses(root / "ddp"), range(1, 7))  # as if never killed
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL)")

@@ -140,21 +140,23 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     `training.output_dir`; with `resume`, continues from a checkpoint exactly.
 
     Under torchrun (WORLD_SIZE > 1) every rank runs this; `train.parallel` holds what differs."""
-    from .parallel import Parallel
+    from .parallel import Parallel, resume_after_restart
 
     par = Parallel.from_environment(recipe)
     try:
+        recipe, resume = resume_after_restart(recipe, resume)  # torchrun restarted the ranks: continue
         return Trainer(recipe, par, resume, progress).run()
     except Nf4tuneError as e:
-        par.fail(e)
+        sentence = par.fail(e)
+        if sentence != str(e):
+            e.args = (sentence,)
         raise
     except Exception as e:
         if par.world_size == 1:
             raise
-        par.fail(e)  # one sentence naming the rank; torchrun stops the others
+        sentence = par.fail(e)  # one sentence naming the rank; torchrun stops the others
         log.exception("nf4tune: rank %d failed", par.rank)
-        raise Nf4tuneError(f"rank {par.rank} of {par.world_size} failed: {type(e).__name__}: "
-                           f"{(str(e).splitlines() or [''])[0]}") from e
+        raise Nf4tuneError(sentence) from e
     finally:
         par.close()
 

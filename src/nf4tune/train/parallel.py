@@ -83,10 +83,24 @@ class Parallel:
             if cuda:
                 torch.cuda.set_device(local_rank)
             timeout = datetime.timedelta(seconds=float(os.environ.get("NF4TUNE_DIST_TIMEOUT", "1800")))
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, **_attempt_store(rank, world, timeout))
         if rank != 0:  # one voice: the other ranks only warn
             logging.getLogger("nf4tune").setLevel(logging.WARNING)
         return par
+
+    def fail(self, error: BaseException) -> str:
+        """Note that this rank failed (it then leaves without a final barrier) and say why in one
+        sentence naming the rank: torchrun stops the other ranks when this one exits non-zero."""
+        self._failed = True
+        text = str(error)
+        if self.world_size == 1 or text.startswith("rank "):
+            return text
+        if isinstance(error, Nf4tuneError):
+            return f"rank {self.rank} of {self.world_size}: {text}"
+        first = (text.splitlines() or [""])[0]
+        if "Connection closed by peer" in first or "Connection reset by peer" in first:
+            return f"rank {self.rank} of {self.world_size} stopped: another rank failed or was stopped ({first})"
+        return f"rank {self.rank} of {self.world_size} failed: {type(error).__name__}: {first}"
 
     @property
     def is_main(self) -> bool:
@@ -104,12 +118,6 @@ class Parallel:
         if name in ("auto", "cuda") and torch.cuda.is_available():
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu" if name == "auto" else name)
-
-    def fail(self, error: BaseException) -> None:
-        """Name the rank in the error: torchrun stops the other ranks when this one exits non-zero."""
-        self._failed = True
-        if self.world_size > 1 and isinstance(error, Nf4tuneError) and not str(error).startswith("rank "):
-            error.args = (f"rank {self.rank} of {self.world_size}: {error}",)
 
     def close(self) -> None:
         if self.world_size > 1 and not self._failed:
@@ -314,6 +322,39 @@ class Parallel:
         mine = path / f"rng-rank{self.rank}.pt"
         if saved.get("world_size", 1) == self.world_size and mine.is_file():
             saved["rng"] = torch.load(mine, weights_only=False)
+
+
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
+    """Under torchrun's shared rendezvous store, the process group's keys in a store of their own for
+    each attempt. The agent keeps one store across elastic restarts, so a restarted rank could read
+    the address its dead predecessor published and fail with "Connection refused" (seen with
+    `--max-restarts`). Elsewhere: {} (the usual env:// rendezvous)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    import torch.distributed as dist
+
+    store = dist.TCPStore(host_name=os.environ["MASTER_ADDR"], port=int(os.environ["MASTER_PORT"]), world_size=world,
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"nf4tune/attempt-{attempt}", store), "rank": rank, "world_size": world}
+
+
+def resume_after_restart(recipe, resume):
+    """(recipe, resume) for this attempt. When torchrun's elastic agent has restarted the ranks
+    (`--max-restarts`, after a rank died), the run continues from its last complete checkpoint; with
+    none yet it starts again, the earlier attempt's folder moved aside. A first attempt is unchanged."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts == 0 or resume:
+        return recipe, resume
+    import dataclasses
+
+    from .rundir import latest_checkpoint_of_run
+
+    if latest_checkpoint_of_run(recipe.training.output_dir) is not None:
+        log.warning("nf4tune: restart %d of the ranks: resuming from the last complete checkpoint", restarts)
+        return recipe, True
+    log.warning("nf4tune: restart %d of the ranks: no checkpoint yet, starting again", restarts)
+    return dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, overwrite_output_dir=True)), resume
 
 
 def plan_arguments(recipe) -> dict:
