@@ -11,6 +11,13 @@ two; memory is the largest peak resident set of any rank (`peak_memory_gib`, ru_
 `param_bytes_per_rank` the parameters and buffers a rank holds (summary.json). Scaling efficiency is
 tokens/s(N) / (N x tokens/s(1)) where the one process runs the same global batch, so a perfect
 2-rank run takes half the time per step.
+
+`--compare-hf` adds transformers `Trainer` + peft LoRA + bitsandbytes 4-bit (NF4, double quant,
+`bnb_4bit_quant_storage=float32`, as FSDP recipes set it) on the same model, data, batch and ranks.
+On CPU accelerate cannot shard it: accelerate 1.15 turns FSDP on only for accelerator devices
+(`AcceleratorState`: MULTI_GPU, MULTI_XPU, ...), and a CPU run is MULTI_CPU, which `Trainer` wraps in
+DDP; so on CPU that row is DDP, to be read against nf4tune's DDP row. `--quick`: a smoke run (hidden
+128, 2 layers, 4 steps).
 """
 
 from __future__ import annotations
@@ -58,13 +65,88 @@ def run(root: Path, recipe: Path, nproc: int, strategy: str, threads: int) -> di
             "param_bytes_per_rank": summary["param_bytes_per_rank"], "final_loss": summary["final_loss"]}
 
 
+HF_CHILD = """
+import json, os, sys, time
+from pathlib import Path
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainerCallback,
+                          TrainingArguments)
+
+model_path, data_path, out, steps = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+tokenizer = AutoTokenizer.from_pretrained(model_path)
+rows = [json.loads(line) for line in open(data_path)]
+examples = [tokenizer(r["prompt"] + r["completion"], truncation=True, max_length=40)["input_ids"] for r in rows]
+examples = [{"input_ids": ids, "labels": ids} for ids in examples]
+bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                         bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb, dtype=torch.float32,
+                                             device_map={"": "cpu"})
+model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                        gradient_checkpointing_kwargs={"use_reentrant": False})
+model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                         task_type="CAUSAL_LM"))
+pad = tokenizer.pad_token_id
+
+def collate(batch):
+    n = max(len(b["input_ids"]) for b in batch)
+    ids = torch.tensor([b["input_ids"] + [pad] * (n - len(b["input_ids"])) for b in batch])
+    labels = torch.tensor([b["labels"] + [-100] * (n - len(b["labels"])) for b in batch])
+    return {"input_ids": ids, "labels": labels, "attention_mask": (labels != -100).long()}
+
+class Clock(TrainerCallback):
+    def __init__(self):
+        self.times, self.rss = [], []
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.time())
+        with open("/proc/self/statm") as f:
+            self.rss.append(int(f.read().split()[1]) * 4096)
+
+clock = Clock()
+args = TrainingArguments(output_dir=str(out / "hf"), max_steps=steps, per_device_train_batch_size=4,
+                         gradient_accumulation_steps=1, learning_rate=2e-4, logging_steps=1, save_strategy="no",
+                         report_to=[], use_cpu=True, ddp_backend="gloo", optim="adamw_torch", seed=0,
+                         dataloader_num_workers=0, gradient_checkpointing=True, disable_tqdm=True)
+trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collate, callbacks=[clock])
+trainer.train()
+world = int(os.environ.get("WORLD_SIZE", "1"))
+per_step = sum(len(e["input_ids"]) for e in examples) / len(examples) * 4 * world
+gaps = [b - a for a, b in zip(clock.times[1:], clock.times[2:])]
+result = {"tokens_per_s": per_step / (sum(gaps) / len(gaps)), "memory_gib": max(clock.rss) / 2**30,
+          "strategy": trainer.accelerator.distributed_type.value}
+(out / f"hf-rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(result))
+"""
+
+
+def run_hf(root: Path, model: Path, nproc: int, steps: int, threads: int) -> dict:
+    """transformers Trainer + peft + bitsandbytes on `nproc` CPU ranks (torchrun, gloo)."""
+    script = root / "hf_child.py"
+    script.write_text(HF_CHILD)
+    out = root / f"hf-{nproc}"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script),
+               str(model), str(ROOT / "recipes" / "data" / "parity_train.jsonl"), str(out), str(steps)]
+    subprocess.run(command, check=True, env=env, capture_output=True)
+    ranks = [json.loads((out / f"hf-rank{r}.json").read_text()) for r in range(nproc)]
+    kind = "single" if nproc == 1 else {"MULTI_CPU": "DDP"}.get(ranks[0]["strategy"], ranks[0]["strategy"])
+    return {"nproc": nproc, "strategy": f"HF {kind}", "tokens_per_s": ranks[0]["tokens_per_s"],
+            "memory_gib_per_rank": max(r["memory_gib"] for r in ranks), "param_bytes_per_rank": float("nan"),
+            "final_loss": float("nan")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1, help="threads per rank")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--compare-hf", action="store_true",
+                        help="add transformers Trainer + peft + bitsandbytes on the same model and ranks")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: hidden 128, 2 layers, 4 steps")
     args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.layers, args.steps = 128, 2, 4
     import yaml
 
     from nf4tune.checkpoint.tiny import build_tiny_checkpoint
@@ -78,11 +160,15 @@ def main() -> None:
         results = [run(root, root / "recipe.yaml", 1, "single", args.threads)]
         for strategy in ("ddp", "fsdp"):
             results.append(run(root, root / "recipe.yaml", 2, strategy, args.threads))
+        if args.compare_hf:
+            results += [run_hf(root, model, n, args.steps, args.threads) for n in (1, 2)]
     one = results[0]["tokens_per_s"]
-    print(f"{'ranks':>5} {'strategy':>8} {'tokens/s':>10} {'efficiency':>10} {'RSS/rank':>10} {'params/rank':>12} {'loss':>8}")
+    hf_one = next((r["tokens_per_s"] for r in results if r["strategy"].startswith("HF") and r["nproc"] == 1), one)
+    print(f"{'ranks':>5} {'strategy':>10} {'tokens/s':>10} {'efficiency':>10} {'RSS/rank':>10} {'params/rank':>12} {'loss':>8}")
     for r in results:
-        efficiency = r["tokens_per_s"] / (r["nproc"] * one)
-        print(f"{r['nproc']:>5} {r['strategy']:>8} {r['tokens_per_s']:>10.0f} {efficiency:>10.0%} "
+        base = hf_one if r["strategy"].startswith("HF") else one  # each against its own one process
+        efficiency = r["tokens_per_s"] / (r["nproc"] * base)
+        print(f"{r['nproc']:>5} {r['strategy']:>10} {r['tokens_per_s']:>10.0f} {efficiency:>10.0%} "
               f"{r['memory_gib_per_rank']:>8.2f} G {r['param_bytes_per_rank'] / 2**20:>9.2f} MiB {r['final_loss']:>8.4f}")
 
 

@@ -100,12 +100,15 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         _print_config(recipe)
         return 0
-    _check_before_loading(recipe, args.resume)
     from ..train import rundir
     from ..train.loop import train
+    from ..train.parallel import resume_after_restart
 
+    recipe, resume = resume_after_restart(recipe, args.resume)  # torchrun restarted the ranks: continue
+    if int(os.environ.get("RANK", "0")) == 0:  # one rank prepares the folder (the loop's other ranks wait for it)
+        _check_before_loading(recipe, resume)
     try:
-        result = train(recipe, resume=args.resume, progress=args.progress)
+        result = train(recipe, resume=resume, progress=args.progress)
     except KeyboardInterrupt as stop:
         if not isinstance(stop, rundir.TrainingInterrupted):
             stop = rundir.interruption_on_disk(recipe.training.output_dir)

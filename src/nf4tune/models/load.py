@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -98,6 +99,7 @@ def load_model(
     blocksize: int = 64,
     gradient_checkpointing: bool = True,
     progress: bool = True,
+    layer_ready: Callable[[nn.Module, str], None] | None = None,
 ):
     """Load a causal LM (or T5) with every linear layer of its blocks in 4-bit.
 
@@ -112,6 +114,10 @@ def load_model(
         lora: attach fresh adapters (trainable; everything else frozen).
         adapter: load adapters saved by `save_adapter` or by PEFT (overrides `lora`).
         gradient_checkpointing: recompute each decoder layer in backward (when training adapters).
+        layer_ready: `layer_ready(model, name)` is called once the decoder layer `name` has all its
+            tensors, while the checkpoint is still streaming (adapters are attached before streaming
+            then): a distributed run shards the layer there, so that no rank ever holds every layer
+            whole. Without it nothing changes.
 
     Returns:
         (model, tokenizer): a transformers `PreTrainedModel` in eval mode, and its tokenizer (None if
@@ -149,6 +155,9 @@ def load_model(
         setattr(model.get_submodule(parent), child,
                 Linear4bit(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype))
     weight_keys = {f"{t}.weight": t for t in targets}
+    if layer_ready is not None:  # the adapters exist before their layers are handed over
+        _attach_adapters(model, path, lora, adapter, device=device)
+    pending = _LayersPending(model, weight_keys, layer_ready)
 
     assembler = QuantizedWeightAssembler(set(weight_keys) if qcfg is not None else set())
     unexpected: list[str] = []
@@ -163,12 +172,15 @@ def load_model(
                         owner, q = done
                         model.get_submodule(weight_keys[owner]).set_weight(q.to(device))
                         loaded.add(owner)
+                        pending.loaded(owner)
                 elif key in weight_keys:
                     q = quantize(tensor.to(device), quant_type, blocksize, double_quant, name=key)
                     model.get_submodule(weight_keys[key]).set_weight(q)
                     loaded.add(key)
+                    pending.loaded(key)
                 elif _place(model, key, tensor, device, compute_dtype, fp32_modules):
                     loaded.add(key)
+                    pending.loaded(key)
                 else:
                     unexpected.append(key)
                 del tensor
@@ -178,15 +190,8 @@ def load_model(
                     len(unexpected), ", ".join(unexpected[:5]))
     _finish(model, weight_keys, loaded, device, path)
 
-    if adapter is not None or lora is not None:
-        # A model with adapters is what Trainer / TRL scripts expect of a PEFT model (models/peft_compat.py).
-        attach(model, Nf4tuneState(base=str(path), lora_config=lora))
-    if adapter is not None:
-        from .adapters import load_adapter
-
-        load_adapter(model, adapter)
-    elif lora is not None:
-        inject_lora(model, lora)
+    if layer_ready is None:
+        _attach_adapters(model, path, lora, adapter)
     model.nf4tune_base = str(path)
     if gradient_checkpointing and (adapter is not None or lora is not None):
         _enable_checkpointing(model)
@@ -207,6 +212,52 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(folder)
             break
     return model, tokenizer
+
+
+def _attach_adapters(model: nn.Module, path: Path, lora: LoraConfig | None, adapter,
+                     device: torch.device | None = None) -> None:
+    """Fresh adapters (`lora`) or saved ones (`adapter`), on the model's device."""
+    if adapter is not None or lora is not None:
+        # A model with adapters is what Trainer / TRL scripts expect of a PEFT model (models/peft_compat.py).
+        attach(model, Nf4tuneState(base=str(path), lora_config=lora))
+    if adapter is None and lora is None:
+        return
+    # Before the weights arrive the layers have no device: the adapters are then made on the target
+    # one (the same random draws as after loading).
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        if adapter is not None:
+            from .adapters import load_adapter
+
+            load_adapter(model, adapter)
+        else:
+            inject_lora(model, lora)
+
+
+class _LayersPending:
+    """The tensors each decoder layer still waits for; calls `layer_ready(model, name)` as one completes."""
+
+    def __init__(self, model: nn.Module, weight_keys: dict[str, str], layer_ready):
+        self.model, self.layer_ready, self.waiting = model, layer_ready, {}
+        layers = getattr(getattr(model, getattr(model, "base_model_prefix", ""), None), "layers", None)
+        if layer_ready is None or layers is None:
+            return
+        prefix = f"{model.base_model_prefix}.layers."
+        for i, layer in enumerate(layers):
+            name = f"{prefix}{i}"
+            need = {f"{name}.{n}" for n, p in layer.named_parameters() if p.device.type == "meta"}
+            need |= {k for k in weight_keys if k.startswith(name + ".")}
+            self.waiting[name] = need
+        self._of = {k: name for name, keys in self.waiting.items() for k in keys}
+
+    def loaded(self, key: str) -> None:
+        name = self._of.get(key) if self.waiting else None
+        if name is None:
+            return
+        need = self.waiting[name]
+        need.discard(key)
+        if not need:
+            del self.waiting[name]
+            self.layer_ready(self.model, name)
 
 
 def load_tokenizer(path: str | Path):

@@ -161,21 +161,23 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     `training.output_dir`; with `resume`, continues from a checkpoint exactly.
 
     Under torchrun (WORLD_SIZE > 1) every rank runs this; `train.parallel` holds what differs."""
-    from .parallel import Parallel
+    from .parallel import Parallel, resume_after_restart
 
     par = Parallel.from_environment(recipe)
     try:
+        recipe, resume = resume_after_restart(recipe, resume)  # torchrun restarted the ranks: continue
         return Trainer(recipe, par, resume, progress).run()
     except Nf4tuneError as e:
-        par.fail(e)
+        sentence = par.fail(e)
+        if sentence != str(e):
+            e.args = (sentence,)
         raise
     except Exception as e:
         if par.world_size == 1:
             raise
-        par.fail(e)  # one sentence naming the rank; torchrun stops the others
+        sentence = par.fail(e)  # one sentence naming the rank; torchrun stops the others
         log.exception("nf4tune: rank %d failed", par.rank)
-        raise Nf4tuneError(f"rank {par.rank} of {par.world_size} failed: {type(e).__name__}: "
-                           f"{(str(e).splitlines() or [''])[0]}") from e
+        raise Nf4tuneError(sentence) from e
     finally:
         par.close()
 
@@ -266,7 +268,8 @@ class Trainer:
         model, _ = load_model(self.model_path, recipe.quant.quant_type, recipe.quant.double_quant,
                               _dtype(recipe.model.compute_dtype), device, lora=lora,
                               blocksize=recipe.quant.blocksize,
-                              gradient_checkpointing=recipe.model.gradient_checkpointing, progress=self.progress)
+                              gradient_checkpointing=recipe.model.gradient_checkpointing, progress=self.progress,
+                              layer_ready=self.par.loading_hook(recipe, self.model_path, self.resume_from))
         from .compile import prepare_layers  # training.compile / offload_activations, before any wrapping
 
         self.offloader = prepare_layers(model, t.compile, t.offload_activations, recipe.model.gradient_checkpointing,
@@ -291,7 +294,7 @@ class Trainer:
         self.compute_dtype = next(m for m in model.modules() if hasattr(m, "compute_dtype")).compute_dtype
         self.model = model
         if self.resume_from is not None:  # before wrapping: the adapter is copied into whole tensors
-            ckpt.restore_adapter(model, self.resume_from)
+            self.par.restore_adapter(model, self.resume_from)
         self.loss_fn = self.par.wrap(model, self.recipe, loss_sum, t.loss_chunk_tokens, self.model_path)
 
     def _setup_optimizer(self) -> None:

@@ -60,6 +60,8 @@ class Parallel:
         self.wrapped: nn.Module | None = None  # what forward goes through (DDP or the FSDP root)
         self._failed = False
         self._owns_group = False
+        self._streamed = False  # layers sharded while loading (FSDP)
+        self.load_peak_bytes = 0  # the most parameter and buffer bytes the model held while loading
 
     # --- the process group --------------------------------------------------------------------
 
@@ -81,10 +83,24 @@ class Parallel:
             if cuda:
                 torch.cuda.set_device(local_rank)
             timeout = datetime.timedelta(seconds=float(os.environ.get("NF4TUNE_DIST_TIMEOUT", "1800")))
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, **_attempt_store(rank, world, timeout))
         if rank != 0:  # one voice: the other ranks only warn
             logging.getLogger("nf4tune").setLevel(logging.WARNING)
         return par
+
+    def fail(self, error: BaseException) -> str:
+        """Note that this rank failed (it then leaves without a final barrier) and say why in one
+        sentence naming the rank: torchrun stops the other ranks when this one exits non-zero."""
+        self._failed = True
+        text = str(error)
+        if self.world_size == 1 or text.startswith("rank "):
+            return text
+        if isinstance(error, Nf4tuneError):
+            return f"rank {self.rank} of {self.world_size}: {text}"
+        first = (text.splitlines() or [""])[0]
+        if "Connection closed by peer" in first or "Connection reset by peer" in first:
+            return f"rank {self.rank} of {self.world_size} stopped: another rank failed or was stopped ({first})"
+        return f"rank {self.rank} of {self.world_size} failed: {type(error).__name__}: {first}"
 
     @property
     def is_main(self) -> bool:
@@ -102,12 +118,6 @@ class Parallel:
         if name in ("auto", "cuda") and torch.cuda.is_available():
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu" if name == "auto" else name)
-
-    def fail(self, error: BaseException) -> None:
-        """Name the rank in the error: torchrun stops the other ranks when this one exits non-zero."""
-        self._failed = True
-        if self.world_size > 1 and isinstance(error, Nf4tuneError) and not str(error).startswith("rank "):
-            error.args = (f"rank {self.rank} of {self.world_size}: {error}",)
 
     def close(self) -> None:
         if self.world_size > 1 and not self._failed:
@@ -159,21 +169,70 @@ class Parallel:
 
     # --- the model ----------------------------------------------------------------------------
 
+    def loading_hook(self, recipe, model_path: Path, resume_from: Path | None = None):
+        """What `load_model(layer_ready=...)` calls as each decoder layer arrives, or None. Under FSDP
+        the layer (with its adapters, restored from `resume_from` when resuming) is sharded at once,
+        so a rank holds whole only the layer being read, its shards of the others, and the 16-bit
+        parts outside the layers until the root unit is sharded: ranks do not each hold the model."""
+        if self.world_size == 1:
+            return None
+        self._decide(recipe, model_path)
+        if self.strategy != "fsdp":
+            return None
+        pairs = {}
+        if resume_from is not None:
+            from ..models.adapters import read_adapter
+
+            pairs = read_adapter(resume_from)[1]
+        options = _fsdp_options(self.world_size, self.device(recipe.model.device), self.cpu_offload)
+        self._streamed = True
+
+        def shard(model: nn.Module, name: str) -> None:
+            from torch.distributed.fsdp import fully_shard
+
+            layer = model.get_submodule(name)
+            _copy_adapters(layer, name, pairs)
+            self.load_peak_bytes = max(self.load_peak_bytes, param_bytes(model))
+            frozen_buffers_as_parameters(layer)
+            fully_shard(layer, **options)
+
+        return shard
+
+    def restore_adapter(self, model: nn.Module, path: Path) -> None:
+        """A checkpoint's adapter into the loaded model (before `wrap`); the layers sharded while
+        loading got theirs then, so only the rows outside them (new-token embeddings) are left."""
+        if not self._streamed:
+            ckpt.restore_adapter(model, path)
+            return
+        from ..models.adapters import read_adapter
+
+        saved = read_adapter(path)[2]
+        with torch.no_grad():
+            for name, weight in saved.items():
+                model.get_submodule(name).weight.copy_(weight)
+
     def wrap(self, model: nn.Module, recipe, loss_sum, chunk_tokens: int, model_path: Path):
         """`loss_fn(batch) -> (sum of token losses, count)` through the strategy's wrapper."""
+        self.load_peak_bytes = max(self.load_peak_bytes, param_bytes(model))
         if self.world_size == 1:
             return lambda batch: loss_sum(model, batch, chunk_tokens)
+        self._decide(recipe, model_path)
+        self.root = LossModule(model, loss_sum, chunk_tokens)
+        if self.strategy == "ddp":
+            self.wrapped = _ddp(self.root, model.device)
+        else:
+            self.wrapped = _fsdp(self.root, model, _fsdp_options(self.world_size, model.device, self.cpu_offload))
+        return self.wrapped
+
+    def _decide(self, recipe, model_path: Path) -> None:
+        """The strategy, chosen and logged once (before loading, where the loading depends on it)."""
+        if self.strategy is not None:
+            return
         self.strategy, why = self._choose(recipe, model_path)
         if self.strategy == "fsdp" and recipe.training.optim == "paged_adamw_8bit":
             raise Nf4tuneError("FSDP shards the optimizer states already; use training.optim=paged_adamw_32bit or "
                                "adamw_torch with it (paged_adamw_8bit quantizes whole tensors), or training.parallel=ddp.")
         log.info("nf4tune: %d ranks, %s (%s)", self.world_size, self.strategy.upper(), why)
-        self.root = LossModule(model, loss_sum, chunk_tokens)
-        if self.strategy == "ddp":
-            self.wrapped = _ddp(self.root, model.device)
-        else:
-            self.wrapped = _fsdp(self.root, model, self.world_size, model.device, self.cpu_offload)
-        return self.wrapped
 
     def _choose(self, recipe, model_path: Path) -> tuple[str, str]:
         if self.requested != "auto":
@@ -190,11 +249,13 @@ class Parallel:
                  self.world_size)
 
     def layout(self, model: nn.Module) -> dict:
-        """`world_size`, `strategy` and `param_bytes_per_rank` (parameters and buffers this rank holds,
+        """`world_size`, `strategy`, `param_bytes_per_rank` (parameters and buffers this rank holds,
+        the largest over ranks) and `load_peak_param_bytes_per_rank` (the most it held while loading,
         the largest over ranks) for summary.json."""
         module = self.root if self.root is not None else model
         return {"world_size": self.world_size, "strategy": self.strategy,
-                "param_bytes_per_rank": int(self.max(float(param_bytes(module))))}
+                "param_bytes_per_rank": int(self.max(float(param_bytes(module)))),
+                "load_peak_param_bytes_per_rank": int(self.max(float(self.load_peak_bytes)))}
 
     # --- checkpoints --------------------------------------------------------------------------
 
@@ -228,6 +289,9 @@ class Parallel:
         self.barrier()
         dcp.save({"optimizer": get_optimizer_state_dict(self.root, optimizer)}, checkpoint_id=str(tmp / OPTIMIZER_DIR))
         torch.save(ckpt.rng_state(), tmp / f"rng-rank{self.rank}.pt")
+        # Every rank's files are in before rank 0 renames the folder into place: without this barrier
+        # a DDP rank 0 (no collective until here) could move the folder while rank 1 was still writing.
+        self.barrier()
         state = {**trainer_state, "optimizer": None, "world_size": self.world_size, "strategy": self.strategy}
         with _gathered(self.root) if self.strategy == "fsdp" else contextlib.nullcontext():
             if self.is_main:
@@ -260,6 +324,39 @@ class Parallel:
             saved["rng"] = torch.load(mine, weights_only=False)
 
 
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
+    """Under torchrun's shared rendezvous store, the process group's keys in a store of their own for
+    each attempt. The agent keeps one store across elastic restarts, so a restarted rank could read
+    the address its dead predecessor published and fail with "Connection refused" (seen with
+    `--max-restarts`). Elsewhere: {} (the usual env:// rendezvous)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    import torch.distributed as dist
+
+    store = dist.TCPStore(host_name=os.environ["MASTER_ADDR"], port=int(os.environ["MASTER_PORT"]), world_size=world,
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"nf4tune/attempt-{attempt}", store), "rank": rank, "world_size": world}
+
+
+def resume_after_restart(recipe, resume):
+    """(recipe, resume) for this attempt. When torchrun's elastic agent has restarted the ranks
+    (`--max-restarts`, after a rank died), the run continues from its last complete checkpoint; with
+    none yet it starts again, the earlier attempt's folder moved aside. A first attempt is unchanged."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts == 0 or resume:
+        return recipe, resume
+    import dataclasses
+
+    from .rundir import latest_checkpoint_of_run
+
+    if latest_checkpoint_of_run(recipe.training.output_dir) is not None:
+        log.warning("nf4tune: restart %d of the ranks: resuming from the last complete checkpoint", restarts)
+        return recipe, True
+    log.warning("nf4tune: restart %d of the ranks: no checkpoint yet, starting again", restarts)
+    return dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, overwrite_output_dir=True)), resume
+
+
 def plan_arguments(recipe) -> dict:
     """The planner's inputs from a recipe: what `auto` and `nf4tune estimate` share."""
     target = recipe.lora.target_modules
@@ -282,7 +379,7 @@ def param_bytes(module: nn.Module) -> int:
         return t.to_local() if hasattr(t, "to_local") else t
 
     tensors = {id(t): local(t) for t in list(module.parameters()) + list(module.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(t.numel() * t.element_size() for t in tensors.values() if t.device.type != "meta")  # meta: not loaded yet
 
 
 def _ddp(root: LossModule, device: torch.device) -> nn.Module:
@@ -296,22 +393,39 @@ def _ddp(root: LossModule, device: torch.device) -> nn.Module:
         return DDP(root, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
-def _fsdp(root: LossModule, model: nn.Module, world: int, device: torch.device, cpu_offload: bool) -> nn.Module:
+def _fsdp_options(world: int, device: torch.device, cpu_offload: bool) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    options = {"mesh": init_device_mesh(device.type, (world,))}
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    return options
+
+
+def _fsdp(root: LossModule, model: nn.Module, options: dict) -> nn.Module:
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     layers = getattr(getattr(model, model.base_model_prefix, None), "layers", None)
     if layers is None:
         raise Nf4tuneError(f"FSDP needs a decoder-only model with .layers; {model.config.model_type} has none: "
                            "use training.parallel=ddp.")
     frozen_buffers_as_parameters(model)
-    options = {"mesh": init_device_mesh(device.type, (world,))}
-    if cpu_offload:
-        options["offload_policy"] = CPUOffloadPolicy()
     for layer in layers:
-        fully_shard(layer, **options)
+        if not isinstance(layer, FSDPModule):  # not sharded while loading
+            fully_shard(layer, **options)
     fully_shard(root, **options)
     return root
+
+
+def _copy_adapters(layer: nn.Module, name: str, pairs: dict) -> None:
+    """A saved adapter's A and B into the layer `name`'s adapters (whole tensors, before sharding)."""
+    with torch.no_grad():
+        for module_name, pair in pairs.items():
+            if module_name.startswith(name + "."):
+                module = layer.get_submodule(module_name[len(name) + 1:])
+                module.lora_A.copy_(pair["A"])
+                module.lora_B.copy_(pair["B"])
 
 
 def frozen_buffers_as_parameters(model: nn.Module) -> None:
