@@ -325,3 +325,22 @@ def test_load_best_model_at_end_reloads_the_best_adapter(tiny, tmp_path, caplog)
               for step in (best, 6)}
     assert not torch.allclose(logits[best], logits[6], atol=1e-3)
     torch.testing.assert_close(_logits(model, ids), logits[best])
+
+
+def test_bf16_autocast_works_on_a_bf16_model_and_is_refused_on_a_float32_one(tiny):
+    """TrainingArguments(bf16=True) runs the forward under CPU bf16 autocast."""
+    ids, mask, labels = _batch()
+    model, _ = _load(tiny)  # float32 compute
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(nf4tune.Nf4tuneError, match="autocast is on"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+
+    model, _ = _load(tiny, compute_dtype=torch.bfloat16)
+    _randomize_lora(model)
+    model.train()
+    plain = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    autocast.backward()
+    assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in _grads(model).values())
+    torch.testing.assert_close(autocast, plain, rtol=2e-2, atol=0)

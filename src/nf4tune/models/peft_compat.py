@@ -242,6 +242,18 @@ def _chunked_forward(model, arguments: dict):
                                   attentions=getattr(out, "attentions", None))
 
 
+def _refuse_other_autocast(model) -> None:
+    """Autocast to a dtype other than the model's compute dtype (e.g. TrainingArguments(bf16=True) on a
+    float32 model) would mix dtypes inside the 4-bit layers: one sentence instead."""
+    weight = model.get_input_embeddings().weight
+    device = weight.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != weight.dtype:
+        wanted = str(torch.get_autocast_dtype(device)).removeprefix("torch.")
+        raise Nf4tuneError(f"this model computes in {str(weight.dtype).removeprefix('torch.')} but {wanted} autocast is "
+                           f"on (e.g. TrainingArguments(bf16=True)); load it with compute_dtype=torch.{wanted} "
+                           "(bfloat16 is nf4tune's default) or turn the autocast off.")
+
+
 def _make_forward(base_forward):
     """A forward with the base class's signature (Trainer keeps the dataset columns it names)."""
     from ..train.loss import CHUNKED_FAMILIES
@@ -251,6 +263,7 @@ def _make_forward(base_forward):
 
     @functools.wraps(base_forward)
     def forward(self, *args, skip_logits: bool | None = None, **kwargs):
+        _refuse_other_autocast(self)
         skip = self.nf4tune.skip_logits if skip_logits is None else skip_logits
         labels = kwargs.get("labels")
         if labels is None and args:
