@@ -25,7 +25,8 @@ def tiny(tmp_path_factory):
 
 def _load(path, **kwargs):
     kwargs.setdefault("lora", nf4tune.LoraConfig(r=4, alpha=8, dropout=0.0))
-    return nf4tune.load_model(path, device="cpu", compute_dtype=torch.float32, progress=False, **kwargs)
+    kwargs.setdefault("compute_dtype", torch.float32)
+    return nf4tune.load_model(path, device="cpu", progress=False, **kwargs)
 
 
 def _randomize_lora(model, seed=0):
@@ -130,9 +131,10 @@ def _rows(tokenizer, width=24):
 
 
 def _args(out, max_steps, **kwargs):
+    kwargs.setdefault("save_steps", 3)
     return TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4,
                              gradient_accumulation_steps=2, learning_rate=2e-2, lr_scheduler_type="constant",
-                             logging_steps=1, save_steps=3, report_to="none", use_cpu=True, seed=0,
+                             logging_steps=1, report_to="none", use_cpu=True, seed=0,
                              disable_tqdm=True, optim="adamw_torch", **kwargs)
 
 
@@ -232,3 +234,113 @@ def test_dpo_trainer_trains_on_a_tiny_preference_set(tiny, tmp_path):
     ids = torch.tensor([tokenizer("1 plus 2 is 3.")["input_ids"]])
     reloaded, _ = _load(tiny, adapter=tmp_path / "dpo" / "final", lora=None)
     torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids))
+
+
+def test_checkpointing_keeps_the_4bit_outputs_for_the_recompute(tiny, monkeypatch):
+    """Gradient checkpointing with kept outputs: the same gradients, bit for bit, as plain checkpointing,
+    with the recompute's 4-bit matmuls skipped (one dequantization per layer fewer); a budget too small
+    for one output recomputes everything."""
+    from nf4tune import dispatch
+    from nf4tune.layers import kept_outputs
+
+    model, _ = _load(tiny, lora=nf4tune.LoraConfig(r=4, alpha=8, dropout=0.1), compute_dtype=torch.bfloat16)
+    _randomize_lora(model)
+    model.train()
+    ids, mask, labels = _batch()
+    calls = []
+    dequantize = dispatch.dequantize_scratch
+    monkeypatch.setattr(dispatch, "dequantize_scratch", lambda *a, **k: calls.append(1) or dequantize(*a, **k))
+    layers = len(lora_layers(model))
+    runs = {}
+    for budget in (1.0, 1e-7, 0.0):  # GiB: all kept, none fits, plain checkpointing
+        model.nf4tune.kept_outputs_gib = budget
+        calls.clear()
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout draws
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        runs[budget] = (loss.detach(), _grads(model), len(calls))
+        assert kept_outputs.kept_bytes() == 0  # all handed back
+    assert runs[0.0][2] == 3 * layers and runs[1e-7][2] == 3 * layers  # forward, recompute, backward
+    assert runs[1.0][2] == 2 * layers  # no recompute of the matmuls
+    for budget in (1.0, 1e-7):
+        assert torch.equal(runs[budget][0], runs[0.0][0])
+        for name, g in runs[0.0][1].items():
+            assert g.abs().max() > 0 and torch.equal(runs[budget][1][name], g), name
+
+    # Trainer's gradient_checkpointing=True (and a script's gradient_checkpointing_enable) keep them too.
+    model.gradient_checkpointing_disable()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.nf4tune.kept_outputs_gib = 1.0
+    calls.clear()
+    model.zero_grad()
+    torch.manual_seed(0)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert len(calls) == 2 * layers
+    for name, g in runs[0.0][1].items():
+        assert torch.equal(model.get_parameter(name).grad, g), name
+
+
+def test_a_kept_output_changed_in_place_is_recomputed():
+    from nf4tune.layers.kept_outputs import KeptOutputs, kept_bytes
+
+    region, first, second = KeptOutputs(2**20), object(), object()
+    with region.running(replay=False):
+        a, b = torch.ones(4), torch.ones(4)
+        region.keep(first, a)
+        region.keep(second, b)
+    assert kept_bytes() == 32
+    b.add_(1)  # e.g. an in-place op after the layer
+    with region.running(replay=True):
+        assert region.take(first) is not None and region.take(first) is None  # out of order drops the rest
+    assert kept_bytes() == 0
+    with region.running(replay=False):
+        region.keep(first, a)
+        region.keep(second, b)
+    b.add_(1)
+    with region.running(replay=True):
+        assert torch.equal(region.take(first), a) and region.take(second) is None
+    del region
+    assert kept_bytes() == 0
+
+
+def test_load_best_model_at_end_reloads_the_best_adapter(tiny, tmp_path, caplog):
+    """Evaluation and a checkpoint every 2 steps, the best by eval loss reloaded at the end: with
+    greater_is_better=True the best is not the last, so the reload is seen in the logits."""
+    model, tokenizer = _load(tiny)
+    rows = _rows(tokenizer)
+    args = _args(tmp_path / "run", 6, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                 load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:8], processing_class=tokenizer)
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert "keys" not in caplog.text and "Could not" not in caplog.text
+    evals = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+    best = max(evals, key=evals.get)
+    assert sorted(evals) == [2, 4, 6] and best != 6, evals
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "run" / f"checkpoint-{best}")
+
+    ids = torch.tensor([tokenizer("3 plus 4 is 7.")["input_ids"]])
+    logits = {step: _logits(_load(tiny, adapter=tmp_path / "run" / f"checkpoint-{step}", lora=None)[0], ids)
+              for step in (best, 6)}
+    assert not torch.allclose(logits[best], logits[6], atol=1e-3)
+    torch.testing.assert_close(_logits(model, ids), logits[best])
+
+
+def test_bf16_autocast_works_on_a_bf16_model_and_is_refused_on_a_float32_one(tiny):
+    """TrainingArguments(bf16=True) runs the forward under CPU bf16 autocast."""
+    ids, mask, labels = _batch()
+    model, _ = _load(tiny)  # float32 compute
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(nf4tune.Nf4tuneError, match="autocast is on"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+
+    model, _ = _load(tiny, compute_dtype=torch.bfloat16)
+    _randomize_lora(model)
+    model.train()
+    plain = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    autocast.backward()
+    assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in _grads(model).values())
+    torch.testing.assert_close(autocast, plain, rtol=2e-2, atol=0)

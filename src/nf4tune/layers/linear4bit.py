@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import dispatch
 from ..quant import QuantizedTensor
+from . import kept_outputs
 from .dropout import LoraDropout
 
 
@@ -35,20 +36,25 @@ FUSED_MAX_TOKENS = 16
 
 class _Lora4bitMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_lora, lora_A, lora_B, scaling, bias, weight: QuantizedTensor):
-        w = dispatch.dequantize_scratch(weight, x.dtype)  # a reused buffer: w is dropped right after
-        y = x @ w.t()
-        del w
-        if bias is not None:
-            y = y + bias.to(y.dtype)
+    def forward(ctx, x, x_lora, lora_A, lora_B, scaling, bias, weight: QuantizedTensor, kept=None):
+        # kept: this call's output from the first run of a checkpointed region (layers.kept_outputs):
+        # the recompute then only redoes the small LoRA product that backward saves.
+        y = kept
+        if y is None:
+            w = dispatch.dequantize_scratch(weight, x.dtype)  # a reused buffer: w is dropped right after
+            y = x @ w.t()
+            del w
+            if bias is not None:
+                y = y + bias.to(y.dtype)
         a = b = h = None
         if lora_A is not None:
             a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
             h = x_lora @ a.t()
-            # scaling folded into the small B, and the product accumulated into y by the GEMM itself:
-            # no extra passes over the tokens x out output.
-            y2 = y.view(-1, y.shape[-1])
-            y2.addmm_(h.view(-1, h.shape[-1]), (b * scaling).t())
+            if kept is None:
+                # scaling folded into the small B, and the product accumulated into y by the GEMM itself:
+                # no extra passes over the tokens x out output.
+                y2 = y.view(-1, y.shape[-1])
+                y2.addmm_(h.view(-1, h.shape[-1]), (b * scaling).t())
         ctx.weight, ctx.scaling = weight, scaling
         ctx.adapter_dtype = lora_A.dtype if lora_A is not None else None
         ctx.save_for_backward(x_lora, a, b, h)
@@ -69,7 +75,7 @@ class _Lora4bitMatmul(torch.autograd.Function):
                 grad_A = (g_h.reshape(-1, g_h.shape[-1]).t() @ x_lora.reshape(-1, x_lora.shape[-1])).to(ctx.adapter_dtype)
             if ctx.needs_input_grad[1]:
                 grad_x_lora = g_h @ a
-        return grad_x, grad_x_lora, grad_A, grad_B, None, None, None
+        return grad_x, grad_x_lora, grad_A, grad_B, None, None, None, None
 
 
 class Linear4bit(nn.Module):
@@ -153,7 +159,12 @@ class Linear4bit(nn.Module):
                                           self.weight_absmax, self.weight_nested_absmax, self._quant_meta,
                                           self.weight_offset)
         else:
-            y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.quantized_weight)
+            region = kept_outputs.current()  # inside a gradient-checkpointed region that keeps outputs
+            kept = region.take(self) if region is not None else None
+            y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.quantized_weight,
+                                      kept)
+            if region is not None and kept is None:
+                region.keep(self, y)
         return y.to(in_dtype)
 
     def fused_matmul(self, x: torch.Tensor):

@@ -22,6 +22,9 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
+import re
+import shutil
 import sys
 from dataclasses import dataclass
 
@@ -29,12 +32,18 @@ import torch
 from torch import nn
 
 from ..errors import Nf4tuneError
+from ..layers.kept_outputs import KeepOutputsCheckpoint
 from ..layers.lora import LoraConfig, lora_layers, trainable_parameters
 from .adapters import _KEY, _TOKEN_KEY, PREFIX, WEIGHTS_NAME, save_adapter
 
 # Trainer's resume reads `model.safetensors.index.json` when a checkpoint has no full weights and the
 # model is not a peft.PeftModel; this index points it at the adapter file, which `load_state_dict` reads.
 INDEX_NAME = "model.safetensors.index.json"
+# Trainer's load_best_model_at_end, seeing an adapter file in a checkpoint of a model that is not a
+# peft.PeftModel, reads `model.safetensors` (else pytorch_model.bin) and nothing else. In Trainer's checkpoint
+# folders (named checkpoint-N) that name is a hard link to the adapter file (no second copy on disk).
+SAFE_WEIGHTS_NAME = "model.safetensors"
+_CHECKPOINT_FOLDER = re.compile(r"checkpoint-\d+")
 
 # Functions of PEFT that would freeze the adapters (prepare_model_for_kbit_training) or try to wrap the
 # 4-bit layers again (get_peft_model, PeftModel(...), PeftModel.from_pretrained go through inject_adapter).
@@ -58,6 +67,9 @@ class Nf4tuneState:
         loss_chunk_tokens: tokens projected to the vocabulary at a time by the training loss.
         skip_logits: default of `forward(..., skip_logits=...)`: with labels in training mode, return
             no logits (the loss never builds them).
+        kept_outputs_gib: under gradient checkpointing, the 4-bit layers' outputs of the first run are
+            kept (up to this many GiB at a time) so that the recompute in backward skips their matmuls
+            (`layers.kept_outputs`); 0 recomputes everything, as plain checkpointing does.
     """
 
     base: str | None = None
@@ -65,6 +77,7 @@ class Nf4tuneState:
     new_tokens_from: int | None = None
     loss_chunk_tokens: int = 1024
     skip_logits: bool = True
+    kept_outputs_gib: float = 1.0
 
 
 def _called_from_peft(depth: int = 6) -> str | None:
@@ -111,6 +124,16 @@ class Nf4tuneModelMixin:
     def nf4tune_new_tokens_from(self, value: int | None) -> None:
         self.nf4tune.new_tokens_from = value
 
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers: int = 1):
+        # Every way of turning checkpointing on (load_model, Trainer's gradient_checkpointing=True, a script's
+        # gradient_checkpointing_enable) ends here: the layers get a checkpoint that keeps the 4-bit outputs.
+        if gradient_checkpointing_func is None:
+            from torch.utils.checkpoint import checkpoint as gradient_checkpointing_func
+        if not isinstance(gradient_checkpointing_func, KeepOutputsCheckpoint):
+            gradient_checkpointing_func = KeepOutputsCheckpoint(gradient_checkpointing_func,
+                                                                functools.partial(getattr, self.nf4tune, "kept_outputs_gib"))
+        return super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+
     def named_modules(self, *args, **kwargs):
         if _called_from_peft() is not None:
             raise Nf4tuneError(_ALREADY_DONE)
@@ -131,6 +154,8 @@ class Nf4tuneModelMixin:
         index = {"metadata": {"format": "nf4tune PEFT adapter; this index lets Trainer's resume_from_checkpoint find it"},
                  "weight_map": {k: WEIGHTS_NAME for k in self._saved_keys()}}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        if _CHECKPOINT_FOLDER.fullmatch(directory.name):
+            _link(directory / WEIGHTS_NAME, directory / SAFE_WEIGHTS_NAME)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
 
@@ -188,6 +213,15 @@ class Nf4tuneModelMixin:
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
 
+def _link(source, target) -> None:
+    """`target` as a hard link to `source` (a copy where the file system has no hard links)."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def _chunked_forward(model, arguments: dict):
     """The training forward with labels: backbone, then the chunked loss on the labelled positions."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -212,6 +246,18 @@ def _chunked_forward(model, arguments: dict):
                                   attentions=getattr(out, "attentions", None))
 
 
+def _refuse_other_autocast(model) -> None:
+    """Autocast to a dtype other than the model's compute dtype (e.g. TrainingArguments(bf16=True) on a
+    float32 model) would mix dtypes inside the 4-bit layers: one sentence instead."""
+    weight = model.get_input_embeddings().weight
+    device = weight.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != weight.dtype:
+        wanted = str(torch.get_autocast_dtype(device)).removeprefix("torch.")
+        raise Nf4tuneError(f"this model computes in {str(weight.dtype).removeprefix('torch.')} but {wanted} autocast is "
+                           f"on (e.g. TrainingArguments(bf16=True)); load it with compute_dtype=torch.{wanted} "
+                           "(bfloat16 is nf4tune's default) or turn the autocast off.")
+
+
 def _make_forward(base_forward):
     """A forward with the base class's signature (Trainer keeps the dataset columns it names)."""
     from ..train.loss import CHUNKED_FAMILIES
@@ -221,6 +267,7 @@ def _make_forward(base_forward):
 
     @functools.wraps(base_forward)
     def forward(self, *args, skip_logits: bool | None = None, **kwargs):
+        _refuse_other_autocast(self)
         skip = self.nf4tune.skip_logits if skip_logits is None else skip_logits
         labels = kwargs.get("labels")
         if labels is None and args:
