@@ -3,6 +3,7 @@
 the issue names also run end to end."""
 
 import json
+import resource
 from pathlib import Path
 
 from nf4tune.cli import train as train_cli
@@ -60,16 +61,24 @@ def test_a_word_that_is_neither_flag_nor_override_is_still_refused(capsys):
 
 def test_the_two_command_lines_of_the_issue_train_and_resume(tmp_path, monkeypatch, capsys, caplog):
     """`train r.yaml --no-progress lora.r=64` trains with rank 64; `--resume training.max_steps=4`
-    continues that run from its latest checkpoint up to the new step count."""
+    continues that run from its latest checkpoint up to the new step count. The same run shows the
+    memory figures are peaks, named as such (test_peak_memory.py has the rest)."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     small = [f"training.output_dir={out}", "training.max_steps=2", "training.save_steps=2", "training.logging_steps=1",
              "eval.exact_match=false", "eval.max_eval_samples=4", "data.max_samples=32"]
     assert main(["train", RECIPE, "--no-progress", "lora.r=64", *small]) == 0
-    assert "training:" not in capsys.readouterr().err  # --no-progress was taken: no progress bar
+    printed = capsys.readouterr()
+    assert "training:" not in printed.err  # --no-progress was taken: no progress bar
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["peak_memory_gib"] <= process_peak + 1e-3 and "ru_maxrss" in summary["peak_memory_measure"]
+    assert f"peak memory {summary['peak_memory_gib']:.2f} GiB (peak resident set" in printed.out
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 64
     with caplog.at_level("INFO", logger="nf4tune"):
         assert main(["train", RECIPE, "--no-progress", "lora.r=64", *small, "--resume", "training.max_steps=4"]) == 0
     assert f"resuming from {out / 'checkpoint-2'} at step 2" in caplog.text
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4] and json.loads((out / "summary.json").read_text())["steps"] == 4
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and json.loads((out / "summary.json").read_text())["steps"] == 4
+    peaks = [r["peak_memory_gib"] for r in records]
+    assert peaks == sorted(peaks) and peaks[-1] <= json.loads((out / "summary.json").read_text())["peak_memory_gib"]
