@@ -48,6 +48,10 @@ def test_options_move_the_components_they_should(configs):
     assert estimate(configs["7b"], checkpointing=False).activations > 10 * base.activations
     assert estimate(configs["7b"], seq_len=4096).activations == pytest.approx(2 * base.activations)
     assert estimate(configs["7b"], r=16).lora == pytest.approx(base.lora / 4)
+    # the outputs kept for the recompute (layers.kept_outputs) are capped by the model's default budget
+    from nf4tune.models.peft_compat import Nf4tuneState
+    assert base.kept_outputs == Nf4tuneState().kept_outputs_gib * 2**30
+    assert estimate(configs["7b"], checkpointing=False).kept_outputs == 0
     assert estimate(configs["7b"], target="q_proj,v_proj").lora_parameters == 32 * 2 * 64 * (4096 + 4096)
     two = estimate(configs["7b"], gpus=2)
     assert two.weights_4bit == base.weights_4bit / 2 and two.activations == base.activations

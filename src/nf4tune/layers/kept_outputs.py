@@ -20,6 +20,8 @@ from contextlib import contextmanager
 
 import torch
 
+DEFAULT_BUDGET_GIB = 1.0  # what `model.nf4tune.kept_outputs_gib` starts at; `nf4tune estimate` counts it
+
 _local = threading.local()
 
 

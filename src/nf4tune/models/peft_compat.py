@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import Nf4tuneError
-from ..layers.kept_outputs import KeepOutputsCheckpoint
+from ..layers.kept_outputs import DEFAULT_BUDGET_GIB, KeepOutputsCheckpoint
 from ..layers.lora import LoraConfig, lora_layers, trainable_parameters
 from .adapters import _KEY, _TOKEN_KEY, PREFIX, WEIGHTS_NAME, save_adapter
 
@@ -77,7 +77,7 @@ class Nf4tuneState:
     new_tokens_from: int | None = None
     loss_chunk_tokens: int = 1024
     skip_logits: bool = True
-    kept_outputs_gib: float = 1.0
+    kept_outputs_gib: float = DEFAULT_BUDGET_GIB
 
 
 def _called_from_peft(depth: int = 6) -> str | None:

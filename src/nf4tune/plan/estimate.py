@@ -11,7 +11,9 @@ training adds is sized the way nf4tune trains:
   - activations, bf16: with gradient checkpointing, each decoder layer's input plus one layer
     recomputed in full; without it every layer's. A layer keeps about 12 hidden-size and 4
     intermediate-size values per token (norm inputs and outputs, q/k/v, attention output, the
-    MLP's gate, up, activation and product; attention itself is memory-efficient);
+    MLP's gate, up, activation and product; attention itself is memory-efficient); with checkpointing
+    also the 4-bit layers' outputs kept for the recompute (`layers.kept_outputs`: up to 5 x hidden +
+    2 x intermediate values per token and layer, at most its 1 GiB default budget);
   - logits: the chunked loss holds 1024 tokens x vocabulary of float32 logits, their softmax and
     gradient, never batch x sequence x vocabulary;
   - 0.75 GiB for the CUDA context and allocator slack (none for a CPU run, `device="cpu"`, where the
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..checkpoint.hf import build_meta_model, quantizable_linears
+from ..layers.kept_outputs import DEFAULT_BUDGET_GIB as KEPT_BUDGET_GIB
 from ..errors import Nf4tuneError
 from ..quant.codes import bits_per_parameter
 from ..registry import ESTIMATE_DEVICES, OPTIMIZERS, PARALLEL_STRATEGIES
@@ -54,6 +57,7 @@ class Estimate:
     activations: float
     activations_without_checkpointing: float
     activations_with_checkpointing: float
+    kept_outputs: float
     logits: float
     overhead: float
     total: float
@@ -136,6 +140,7 @@ def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, targe
     per_layer_token = 2 * (12 * hidden + 4 * inter)
     full = layers * per_layer_token * tokens
     checkpointed = layers * 2 * hidden * tokens + per_layer_token * tokens
+    kept = min(KEPT_BUDGET_GIB * GIB, layers * 2 * (5 * hidden + 2 * inter) * tokens) if checkpointing else 0.0
     logits = 3 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * vocab
 
     shard = 1 / gpus if strategy == "fsdp" else 1.0  # FSDP splits weights, adapters, states; activations stay per GPU
@@ -148,12 +153,12 @@ def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, targe
         lora=lora * 4 * shard, gradients=lora * 4 * shard, optimizer_states=lora * OPTIMIZERS[optim].state_bytes * shard,
         optimizer_pageable=OPTIMIZERS[optim].pageable and device == "cuda",
         activations=checkpointed if checkpointing else full,
-        activations_without_checkpointing=full, activations_with_checkpointing=checkpointed,
+        activations_without_checkpointing=full, activations_with_checkpointing=checkpointed, kept_outputs=kept,
         logits=logits, overhead=CUDA_OVERHEAD if device == "cuda" else 0.0, total=0.0, total_without_paged_states=0.0,
         device=device,
     )
     base = (est.weights_4bit + est.quant_constants + est.weights_16bit + est.lora + est.gradients
-            + est.activations + est.logits + est.overhead)
+            + est.activations + est.kept_outputs + est.logits + est.overhead)
     est.total = base + est.optimizer_states
     est.total_without_paged_states = base if est.optimizer_pageable else est.total
     return est
@@ -180,6 +185,7 @@ def format_table(est: Estimate, args_line: str) -> str:
          else "on the GPU" if est.device == "cuda" else "in host memory"),
         ("activations", est.activations, f"with checkpointing {gib(est.activations_with_checkpointing).strip()}, "
                                          f"without {gib(est.activations_without_checkpointing).strip()}"),
+        ("kept 4-bit outputs", est.kept_outputs, "spare the recompute its matmuls (model.nf4tune.kept_outputs_gib)"),
         ("logits", est.logits, "chunked loss"),
     ]
     if est.device == "cuda":
