@@ -90,8 +90,10 @@ class KeptOutputs:
         return output
 
     def clear(self) -> None:
-        _count(-sum(entry[3] for entry in self.entries))
-        self.entries.clear()
+        entries = getattr(self, "entries", None)  # absent if __init__ never ran (a traced, discarded object)
+        if entries:
+            _count(-sum(entry[3] for entry in entries))
+            entries.clear()
 
     def __del__(self):  # a forward that never got its backward (the graph was dropped)
         self.clear()
@@ -113,7 +115,9 @@ class KeepOutputsCheckpoint:
 
     def __call__(self, function, *args, **kwargs):
         budget = int(self.budget_gib() * 2**30)
-        if budget <= 0:
+        # Under torch.compile the 4-bit layers run as one custom op that keeps nothing, and the region's
+        # bookkeeping would be a side effect the compiled checkpoint cannot replay: plain checkpointing.
+        if budget <= 0 or torch.compiler.is_compiling():
             return self.checkpoint(function, *args, **kwargs)
         region, runs = KeptOutputs(budget), []
 
