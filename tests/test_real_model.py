@@ -38,6 +38,7 @@ def _exact(model, tok) -> float:
 @pytest.fixture(scope="module")
 def tuned(smollm2_gguf, tmp_path_factory):
     """SmolLM2 in 4-bit with fresh LoRA adapters, trained for a few steps on one-word answers."""
+    torch.manual_seed(0)  # the adapters' start: not whatever the tests before left in the global generator
     model, tok = nf4tune.load_model(smollm2_gguf, device="cpu", lora=nf4tune.LoraConfig(r=8, alpha=16, dropout=0.0),
                                     progress=False)
     before = {"exact": _exact(model, tok), "chat": _chat(model, tok)}
