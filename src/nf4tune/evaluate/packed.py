@@ -20,17 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch
-
-MIN_SHARED = 16  # a shared prefix shorter than this is not run apart
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+from .scoring import MIN_SHARED, common_prefix  # one threshold and one prefix rule for both scorers
 
 
 @dataclass

@@ -32,7 +32,8 @@ def _cache_argument(model) -> str:
 MIN_SHARED = 16  # shared prefixes shorter than this are not worth a separate pass
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -60,7 +61,7 @@ def tail_logits(model, seqs: Sequence[Sequence[int]], keep: Sequence[int], batch
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             # The prefix every row starts with, leaving each row at least its kept positions.
-            n = min(_common_prefix(seqs[rows[0]], seqs[rows[-1]]), min(len(seqs[i]) - keep[i] for i in rows))
+            n = min(common_prefix(seqs[rows[0]], seqs[rows[-1]]), min(len(seqs[i]) - keep[i] for i in rows))
             if getattr(model.config, "is_encoder_decoder", False) or n < MIN_SHARED:
                 n = 0
             if n and shared_ids and n >= len(shared_ids) and tuple(seqs[rows[0]][:len(shared_ids)]) == shared_ids:
