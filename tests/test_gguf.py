@@ -23,18 +23,24 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def bpe_tokenizer():
-    """A small byte-level BPE tokenizer (GPT-2 style, with merges and ChatML special tokens), trained here."""
+def bpe_tokenizer(pre_tokenizer=None):
+    """A small byte-level BPE tokenizer (GPT-2 style unless another pre-tokenizer is given), with merges and
+    ChatML special tokens, trained here."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # With another pre-tokenizer, merges are learnt across every boundary (bytes only, no split) and the
+    # pre-tokenizer is set afterwards, so the vocabulary holds merges that only the right split forbids.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre_tokenizer is None)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 3, "hello world, hello there", MULTILINGUAL],
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 3, "hello world, hello there", MULTILINGUAL,
+                             SPLIT_TEXT],
                             trainer)
+    if pre_tokenizer is not None:
+        tok.pre_tokenizer = pre_tokenizer
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", unk_token="<|endoftext|>", chat_template=CHATML)
 
@@ -301,6 +307,44 @@ def test_llama_cpp_loads_the_export_and_agrees(tiny_bpe_llama, tmp_path):
     llm.reset()
     got = [t for _, t in zip(range(5), llm.generate(ids, temp=0.0, top_k=1))]
     assert got == expected
+
+
+# Each pre-tokenizer style nf4tune names for llama.cpp, and what it must split alike: digit runs,
+# contractions in both cases, newlines, punctuation, and text outside Latin script.
+SPLIT_TEXT = "I'LL pay 12345 or 7,5 — we'd've said so.\n\n  Tabs\there! 東京 добрый день"
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _pre_tokenizer(style: str):
+    from tokenizers import Regex, pre_tokenizers
+
+    if style == "gpt-2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if style == "smollm":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    pattern = _LLAMA3_SPLIT if style == "llama-bpe" else _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+@pytest.mark.parametrize("style", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_llama_cpp_splits_text_as_the_tokenizer_does(style, tmp_path):
+    """The exported pre-tokenizer name makes llama.cpp tokenize as transformers does (GPT-2, SmolLM, Llama 3
+    and Qwen2 splits), read from the file's vocabulary alone."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs `pip install llama-cpp-python` (extra llamacpp)")
+
+    tok = bpe_tokenizer(_pre_tokenizer(style))
+    src = build_tiny_checkpoint(tmp_path / "src", dtype=torch.float32, vocab_size=len(tok), num_hidden_layers=1,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tok.save_pretrained(src)
+    out = tmp_path / "m.gguf"
+    export_gguf(src, out, None, progress=False)
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == style
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    for text in (SPLIT_TEXT, MULTILINGUAL):
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text).input_ids, text
 
 
 def _transformers_gguf_model(gguf_file):

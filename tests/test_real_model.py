@@ -115,3 +115,45 @@ def test_merge_and_export_to_gguf_keeps_the_fine_tune(tuned, smollm2_gguf, tmp_p
     assert exported_tok(text).input_ids == tok(text).input_ids and exported_tok.decode(exported_tok(text).input_ids) == text
     assert exported_tok.chat_template == tok.chat_template
     assert 'PARAMETER stop "<|im_end|>"' in (tmp_path / "Modelfile").read_text()
+
+
+@pytest.mark.parametrize("kind, tolerance", [("f16", 0.01), ("q4_k_m", 0.05)])
+def test_llama_cpp_runs_the_exported_fine_tune(tuned, smollm2_gguf, tmp_path, kind, tolerance):
+    """llama.cpp itself (llama-cpp-python, optional extra `llamacpp`) loads the exported SmolLM2 fine-tune:
+    its tokenizer splits a multilingual text as the model's own does, its logits agree with transformers
+    reading the same file (float16 weights: 1% of the largest logit; q4_k_m, where llama.cpp also rounds
+    activations to 8 bits in its matmuls: 5%), it generates the same greedy tokens, and it answers the
+    held-out questions as the fine-tune does."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs `pip install llama-cpp-python` (extra llamacpp)")
+    from transformers import AutoModelForCausalLM
+
+    from nf4tune.models.export import export_gguf
+
+    _, tok, adapter, _, _ = tuned
+    out = tmp_path / f"smol-{kind}.gguf"
+    export_gguf(smollm2_gguf, out, adapter, kind=kind, dequantized=True, progress=False)
+    llm = llama_cpp.Llama(model_path=str(out), logits_all=True, verbose=False, n_ctx=128, n_threads=2, seed=0)
+    text = "Héllo wörld, 東京 — добрый день! 🙂"
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text).input_ids
+
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name).eval()
+    ids = tok(_prompt("Chile"), return_tensors="pt").input_ids
+    llm.eval(ids[0].tolist())
+    theirs = torch.tensor(llm.scores[: ids.shape[1]])
+    with torch.no_grad():
+        ours = exported(ids).logits[0]
+    assert (theirs - ours).abs().max() < tolerance * ours.abs().max()
+
+    hits = 0
+    for country, capital in HELD_OUT:
+        prompt = tok(_prompt(country)).input_ids
+        llm.reset()
+        got = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1):
+            if token == tok.eos_token_id or len(got) == 4:
+                break
+            got.append(token)
+        expected = _greedy(exported, tok, _prompt(country), 4).removesuffix(tok.eos_token)
+        assert tok.decode(got) == expected, country
+        hits += tok.decode(got) == f" {capital}"
+    assert hits >= 3

@@ -193,13 +193,34 @@ def add_hf_tokenizer(writer, tokenizer) -> None:
             writer.add_chat_template(tokenizer.chat_template)
 
 
+# The pre-tokenizers llama.cpp knows by name (llama-vocab.cpp), recognised from tokenizer.json: the
+# regex of a Split step (with a ByteLevel step that no longer splits), or GPT-2's own ByteLevel split
+# with or without single digits first. llama.cpp's converter names them by hashing a tokenization
+# instead; the table here covers the families nf4tune supports.
+_SPLIT_REGEX_NAMES = {
+    # Llama 3 (and 3.1/3.2): numbers in runs of up to three digits
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    # Qwen2 / Qwen2.5: single digits
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
+
+
 def _pre_tokenizer(tokenizer_json: dict) -> str:
-    """llama.cpp's name for the pre-tokenizer: GPT-2's byte-level regex is "gpt2"; others get llama.cpp's default."""
+    """llama.cpp's name for the tokenizer's pre-tokenizer (how text is split before BPE merges); one it
+    has no name for gets llama.cpp's default split, with a warning."""
     pre = tokenizer_json.get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
-    log.warning("nf4tune: the tokenizer's pre-tokenizer has no llama.cpp name known to nf4tune; llama.cpp will split "
-                "text with its default rules.")
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"  # GPT-2's split after single digits (SmolLM, SmolLM2)
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        name = _SPLIT_REGEX_NAMES.get((steps[0].get("pattern") or {}).get("Regex"))
+        if name:
+            return name
+    log.warning("nf4tune: the tokenizer's pre-tokenizer (%s) has no llama.cpp name known to nf4tune; llama.cpp will "
+                "split text with its default rules, which may tokenize some texts differently.", " + ".join(map(str, kinds)))
     return "default"
 
 
