@@ -329,19 +329,49 @@ def _pre_tokenizer(style: str):
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
-@pytest.mark.parametrize("style", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def sentencepiece_tokenizer():
+    """A small BPE with byte fallback as Llama 2's and Mistral's tokenizer.json are (spaces as "▁", one in
+    front, 256 <0xXX> byte tokens): merges learnt on text written that way, then the vocabulary rebuilt
+    over the special and byte tokens."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = ["the quick brown fox jumps over the lazy dog " * 3, "hello world, hello there", MULTILINGUAL, SPLIT_TEXT]
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    learner.train_from_iterator(["▁" + t.replace(" ", "▁") for t in texts],
+                                trainers.BpeTrainer(vocab_size=400, show_progress=False))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(learner.to_str())["model"]["merges"]]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece, _ in sorted(learner.get_vocab().items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+@pytest.mark.parametrize("style", ["gpt-2", "smollm", "llama-bpe", "qwen2", "sentencepiece"])
 def test_llama_cpp_splits_text_as_the_tokenizer_does(style, tmp_path):
-    """The exported pre-tokenizer name makes llama.cpp tokenize as transformers does (GPT-2, SmolLM, Llama 3
-    and Qwen2 splits), read from the file's vocabulary alone."""
+    """The exported vocabulary and pre-tokenizer name make llama.cpp tokenize as transformers does (GPT-2,
+    SmolLM, Llama 3 and Qwen2 splits; SentencePiece-style BPE with byte fallback), read from the file's
+    vocabulary alone."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs `pip install llama-cpp-python` (extra llamacpp)")
 
-    tok = bpe_tokenizer(_pre_tokenizer(style))
+    tok = sentencepiece_tokenizer() if style == "sentencepiece" else bpe_tokenizer(_pre_tokenizer(style))
     src = build_tiny_checkpoint(tmp_path / "src", dtype=torch.float32, vocab_size=len(tok), num_hidden_layers=1,
                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     tok.save_pretrained(src)
     out = tmp_path / "m.gguf"
     export_gguf(src, out, None, progress=False)
-    assert gguf.GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == style
+    fields = gguf.GGUFReader(out).fields
+    assert fields["tokenizer.ggml.model"].contents() == ("llama" if style == "sentencepiece" else "gpt2")
+    assert fields["tokenizer.ggml.pre"].contents() == ("default" if style == "sentencepiece" else style)
     llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
     for text in (SPLIT_TEXT, MULTILINGUAL):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text).input_ids, text
