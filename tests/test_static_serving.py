@@ -90,3 +90,20 @@ def test_the_engine_falls_back_saying_why_where_the_static_decoder_cannot_serve(
     engine.close()
     assert engine.decoder is None and engine.decode_path.name == dispatch.REFERENCE
     assert "bfloat16" in engine.decode_path.reason and "static-cache decoder cannot serve" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_on_cuda_the_engine_decodes_through_the_cuda_graph_step(checkpoint, env):
+    env()
+    model, tokenizer = nf4tune.load_model(checkpoint, device="cuda", progress=False)
+    prompts = ["Once upon a time, in a land far away", "Hi"]
+    sampling = Sampling(max_new_tokens=12)
+    engine = Engine(model, tokenizer, max_batch=4)
+    assert engine.decode_path.name == "static-graphs" and engine.decoder.mode == "graphs"
+    replies = _replies(engine, prompts, sampling)
+    compiled = StaticDecoder(model, 4, 64, mode="compiled")  # the graph replays this step's kernels
+    for prompt, reply in zip(prompts, replies):
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        [tokens] = compiled.generate(ids, sampling, eos_ids=engine.eos_ids)
+        assert reply == tokenizer.decode([t for t in tokens if t not in engine.eos_ids], skip_special_tokens=True)
