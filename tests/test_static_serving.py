@@ -82,7 +82,7 @@ def test_the_engine_replies_alike_through_the_static_decoder(checkpoint, env):
     assert expected[2] == expected[1] and all(len(t) > 0 for t in expected)  # a reply is the same alone
 
 
-def test_the_engine_falls_back_saying_why_where_the_static_decoder_cannot_serve(checkpoint, env, caplog):
+def test_the_engine_falls_back_saying_why_where_the_static_decoder_cannot_serve(checkpoint, env, caplog, tmp_path):
     env(NF4TUNE_STATIC_DECODER="eager")
     fp32, tokenizer = nf4tune.load_model(checkpoint, device="cpu", compute_dtype=torch.float32, progress=False)
     with caplog.at_level(logging.INFO, logger="nf4tune"):
@@ -90,6 +90,16 @@ def test_the_engine_falls_back_saying_why_where_the_static_decoder_cannot_serve(
     engine.close()
     assert engine.decoder is None and engine.decode_path.name == dispatch.REFERENCE
     assert "bfloat16" in engine.decode_path.reason and "static-cache decoder cannot serve" in caplog.text
+    # several adapters, each request under its own: the CPU decoder's (or generate's) work
+    tuned, _ = nf4tune.load_model(checkpoint, device="cpu", progress=False, lora=nf4tune.LoraConfig(r=4, alpha=8))
+    nf4tune.save_adapter(tuned, tmp_path / "adapter")
+    model, _ = nf4tune.load_model(checkpoint, device="cpu", progress=False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nf4tune"):
+        engine = Engine(model, tokenizer, {"a": str(tmp_path / "adapter")})
+    engine.close()
+    assert not isinstance(engine.decoder, StaticDecoder) and "their own adapters" in caplog.text
+    assert engine.decode_path.name in (dispatch.NATIVE, dispatch.REFERENCE)
 
 
 @pytest.mark.gpu

@@ -320,7 +320,8 @@ class Engine:
                 reason = "requests with their own adapters need the CPU decoder or generate"
             if reason is None:
                 mode = chosen.name.removeprefix(dispatch.STATIC)
-                log.info("nf4tune: decoding with the static-cache decoder (%s): %s", mode, chosen.reason)
+                log.info("nf4tune: decoding with the static-cache decoder (%s%s): %s", mode,
+                         "; the first reply compiles its step" if mode != "eager" else "", chosen.reason)
                 capacity = round_capacity(1, self.context_length)  # grows with the requests
                 return StaticDecoder(model, self.max_batch, capacity, mode=mode), chosen
             log.warning("nf4tune: the static-cache decoder cannot serve this model (%s); falling back.", reason)
@@ -329,7 +330,7 @@ class Engine:
         if reason is None:
             return Decoder(model), dispatch.Path(dispatch.NATIVE, "the CPU decoder (serve.decoder)")
         if chosen.name == dispatch.NATIVE:
-            log.info("nf4tune: the CPU decoder cannot serve this model (%s); using transformers' generate.", reason)
+            log.debug("nf4tune: the CPU decoder cannot serve this model (%s); using transformers' generate.", reason)
         why = chosen.reason if chosen.name == dispatch.REFERENCE else f"the CPU decoder cannot serve it: {reason}"
         return None, dispatch.Path(dispatch.REFERENCE, why)
 

@@ -28,6 +28,7 @@ native `Decoder`; `StaticDecoder.unsupported(model)` says why a model cannot use
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -37,6 +38,8 @@ from .. import dispatch
 from ..layers.linear4bit import Linear4bit
 from .decoder import FAMILIES, PROJECTIONS, STATIC_ROPE, Decoder, Row, _projection, _window
 from .sampling import Sampling, next_token
+
+log = logging.getLogger(__name__)
 
 MODES = ("eager", "compiled", "graphs")
 # The cache grows in steps of this many positions (a new size recompiles / recaptures the step).
@@ -203,6 +206,7 @@ class StaticDecoder:
         """Capture the step in a CUDA graph after warm-up runs on a side stream (compiling, autotuning
         and the kernels' first-use checks happen there, not in the capture). The warm-up writes each
         row's keys and values at its current slot: what the replay that follows writes there again."""
+        log.info("nf4tune: capturing the decoding step in a CUDA graph (%d rows, %d positions)", self.batch, self.capacity)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
