@@ -3,6 +3,7 @@
 static decoder are the replies of its CPU path (the native decoder, or generate without AVX-512)."""
 
 import logging
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import nf4tune
 from nf4tune import dispatch
 from nf4tune.checkpoint.tiny import build_tiny_checkpoint
+from nf4tune.cli.main import main
 from nf4tune.errors import Nf4tuneError
 from nf4tune.serve import Engine, Request, Sampling
 from nf4tune.serve.static_decoder import StaticDecoder
@@ -28,7 +30,7 @@ def env(monkeypatch):
     return set_
 
 
-def test_dispatch_picks_the_cuda_graph_decoder_on_cuda_and_keeps_the_cpu_decoder_on_cpu(env):
+def test_dispatch_picks_the_cuda_graph_decoder_on_cuda_and_keeps_the_cpu_decoder_on_cpu(env, capsys):
     env()
     assert dispatch.path("decode", CUDA).name == "static-graphs"
     cpu = dispatch.path("decode", torch.zeros(1))
@@ -42,6 +44,8 @@ def test_dispatch_picks_the_cuda_graph_decoder_on_cuda_and_keeps_the_cpu_decoder
     assert dispatch.path("decode", torch.zeros(1)).name == "static-compiled"  # graphs need a GPU
     env(NF4TUNE_STATIC_DECODER="eager")
     assert dispatch.path("decode", torch.zeros(1)).name == "static-eager"
+    assert main(["doctor"]) == 0  # lists the decode path with its reason
+    assert re.search(r"^  decode +static-eager +NF4TUNE_STATIC_DECODER=eager", capsys.readouterr().out, re.M)
     env(NF4TUNE_STATIC_DECODER="fast")
     with pytest.raises(Nf4tuneError, match="NF4TUNE_STATIC_DECODER"):
         dispatch.path("decode", CUDA)
