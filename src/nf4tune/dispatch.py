@@ -21,8 +21,7 @@ The engine falls back (saying why) where a model or its adapters need another de
 
 `path(op, *inputs)` says which path an input takes and why; every function here runs exactly the
 path it names. This module is the only reader of NF4TUNE_NATIVE / NF4TUNE_COMPILE /
-NF4TUNE_STATIC_DECODER and the only
-caller of the kernels' capability checks. Importing it (the package does) installs the fast
+NF4TUNE_STATIC_DECODER and the only caller of the kernels' capability checks. Importing it (the package does) installs the fast
 quantize / dequantize into `quant`, which itself stays the pure reference.
 """
 
@@ -38,10 +37,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .errors import Nf4tuneError
 from .kernels import base, compiled, compiled_4bit, lora_4bit_op
 from .kernels import cpu as native
 from .kernels import cuda as cuda_kernels
-from .errors import Nf4tuneError
 from .quant import blockwise, tensor
 from .quant.codes import code_4bit, on_device
 

@@ -6,8 +6,8 @@ on CUDA `static_decoder.StaticDecoder` (a static cache, the step in a CUDA graph
 `decoder.Decoder` (where each row also has its own adapter); with either, requests join a running batch
 and each row has its own sampling settings. Where the model (or, for the static decoder, several
 adapters) needs another, the engine falls back, logging why, finally to transformers' `generate`, where
-a batch shares its adapter and settings. Each request's text streams as its tokens arrive, cut before any of its stop strings
-(text that may be the start of one is held back). A request ends at its next token when its client
+a batch shares its adapter and settings. Each request's text streams as its tokens arrive, cut before
+any of its stop strings (text that may be the start of one is held back). A request ends at its next token when its client
 went away (`Request.cancel` or its `probe`), when its deadline passes (`request_timeout`), or when
 the engine closes; a prompt and reply never outgrow the model's context. A full queue refuses new
 requests at once (the server answers 429) instead of running out of memory.
@@ -470,9 +470,9 @@ class Engine:
 
     @torch.no_grad()
     def _continuous(self, batch: list[Request]) -> None:
-        """Decode with nf4tune's decoder (the CPU or the static one), continuously: requests that come while others decode join the
-        batch at the next step, in the places of those that ended; each ends (and is answered) at its
-        own last token."""
+        """Decode with nf4tune's decoder (the CPU or the static one), continuously: requests that come
+        while others decode join the batch at the next step, in the places of those that ended; each
+        ends (and is answered) at its own last token."""
         streamer, pending, rows = _BatchStreamer(self, []), list(batch), []
 
         def admit(live: int) -> list[Row]:
