@@ -54,7 +54,9 @@ def test_the_quick_report_runs_every_section_on_cpu(tmp_path):
     gpu_path = next(v for k, v in sections.items() if k.startswith("compiled layers"))
     losses = [r["first_loss"] for r in gpu_path["training_step"]]  # eager, compiled, offloaded: one loss
     assert len(losses) == 4 and max(losses) - min(losses) <= 1e-3 * abs(losses[0])
-    assert [r["mode"] for r in gpu_path["static_decoder"]] == ["eager", "compiled"]
-    assert all(r["same_tokens_as_eager"] for r in gpu_path["static_decoder"])
+    decoders = gpu_path["static_decoder"]
+    assert [(r["mode"], r["batch"]) for r in decoders] == [(m, b) for b in (1, 2) for m in ("eager", "compiled")]
+    assert all(r["same_tokens_as_eager"] and r.get("same_tokens_token_at_a_time", True) for r in decoders)
+    assert sum("same_tokens_token_at_a_time" in r for r in decoders) == 2
     md = (tmp_path / "gpu_report.md").read_text()
     assert all(f"## {name}: " in md for name in sections)

@@ -2,7 +2,8 @@
 
 Operations (`OPS`): 4-bit `quantize_4bit` and `dequantize_4bit`, the fused few-token `matmul_4bit`,
 `rms_norm` and `decode_attention` (the CPU decoder's), `head_matmul` (the bf16 output head while
-decoding) and `loss` (the chunked cross-entropy's compiled kernels). Paths:
+decoding), `loss` (the chunked cross-entropy's compiled kernels) and `decode` (which decoder the
+serving engine runs a model with). Paths:
 
 - `native-cpu`: the AVX-512 kernels of `kernels.cpu` (built on first use; NF4TUNE_NATIVE=0: off);
 - `triton`: the Triton kernels of `kernels.cuda` (after their first-use check on each GPU);
@@ -11,9 +12,16 @@ decoding) and `loss` (the chunked cross-entropy's compiled kernels). Paths:
 - `reference`: plain PyTorch (`quant.blockwise` and friends), which the tests hold every other
   path to (byte for byte where the path promises it).
 
+`decode`'s paths: `static-graphs` / `static-compiled` / `static-eager` (`serve.static_decoder`, its
+step captured in a CUDA graph, compiled, or as written: the default on CUDA, graphs unless
+NF4TUNE_COMPILE=0), `native-cpu` (`serve.decoder.Decoder`, the default on CPU with the AVX-512
+kernels) and `reference` (transformers' `generate`). NF4TUNE_STATIC_DECODER=0 keeps the static
+decoder off; =eager / compiled / graphs asks for it in that mode on any device (graphs on CUDA only).
+The engine falls back (saying why) where a model or its adapters need another decoder.
+
 `path(op, *inputs)` says which path an input takes and why; every function here runs exactly the
-path it names. This module is the only reader of NF4TUNE_NATIVE / NF4TUNE_COMPILE and the only
-caller of the kernels' capability checks. Importing it (the package does) installs the fast
+path it names. This module is the only reader of NF4TUNE_NATIVE / NF4TUNE_COMPILE /
+NF4TUNE_STATIC_DECODER and the only caller of the kernels' capability checks. Importing it (the package does) installs the fast
 quantize / dequantize into `quant`, which itself stays the pure reference.
 """
 
@@ -29,15 +37,19 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .errors import Nf4tuneError
 from .kernels import base, compiled, compiled_4bit, lora_4bit_op
 from .kernels import cpu as native
 from .kernels import cuda as cuda_kernels
 from .quant import blockwise, tensor
 from .quant.codes import code_4bit, on_device
 
-NATIVE_ENV, COMPILE_ENV = "NF4TUNE_NATIVE", "NF4TUNE_COMPILE"
+NATIVE_ENV, COMPILE_ENV, STATIC_DECODER_ENV = "NF4TUNE_NATIVE", "NF4TUNE_COMPILE", "NF4TUNE_STATIC_DECODER"
 REFERENCE, NATIVE, TRITON, COMPILED = "reference", "native-cpu", "triton", "torch.compile"
-OPS = ("quantize_4bit", "dequantize_4bit", "matmul_4bit", "rms_norm", "decode_attention", "head_matmul", "loss")
+STATIC = "static-"  # decode's static-decoder paths: STATIC + one of STATIC_MODES
+STATIC_MODES = ("eager", "compiled", "graphs")
+OPS = ("quantize_4bit", "dequantize_4bit", "matmul_4bit", "rms_norm", "decode_attention", "head_matmul", "loss",
+       "decode")
 # Below this many elements compilation costs more than it saves.
 COMPILE_MIN_NUMEL = 1 << 20
 
@@ -72,12 +84,20 @@ def _native_reason() -> str | None:
     return None if lib is not None else reason
 
 
-def _compile_reason(t: torch.Tensor, numel: int) -> str | None:
-    """None where work of `numel` elements on t's device should be compiled, else why not."""
+def _compile_off() -> str | None:
+    """Why torch.compile is off in this process, or None."""
     if os.environ.get(COMPILE_ENV, "1") == "0":
         return f"{COMPILE_ENV}=0 turns torch.compile off"
     if compiled.broken:
         return f"torch.compile failed earlier in this process ({compiled.broken_reason})"
+    return None
+
+
+def _compile_reason(t: torch.Tensor, numel: int) -> str | None:
+    """None where work of `numel` elements on t's device should be compiled, else why not."""
+    off = _compile_off()
+    if off:
+        return off
     if t.device.type != "cpu":
         return f"torch.compile serves CPU tensors only here (this is {t.device.type})"
     if numel < COMPILE_MIN_NUMEL:
@@ -94,7 +114,8 @@ def _triton_reason(device: torch.device) -> str | None:
 def path(op: str, *inputs) -> Path:
     """Which path `op` takes for these inputs, and why. Inputs per op:
     quantize_4bit (w, quant_type, blocksize); dequantize_4bit (q) or (packed, absmax, n, blocksize);
-    matmul_4bit (q); rms_norm (x); decode_attention (x); head_matmul (x, weight); loss (logits)."""
+    matmul_4bit (q); rms_norm (x); decode_attention (x); head_matmul (x, weight); loss (logits);
+    decode (a tensor on the model's device)."""
     if op not in _PATHS:
         raise ValueError(f"unknown operation {op!r}: one of {', '.join(OPS)}")
     return _PATHS[op](*inputs)
@@ -157,10 +178,38 @@ def _loss_path(t: torch.Tensor) -> Path:
     return Path(COMPILED, "Inductor fuses the loss's passes over the logits") if reason is None else Path(REFERENCE, reason)
 
 
+def _decode_path(x: torch.Tensor) -> Path:
+    """Which decoder serves a 4-bit Llama-family model on x's device (the engine falls back, saying why,
+    for a model or adapters that decoder cannot run)."""
+    setting = os.environ.get(STATIC_DECODER_ENV, "").strip().lower()
+    if setting not in ("", "auto", "0", "1") + STATIC_MODES:
+        raise Nf4tuneError(f"{STATIC_DECODER_ENV}={setting!r}: use 0 (off), 1 (the default) or one of "
+                           f"{', '.join(STATIC_MODES)}.")
+    cuda = x.device.type == "cuda"
+    if setting in STATIC_MODES:
+        mode, why = setting, f"{STATIC_DECODER_ENV}={setting}"
+        if mode == "graphs" and not cuda:
+            mode, why = "compiled", f"{why}, but CUDA graphs need a GPU: the compiled step"
+    elif cuda and setting != "0":
+        mode, why = "graphs", "the static-cache decoder, its compiled step replayed as a CUDA graph"
+    else:
+        mode = None
+    if mode is not None:
+        off = _compile_off() if mode != "eager" else None
+        return Path(STATIC + "eager", f"{why}; uncompiled: {off}") if off else Path(STATIC + mode, why)
+    off = f"{STATIC_DECODER_ENV}=0; " if cuda else ""
+    if x.device.type == "cpu":
+        reason = _native_reason()
+        if reason is None:
+            return Path(NATIVE, "the CPU decoder (serve.decoder) with the AVX-512 kernels")
+        return Path(REFERENCE, f"transformers' generate: the CPU decoder needs the AVX-512 kernels ({reason})")
+    return Path(REFERENCE, f"{off}transformers' generate (no fast decoder on {x.device.type})")
+
+
 _PATHS: dict[str, Callable[..., Path]] = {
     "quantize_4bit": _quantize_path, "dequantize_4bit": _dequantize_path, "matmul_4bit": _matmul_path,
     "rms_norm": _cpu_kernel_path, "decode_attention": _cpu_kernel_path, "head_matmul": _head_path,
-    "loss": _loss_path,
+    "loss": _loss_path, "decode": _decode_path,
 }
 
 
@@ -333,6 +382,7 @@ def _probes(device: torch.device) -> dict[str, tuple[str, tuple]]:
                         (torch.zeros(1, cols, dtype=torch.bfloat16, device=device),
                          torch.zeros(8, cols, dtype=torch.bfloat16, device=device))),
         "loss": ("a 2048-token chunk of 32000 logits", (one.expand(2048, 32000),)),
+        "decode": ("serving a 4-bit Llama-family model", (one,)),
     }
 
 
@@ -346,6 +396,7 @@ def report() -> dict:
         triton_version = None
     env = {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
            NATIVE_ENV: os.environ.get(NATIVE_ENV), COMPILE_ENV: os.environ.get(COMPILE_ENV),
+           STATIC_DECODER_ENV: os.environ.get(STATIC_DECODER_ENV),
            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
     paths = []
     for device in devices:
@@ -360,14 +411,15 @@ def format_report(report: dict) -> str:
     env = report["environment"]
     lines = [f"torch {env['torch']}, triton {env['triton'] or 'not installed'}, CUDA {env['cuda'] or 'none'}; "
              f"GPUs: {', '.join(env['gpus']) or 'none'}",
-             f"{NATIVE_ENV}={env[NATIVE_ENV] or '(unset)'}, {COMPILE_ENV}={env[COMPILE_ENV] or '(unset)'}", ""]
+             f"{NATIVE_ENV}={env[NATIVE_ENV] or '(unset)'}, {COMPILE_ENV}={env[COMPILE_ENV] or '(unset)'}, "
+             f"{STATIC_DECODER_ENV}={env.get(STATIC_DECODER_ENV) or '(unset)'}", ""]
     width = max(len(p["op"]) for p in report["paths"])
     device = None
     for p in report["paths"]:
         if p["device"] != device:
             device = p["device"]
             lines.append(f"{device}:")
-        lines.append(f"  {p['op']:<{width}}  {p['path']:<13}  {p['reason']}  [{p['input']}]")
+        lines.append(f"  {p['op']:<{width}}  {p['path']:<15}  {p['reason']}  [{p['input']}]")
     return "\n".join(lines)
 
 

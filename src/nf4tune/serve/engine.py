@@ -1,10 +1,13 @@
 """The generation engine: one 4-bit base, several adapters, requests batched and streamed.
 
 Requests wait in a bounded queue; a worker thread takes the oldest (up to `max_batch`) and generates
-them as one left-padded batch with the KV cache. Through `decoder.Decoder` (where the model allows)
-each row has its own adapter and sampling settings; otherwise (transformers' `generate`) a batch
-shares them. Each request's text streams as its tokens arrive, cut before any of its stop strings
-(text that may be the start of one is held back). A request ends at its next token when its client
+them as one batch with the KV cache. The decoder is `nf4tune.dispatch.path("decode", ...)`'s choice:
+on CUDA `static_decoder.StaticDecoder` (a static cache, the step in a CUDA graph), on CPU
+`decoder.Decoder` (where each row also has its own adapter); with either, requests join a running batch
+and each row has its own sampling settings. Where the model (or, for the static decoder, several
+adapters) needs another, the engine falls back, logging why, finally to transformers' `generate`, where
+a batch shares its adapter and settings. Each request's text streams as its tokens arrive, cut before
+any of its stop strings (text that may be the start of one is held back). A request ends at its next token when its client
 went away (`Request.cancel` or its `probe`), when its deadline passes (`request_timeout`), or when
 the engine closes; a prompt and reply never outgrow the model's context. A full queue refuses new
 requests at once (the server answers 429) instead of running out of memory.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import logging
 import queue
 import threading
 import time
@@ -26,10 +30,14 @@ from transformers.generation.logits_process import LogitsProcessor, LogitsProces
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .. import dispatch
 from ..errors import Nf4tuneError
 from ..models.adapters import AdapterBank
 from .decoder import Decoder, Row
 from .sampling import Sampling
+from .static_decoder import StaticDecoder, round_capacity
+
+log = logging.getLogger(__name__)
 
 GUANACO_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                   "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -284,12 +292,11 @@ class Engine:
             self.tokenizer.padding_side = "left"
             if self.tokenizer.pad_token_id is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
-        # the lean CPU decoder where the model allows, else generate()
-        self.decoder = Decoder(model) if Decoder.unsupported(model) is None else None
         self.max_batch, self.max_queue, self.request_timeout = max_batch, max_queue, request_timeout
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
         if max_batch < 1 or max_queue < 1:  # [:0] of the queue would never answer
             raise Nf4tuneError(f"max_batch and max_queue must be 1 or more, got {max_batch} and {max_queue}.")
+        self.decoder, self.decode_path = self._choose_decoder(model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -302,6 +309,30 @@ class Engine:
         self._stopped = False
         self._worker = threading.Thread(target=self._run, name="nf4tune-engine", daemon=True)
         self._worker.start()
+
+    def _choose_decoder(self, model) -> tuple[Decoder | StaticDecoder | None, dispatch.Path]:
+        """The decoder requests go through (None: transformers' generate) and the path that is, as
+        `dispatch.path("decode", ...)` chooses, falling back (logged, with the reason) where it cannot."""
+        chosen = dispatch.path("decode", next(model.parameters()))
+        if chosen.name.startswith(dispatch.STATIC):
+            reason = StaticDecoder.unsupported(model)
+            if reason is None and self.bank is not None:
+                reason = "requests with their own adapters need the CPU decoder or generate"
+            if reason is None:
+                mode = chosen.name.removeprefix(dispatch.STATIC)
+                log.info("nf4tune: decoding with the static-cache decoder (%s%s): %s", mode,
+                         "; the first reply compiles its step" if mode != "eager" else "", chosen.reason)
+                capacity = round_capacity(1, self.context_length)  # grows with the requests
+                return StaticDecoder(model, self.max_batch, capacity, mode=mode), chosen
+            log.warning("nf4tune: the static-cache decoder cannot serve this model (%s); falling back.", reason)
+            chosen = dispatch.Path(dispatch.REFERENCE, f"the static-cache decoder cannot serve it: {reason}")
+        reason = Decoder.unsupported(model)
+        if reason is None:
+            return Decoder(model), dispatch.Path(dispatch.NATIVE, "the CPU decoder (serve.decoder)")
+        if chosen.name == dispatch.NATIVE:
+            log.debug("nf4tune: the CPU decoder cannot serve this model (%s); using transformers' generate.", reason)
+        why = chosen.reason if chosen.name == dispatch.REFERENCE else f"the CPU decoder cannot serve it: {reason}"
+        return None, dispatch.Path(dispatch.REFERENCE, why)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -319,7 +350,7 @@ class Engine:
         if len(request.stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in request.stop):
             raise Nf4tuneError(f"'stop' takes up to {MAX_STOPS} non-empty strings.")
         if request.logprobs is not None and self.decoder is None:
-            raise Nf4tuneError("logprobs are available with the CPU decoder only; this model is served by generate().")
+            raise Nf4tuneError("logprobs are available with nf4tune's decoders only; this model is served by generate().")
         encoder = self._encoders.get(request.adapter, self._encoders[None])
         request.prompt_ids = encoder(request.prompt, add_special_tokens=False).input_ids
         request.prompt_tokens = len(request.prompt_ids)
@@ -439,9 +470,9 @@ class Engine:
 
     @torch.no_grad()
     def _continuous(self, batch: list[Request]) -> None:
-        """Decode with the CPU decoder, continuously: requests that come while others decode join the
-        batch at the next step, in the places of those that ended; each ends (and is answered) at its
-        own last token."""
+        """Decode with nf4tune's decoder (the CPU or the static one), continuously: requests that come
+        while others decode join the batch at the next step, in the places of those that ended; each
+        ends (and is answered) at its own last token."""
         streamer, pending, rows = _BatchStreamer(self, []), list(batch), []
 
         def admit(live: int) -> list[Row]:
