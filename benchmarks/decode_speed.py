@@ -6,8 +6,9 @@
 --shape small: the ~170M-parameter Llama of the training benchmarks (hidden 1024, 8 layers, vocab
 32000); --shape 7b: LLaMA-7B's shapes (hidden 4096, 32 layers, intermediate 11008), random bf16
 weights written shard by shard (13.5 GB of disk and host memory for the peer's load). NF4 with
-double quantization, bf16 compute; greedy decoding with the KV cache: nf4tune through its
-`serve.decoder.Decoder` where the model allows (CPU), else `generate`; `nf4tune-generate` is
+double quantization, bf16 compute; greedy decoding with the KV cache: nf4tune through the
+decoder `nf4tune chat/generate/serve` take on the device (`dispatch.path("decode")`: the static-cache
+decoder on CUDA, `serve.decoder.Decoder` on an AVX-512 CPU, else `generate`); `nf4tune-generate` is
 transformers' `generate` on nf4tune's model; the peer is `generate`. Decoding reads every 4-bit
 weight and the 16-bit head once per token, so tokens/s x those bytes is the bandwidth it achieves;
 it is reported against the device's bandwidth measured here (a large copy on CUDA, a large read
@@ -113,11 +114,17 @@ def run_side(side: str, path: Path, args) -> dict:
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     decoder = None
-    if side == "nf4tune":  # what `nf4tune chat / generate / serve` use for a single request
+    if side == "nf4tune":  # what `nf4tune chat / generate / serve` use, as dispatch chooses it for this device
+        from nf4tune import dispatch
         from nf4tune.serve.decoder import Decoder
         from nf4tune.serve.sampling import Sampling
+        from nf4tune.serve.static_decoder import StaticDecoder
 
-        if Decoder.unsupported(model) is None:
+        chosen = dispatch.path("decode", next(model.parameters()))
+        if chosen.name.startswith(dispatch.STATIC) and StaticDecoder.unsupported(model) is None:
+            decoder = StaticDecoder(model, args.batch, args.prompt + args.new_tokens,
+                                    mode=chosen.name.removeprefix(dispatch.STATIC))
+        elif Decoder.unsupported(model) is None:
             decoder = Decoder(model)
 
     def timed(n):
@@ -132,11 +139,11 @@ def run_side(side: str, path: Path, args) -> dict:
         sync()
         return time.perf_counter() - start
 
-    timed(2)  # warm-up
+    timed(2)  # warm-up (the static decoder compiles, and on CUDA captures its graph, here)
     prefill = min(timed(1) for _ in range(3))
-    total = timed(args.new_tokens)
-    result = {"prefill_s": prefill, "decode_tokens_per_s": args.batch * (args.new_tokens - 1) / (total - prefill)}
-    result["decoder"] = decoder is not None
+    total = min(timed(args.new_tokens) for _ in range(2))  # the best of two: noise only ever adds time
+    result = {"prefill_s": prefill, "decode_tokens_per_s": args.batch * (args.new_tokens - 1) / max(total - prefill, 1e-9)}
+    result["decoder"] = type(decoder).__name__ if decoder is not None else "generate"
     if side == "nf4tune":
         result["weight_bytes"] = weight_bytes(model)
         result["bandwidth"] = device_bandwidth(args.device)
@@ -185,7 +192,7 @@ def main() -> None:
               f"{median[side][0]:.0f} | {median[side][1]:.1f} |")
     (pa, da), (pb, db) = median["nf4tune"], median["transformers+bnb"]
     print(f"\nnf4tune / bnb (medians): decode {da / db:.2f}x, prefill {pb / pa:.2f}x"
-          f" (nf4tune's decoder {'used' if rounds['nf4tune'][0]['decoder'] else 'not available: generate'})")
+          f" (nf4tune decoded with {rounds['nf4tune'][0]['decoder']})")
     if "nf4tune-generate" in median:
         pg, dg = median["nf4tune-generate"]
         print(f"nf4tune's model through transformers' generate / bnb: decode {dg / db:.2f}x, prefill {pb / pg:.2f}x")
