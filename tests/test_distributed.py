@@ -2,9 +2,12 @@
 and adapter for the same global batch, FSDP holds about half the bytes per rank, a checkpoint resumes
 at the same and at another world size, and a failure on one rank stops the whole run with a sentence."""
 
+import contextlib
 import json
+import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,12 +25,13 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 # Every run of one launch shares a process group, so torch and the model code are imported once.
 DRIVER = """
-import json, sys
+import json, logging, sys
 from pathlib import Path
 import torch, torch.distributed as dist
 from nf4tune.train.config import recipe_from_dict
 from nf4tune.train.loop import train
 
+logging.basicConfig(level=logging.INFO, format="%(message)s")  # rank 0's log lines, as the CLI shows them
 root, backend = Path(sys.argv[1]), sys.argv[2]
 raw = json.loads((root / "recipe.json").read_text())
 if backend == "nccl":
@@ -145,11 +149,43 @@ def runs(tmp_path_factory):
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     raw = _raw(root, model)
     (root / "recipe.json").write_text(json.dumps(raw))
-    train(recipe_from_dict(raw), progress=False)
+    with _log_lines() as lines:
+        train(recipe_from_dict(raw), progress=False)
+    (root / "one.log").write_text("\n".join(lines))
     (root / "driver.py").write_text(DRIVER)
     done, _ = _torchrun(root / "driver.py", root, "gloo")
     assert done.returncode == 0, _rank_errors(done.stderr)
+    (root / "launch.log").write_text(done.stderr)
     return root, raw
+
+
+@contextlib.contextmanager
+def _log_lines():
+    """The nf4tune logger's messages while the block runs."""
+    lines, logger = [], logging.getLogger("nf4tune")
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _trainable_counts(text: str) -> list[str]:
+    return re.findall(r"trainable parameters ([\d,]+ of [\d,]+ \([\d.]+%\))", text)
+
+
+def test_every_strategy_logs_one_process_parameter_counts(runs):
+    root, _ = runs
+    [one] = _trainable_counts((root / "one.log").read_text())
+    # rank 0 alone logs: ddp, fsdp, fsdp resumed, 1 -> 2 (this model), then the 8-layer model by ddp and fsdp
+    launched = _trainable_counts((root / "launch.log").read_text())
+    assert launched[:4] == [one] * 4, (one, launched)
+    assert launched[4] == launched[5] != one, launched
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

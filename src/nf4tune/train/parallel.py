@@ -32,7 +32,6 @@ from . import state as ckpt
 log = logging.getLogger("nf4tune")
 
 OPTIMIZER_DIR = "optimizer"  # torch.distributed.checkpoint files inside a checkpoint folder
-QUANT_BUFFERS = ("weight_packed", "weight_absmax", "weight_nested_absmax")
 
 
 class LossModule(nn.Module):
@@ -431,8 +430,10 @@ def _copy_adapters(layer: nn.Module, name: str, pairs: dict) -> None:
 def frozen_buffers_as_parameters(model: nn.Module) -> None:
     """Register each Linear4bit's packed codes, absmax and nested absmax as frozen parameters: FSDP
     shards parameters, not buffers. The tensors are the same objects; nothing is re-quantized."""
+    from ..layers.linear4bit import Linear4bit
+
     for module in model.modules():
-        for name in QUANT_BUFFERS:
+        for name in Linear4bit.STORAGE if isinstance(module, Linear4bit) else ():
             tensor = module._buffers.get(name) if name in module._buffers else None
             if tensor is not None:
                 del module._buffers[name]
