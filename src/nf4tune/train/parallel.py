@@ -340,19 +340,27 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
 
 def resume_after_restart(recipe, resume):
     """(recipe, resume) for this attempt. When torchrun's elastic agent has restarted the ranks
-    (`--max-restarts`, after a rank died), the run continues from its last complete checkpoint; with
-    none yet it starts again, the earlier attempt's folder moved aside. A first attempt is unchanged."""
+    (`--max-restarts`, after a rank died), the run continues from its last complete checkpoint in
+    `training.output_dir`. With none yet, it starts again as the first attempt did: from the checkpoint
+    `resume` names, else from step 0, the earlier attempt's folder moved aside (`OUTPUT.old-<time>`).
+    A first attempt is unchanged."""
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restarts == 0 or resume:
+    if restarts == 0:
         return recipe, resume
     import dataclasses
 
     from .rundir import latest_checkpoint_of_run
 
-    if latest_checkpoint_of_run(recipe.training.output_dir) is not None:
-        log.warning("nf4tune: restart %d of the ranks: resuming from the last complete checkpoint", restarts)
+    latest = latest_checkpoint_of_run(recipe.training.output_dir)
+    if latest is not None:
+        log.warning("nf4tune: restart %d of the ranks: resuming from the last complete checkpoint, %s", restarts, latest)
         return recipe, True
-    log.warning("nf4tune: restart %d of the ranks: no checkpoint yet, starting again", restarts)
+    if resume:
+        log.warning("nf4tune: restart %d of the ranks: no checkpoint of this run yet, resuming again from %s",
+                    restarts, "the latest checkpoint" if resume is True else resume)
+        return recipe, resume
+    log.warning("nf4tune: restart %d of the ranks: no checkpoint of this run yet, starting again from step 0 "
+                "(the earlier attempt's folder is moved aside)", restarts)
     return dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, overwrite_output_dir=True)), resume
 
 
