@@ -140,10 +140,15 @@ def _assert_same_losses(got: dict, want: dict, steps) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model):
     """One process (global batch 8 = 4 x 2 accumulation), then one two-process launch (4 x 1 x 2 ranks)."""
     root = tmp_path_factory.mktemp("dist")
-    model = build_tiny_checkpoint(root / "model")
+    model = tiny_model
     build_tiny_checkpoint(root / "deep", num_hidden_layers=8)
     rows = [{"prompt": f"Is {n} even or odd? ", "completion": "even" if n % 2 == 0 else "odd"} for n in range(100, 260)]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -349,12 +354,12 @@ def test_a_restarted_attempt_resumes_from_the_run_s_last_checkpoint_or_starts_ag
     assert f"resuming from the last complete checkpoint, {out / 'checkpoint-4'}" in caplog.text
 
 
-def test_a_restart_before_the_first_checkpoint_trains_from_step_0(tmp_path, monkeypatch, caplog):
+def test_a_restart_before_the_first_checkpoint_trains_from_step_0(tmp_path, tiny_model, monkeypatch, caplog):
     """What a first attempt killed in its first step leaves (run.json, an empty metrics.jsonl) is
     moved aside, and the restarted attempt trains from step 0 instead of refusing the folder."""
     from nf4tune.train import rundir
 
-    raw = _raw(tmp_path, build_tiny_checkpoint(tmp_path / "model"))
+    raw = _raw(tmp_path, tiny_model)
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": f"{n}? ", "completion": "even"}) + "\n"
                                                   for n in range(16)))
     out = tmp_path / "one"
@@ -369,3 +374,17 @@ def test_a_restart_before_the_first_checkpoint_trains_from_step_0(tmp_path, monk
     assert sorted(_losses(out)) == [1, 2]
     [aside] = tmp_path.glob("one.old-*")
     assert (aside / "run.json").is_file()
+
+
+def test_auto_on_cpu_sizes_a_cpu_run_against_this_rank_s_share_of_host_memory(tmp_path, tiny_model, monkeypatch):
+    from nf4tune.plan.estimate import GIB, estimate
+    from nf4tune.train.parallel import Parallel, plan_arguments
+
+    model = tiny_model
+    recipe = recipe_from_dict(_raw(tmp_path, model) | {"model": {"name_or_path": str(model), "device": "cpu"}})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this host share its memory
+    strategy, why = Parallel(0, 2, parallel="auto")._choose(recipe, model)
+    need = estimate(str(model), gpus=2, strategy="ddp", device="cpu", **plan_arguments(recipe)).total_without_paged_states
+    share = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    assert strategy == "ddp"
+    assert why == f"a replica needs {need / GIB:.2f} GiB, within 90% of {share / GIB:.1f} GiB per device"

@@ -238,8 +238,9 @@ class Parallel:
             return self.requested, f"training.parallel={self.requested}"
         from ..plan.estimate import pick_strategy
 
-        return pick_strategy(str(model_path), device_bytes=_device_bytes(self.device(recipe.model.device)),
-                             gpus=self.world_size, **plan_arguments(recipe))
+        device = self.device(recipe.model.device)
+        return pick_strategy(str(model_path), device_bytes=_device_bytes(device), gpus=self.world_size,
+                             **plan_arguments(recipe), device="cuda" if device.type == "cuda" else "cpu")
 
     def log_layout(self, t) -> None:
         per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
@@ -374,10 +375,13 @@ def plan_arguments(recipe) -> dict:
                 blocksize=recipe.quant.blocksize)
 
 
-def _device_bytes(device: torch.device | None) -> int:
-    if device is not None and device.type == "cuda":
+def _device_bytes(device: torch.device) -> int:
+    """The memory one rank may count on: its GPU's, or on CPU its share of the host's (the ranks of
+    a node share it)."""
+    if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, ranks_here)
 
 
 def param_bytes(module: nn.Module) -> int:
