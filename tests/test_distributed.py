@@ -331,46 +331,54 @@ def _fake_checkpoint(out: Path, step: int) -> Path:
 
 
 def test_a_restarted_attempt_resumes_from_the_run_s_last_checkpoint_or_starts_again(tmp_path, monkeypatch, caplog):
-    from nf4tune.train.parallel import resume_after_restart
+    from nf4tune.train import parallel
+
+    def decide(recipe, resume):  # a fresh process of the restarted attempt
+        monkeypatch.setattr(parallel, "_restarts_noted", set())
+        return parallel.resume_after_restart(recipe, resume)
 
     out = tmp_path / "run"
     out.mkdir()
     recipe = recipe_from_dict(_raw(tmp_path, tmp_path / "model") | {"training": {"output_dir": str(out)}})
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a first attempt: as the user said
-    assert resume_after_restart(recipe, None) == (recipe, None)
+    assert decide(recipe, None) == (recipe, None)
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
     caplog.set_level("WARNING", logger="nf4tune")
     # No checkpoint yet: from step 0 (the earlier attempt's folder moved aside), or from the user's checkpoint again.
-    again, resume = resume_after_restart(recipe, None)
+    again, resume = decide(recipe, None)
     assert resume is None and again.training.overwrite_output_dir and not recipe.training.overwrite_output_dir
-    assert "restart 2 of the ranks: no checkpoint of this run yet, starting again from step 0" in caplog.text
+    assert parallel.resume_after_restart(again, resume) == (again, None)  # asked again (CLI, then train): said once
+    assert caplog.text.count("restart 2 of the ranks: no checkpoint of this run yet, starting again from step 0") == 1
     given = tmp_path / "other" / "checkpoint-3"
-    assert resume_after_restart(recipe, str(given)) == (recipe, str(given))
+    assert decide(recipe, str(given)) == (recipe, str(given))
     assert f"resuming again from {given}" in caplog.text
     # A checkpoint written by an earlier attempt: resumed, whatever the first attempt was told.
     _fake_checkpoint(out, 4)
-    assert resume_after_restart(recipe, None) == (recipe, True)
-    assert resume_after_restart(recipe, str(given)) == (recipe, True)
+    assert decide(recipe, None) == (recipe, True)
+    assert decide(recipe, str(given)) == (recipe, True)
     assert f"resuming from the last complete checkpoint, {out / 'checkpoint-4'}" in caplog.text
 
 
 def test_a_restart_before_the_first_checkpoint_trains_from_step_0(tmp_path, tiny_model, monkeypatch, caplog):
     """What a first attempt killed in its first step leaves (run.json, an empty metrics.jsonl) is
-    moved aside, and the restarted attempt trains from step 0 instead of refusing the folder."""
+    moved aside, and the restarted attempt (`nf4tune train`, as torchrun starts it) trains from step 0
+    instead of refusing the folder."""
+    from nf4tune.cli.main import main
     from nf4tune.train import rundir
 
     raw = _raw(tmp_path, tiny_model)
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": f"{n}? ", "completion": "even"}) + "\n"
                                                   for n in range(16)))
-    out = tmp_path / "one"
     raw["training"].update(max_steps=2, save_steps=10, gradient_accumulation_steps=1)
+    out = tmp_path / "one"
     out.mkdir()
     rundir.start_run(out)
     (out / "metrics.jsonl").write_text("")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setattr("nf4tune.train.parallel._restarts_noted", set())
     caplog.set_level("INFO", logger="nf4tune")
-    result = train(recipe_from_dict(raw), progress=False)
-    assert "starting again from step 0" in caplog.text and result.steps == 2
+    assert main(["train", str(_recipe_file(tmp_path, raw, "one")), "--no-progress"]) == 0
+    assert caplog.text.count("restart 1 of the ranks: no checkpoint of this run yet, starting again from step 0") == 1
     assert sorted(_losses(out)) == [1, 2]
     [aside] = tmp_path.glob("one.old-*")
     assert (aside / "run.json").is_file()

@@ -344,7 +344,7 @@ def resume_after_restart(recipe, resume):
     (`--max-restarts`, after a rank died), the run continues from its last complete checkpoint in
     `training.output_dir`. With none yet, it starts again as the first attempt did: from the checkpoint
     `resume` names, else from step 0, the earlier attempt's folder moved aside (`OUTPUT.old-<time>`).
-    A first attempt is unchanged."""
+    A first attempt is unchanged. The CLI and `train` both ask; the decision is logged once."""
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts == 0:
         return recipe, resume
@@ -354,15 +354,24 @@ def resume_after_restart(recipe, resume):
 
     latest = latest_checkpoint_of_run(recipe.training.output_dir)
     if latest is not None:
-        log.warning("nf4tune: restart %d of the ranks: resuming from the last complete checkpoint, %s", restarts, latest)
+        _restart_note(restarts, f"resuming from the last complete checkpoint, {latest}")
         return recipe, True
     if resume:
-        log.warning("nf4tune: restart %d of the ranks: no checkpoint of this run yet, resuming again from %s",
-                    restarts, "the latest checkpoint" if resume is True else resume)
+        _restart_note(restarts, "no checkpoint of this run yet, resuming again from "
+                      + ("the latest checkpoint" if resume is True else str(resume)))
         return recipe, resume
-    log.warning("nf4tune: restart %d of the ranks: no checkpoint of this run yet, starting again from step 0 "
-                "(the earlier attempt's folder is moved aside)", restarts)
+    _restart_note(restarts, "no checkpoint of this run yet, starting again from step 0 "
+                  "(the earlier attempt's folder is moved aside)")
     return dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, overwrite_output_dir=True)), resume
+
+
+_restarts_noted: set[int] = set()  # the attempt this process belongs to is logged once, though asked twice
+
+
+def _restart_note(restarts: int, what: str) -> None:
+    if restarts not in _restarts_noted:
+        _restarts_noted.add(restarts)
+        log.warning("nf4tune: restart %d of the ranks: %s", restarts, what)
 
 
 def plan_arguments(recipe) -> dict:
