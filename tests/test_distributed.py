@@ -54,8 +54,11 @@ def run(out, resume=None, model=None, **training):
 
 run("ddp", parallel="ddp")
 run("fsdp", parallel="fsdp")
+if backend == "nccl":
+    run("fsdp_offload", parallel="fsdp", fsdp_cpu_offload=True)  # shards in host memory between uses
 if backend == "gloo":
-    run("fsdp_resumed", resume=str(root / "fsdp" / "checkpoint-3"), parallel="fsdp")  # same world size
+    # same world size; fsdp_cpu_offload is accepted on CPU (shards are in host memory already)
+    run("fsdp_resumed", resume=str(root / "fsdp" / "checkpoint-3"), parallel="fsdp", fsdp_cpu_offload=True)
     run("one_to_two", resume=str(root / "one" / "checkpoint-3"), parallel="fsdp")  # 1 -> 2
     for strategy in ("ddp", "fsdp"):  # 8 layers: what a rank holds while loading
         run(f"deep_{strategy}", model=str(root / "deep"), parallel=strategy, max_steps=1)
@@ -291,6 +294,10 @@ def test_two_gpus_on_nccl(runs):
     assert done.returncode == 0, _rank_errors(done.stderr)
     for strategy in ("ddp", "fsdp"):
         assert len(_losses(root / strategy)) == 6
+    fsdp, offload = _losses(root / "fsdp"), _losses(root / "fsdp_offload")
+    assert sorted(offload) == sorted(fsdp), offload
+    for step, loss in offload.items():
+        assert math.isclose(loss, fsdp[step], rel_tol=1e-4), (step, loss, fsdp[step])
 
 
 def test_auto_picks_ddp_when_a_replica_fits_and_estimate_shares_the_formulas(runs, capsys):

@@ -232,6 +232,10 @@ class Parallel:
             raise Nf4tuneError("FSDP shards the optimizer states already; use training.optim=paged_adamw_32bit or "
                                "adamw_torch with it (paged_adamw_8bit quantizes whole tensors), or training.parallel=ddp.")
         log.info("nf4tune: %d ranks, %s (%s)", self.world_size, self.strategy.upper(), why)
+        if self.cpu_offload and (self.strategy != "fsdp" or self.device(recipe.model.device).type != "cuda"):
+            self.cpu_offload = False  # FSDP's offload policy moves shards off an accelerator: none here, or no shards
+            log.info("nf4tune: training.fsdp_cpu_offload has nothing to do %s", "with DDP (no shards)"
+                     if self.strategy != "fsdp" else "on CPU (the shards are in host memory already)")
 
     def _choose(self, recipe, model_path: Path) -> tuple[str, str]:
         if self.requested != "auto":
