@@ -23,8 +23,11 @@ from nf4tune.train.loop import train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
+# Packed rows (several examples each) drawn in length groups: each rank must still take its slice.
+PACKED = {"packing": True, "group_by_length": True, "source_max_len": 64}
+
 # Every run of one launch shares a process group, so torch and the model code are imported once.
-DRIVER = """
+DRIVER = f"PACKED = {PACKED!r}\n" + """
 import json, logging, sys
 from pathlib import Path
 import torch, torch.distributed as dist
@@ -47,10 +50,11 @@ if dist.get_rank() == 1:  # a slow rank 1, as under load: rank 0 must not move a
         return save(obj, f, *args, **kwargs)
     torch.save = slow_save
 
-def run(out, resume=None, model=None, **training):
+def run(out, resume=None, model=None, data=None, **training):
     t = {**raw["training"], "output_dir": str(root / out), "gradient_accumulation_steps": 1, **training}
     m = {**raw["model"], "name_or_path": model or raw["model"]["name_or_path"]}
-    train(recipe_from_dict({**raw, "model": m, "training": t}), resume=resume, progress=False)
+    d = {**raw["data"], **(data or {})}
+    train(recipe_from_dict({**raw, "model": m, "data": d, "training": t}), resume=resume, progress=False)
 
 run("ddp", parallel="ddp")
 run("fsdp", parallel="fsdp")
@@ -60,6 +64,7 @@ if backend == "gloo":
     # same world size; fsdp_cpu_offload is accepted on CPU (shards are in host memory already)
     run("fsdp_resumed", resume=str(root / "fsdp" / "checkpoint-3"), parallel="fsdp", fsdp_cpu_offload=True)
     run("one_to_two", resume=str(root / "one" / "checkpoint-3"), parallel="fsdp")  # 1 -> 2
+    run("fsdp_packed", parallel="fsdp", data=PACKED, max_steps=3)
     for strategy in ("ddp", "fsdp"):  # 8 layers: what a rank holds while loading
         run(f"deep_{strategy}", model=str(root / "deep"), parallel=strategy, max_steps=1)
 dist.destroy_process_group()
@@ -160,6 +165,13 @@ def runs(tmp_path_factory, tiny_model):
     with _log_lines() as lines:
         train(recipe_from_dict(raw), progress=False)
     (root / "one.log").write_text("\n".join(lines))
+    packed = {**raw, "data": {**raw["data"], **PACKED},
+              "training": {**raw["training"], "output_dir": str(root / "one_packed"), "max_steps": 3}}
+    with _log_lines() as lines:
+        train(recipe_from_dict(packed), progress=False)
+    [(examples, rows)] = [map(int, m.groups()) for line in lines
+                          if (m := re.match(r"nf4tune: (\d+) examples packed into (\d+) rows", line))]
+    assert rows < examples  # several examples share a row
     (root / "driver.py").write_text(DRIVER)
     done, _ = _torchrun(root / "driver.py", root, "gloo")
     assert done.returncode == 0, _rank_errors(done.stderr)
@@ -190,10 +202,15 @@ def _trainable_counts(text: str) -> list[str]:
 def test_every_strategy_logs_one_process_parameter_counts(runs):
     root, _ = runs
     [one] = _trainable_counts((root / "one.log").read_text())
-    # rank 0 alone logs: ddp, fsdp, fsdp resumed, 1 -> 2 (this model), then the 8-layer model by ddp and fsdp
+    # rank 0 alone logs: ddp, fsdp, fsdp resumed, 1 -> 2, packed (this model), then the 8-layer model by ddp and fsdp
     launched = _trainable_counts((root / "launch.log").read_text())
-    assert launched[:4] == [one] * 4, (one, launched)
-    assert launched[4] == launched[5] != one, launched
+    assert launched[:5] == [one] * 5, (one, launched)
+    assert launched[5] == launched[6] != one, launched
+
+
+def test_packed_rows_in_length_groups_split_over_ranks_as_one_process(runs):
+    root, _ = runs
+    _assert_same_losses(_losses(root / "fsdp_packed"), _losses(root / "one_packed"), range(1, 4))
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
