@@ -231,8 +231,9 @@ def test_two_ranks_give_the_losses_and_adapter_of_one_process(runs, strategy):
 
 def test_fsdp_holds_half_the_bytes_per_rank(runs):
     root, _ = runs
-    bytes_of = {name: json.loads((root / name / "summary.json").read_text())["param_bytes_per_rank"]
-                for name in ("one", "ddp", "fsdp")}
+    summaries = {name: json.loads((root / name / "summary.json").read_text()) for name in ("one", "ddp", "fsdp")}
+    assert (summaries["one"]["world_size"], summaries["one"]["strategy"]) == (1, "single")  # one process reports too
+    bytes_of = {name: summary["param_bytes_per_rank"] for name, summary in summaries.items()}
     assert bytes_of["ddp"] == bytes_of["one"]  # replicated
     assert 0.45 < bytes_of["fsdp"] / bytes_of["one"] < 0.56, bytes_of  # packed 4-bit bytes sharded too
 
