@@ -249,15 +249,24 @@ def test_fsdp_ranks_never_hold_every_layer_while_loading(runs):
     assert summary["deep_fsdp"]["param_bytes_per_rank"] < peak < 0.7 * whole, (peak, whole)
 
 
-def test_resume_at_the_same_and_at_another_world_size(runs):
+def test_resume_at_the_same_and_at_another_world_size(runs, caplog):
     root, raw = runs
     uninterrupted = _losses(root / "one")
     _assert_same_losses(_losses(root / "fsdp_resumed"), _losses(root / "fsdp"), range(4, 7))  # 2 -> 2
     _assert_same_losses(_losses(root / "one_to_two"), uninterrupted, range(4, 7))  # 1 -> 2
+    assert "global batch of" not in (root / "launch.log").read_text()  # every resume there kept it
     # 2 -> 1: the sharded optimizer state read back by one process
+    caplog.set_level("WARNING", logger="nf4tune")
     recipe = recipe_from_dict({**raw, "training": {**raw["training"], "output_dir": str(root / "two_to_one")}})
     train(recipe, resume=root / "fsdp" / "checkpoint-3", progress=False)
     _assert_same_losses(_losses(root / "two_to_one"), uninterrupted, range(4, 7))
+    assert "global batch" not in caplog.text
+    # 2 -> 1 without the accumulation that keeps the global batch: trains on, and says what differs
+    halved = {**raw["training"], "output_dir": str(root / "halved"), "gradient_accumulation_steps": 1, "max_steps": 4}
+    train(recipe_from_dict({**raw, "training": halved}), resume=root / "fsdp" / "checkpoint-3", progress=False)
+    assert ("the checkpoint was trained with a global batch of 8 and this run's is 4 (4 per device x 1 accumulation "
+            "x 1 rank(s)): the losses will differ from an uninterrupted run's; "
+            "training.gradient_accumulation_steps=2 keeps it") in caplog.text
 
 
 def test_a_bad_row_on_one_rank_stops_every_rank_with_a_sentence(runs):

@@ -252,6 +252,18 @@ class Parallel:
                  per_step * self.world_size, t.per_device_train_batch_size, t.gradient_accumulation_steps,
                  self.world_size)
 
+    def check_global_batch(self, saved: int | None, t) -> None:
+        """Warn when a resumed run's global batch differs from the checkpoint's (another world size
+        without the accumulation to match): it trains on, but no longer as the uninterrupted run would."""
+        per_rank = t.per_device_train_batch_size * self.world_size
+        now = per_rank * t.gradient_accumulation_steps
+        if saved is None or saved == now:
+            return
+        hint = (f"; training.gradient_accumulation_steps={saved // per_rank} keeps it" if saved % per_rank == 0 else "")
+        log.warning("nf4tune: the checkpoint was trained with a global batch of %d and this run's is %d (%d per device "
+                    "x %d accumulation x %d rank(s)): the losses will differ from an uninterrupted run's%s",
+                    saved, now, t.per_device_train_batch_size, t.gradient_accumulation_steps, self.world_size, hint)
+
     def layout(self, model: nn.Module) -> dict:
         """`world_size`, `strategy`, `param_bytes_per_rank` (parameters and buffers this rank holds,
         the largest over ranks) and `load_peak_param_bytes_per_rank` (the most it held while loading,
