@@ -2,9 +2,12 @@
 and adapter for the same global batch, FSDP holds about half the bytes per rank, a checkpoint resumes
 at the same and at another world size, and a failure on one rank stops the whole run with a sentence."""
 
+import contextlib
 import json
+import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,14 +23,18 @@ from nf4tune.train.loop import train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
+# Packed rows (several examples each) drawn in length groups: each rank must still take its slice.
+PACKED = {"packing": True, "group_by_length": True, "source_max_len": 64}
+
 # Every run of one launch shares a process group, so torch and the model code are imported once.
-DRIVER = """
-import json, sys
+DRIVER = f"PACKED = {PACKED!r}\n" + """
+import json, logging, sys
 from pathlib import Path
 import torch, torch.distributed as dist
 from nf4tune.train.config import recipe_from_dict
 from nf4tune.train.loop import train
 
+logging.basicConfig(level=logging.INFO, format="%(message)s")  # rank 0's log lines, as the CLI shows them
 root, backend = Path(sys.argv[1]), sys.argv[2]
 raw = json.loads((root / "recipe.json").read_text())
 if backend == "nccl":
@@ -43,16 +50,21 @@ if dist.get_rank() == 1:  # a slow rank 1, as under load: rank 0 must not move a
         return save(obj, f, *args, **kwargs)
     torch.save = slow_save
 
-def run(out, resume=None, model=None, **training):
+def run(out, resume=None, model=None, data=None, **training):
     t = {**raw["training"], "output_dir": str(root / out), "gradient_accumulation_steps": 1, **training}
     m = {**raw["model"], "name_or_path": model or raw["model"]["name_or_path"]}
-    train(recipe_from_dict({**raw, "model": m, "training": t}), resume=resume, progress=False)
+    d = {**raw["data"], **(data or {})}
+    train(recipe_from_dict({**raw, "model": m, "data": d, "training": t}), resume=resume, progress=False)
 
 run("ddp", parallel="ddp")
 run("fsdp", parallel="fsdp")
+if backend == "nccl":
+    run("fsdp_offload", parallel="fsdp", fsdp_cpu_offload=True)  # shards in host memory between uses
 if backend == "gloo":
-    run("fsdp_resumed", resume=str(root / "fsdp" / "checkpoint-3"), parallel="fsdp")  # same world size
+    # same world size; fsdp_cpu_offload is accepted on CPU (shards are in host memory already)
+    run("fsdp_resumed", resume=str(root / "fsdp" / "checkpoint-3"), parallel="fsdp", fsdp_cpu_offload=True)
     run("one_to_two", resume=str(root / "one" / "checkpoint-3"), parallel="fsdp")  # 1 -> 2
+    run("fsdp_packed", parallel="fsdp", data=PACKED, max_steps=3)
     for strategy in ("ddp", "fsdp"):  # 8 layers: what a rank holds while loading
         run(f"deep_{strategy}", model=str(root / "deep"), parallel=strategy, max_steps=1)
 dist.destroy_process_group()
@@ -136,20 +148,69 @@ def _assert_same_losses(got: dict, want: dict, steps) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model):
     """One process (global batch 8 = 4 x 2 accumulation), then one two-process launch (4 x 1 x 2 ranks)."""
     root = tmp_path_factory.mktemp("dist")
-    model = build_tiny_checkpoint(root / "model")
+    model = tiny_model
     build_tiny_checkpoint(root / "deep", num_hidden_layers=8)
     rows = [{"prompt": f"Is {n} even or odd? ", "completion": "even" if n % 2 == 0 else "odd"} for n in range(100, 260)]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     raw = _raw(root, model)
     (root / "recipe.json").write_text(json.dumps(raw))
-    train(recipe_from_dict(raw), progress=False)
+    with _log_lines() as lines:
+        train(recipe_from_dict(raw), progress=False)
+    (root / "one.log").write_text("\n".join(lines))
+    packed = {**raw, "data": {**raw["data"], **PACKED},
+              "training": {**raw["training"], "output_dir": str(root / "one_packed"), "max_steps": 3}}
+    with _log_lines() as lines:
+        train(recipe_from_dict(packed), progress=False)
+    [(examples, rows)] = [map(int, m.groups()) for line in lines
+                          if (m := re.match(r"nf4tune: (\d+) examples packed into (\d+) rows", line))]
+    assert rows < examples  # several examples share a row
     (root / "driver.py").write_text(DRIVER)
     done, _ = _torchrun(root / "driver.py", root, "gloo")
     assert done.returncode == 0, _rank_errors(done.stderr)
+    (root / "launch.log").write_text(done.stderr)
     return root, raw
+
+
+@contextlib.contextmanager
+def _log_lines():
+    """The nf4tune logger's messages while the block runs."""
+    lines, logger = [], logging.getLogger("nf4tune")
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _trainable_counts(text: str) -> list[str]:
+    return re.findall(r"trainable parameters ([\d,]+ of [\d,]+ \([\d.]+%\))", text)
+
+
+def test_every_strategy_logs_one_process_parameter_counts(runs):
+    root, _ = runs
+    [one] = _trainable_counts((root / "one.log").read_text())
+    # rank 0 alone logs: ddp, fsdp, fsdp resumed, 1 -> 2, packed (this model), then the 8-layer model by ddp and fsdp
+    launched = _trainable_counts((root / "launch.log").read_text())
+    assert launched[:5] == [one] * 5, (one, launched)
+    assert launched[5] == launched[6] != one, launched
+
+
+def test_packed_rows_in_length_groups_split_over_ranks_as_one_process(runs):
+    root, _ = runs
+    _assert_same_losses(_losses(root / "fsdp_packed"), _losses(root / "one_packed"), range(1, 4))
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -170,8 +231,9 @@ def test_two_ranks_give_the_losses_and_adapter_of_one_process(runs, strategy):
 
 def test_fsdp_holds_half_the_bytes_per_rank(runs):
     root, _ = runs
-    bytes_of = {name: json.loads((root / name / "summary.json").read_text())["param_bytes_per_rank"]
-                for name in ("one", "ddp", "fsdp")}
+    summaries = {name: json.loads((root / name / "summary.json").read_text()) for name in ("one", "ddp", "fsdp")}
+    assert (summaries["one"]["world_size"], summaries["one"]["strategy"]) == (1, "single")  # one process reports too
+    bytes_of = {name: summary["param_bytes_per_rank"] for name, summary in summaries.items()}
     assert bytes_of["ddp"] == bytes_of["one"]  # replicated
     assert 0.45 < bytes_of["fsdp"] / bytes_of["one"] < 0.56, bytes_of  # packed 4-bit bytes sharded too
 
@@ -187,15 +249,24 @@ def test_fsdp_ranks_never_hold_every_layer_while_loading(runs):
     assert summary["deep_fsdp"]["param_bytes_per_rank"] < peak < 0.7 * whole, (peak, whole)
 
 
-def test_resume_at_the_same_and_at_another_world_size(runs):
+def test_resume_at_the_same_and_at_another_world_size(runs, caplog):
     root, raw = runs
     uninterrupted = _losses(root / "one")
     _assert_same_losses(_losses(root / "fsdp_resumed"), _losses(root / "fsdp"), range(4, 7))  # 2 -> 2
     _assert_same_losses(_losses(root / "one_to_two"), uninterrupted, range(4, 7))  # 1 -> 2
+    assert "global batch of" not in (root / "launch.log").read_text()  # every resume there kept it
     # 2 -> 1: the sharded optimizer state read back by one process
+    caplog.set_level("WARNING", logger="nf4tune")
     recipe = recipe_from_dict({**raw, "training": {**raw["training"], "output_dir": str(root / "two_to_one")}})
     train(recipe, resume=root / "fsdp" / "checkpoint-3", progress=False)
     _assert_same_losses(_losses(root / "two_to_one"), uninterrupted, range(4, 7))
+    assert "global batch" not in caplog.text
+    # 2 -> 1 without the accumulation that keeps the global batch: trains on, and says what differs
+    halved = {**raw["training"], "output_dir": str(root / "halved"), "gradient_accumulation_steps": 1, "max_steps": 4}
+    train(recipe_from_dict({**raw, "training": halved}), resume=root / "fsdp" / "checkpoint-3", progress=False)
+    assert ("the checkpoint was trained with a global batch of 8 and this run's is 4 (4 per device x 1 accumulation "
+            "x 1 rank(s)): the losses will differ from an uninterrupted run's; "
+            "training.gradient_accumulation_steps=2 keeps it") in caplog.text
 
 
 def test_a_bad_row_on_one_rank_stops_every_rank_with_a_sentence(runs):
@@ -250,6 +321,10 @@ def test_two_gpus_on_nccl(runs):
     assert done.returncode == 0, _rank_errors(done.stderr)
     for strategy in ("ddp", "fsdp"):
         assert len(_losses(root / strategy)) == 6
+    fsdp, offload = _losses(root / "fsdp"), _losses(root / "fsdp_offload")
+    assert sorted(offload) == sorted(fsdp), offload
+    for step, loss in offload.items():
+        assert math.isclose(loss, fsdp[step], rel_tol=1e-4), (step, loss, fsdp[step])
 
 
 def test_auto_picks_ddp_when_a_replica_fits_and_estimate_shares_the_formulas(runs, capsys):
@@ -266,6 +341,12 @@ def test_auto_picks_ddp_when_a_replica_fits_and_estimate_shares_the_formulas(run
     assert pick_strategy(model, 80 * GIB, 2, **plan)[0] == "ddp"
     strategy, why = pick_strategy(model, ddp.total_without_paged_states, 2, **plan)  # no headroom left
     assert strategy == "fsdp" and "over 90%" in why
+    # The estimate's parameter bytes per rank are what the runs held (summary.json's, read from the model);
+    # the estimate sizes 16-bit embeddings, norms and head, and these runs keep them in float32.
+    for run, est in (("one", estimate(model, gpus=1, **plan)), ("ddp", ddp), ("fsdp", fsdp)):
+        held = json.loads((root / run / "summary.json").read_text())["param_bytes_per_rank"]
+        assert math.isclose(est.weights_4bit + est.quant_constants + 2 * est.weights_16bit + est.lora, held,
+                            rel_tol=0.01), (run, est, held)
     assert main(["estimate", model, "--gpus", "2", "--strategy", "fsdp", "--seq-len", "40", "--batch", "4"]) == 0
     out = capsys.readouterr().out
     assert "FSDP, per GPU" in out and "training.parallel=auto picks DDP on 2 x 80 GB" in out
@@ -279,3 +360,79 @@ def test_nproc_starts_torchrun_with_the_same_arguments():
     command = torchrun_command(args)
     assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
     assert command[5:] == ["-m", "nf4tune", "train", "r.yaml", "training.max_steps=5", "--resume", "--no-progress"]
+
+
+def _fake_checkpoint(out: Path, step: int) -> Path:
+    """A checkpoint folder as `latest_checkpoint_of_run` recognises one (complete, no run id)."""
+    path = out / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.pt").write_bytes(b"")
+    return path
+
+
+def test_a_restarted_attempt_resumes_from_the_run_s_last_checkpoint_or_starts_again(tmp_path, monkeypatch, caplog):
+    from nf4tune.train import parallel
+
+    def decide(recipe, resume):  # a fresh process of the restarted attempt
+        monkeypatch.setattr(parallel, "_restarts_noted", set())
+        return parallel.resume_after_restart(recipe, resume)
+
+    out = tmp_path / "run"
+    out.mkdir()
+    recipe = recipe_from_dict(_raw(tmp_path, tmp_path / "model") | {"training": {"output_dir": str(out)}})
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a first attempt: as the user said
+    assert decide(recipe, None) == (recipe, None)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    caplog.set_level("WARNING", logger="nf4tune")
+    # No checkpoint yet: from step 0 (the earlier attempt's folder moved aside), or from the user's checkpoint again.
+    again, resume = decide(recipe, None)
+    assert resume is None and again.training.overwrite_output_dir and not recipe.training.overwrite_output_dir
+    assert parallel.resume_after_restart(again, resume) == (again, None)  # asked again (CLI, then train): said once
+    assert caplog.text.count("restart 2 of the ranks: no checkpoint of this run yet, starting again from step 0") == 1
+    given = tmp_path / "other" / "checkpoint-3"
+    assert decide(recipe, str(given)) == (recipe, str(given))
+    assert f"resuming again from {given}" in caplog.text
+    # A checkpoint written by an earlier attempt: resumed, whatever the first attempt was told.
+    _fake_checkpoint(out, 4)
+    assert decide(recipe, None) == (recipe, True)
+    assert decide(recipe, str(given)) == (recipe, True)
+    assert f"resuming from the last complete checkpoint, {out / 'checkpoint-4'}" in caplog.text
+
+
+def test_a_restart_before_the_first_checkpoint_trains_from_step_0(tmp_path, tiny_model, monkeypatch, caplog):
+    """What a first attempt killed in its first step leaves (run.json, an empty metrics.jsonl) is
+    moved aside, and the restarted attempt (`nf4tune train`, as torchrun starts it) trains from step 0
+    instead of refusing the folder."""
+    from nf4tune.cli.main import main
+    from nf4tune.train import rundir
+
+    raw = _raw(tmp_path, tiny_model)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": f"{n}? ", "completion": "even"}) + "\n"
+                                                  for n in range(16)))
+    raw["training"].update(max_steps=2, save_steps=10, gradient_accumulation_steps=1)
+    out = tmp_path / "one"
+    out.mkdir()
+    rundir.start_run(out)
+    (out / "metrics.jsonl").write_text("")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setattr("nf4tune.train.parallel._restarts_noted", set())
+    caplog.set_level("INFO", logger="nf4tune")
+    assert main(["train", str(_recipe_file(tmp_path, raw, "one")), "--no-progress"]) == 0
+    assert caplog.text.count("restart 1 of the ranks: no checkpoint of this run yet, starting again from step 0") == 1
+    assert sorted(_losses(out)) == [1, 2]
+    [aside] = tmp_path.glob("one.old-*")
+    assert (aside / "run.json").is_file()
+
+
+def test_auto_on_cpu_sizes_a_cpu_run_against_this_rank_s_share_of_host_memory(tmp_path, tiny_model, monkeypatch):
+    from nf4tune.plan.estimate import GIB, estimate
+    from nf4tune.train.parallel import Parallel, plan_arguments
+
+    model = tiny_model
+    recipe = recipe_from_dict(_raw(tmp_path, model) | {"model": {"name_or_path": str(model), "device": "cpu"}})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this host share its memory
+    strategy, why = Parallel(0, 2, parallel="auto")._choose(recipe, model)
+    need = estimate(str(model), gpus=2, strategy="ddp", device="cpu", **plan_arguments(recipe)).total_without_paged_states
+    share = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    assert strategy == "ddp"
+    assert why == f"a replica needs {need / GIB:.2f} GiB, within 90% of {share / GIB:.1f} GiB per device"

@@ -85,14 +85,15 @@ class Linear4bit(nn.Module):
     `weight_nested_absmax`) so `.to(device)` moves it; the bias, if any, is a frozen parameter.
     """
 
+    STORAGE = ("weight_packed", "weight_absmax", "weight_nested_absmax")  # the 4-bit weight's tensors
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  compute_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = compute_dtype
-        self.register_buffer("weight_packed", None)
-        self.register_buffer("weight_absmax", None)
-        self.register_buffer("weight_nested_absmax", None)
+        for name in self.STORAGE:
+            self.register_buffer(name, None)
         self._quant_meta: dict = {}
         # the double-quantization offset as a 0-dim CPU tensor, for the compiled path: a tensor is an input
         # of the graph (one graph for every decoder layer), and on the CPU reading it needs no device sync

@@ -71,9 +71,13 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count as their number of elements."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts; 4-bit weights count as their number of elements, whether
+    their storage is held as buffers or (for sharding) as frozen parameters. A sharded parameter counts
+    whole (a DTensor's numel is its global one), so every rank gives one process's figures."""
+    storage = {id(getattr(m, name)) for m in model.modules() if isinstance(m, Linear4bit) for name in m.STORAGE}
+    params = [p for p in model.parameters() if id(p) not in storage]
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
     total += sum(int(torch.Size(m._quant_meta["shape"]).numel()) for m in model.modules()
                  if isinstance(m, Linear4bit) and m._quant_meta)
     return trainable, total

@@ -312,6 +312,7 @@ class Trainer:
         if self.resume_from is not None:
             saved = ckpt.load_trainer_state(self.resume_from)
             self.par.load_optimizer(self.model, self.optimizer, saved, self.resume_from)
+            self.par.check_global_batch(saved.get("global_batch"), self.t)
             self.scheduler.load_state_dict(saved["scheduler"])
             if self.scaler is not None and saved.get("scaler"):
                 self.scaler.load_state_dict(saved["scaler"])
@@ -514,6 +515,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "data_position": self.stream.position(), "rng": ckpt.rng_state(),
+            "global_batch": self.micro_per_step * self.t.per_device_train_batch_size,
         })
 
     # --- the end ------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ from . import state as ckpt
 log = logging.getLogger("nf4tune")
 
 OPTIMIZER_DIR = "optimizer"  # torch.distributed.checkpoint files inside a checkpoint folder
-QUANT_BUFFERS = ("weight_packed", "weight_absmax", "weight_nested_absmax")
 
 
 class LossModule(nn.Module):
@@ -233,20 +232,37 @@ class Parallel:
             raise Nf4tuneError("FSDP shards the optimizer states already; use training.optim=paged_adamw_32bit or "
                                "adamw_torch with it (paged_adamw_8bit quantizes whole tensors), or training.parallel=ddp.")
         log.info("nf4tune: %d ranks, %s (%s)", self.world_size, self.strategy.upper(), why)
+        if self.cpu_offload and (self.strategy != "fsdp" or self.device(recipe.model.device).type != "cuda"):
+            self.cpu_offload = False  # FSDP's offload policy moves shards off an accelerator: none here, or no shards
+            log.info("nf4tune: training.fsdp_cpu_offload has nothing to do %s", "with DDP (no shards)"
+                     if self.strategy != "fsdp" else "on CPU (the shards are in host memory already)")
 
     def _choose(self, recipe, model_path: Path) -> tuple[str, str]:
         if self.requested != "auto":
             return self.requested, f"training.parallel={self.requested}"
         from ..plan.estimate import pick_strategy
 
-        return pick_strategy(str(model_path), device_bytes=_device_bytes(self.device(recipe.model.device)),
-                             gpus=self.world_size, **plan_arguments(recipe))
+        device = self.device(recipe.model.device)
+        return pick_strategy(str(model_path), device_bytes=_device_bytes(device), gpus=self.world_size,
+                             **plan_arguments(recipe), device="cuda" if device.type == "cuda" else "cpu")
 
     def log_layout(self, t) -> None:
         per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
         log.info("nf4tune: global batch %d = %d per device x %d accumulation x %d rank(s)",
                  per_step * self.world_size, t.per_device_train_batch_size, t.gradient_accumulation_steps,
                  self.world_size)
+
+    def check_global_batch(self, saved: int | None, t) -> None:
+        """Warn when a resumed run's global batch differs from the checkpoint's (another world size
+        without the accumulation to match): it trains on, but no longer as the uninterrupted run would."""
+        per_rank = t.per_device_train_batch_size * self.world_size
+        now = per_rank * t.gradient_accumulation_steps
+        if saved is None or saved == now:
+            return
+        hint = (f"; training.gradient_accumulation_steps={saved // per_rank} keeps it" if saved % per_rank == 0 else "")
+        log.warning("nf4tune: the checkpoint was trained with a global batch of %d and this run's is %d (%d per device "
+                    "x %d accumulation x %d rank(s)): the losses will differ from an uninterrupted run's%s",
+                    saved, now, t.per_device_train_batch_size, t.gradient_accumulation_steps, self.world_size, hint)
 
     def layout(self, model: nn.Module) -> dict:
         """`world_size`, `strategy`, `param_bytes_per_rank` (parameters and buffers this rank holds,
@@ -341,20 +357,37 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
 
 def resume_after_restart(recipe, resume):
     """(recipe, resume) for this attempt. When torchrun's elastic agent has restarted the ranks
-    (`--max-restarts`, after a rank died), the run continues from its last complete checkpoint; with
-    none yet it starts again, the earlier attempt's folder moved aside. A first attempt is unchanged."""
+    (`--max-restarts`, after a rank died), the run continues from its last complete checkpoint in
+    `training.output_dir`. With none yet, it starts again as the first attempt did: from the checkpoint
+    `resume` names, else from step 0, the earlier attempt's folder moved aside (`OUTPUT.old-<time>`).
+    A first attempt is unchanged. The CLI and `train` both ask; the decision is logged once."""
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restarts == 0 or resume:
+    if restarts == 0:
         return recipe, resume
     import dataclasses
 
     from .rundir import latest_checkpoint_of_run
 
-    if latest_checkpoint_of_run(recipe.training.output_dir) is not None:
-        log.warning("nf4tune: restart %d of the ranks: resuming from the last complete checkpoint", restarts)
+    latest = latest_checkpoint_of_run(recipe.training.output_dir)
+    if latest is not None:
+        _restart_note(restarts, f"resuming from the last complete checkpoint, {latest}")
         return recipe, True
-    log.warning("nf4tune: restart %d of the ranks: no checkpoint yet, starting again", restarts)
+    if resume:
+        _restart_note(restarts, "no checkpoint of this run yet, resuming again from "
+                      + ("the latest checkpoint" if resume is True else str(resume)))
+        return recipe, resume
+    _restart_note(restarts, "no checkpoint of this run yet, starting again from step 0 "
+                  "(the earlier attempt's folder is moved aside)")
     return dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, overwrite_output_dir=True)), resume
+
+
+_restarts_noted: set[int] = set()  # the attempt this process belongs to is logged once, though asked twice
+
+
+def _restart_note(restarts: int, what: str) -> None:
+    if restarts not in _restarts_noted:
+        _restarts_noted.add(restarts)
+        log.warning("nf4tune: restart %d of the ranks: %s", restarts, what)
 
 
 def plan_arguments(recipe) -> dict:
@@ -367,10 +400,13 @@ def plan_arguments(recipe) -> dict:
                 blocksize=recipe.quant.blocksize)
 
 
-def _device_bytes(device: torch.device | None) -> int:
-    if device is not None and device.type == "cuda":
+def _device_bytes(device: torch.device) -> int:
+    """The memory one rank may count on: its GPU's, or on CPU its share of the host's (the ranks of
+    a node share it)."""
+    if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, ranks_here)
 
 
 def param_bytes(module: nn.Module) -> int:
@@ -431,8 +467,10 @@ def _copy_adapters(layer: nn.Module, name: str, pairs: dict) -> None:
 def frozen_buffers_as_parameters(model: nn.Module) -> None:
     """Register each Linear4bit's packed codes, absmax and nested absmax as frozen parameters: FSDP
     shards parameters, not buffers. The tensors are the same objects; nothing is re-quantized."""
+    from ..layers.linear4bit import Linear4bit
+
     for module in model.modules():
-        for name in QUANT_BUFFERS:
+        for name in Linear4bit.STORAGE if isinstance(module, Linear4bit) else ():
             tensor = module._buffers.get(name) if name in module._buffers else None
             if tensor is not None:
                 del module._buffers[name]
