@@ -1,7 +1,8 @@
 """Memory of `model(input_ids, attention_mask, labels=...)` with a large vocabulary: nf4tune's chunked loss vs full logits.
 
     python benchmarks/labels_loss_memory.py [--batch 2] [--seq 1024] [--vocab 128256] [--hidden 512]
-                                            [--layers 2] [--steps 3] [--device cpu] [--sides ...]
+                                            [--layers 2] [--steps 3] [--rounds 1] [--device cpu]
+                                            [--sides ...]
 
 Model: a random bf16 Llama with Llama-3's 128,256-token vocabulary and a small body (hidden 512,
 2 layers, intermediate 1408, 8 heads), untied head, so the head and its batch x seq x vocab logits
@@ -15,11 +16,13 @@ in train mode, then `.loss.backward()`; every token is labelled. The sides, each
   and `ForCausalLMLoss` through the full logits.
 - `peft-bnb`: the usual QLoRA script (transformers + bitsandbytes NF4 with double quantization and
   bf16 compute, `prepare_model_for_kbit_training` with gradient checkpointing, `get_peft_model` r=16,
-  alpha 16, dropout 0.05 on every linear layer of the blocks), the same call.
+  alpha 16, dropout 0.05 on every linear layer of the blocks), the same call. PEFT's preparation
+  casts the 16-bit head and embeddings to float32, so its logits are float32 from the start.
 
-One warm-up step, then --steps measured steps (gradients dropped after each). Reported per side: the
-loss (LoRA B starts at zero, so all sides compute the same function; nf4tune against full logits must
-agree within float32 rounding), the median step time, the peak resident memory sampled every 2 ms
+One warm-up step, then --steps measured steps (gradients dropped after each); with --rounds N every
+side runs N times, the sides interleaved. Reported per side: the loss (LoRA B starts at zero, so all
+sides compute the same function; nf4tune against full logits must agree within float32 rounding),
+the median step time (over steps, then rounds), the peak resident memory sampled every 2 ms
 during the measured steps above the resident memory just before them (on CUDA also
 `torch.cuda.max_memory_allocated` above `memory_allocated` before them), and the whole process's peak.
 """
@@ -95,6 +98,15 @@ def run_side(side: str, path: Path, args) -> dict:
     return result
 
 
+def summarize(runs: list[dict]) -> dict:
+    """One side over the rounds: the median step time, the largest peaks, the first round's loss."""
+    out = dict(runs[0], step_s=statistics.median(r["step_s"] for r in runs))
+    for key in ("peak_rss_step_mib", "peak_cuda_step_mib", "peak_rss_process_gib"):
+        if key in out:
+            out[key] = max(r[key] for r in runs)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
@@ -103,6 +115,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="measured steps, after one warm-up step")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every side, interleaved (the machine drifts)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--side", help=argparse.SUPPRESS)
@@ -116,10 +129,14 @@ def main() -> None:
              "--layers", str(args.layers), "--steps", str(args.steps), "--device", args.device]
     with tempfile.TemporaryDirectory() as tmp:
         build_random_llama(Path(tmp), config(args), max_shard_size="500MB")
-        results = [run_child(__file__, side, "--model", tmp, *shape) for side in args.sides.split(",")]
+        runs = {side: [] for side in args.sides.split(",")}
+        for _ in range(args.rounds):
+            for side in runs:
+                runs[side].append(run_child(__file__, side, "--model", tmp, *shape))
+    results = [summarize(side_runs) for side_runs in runs.values()]
     cuda = args.device.startswith("cuda")
     full = next((r for r in results if r["side"] == "nf4tune-full-logits"), None)
-    print(f"# python benchmarks/labels_loss_memory.py {' '.join(shape)}")
+    print(f"# python benchmarks/labels_loss_memory.py {' '.join(shape)} --rounds {args.rounds}")
     print(f"# {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}; vocab {args.vocab}, hidden "
           f"{args.hidden}, {args.layers} layers; batch {args.batch} x {args.seq} tokens (full logits: "
           f"{args.batch * args.seq * args.vocab * 2 / 2**20:.0f} MiB in bf16, twice that in float32)")
@@ -139,7 +156,7 @@ def main() -> None:
     for other in others:
         ours, theirs = by_side["nf4tune"], by_side[other]
         print(f"nf4tune vs {other}: peak {'CUDA' if cuda else 'RSS'} in step {ours[key]:.0f} vs {theirs[key]:.0f} MiB "
-              f"({ours[key] / theirs[key]:.2f}x); step time {ours['step_s']:.2f} vs {theirs['step_s']:.2f} s")
+              f"({ours[key] / max(theirs[key], 1e-9):.2f}x); step time {ours['step_s']:.2f} vs {theirs['step_s']:.2f} s")
 
 
 if __name__ == "__main__":
