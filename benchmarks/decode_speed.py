@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import run_side as run_child  # noqa: E402
+from harness import load_bnb  # noqa: E402
+from harness import run_side as run_child
 from train_step import build  # noqa: E402
 
 SHAPE_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -98,12 +99,7 @@ def run_side(side: str, path: Path, args) -> dict:
         lora = nf4tune.LoraConfig(r=args.lora_r, alpha=16, dropout=0.0) if args.lora_r else None
         model, _ = nf4tune.load_model(path, device=args.device, progress=False, lora=lora)
     else:
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.bfloat16,
-                                                     device_map=args.device)
+        model = load_bnb(path, args.device)
         if args.lora_r:
             from peft import LoraConfig, get_peft_model
 

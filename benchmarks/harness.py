@@ -46,3 +46,46 @@ def run_side(script: str, side: str, *args: str) -> dict:
         print(out.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"{side} failed")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def build_random_llama(path, config: dict, tie: bool = False, max_shard_size: str | None = "200MB") -> None:
+    """A random Llama of `config` (LlamaConfig fields) written to `path` in bf16: built in float32 from
+    seed 0 (transformers' initialization), then cast; `max_shard_size` None keeps transformers' default."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config, tie_word_embeddings=tie)).to(torch.bfloat16)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+
+
+def bnb_nf4_config(compute=None, storage=None):
+    """bitsandbytes' QLoRA quantization as users write it: NF4, double quantization, `compute` (bf16 by
+    default) compute dtype; `storage`, when given, its `bnb_4bit_quant_storage` (FSDP recipes set it)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    extra = {} if storage is None else {"bnb_4bit_quant_storage": storage}
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute or torch.bfloat16, **extra)
+
+
+def load_bnb(path, device, compute=None, storage=None):
+    """transformers + bitsandbytes: the checkpoint at `path` quantized by `bnb_nf4_config` onto `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    compute = compute or torch.bfloat16
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_nf4_config(compute, storage),
+                                                dtype=compute, device_map=device)
+
+
+def load_peft_bnb(path, device, r: int = 16, alpha: int = 16, dropout: float = 0.05, compute=None, storage=None):
+    """The usual QLoRA script's model: `load_bnb`, `prepare_model_for_kbit_training` (gradient
+    checkpointing, non-reentrant), `get_peft_model` with LoRA on every linear layer of the blocks."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(load_bnb(path, device, compute, storage), use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import PeakRSS, rss_bytes  # noqa: E402
+from harness import PeakRSS, load_bnb, rss_bytes  # noqa: E402
 from harness import run_side as run_child
 
 
@@ -53,7 +53,7 @@ def model_bytes(model) -> int:
 
 
 def run_side(side: str, path: Path) -> dict:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: F401  (imported for the baseline)
 
     import nf4tune  # noqa: F401  (imports count in the baseline, not the peak)
 
@@ -62,10 +62,7 @@ def run_side(side: str, path: Path) -> dict:
         if side == "nf4tune":
             model, _ = nf4tune.load_model(path, device="cpu", progress=False)
         else:
-            bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                     bnb_4bit_compute_dtype=torch.bfloat16)
-            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.bfloat16,
-                                                         device_map="cpu")
+            model = load_bnb(path, "cpu")
     return {"side": side, "peak_gib": (peak.peak - baseline) / 2**30, "model_gib": model_bytes(model) / 2**30}
 
 

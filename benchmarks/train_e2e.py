@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import peak_rss_bytes  # noqa: E402
+from harness import build_random_llama, load_peft_bnb, peak_rss_bytes  # noqa: E402
 from harness import run_side as run_child
 from train_step import CONFIG  # noqa: E402
 
@@ -36,7 +36,7 @@ def build(root: Path) -> None:
     """The model (random bf16 weights) and a 32,000-word tokenizer, so the output head costs what it
     does in real models; the data are sentences over those words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     template = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -46,10 +46,7 @@ def build(root: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                                         pad_token_id=3)).to(torch.bfloat16)
-    model.save_pretrained(root / "model", max_shard_size="200MB")
+    build_random_llama(root / "model", {**CONFIG, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3})
     fast.save_pretrained(root / "model")
     rng = random.Random(0)
     vocab = words[len(specials):]
@@ -75,21 +72,13 @@ def run_nf4tune(root: Path, args) -> dict:
 
 
 def run_peer(root: Path, args) -> dict:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
     from nf4tune.train.data import collate, load_examples
 
     tok = AutoTokenizer.from_pretrained(root / "model")
     examples, _ = load_examples(str(root / "data.jsonl"), "train", "auto", tok, 256, 256, False)
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(root / "model", quantization_config=bnb, dtype=torch.bfloat16,
-                                                 device_map=args.device)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    model = load_peft_bnb(root / "model", args.device)
     seen = {"tokens": []}
 
     def collator(rows):

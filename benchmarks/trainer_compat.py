@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import PeakRSS, peak_rss_bytes  # noqa: E402
+from harness import PeakRSS, build_random_llama, load_peft_bnb, peak_rss_bytes  # noqa: E402
 from harness import run_side as run_child  # noqa: E402
 
 CONFIG = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
@@ -33,11 +33,7 @@ CONFIG = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_
 
 
 def build(path: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG, tie_word_embeddings=False)).to(torch.bfloat16)
-    model.save_pretrained(path, max_shard_size="200MB")
+    build_random_llama(path, CONFIG)
 
 
 def load_side(side: str, path: Path, device: str):
@@ -47,16 +43,7 @@ def load_side(side: str, path: Path, device: str):
         model, _ = nf4tune.load_model(path, device=device, progress=False,
                                       lora=nf4tune.LoraConfig(r=16, alpha=16, dropout=0.05))
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.bfloat16, device_map=device)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear",
-                                            task_type="CAUSAL_LM"))
+    return load_peft_bnb(path, device)
 
 
 def run_side(side: str, path: Path, args) -> dict:

@@ -6,6 +6,8 @@ import logging
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import nf4tune
 from nf4tune.checkpoint.tiny import build_tiny_checkpoint
@@ -81,6 +83,45 @@ def test_training_loss_and_gradients_match_transformers(tiny, num_items):
     with torch.no_grad():
         out = model(**kwargs)
     assert out.logits is not None and torch.isclose(out.loss, theirs.loss.detach(), rtol=1e-5)
+
+
+class _LogitRows(TorchDispatchMode):
+    """While active (forward and backward), the most rows of any new tensor an op makes whose last
+    dimension is the vocabulary: the tokens projected to the vocabulary at once. Views of an op's
+    inputs (the head's weight transposed) allocate nothing and are not counted."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.most = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == self.vocab \
+                    and t.untyped_storage().data_ptr() not in inputs:
+                self.most = max(self.most, t.numel() // self.vocab)
+        return out
+
+
+def test_training_forward_with_labels_never_makes_the_full_logits(tiny):
+    """The memory claim of the labels path, counted instead of timed: with 8-token loss chunks no op
+    makes more than 8 tokens' logits (or their gradient), where transformers' loss makes them all."""
+    model, _ = _load(tiny)
+    model.nf4tune.loss_chunk_tokens = 8
+    model.train()
+    ids, mask, labels = _batch()
+    vocab = model.config.vocab_size
+    assert vocab not in (model.config.hidden_size, model.config.intermediate_size, ids.shape[1])  # no other dim matches
+    rows = {}
+    for skip in (True, False):
+        with _LogitRows(vocab) as seen:
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, skip_logits=skip)
+            out.loss.backward()
+        rows[skip] = seen.most
+        model.zero_grad()
+    assert rows[False] >= ids.numel()  # the counter sees transformers' batch x seq x vocab logits
+    assert 0 < rows[True] <= 8  # nf4tune's default path: one chunk of logits at a time
 
 
 def test_peft_habits_stop_with_one_sentence_or_work(tiny, capsys):
