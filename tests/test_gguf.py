@@ -432,3 +432,39 @@ def test_real_gguf_loads_as_transformers_reads_it_quantized_by_nf4tune(smollm2_g
         assert torch.equal(model(ids).logits, reference(ids).logits)
     # A folder holding the .gguf is the same model.
     assert nf4tune.load_model(smollm2_gguf.parent, device="cpu", progress=False)[0].config.num_hidden_layers == 30
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_llama_cpp_runs_each_exported_family(arch, tmp_path):
+    """Mistral (SentencePiece-style vocabulary, rotary rows permuted for llama.cpp) and Qwen2 (random q/k/v
+    biases, its own split, no permutation), exported as f16 and run by llama.cpp: logits within 1% of the
+    largest of the model's own (its matrices rounded to float16 first) and the same greedy tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs `pip install llama-cpp-python` (extra llamacpp)")
+    from transformers import AutoModelForCausalLM
+
+    tok = sentencepiece_tokenizer() if arch == "mistral" else bpe_tokenizer(_pre_tokenizer("qwen2"))
+    src = build_tiny_checkpoint(tmp_path / "src", arch=arch, dtype=torch.float32, max_shard_size=None, vocab_size=len(tok),
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tok.save_pretrained(src)
+    original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in original.named_parameters():
+            if name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.05)
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(12)  # attention that depends on position, so a wrong rotary layout shows in the logits
+            if p.dim() == 2:
+                p.copy_(p.half().float())
+    original.save_pretrained(src)
+    out = tmp_path / "m.gguf"
+    export_gguf(src, out, None, progress=False)
+    llm = llama_cpp.Llama(model_path=str(out), logits_all=True, verbose=False, n_ctx=64)
+    ids = tok(SPLIT_TEXT).input_ids[:16]
+    llm.eval(ids)
+    theirs = torch.tensor(llm.scores[: len(ids)])
+    ours = _logits(original, torch.tensor([ids]))[0]
+    assert (theirs - ours).abs().max() < 0.01 * ours.abs().max()
+    expected = original.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+    llm.reset()
+    assert [t for _, t in zip(range(5), llm.generate(ids, temp=0.0, top_k=1))] == expected
