@@ -1,4 +1,5 @@
-"""The lists of choices users name: quantization types, block sizes, optimizers. One registry each.
+"""The lists of choices users name: quantization types, block sizes, optimizers, model families and
+what nf4tune does with each. One registry each.
 
 Importing this module imports no torch, so the command line can offer these choices (and `--help`
 answer) at once; what a name builds is imported only when it is built.
@@ -59,3 +60,40 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "paged_adamw_8bit": OptimizerSpec("nf4tune.optim.paged_adamw:PagedAdamW8bit", 2 + 8 / 256, True),
     "adamw_torch": OptimizerSpec("torch.optim:AdamW", 8.0, False),
 }
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What nf4tune does with one transformers `model_type` (a family whose layer choice is tested).
+
+    Args:
+        chunked_loss: decoder-only with a plain output head: training computes the loss from the hidden
+            states a chunk of tokens at a time (train/loss.py, the labels forward of models/peft_compat.py).
+        decoder: nf4tune's own decoders serve it (serve/decoder.py, serve/static_decoder.py).
+        gguf_arch: the llama.cpp architecture `nf4tune export` writes it as; None: not exported.
+        gguf_permute_qk: whether Q/K rows are permuted into llama.cpp's rotary order on export.
+    """
+
+    chunked_loss: bool = False
+    decoder: bool = False
+    gguf_arch: str | None = None
+    gguf_permute_qk: bool = False
+
+
+_LLAMA_LIKE = FamilySpec(chunked_loss=True, decoder=True, gguf_arch="llama", gguf_permute_qk=True)
+FAMILIES: dict[str, FamilySpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": FamilySpec(chunked_loss=True, decoder=True, gguf_arch="qwen2"),
+    "qwen3": FamilySpec(chunked_loss=True),
+    "gemma": FamilySpec(chunked_loss=True),
+    "gemma2": FamilySpec(),  # soft-capped logits: the model's own loss
+    "phi3": FamilySpec(chunked_loss=True),
+    "t5": FamilySpec(),
+    "mt5": FamilySpec(),
+}
+
+
+def families(capability: str) -> tuple[str, ...]:
+    """The model types with `capability` (a FamilySpec field) set, e.g. families("decoder")."""
+    return tuple(name for name, spec in FAMILIES.items() if getattr(spec, capability))

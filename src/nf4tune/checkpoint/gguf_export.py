@@ -24,10 +24,9 @@ from .gguf import require_gguf
 log = logging.getLogger("nf4tune")
 
 # --type choices: (ggml type of 2-D weights, llama.cpp file type). One registry.
-from ..registry import EXPORT_TYPES, UNSUPPORTED_TYPES  # noqa: E402, F401  (re-exported)
+from ..registry import EXPORT_TYPES, FAMILIES, UNSUPPORTED_TYPES, families  # noqa: E402, F401  (re-exported)
 
-# transformers model_type -> (llama.cpp architecture, whether Q/K rows are permuted for its rotary layout)
-EXPORT_FAMILIES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+EXPORT_FAMILIES = families("gguf_arch")
 
 
 def check_export_type(kind: str) -> None:
@@ -67,7 +66,7 @@ class ExportPlan:
         if rope.get("rope_type", "default") not in ("default", None):
             raise Nf4tuneError(f"the model uses {rope['rope_type']!r} rope scaling, which the GGUF exporter does not "
                                "write yet.")
-        arch, permute = EXPORT_FAMILIES[model_type]
+        arch, permute = FAMILIES[model_type].gguf_arch, FAMILIES[model_type].gguf_permute_qk
         arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
         return cls(arch, permute, config, gguf.get_tensor_name_map(arch_id, config["num_hidden_layers"]))
 

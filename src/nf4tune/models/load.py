@@ -25,12 +25,11 @@ from ..layers.head import OutputHead
 from ..layers.linear4bit import Linear4bit
 from ..layers.lora import LoraConfig, inject_lora
 from ..quant import quantize
+from ..registry import FAMILIES
 from .peft_compat import Nf4tuneState, attach
 
 log = logging.getLogger("nf4tune")
 
-# Families whose layer choice is tested; others fall back to "every nn.Linear but the head", with a warning.
-KNOWN_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "t5", "mt5"}
 
 
 @contextlib.contextmanager
@@ -146,7 +145,7 @@ def load_model(
     fp32_modules = set(getattr(model, "_keep_in_fp32_modules", None) or [])
 
     targets = quantizable_linears(model)
-    if model_type not in KNOWN_FAMILIES:
+    if model_type not in FAMILIES:  # others: "every nn.Linear but the head", with a warning
         log.warning("nf4tune: %r is not a tested family; quantizing every nn.Linear but the output head: %s",
                     model_type, sorted({t.rsplit('.', 1)[-1] for t in targets}))
     for name in targets:

@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import Nf4tuneError
 from ..layers.kept_outputs import DEFAULT_BUDGET_GIB, KeepOutputsCheckpoint
 from ..layers.lora import LoraConfig, lora_layers, trainable_parameters
+from ..registry import families
 from .adapters import _KEY, _TOKEN_KEY, PREFIX, WEIGHTS_NAME, save_adapter
 
 # Trainer's resume reads `model.safetensors.index.json` when a checkpoint has no full weights and the
@@ -44,6 +45,7 @@ INDEX_NAME = "model.safetensors.index.json"
 # folders (named checkpoint-N) that name is a hard link to the adapter file (no second copy on disk).
 SAFE_WEIGHTS_NAME = "model.safetensors"
 _CHECKPOINT_FOLDER = re.compile(r"checkpoint-\d+")
+_CHUNKED = families("chunked_loss")  # the labels forward's chunked loss (train/loss.py) serves these
 
 # Functions of PEFT that would freeze the adapters (prepare_model_for_kbit_training) or try to wrap the
 # 4-bit layers again (get_peft_model, PeftModel(...), PeftModel.from_pretrained go through inject_adapter).
@@ -260,8 +262,6 @@ def _refuse_other_autocast(model) -> None:
 
 def _make_forward(base_forward):
     """A forward with the base class's signature (Trainer keeps the dataset columns it names)."""
-    from ..train.loss import CHUNKED_FAMILIES
-
     signature = inspect.signature(base_forward)
     var_keyword = next((p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
 
@@ -273,7 +273,7 @@ def _make_forward(base_forward):
         if labels is None and args:
             bound = signature.bind_partial(self, *args, **kwargs).arguments
             labels = bound.get("labels")
-        if labels is None or not self.training or not skip or self.config.model_type not in CHUNKED_FAMILIES \
+        if labels is None or not self.training or not skip or self.config.model_type not in _CHUNKED \
                 or var_keyword is None:
             return base_forward(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs).arguments

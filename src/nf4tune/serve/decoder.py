@@ -31,9 +31,10 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from ..layers.linear4bit import Linear4bit
+from ..registry import families
 from .sampling import Sampling, next_token
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = families("decoder")
 # rope types whose angles do not depend on the sequence length (not "dynamic", "longrope")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import Compiled
+from ..registry import families
 from .data import IGNORE_INDEX
 
 # Families whose head is a plain linear projection of the last hidden state (no logit scaling).
-CHUNKED_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"}
+CHUNKED_FAMILIES = frozenset(families("chunked_loss"))
 
 
 def _logsumexp_and_target(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
