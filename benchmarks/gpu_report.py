@@ -1,6 +1,6 @@
 """Everything a session with a GPU should measure first, in one command: writes DIR/gpu_report.md and .json.
 
-    python benchmarks/gpu_report.py --out DIR [--device cuda|cpu] [--quick] [--wheels DIR]
+    python benchmarks/gpu_report.py --out DIR [--device cuda|cpu] [--quick] [--wheels DIR] [--only KEYS]
 
 Sections (each survives the failure of another: its error is recorded and the report goes on; both
 files are rewritten after every section, so a run cut short keeps what it measured):
@@ -493,32 +493,51 @@ def install_peer(wheels: str | None) -> str | None:
     return f"bitsandbytes installed from {wheels} into {target} (on the peer's PYTHONPATH)"
 
 
+def planned_sections(args) -> list[tuple]:
+    """(key for --only, title, function, whether it needs a temporary folder, its extra arguments), in order."""
+    tiny = " (tiny shape: --quick)" if args.quick else ""
+    shapes = [("train-1b", "1B-class", SHAPE_1B), ("train-7b", "7B-class", SHAPE_7B)]
+    return [
+        ("environment", "environment", environment, False, ()),
+        ("pytest", "pytest -m gpu", gpu_tests, False, ()),
+        ("triton", "Triton self-check", triton_self_check, False, ()),
+        ("dequantize", "dequantize bandwidth", dequantize_bandwidth, False, ()),
+        *[(key, f"training, {label}{tiny}", training, True, (label, SHAPE_TINY if args.quick else shape))
+          for key, label, shape in (shapes[:1] if args.quick else shapes)],
+        ("decode", f"decoding, 7B-class{tiny}", decoding, True, ()),
+        ("paged", "paged AdamW under memory pressure", paged_adamw, False, ()),
+        ("gpu-path", f"compiled layers, activation offload, CUDA-graph decoding{tiny}", gpu_path, True, ()),
+    ]
+
+
+SECTION_KEYS = ("environment", "pytest", "triton", "dequantize", "train-1b", "train-7b", "decode", "paged", "gpu-path")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one step each")
     parser.add_argument("--wheels", help="a folder of wheels to install bitsandbytes from where it is missing")
+    parser.add_argument("--only", type=lambda v: set(v.split(",")), default=None,
+                        help=f"run only these sections (comma-separated: {','.join(SECTION_KEYS)}), e.g. to split "
+                             "the report over two calls of a device with a time limit per call")
     args = parser.parse_args(argv)
+    if args.only and not args.only <= set(SECTION_KEYS):
+        parser.error(f"--only: unknown section(s) {', '.join(sorted(args.only - set(SECTION_KEYS)))}; "
+                     f"choose from {', '.join(SECTION_KEYS)}")
     global QUICK
     QUICK = args.quick
     report = Report(args.out, args)
     report.data["peer_install"] = install_peer(args.wheels)
-    report.section("environment", environment, args)
-    report.section("pytest -m gpu", gpu_tests, args)
-    report.section("Triton self-check", triton_self_check, args)
-    report.section("dequantize bandwidth", dequantize_bandwidth, args)
-    shapes = [("1B-class", SHAPE_1B), ("7B-class", SHAPE_7B)]
-    for label, shape in shapes[:1] if args.quick else shapes:
-        with tempfile.TemporaryDirectory() as tmp:
-            report.section(f"training, {label}" + (" (tiny shape: --quick)" if args.quick else ""), training, args,
-                           label, SHAPE_TINY if args.quick else shape, Path(tmp))
-    with tempfile.TemporaryDirectory() as tmp:
-        report.section("decoding, 7B-class" + (" (tiny shape: --quick)" if args.quick else ""), decoding, args, Path(tmp))
-    report.section("paged AdamW under memory pressure", paged_adamw, args)
-    with tempfile.TemporaryDirectory() as tmp:
-        report.section("compiled layers, activation offload, CUDA-graph decoding"
-                       + (" (tiny shape: --quick)" if args.quick else ""), gpu_path, args, Path(tmp))
+    for key, title, fn, needs_folder, extra in planned_sections(args):
+        if args.only and key not in args.only:
+            continue
+        if needs_folder:
+            with tempfile.TemporaryDirectory() as tmp:
+                report.section(title, fn, args, *extra, Path(tmp))
+        else:
+            report.section(title, fn, args, *extra)
     report.data["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     report.write()
     print(f"wrote {args.out / 'gpu_report.md'} and {args.out / 'gpu_report.json'}")
