@@ -26,8 +26,11 @@ def tiny(tmp_path_factory):
 
 
 def _load(path, **kwargs):
+    """The tiny model with fresh adapters drawn from seed 0 (not from whatever the tests before left in the
+    global generator: a Trainer seeds only what happens after it is built)."""
     kwargs.setdefault("lora", nf4tune.LoraConfig(r=4, alpha=8, dropout=0.0))
     kwargs.setdefault("compute_dtype", torch.float32)
+    torch.manual_seed(0)
     return nf4tune.load_model(path, device="cpu", progress=False, **kwargs)
 
 
