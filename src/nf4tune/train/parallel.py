@@ -139,6 +139,16 @@ class Parallel:
     def max(self, value: float) -> float:
         return self._reduce(value, "MAX")
 
+    def sums(self, values: list[float]) -> list[float]:
+        """Each value summed over the ranks, in one all-reduce (float64: token counts stay exact)."""
+        if self.world_size == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return t.tolist()
+
     def _reduce(self, value: float, op: str) -> float:
         if self.world_size == 1:
             return value
