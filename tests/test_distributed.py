@@ -364,11 +364,12 @@ def test_auto_picks_ddp_when_a_replica_fits_and_estimate_shares_the_formulas(run
     assert pick_strategy(model, 80 * GIB, 2, **plan)[0] == "ddp"
     strategy, why = pick_strategy(model, ddp.total_without_paged_states, 2, **plan)  # no headroom left
     assert strategy == "fsdp" and "over 90%" in why
-    # The estimate's parameter bytes per rank are what the runs held (summary.json's, read from the model);
-    # the estimate sizes 16-bit embeddings, norms and head, and these runs keep them in float32.
+    # The estimate's parameter bytes per rank are what the runs held (summary.json's, read from the model):
+    # the recipe's compute_dtype (float32) sizes the embeddings, norms and head.
+    assert plan["compute_dtype"] == "float32"
     for run, est in (("one", estimate(model, gpus=1, **plan)), ("ddp", ddp), ("fsdp", fsdp)):
         held = json.loads((root / run / "summary.json").read_text())["param_bytes_per_rank"]
-        assert math.isclose(est.weights_4bit + est.quant_constants + 2 * est.weights_16bit + est.lora, held,
+        assert math.isclose(est.weights_4bit + est.quant_constants + est.weights_16bit + est.lora, held,
                             rel_tol=0.01), (run, est, held)
     assert main(["estimate", model, "--gpus", "2", "--strategy", "fsdp", "--seq-len", "40", "--batch", "4"]) == 0
     out = capsys.readouterr().out

@@ -407,7 +407,7 @@ def plan_arguments(recipe) -> dict:
                 batch=recipe.training.per_device_train_batch_size, r=recipe.lora.r,
                 target=target if isinstance(target, str) else ",".join(target), optim=recipe.training.optim,
                 checkpointing=recipe.model.gradient_checkpointing, double_quant=recipe.quant.double_quant,
-                blocksize=recipe.quant.blocksize)
+                blocksize=recipe.quant.blocksize, compute_dtype=recipe.model.compute_dtype)
 
 
 def _device_bytes(device: torch.device) -> int:
