@@ -1,6 +1,6 @@
 """Scale-out: tokens/s and memory per rank of `nf4tune train` on 1 and 2 processes (torchrun, gloo on CPU).
 
-    python benchmarks/scale_out.py [--steps 12] [--threads 1] [--hidden 512] [--layers 4]
+    python benchmarks/scale_out.py [--steps 12] [--threads 1] [--hidden 512] [--layers 4] [--device cpu|cuda]
 
 A random bf16 Llama (hidden 512, 4 layers, intermediate 1408, the character tokenizer) in NF4 with
 double quantization, LoRA r=16 on all linear layers, float32 compute, per-device batch 4 of the
@@ -18,6 +18,11 @@ On CPU accelerate cannot shard it: accelerate 1.15 turns FSDP on only for accele
 (`AcceleratorState`: MULTI_GPU, MULTI_XPU, ...), and a CPU run is MULTI_CPU, which `Trainer` wraps in
 DDP; so on CPU that row is DDP, to be read against nf4tune's DDP row. `--quick`: a smoke run (hidden
 128, 2 layers, 4 steps).
+
+`--device cuda`: the same runs on GPUs, one rank per GPU over NCCL, computing in bfloat16 (QLoRA's
+compute dtype on GPUs); memory per rank is then the peak of `torch.cuda.max_memory_allocated` over the
+ranks (summary.json's `peak_memory_gib` on CUDA). It needs at least 2 GPUs and says so and stops
+without them; `--compare-hf` is CPU-only.
 """
 
 from __future__ import annotations
@@ -34,19 +39,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _recipe(root: Path, model: Path, steps: int) -> dict:
+def _recipe(root: Path, model: Path, steps: int, device: str = "cpu", batch: int = 4) -> dict:
+    on_gpu = {"device": "cuda", "compute_dtype": "bfloat16"} if device == "cuda" else {}
     return {
-        "model": {"name_or_path": str(model), "compute_dtype": "float32"},
+        "model": {"name_or_path": str(model), "compute_dtype": "float32", **on_gpu},
         "lora": {"r": 16, "alpha": 16, "dropout": 0.0},
         "data": {"path": str(ROOT / "recipes" / "data" / "parity_train.jsonl"), "source_max_len": 32,
                  "target_max_len": 8},
-        "training": {"output_dir": str(root / "out"), "max_steps": steps, "per_device_train_batch_size": 4,
+        "training": {"output_dir": str(root / "out"), "max_steps": steps, "per_device_train_batch_size": batch,
                      "gradient_accumulation_steps": 2, "logging_steps": 1, "save_steps": 10_000, "seed": 0,
                      "optim": "paged_adamw_32bit"},
     }
 
 
-def run(root: Path, recipe: Path, nproc: int, strategy: str, threads: int) -> dict:
+def run(root: Path, recipe: Path, nproc: int, strategy: str, threads: int, device: str = "cpu") -> dict:
     out = root / f"n{nproc}-{strategy}"
     overrides = [f"training.output_dir={out}"]
     if nproc > 1:
@@ -55,13 +61,17 @@ def run(root: Path, recipe: Path, nproc: int, strategy: str, threads: int) -> di
     if nproc > 1:
         command += ["--nproc", str(nproc)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run(command, check=True, env=env, capture_output=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{strategy} on {nproc} {device} rank(s) failed:\n{done.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "tokens_per_s" in r][2:]
     summary = json.loads((out / "summary.json").read_text())
+    # CUDA: max_memory_allocated, the largest over the ranks; CPU: the peak resident set of the training steps
+    memory = summary["peak_memory_gib"] if device == "cuda" else max(r["peak_memory_gib"] for r in rows)
     return {"nproc": nproc, "strategy": strategy if nproc > 1 else "single",
             "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in rows),
-            "memory_gib_per_rank": max(r["peak_memory_gib"] for r in rows),
+            "memory_gib_per_rank": memory,
             "param_bytes_per_rank": summary["param_bytes_per_rank"], "final_loss": summary["final_loss"]}
 
 
@@ -137,10 +147,21 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--compare-hf", action="store_true",
                         help="add transformers Trainer + peft + bitsandbytes on the same model and ranks")
+    parser.add_argument("--batch", type=int, default=4, help="per-device batch (examples per rank per micro-batch)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: gloo, one thread per rank; cuda: NCCL, one rank per GPU (needs 2 GPUs)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: hidden 128, 2 layers, 4 steps")
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.layers, args.steps = 128, 2, 4
+    if args.device == "cuda":
+        if args.compare_hf:
+            sys.exit("scale_out: --compare-hf runs transformers Trainer on CPU only; leave it out with --device cuda.")
+        gpus = _cuda_gpus()
+        if gpus < 2:
+            print(f"scale_out: skipped: --device cuda needs at least 2 CUDA GPUs (one rank per GPU, NCCL); "
+                  f"this machine has {gpus}.")
+            return
     import yaml
 
     from nf4tune.checkpoint.tiny import build_tiny_checkpoint
@@ -150,20 +171,28 @@ def main() -> None:
         model = build_tiny_checkpoint(root / "model", hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                                       num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
                                       max_shard_size="50MB")
-        (root / "recipe.yaml").write_text(yaml.safe_dump(_recipe(root, model, args.steps)))
-        results = [run(root, root / "recipe.yaml", 1, "single", args.threads)]
+        (root / "recipe.yaml").write_text(yaml.safe_dump(_recipe(root, model, args.steps, args.device, args.batch)))
+        results = [run(root, root / "recipe.yaml", 1, "single", args.threads, args.device)]
         for strategy in ("ddp", "fsdp"):
-            results.append(run(root, root / "recipe.yaml", 2, strategy, args.threads))
+            results.append(run(root, root / "recipe.yaml", 2, strategy, args.threads, args.device))
         if args.compare_hf:
             results += [run_hf(root, model, n, args.steps, args.threads) for n in (1, 2)]
     one = results[0]["tokens_per_s"]
     hf_one = next((r["tokens_per_s"] for r in results if r["strategy"].startswith("HF") and r["nproc"] == 1), one)
-    print(f"{'ranks':>5} {'strategy':>10} {'tokens/s':>10} {'efficiency':>10} {'RSS/rank':>10} {'params/rank':>12} {'loss':>8}")
+    memory = "alloc/rank" if args.device == "cuda" else "RSS/rank"  # max_memory_allocated, or the peak resident set
+    print(f"{args.device}: hidden {args.hidden}, {args.layers} layers, {args.steps} steps, per-device batch {args.batch}")
+    print(f"{'ranks':>5} {'strategy':>10} {'tokens/s':>10} {'efficiency':>10} {memory:>10} {'params/rank':>12} {'loss':>8}")
     for r in results:
         base = hf_one if r["strategy"].startswith("HF") else one  # each against its own one process
         efficiency = r["tokens_per_s"] / (r["nproc"] * base)
         print(f"{r['nproc']:>5} {r['strategy']:>10} {r['tokens_per_s']:>10.0f} {efficiency:>10.0%} "
               f"{r['memory_gib_per_rank']:>8.2f} G {r['param_bytes_per_rank'] / 2**20:>9.2f} MiB {r['final_loss']:>8.4f}")
+
+
+def _cuda_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 if __name__ == "__main__":

@@ -116,9 +116,11 @@ def _raw(root: Path, model: Path) -> dict:
         "model": {"name_or_path": str(model), "compute_dtype": "float32"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},  # dropout masks depend on each rank's RNG
         "data": {"path": str(root / "train.jsonl"), "source_max_len": 32, "target_max_len": 8},
+        # 7 held-out rows in batches of 3: 3 batches, so under 2 ranks one rank pads with a discarded forward
+        "eval": {"path": str(root / "eval.jsonl"), "per_device_eval_batch_size": 3},
         "training": {"output_dir": str(root / "one"), "max_steps": 6, "per_device_train_batch_size": 4,
                      "gradient_accumulation_steps": 2, "learning_rate": 2e-3, "lr_scheduler_type": "cosine",
-                     "warmup_steps": 2, "logging_steps": 1, "save_steps": 3, "seed": 3},
+                     "warmup_steps": 2, "logging_steps": 1, "save_steps": 3, "eval_steps": 3, "seed": 3},
     }
 
 
@@ -136,9 +138,9 @@ def _rank_errors(stderr: str) -> str:
     return "\n".join(line for line in stderr.splitlines() if line.startswith("[rank"))[-4000:] or stderr[-4000:]
 
 
-def _losses(out: Path) -> dict[int, float]:
+def _losses(out: Path, key: str = "loss") -> dict[int, float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def _assert_same_losses(got: dict, want: dict, steps) -> None:
@@ -158,8 +160,8 @@ def runs(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("dist")
     model = tiny_model
     build_tiny_checkpoint(root / "deep", num_hidden_layers=8)
-    rows = [{"prompt": f"Is {n} even or odd? ", "completion": "even" if n % 2 == 0 else "odd"} for n in range(100, 260)]
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write_rows(root / "train.jsonl", range(100, 260))
+    _write_rows(root / "eval.jsonl", range(300, 307))  # 7: does not divide by 2 ranks
     raw = _raw(root, model)
     (root / "recipe.json").write_text(json.dumps(raw))
     with _log_lines() as lines:
@@ -177,6 +179,11 @@ def runs(tmp_path_factory, tiny_model):
     assert done.returncode == 0, _rank_errors(done.stderr)
     (root / "launch.log").write_text(done.stderr)
     return root, raw
+
+
+def _write_rows(path: Path, numbers) -> None:
+    rows = [{"prompt": f"Is {n} even or odd? ", "completion": "even" if n % 2 == 0 else "odd"} for n in numbers]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 @contextlib.contextmanager
@@ -227,6 +234,22 @@ def test_two_ranks_give_the_losses_and_adapter_of_one_process(runs, strategy):
     assert json.loads((root / strategy / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     summary = json.loads((root / strategy / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["strategy"] == strategy
+    # Each rank evaluated its share of the 7 held-out rows (one padding forward under FSDP); the
+    # all-reduced sums give one process's eval loss.
+    want_eval = _losses(root / "one", "eval_loss")
+    assert sorted(want_eval) == [3, 6] and want_eval[3] != want_eval[6]
+    _assert_same_losses(_losses(root / strategy, "eval_loss"), want_eval, [3, 6])
+
+
+def test_eval_batches_deal_one_process_s_batches_to_the_ranks_with_equal_forward_counts():
+    from nf4tune.train.loop import eval_batches
+
+    for count, size, world in ((7, 3, 2), (10, 2, 4), (1, 4, 3), (12, 4, 3)):
+        one = eval_batches(count, size)
+        shares = [eval_batches(count, size, rank, world) for rank in range(world)]
+        assert len({len(share) for share in shares}) == 1  # every rank calls forward as often (FSDP collectives)
+        dealt = sorted((r for share in shares for r in share if r is not None), key=lambda r: r.start)
+        assert dealt == one and [i for r in dealt for i in r] == list(range(count))  # disjoint, all of them
 
 
 def test_fsdp_holds_half_the_bytes_per_rank(runs):
@@ -341,15 +364,57 @@ def test_auto_picks_ddp_when_a_replica_fits_and_estimate_shares_the_formulas(run
     assert pick_strategy(model, 80 * GIB, 2, **plan)[0] == "ddp"
     strategy, why = pick_strategy(model, ddp.total_without_paged_states, 2, **plan)  # no headroom left
     assert strategy == "fsdp" and "over 90%" in why
-    # The estimate's parameter bytes per rank are what the runs held (summary.json's, read from the model);
-    # the estimate sizes 16-bit embeddings, norms and head, and these runs keep them in float32.
+    # The estimate's parameter bytes per rank are what the runs held (summary.json's, read from the model):
+    # the recipe's compute_dtype (float32) sizes the embeddings, norms and head.
+    assert plan["compute_dtype"] == "float32"
     for run, est in (("one", estimate(model, gpus=1, **plan)), ("ddp", ddp), ("fsdp", fsdp)):
         held = json.loads((root / run / "summary.json").read_text())["param_bytes_per_rank"]
-        assert math.isclose(est.weights_4bit + est.quant_constants + 2 * est.weights_16bit + est.lora, held,
+        assert math.isclose(est.weights_4bit + est.quant_constants + est.weights_16bit + est.lora, held,
                             rel_tol=0.01), (run, est, held)
     assert main(["estimate", model, "--gpus", "2", "--strategy", "fsdp", "--seq-len", "40", "--batch", "4"]) == 0
     out = capsys.readouterr().out
     assert "FSDP, per GPU" in out and "training.parallel=auto picks DDP on 2 x 80 GB" in out
+
+
+class _OneRankOfTwo:
+    """What `exact_match` asks of a Parallel, as rank `rank` of 2; `sums` keeps this rank's own values."""
+
+    def __init__(self, rank: int):
+        self.rank, self.world_size, self.summed = rank, 2, None
+
+    def sums(self, values):
+        self.summed = values
+        return values
+
+
+def test_exact_match_over_two_ranks_counts_one_process_s_hits(tiny_model):
+    """Held-out rows whose targets are the model's own greedy replies (4 of 7; 3 changed): the ranks'
+    shares are disjoint, cover the 7 rows, and their hits add up to one process's 4."""
+    import nf4tune
+    from nf4tune.evaluate.exact_match import _greedy, end_of_turn_ids
+    from nf4tune.train.data import IGNORE_INDEX, Tokenized
+    from nf4tune.train.loop import exact_match
+
+    model, tok = nf4tune.load_model(tiny_model, compute_dtype=torch.float32, device="cpu", progress=False)
+    stop = end_of_turn_ids(tok, model)
+    prompts = [tok(f"Is {10 ** n} odd? ").input_ids for n in range(7)]  # longer and longer
+    replies = []
+    for start in range(0, 7, 3):  # the batches exact_match makes (prompts by length, 3 at a time), left-padded
+        batch = prompts[start:start + 3]
+        width = max(map(len, batch))
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(q)) + q for q in batch])
+        mask = torch.tensor([[0] * (width - len(q)) + [1] * len(q) for q in batch])
+        replies += [reply[:2] for reply in _greedy(model, ids, mask, 2, stop, tok.pad_token_id)]
+    rows = []
+    for n, (prompt, reply) in enumerate(zip(prompts, replies)):
+        if n % 2:
+            reply = [reply[0] + 1] + reply[1:]  # not the model's reply
+        rows.append(Tokenized(prompt + reply, [IGNORE_INDEX] * len(prompt) + reply))
+    ranks = [_OneRankOfTwo(rank) for rank in range(2)]
+    for rank in ranks:
+        exact_match(model, tok, rows, batch_size=3, par=rank)
+    hits, counts = (sum(rank.summed[i] for rank in ranks) for i in range(2))
+    assert (hits, counts) == (4, 7) and all(rank.summed[1] > 0 for rank in ranks)
 
 
 def test_nproc_starts_torchrun_with_the_same_arguments():
@@ -407,6 +472,7 @@ def test_a_restart_before_the_first_checkpoint_trains_from_step_0(tmp_path, tiny
     from nf4tune.train import rundir
 
     raw = _raw(tmp_path, tiny_model)
+    del raw["eval"]  # no held-out file here
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": f"{n}? ", "completion": "even"}) + "\n"
                                                   for n in range(16)))
     raw["training"].update(max_steps=2, save_steps=10, gradient_accumulation_steps=1)

@@ -57,6 +57,26 @@ def test_options_move_the_components_they_should(configs):
     assert two.weights_4bit == base.weights_4bit / 2 and two.activations == base.activations
 
 
+def test_float32_compute_doubles_the_unquantized_weights_and_activations(configs, capsys):
+    half, auto = estimate(configs["7b"]), estimate(configs["7b"], compute_dtype="auto")
+    full = estimate(configs["7b"], compute_dtype="float32")
+    assert estimate(configs["7b"], compute_dtype="float16").total == half.total == auto.total
+    assert full.weights_16bit == (full.parameters - full.quantized_parameters) * 4 == 2 * half.weights_16bit
+    assert full.activations == 2 * half.activations and full.kept_outputs == half.kept_outputs  # kept: at its budget
+    assert estimate(configs["7b"], compute_dtype="float32", seq_len=64).kept_outputs == pytest.approx(
+        2 * estimate(configs["7b"], seq_len=64).kept_outputs)
+    # float32 LoRA masters, gradients and states, float32 logits: the same in either
+    assert (full.lora, full.gradients, full.optimizer_states, full.logits) == (
+        half.lora, half.gradients, half.optimizer_states, half.logits)
+    assert main(["estimate", configs["7b"], "--compute-dtype", "float32", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["weights_16bit"] == full.weights_16bit and data["compute_dtype"] == "float32"
+    assert main(["estimate", configs["7b"], "--compute-dtype", "float32"]) == 0
+    assert "embeddings, norms, output head (float32)" in capsys.readouterr().out
+    with pytest.raises(Nf4tuneError, match="--compute-dtype 'float64': use one of bfloat16, float16, float32"):
+        estimate(configs["7b"], compute_dtype="float64")
+
+
 def test_the_command_prints_a_table_or_json(configs, capsys):
     assert main(["estimate", configs["65b"]]) == 0
     out = capsys.readouterr().out

@@ -15,6 +15,10 @@ QUANT_TYPES = ("nf4", "fp4")
 PARALLEL_STRATEGIES = ("fsdp", "ddp")
 # What `nf4tune estimate --device` sizes a run for: plan/estimate.py.
 ESTIMATE_DEVICES = ("cuda", "cpu")
+# model.compute_dtype: name -> bytes per element, what the planner sizes the unquantized weights and the
+# activations with. "auto" (the recipe's default) is bfloat16, or float16 on GPUs without it: 2 bytes either way.
+COMPUTE_DTYPES = {"bfloat16": 2, "float16": 2, "float32": 4}
+AUTO_COMPUTE_DTYPE_BYTES = 2
 
 # Elements per quantization block: powers of two, as bitsandbytes supports them.
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -4,11 +4,12 @@ The model is built on the meta device (no weights) so every parameter is counted
 training adds is sized the way nf4tune trains:
   - quantized linear weights: 4 bits each, plus their constants (4.127 bits in all with NF4 double
     quantization at block size 64, 4.5 without);
-  - everything else (embeddings, norms, output head) in bf16;
+  - everything else (embeddings, norms, output head) in the compute dtype (`compute_dtype`: 2 bytes for
+    bfloat16 and float16, the default, 4 for float32);
   - LoRA A and B in float32 (the optimizer's master copy) and their float32 gradients;
   - AdamW states: 8 bytes per LoRA parameter (32-bit) or about 2.03 (8-bit); paged optimizers can
     move them to host memory, so the total is given with and without them;
-  - activations, bf16: with gradient checkpointing, each decoder layer's input plus one layer
+  - activations, in the compute dtype: with gradient checkpointing, each decoder layer's input plus one layer
     recomputed in full; without it every layer's. A layer keeps about 12 hidden-size and 4
     intermediate-size values per token (norm inputs and outputs, q/k/v, attention output, the
     MLP's gate, up, activation and product; attention itself is memory-efficient); with checkpointing
@@ -30,7 +31,7 @@ from ..checkpoint.hf import build_meta_model, quantizable_linears
 from ..layers.kept_outputs import DEFAULT_BUDGET_GIB as KEPT_BUDGET_GIB
 from ..errors import Nf4tuneError
 from ..quant.codes import bits_per_parameter
-from ..registry import ESTIMATE_DEVICES, OPTIMIZERS, PARALLEL_STRATEGIES
+from ..registry import AUTO_COMPUTE_DTYPE_BYTES, COMPUTE_DTYPES, ESTIMATE_DEVICES, OPTIMIZERS, PARALLEL_STRATEGIES
 
 GIB = 2**30
 GPUS_GB = (24, 40, 48, 80)
@@ -63,6 +64,7 @@ class Estimate:
     total: float
     total_without_paged_states: float
     device: str = "cuda"
+    compute_dtype: str = "bfloat16"
 
     def fits(self) -> dict[int, bool]:
         """For 24/40/48/80 GB cards: whether the run fits (paged states may live on the host); a CPU run: {}."""
@@ -100,13 +102,25 @@ def _config(model: str) -> dict:
         raise Nf4tuneError(f"{file} is not valid JSON ({e}).") from e
 
 
+def compute_dtype_bytes(name: str) -> int:
+    """Bytes per element of `model.compute_dtype` (a name, or "auto" as a recipe's default)."""
+    if name == "auto":
+        return AUTO_COMPUTE_DTYPE_BYTES
+    if name not in COMPUTE_DTYPES:
+        raise Nf4tuneError(f"--compute-dtype {name!r}: use one of {', '.join(COMPUTE_DTYPES)}.")
+    return COMPUTE_DTYPES[name]
+
+
 def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, target: str = "all-linear",
              optim: str = "paged_adamw_32bit", checkpointing: bool = True, gpus: int = 1,
-             double_quant: bool = True, blocksize: int = 64, strategy: str = "fsdp", device: str = "cuda") -> Estimate:
+             double_quant: bool = True, blocksize: int = 64, strategy: str = "fsdp", device: str = "cuda",
+             compute_dtype: str = "bfloat16") -> Estimate:
     """Estimate the GPU memory of fine-tuning `model` (folder, config.json or Hub id) with nf4tune, per
     GPU: with `strategy="fsdp"` weights, adapters, gradients and optimizer states are split across
     `gpus`; with "ddp" every GPU holds all of them. `device="cpu"` sizes a CPU run (per process): no
-    CUDA context, and no optimizer states paged out. Nothing here touches a device."""
+    CUDA context, and no optimizer states paged out. `compute_dtype` sizes the unquantized weights and
+    the activations (LoRA's float32 masters and the float32 logits do not depend on it). Nothing here
+    touches a device."""
     if seq_len <= 0 or batch <= 0 or r <= 0 or gpus <= 0:
         raise Nf4tuneError(f"--seq-len, --batch, --r and --gpus must be positive (got {seq_len}, {batch}, {r}, {gpus}).")
     if strategy not in PARALLEL_STRATEGIES:
@@ -115,6 +129,7 @@ def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, targe
         raise Nf4tuneError(f"--device {device!r}: use one of {', '.join(ESTIMATE_DEVICES)}.")
     if optim not in OPTIMIZERS:
         raise Nf4tuneError(f"--optim {optim!r}: use one of {', '.join(OPTIMIZERS)}.")
+    width = compute_dtype_bytes(compute_dtype)
     config = _config(model)
     meta = build_meta_model(config)
     cfg = meta.config
@@ -137,10 +152,10 @@ def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, targe
         raise Nf4tuneError(f"--target {target!r} matches no linear layer of this model.")
 
     tokens = seq_len * batch
-    per_layer_token = 2 * (12 * hidden + 4 * inter)
+    per_layer_token = width * (12 * hidden + 4 * inter)
     full = layers * per_layer_token * tokens
-    checkpointed = layers * 2 * hidden * tokens + per_layer_token * tokens
-    kept = min(KEPT_BUDGET_GIB * GIB, layers * 2 * (5 * hidden + 2 * inter) * tokens) if checkpointing else 0.0
+    checkpointed = layers * width * hidden * tokens + per_layer_token * tokens
+    kept = min(KEPT_BUDGET_GIB * GIB, layers * width * (5 * hidden + 2 * inter) * tokens) if checkpointing else 0.0
     logits = 3 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * vocab
 
     shard = 1 / gpus if strategy == "fsdp" else 1.0  # FSDP splits weights, adapters, states; activations stay per GPU
@@ -149,13 +164,13 @@ def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, targe
         lora_parameters=lora,
         weights_4bit=quantized * 0.5 * shard,
         quant_constants=quantized * (bits_per_parameter(blocksize, double_quant) - 4) / 8 * shard,
-        weights_16bit=(total_params - quantized) * 2 * shard,
+        weights_16bit=(total_params - quantized) * width * shard,
         lora=lora * 4 * shard, gradients=lora * 4 * shard, optimizer_states=lora * OPTIMIZERS[optim].state_bytes * shard,
         optimizer_pageable=OPTIMIZERS[optim].pageable and device == "cuda",
         activations=checkpointed if checkpointing else full,
         activations_without_checkpointing=full, activations_with_checkpointing=checkpointed, kept_outputs=kept,
         logits=logits, overhead=CUDA_OVERHEAD if device == "cuda" else 0.0, total=0.0, total_without_paged_states=0.0,
-        device=device,
+        device=device, compute_dtype="bfloat16 or float16" if compute_dtype == "auto" else compute_dtype,
     )
     base = (est.weights_4bit + est.quant_constants + est.weights_16bit + est.lora + est.gradients
             + est.activations + est.kept_outputs + est.logits + est.overhead)
@@ -178,7 +193,7 @@ def format_table(est: Estimate, args_line: str) -> str:
     rows = [
         ("4-bit weights", est.weights_4bit, f"{format_count(est.quantized_parameters)} quantized parameters"),
         ("quantization constants", est.quant_constants, "absmax, double-quantized"),
-        ("16-bit parts", est.weights_16bit, "embeddings, norms, output head (bf16)"),
+        ("16-bit parts", est.weights_16bit, f"embeddings, norms, output head ({est.compute_dtype})"),
         ("LoRA parameters", est.lora, f"{format_count(est.lora_parameters)} in float32"),
         ("gradients", est.gradients, "LoRA only, float32"),
         ("optimizer states", est.optimizer_states, "pageable to host memory" if est.optimizer_pageable

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import Nf4tuneError
 from ..layers.lora import LoraConfig
-from ..registry import OPTIMIZERS, PARALLEL_STRATEGIES, QUANT_TYPES
+from ..registry import COMPUTE_DTYPES, OPTIMIZERS, PARALLEL_STRATEGIES, QUANT_TYPES
 
 REQUIRED = object()  # marks fields a recipe must set
 
@@ -231,7 +231,7 @@ def _check_values(r: Recipe) -> None:
     if r.training.offload_activations and not r.model.gradient_checkpointing:
         raise Nf4tuneError("training.offload_activations moves the layer inputs that gradient checkpointing keeps; "
                            "set model.gradient_checkpointing: true with it.")
-    one_of("model.compute_dtype", r.model.compute_dtype, ["auto", "bfloat16", "float16", "float32"])
+    one_of("model.compute_dtype", r.model.compute_dtype, ["auto", *COMPUTE_DTYPES])
     for where, value in [("training.per_device_train_batch_size", r.training.per_device_train_batch_size),
                          ("training.gradient_accumulation_steps", r.training.gradient_accumulation_steps),
                          ("training.logging_steps", r.training.logging_steps), ("training.save_steps", r.training.save_steps),

@@ -139,6 +139,16 @@ class Parallel:
     def max(self, value: float) -> float:
         return self._reduce(value, "MAX")
 
+    def sums(self, values: list[float]) -> list[float]:
+        """Each value summed over the ranks, in one all-reduce (float64: token counts stay exact)."""
+        if self.world_size == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return t.tolist()
+
     def _reduce(self, value: float, op: str) -> float:
         if self.world_size == 1:
             return value
@@ -397,7 +407,7 @@ def plan_arguments(recipe) -> dict:
                 batch=recipe.training.per_device_train_batch_size, r=recipe.lora.r,
                 target=target if isinstance(target, str) else ",".join(target), optim=recipe.training.optim,
                 checkpointing=recipe.model.gradient_checkpointing, double_quant=recipe.quant.double_quant,
-                blocksize=recipe.quant.blocksize)
+                blocksize=recipe.quant.blocksize, compute_dtype=recipe.model.compute_dtype)
 
 
 def _device_bytes(device: torch.device) -> int:
