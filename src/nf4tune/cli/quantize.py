@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import Nf4tuneError
-from ..registry import BLOCKSIZES, QUANT_TYPES
+from ..registry import BLOCKSIZES, COMPUTE_DTYPES, QUANT_TYPES
 from .checks import check_model_location, resolve_builtin
 
 
@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="keep absmax in float32")
     p.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, metavar="N",
                    help="elements per quantization block (32..4096, powers of two; default 64)")
-    p.add_argument("--compute-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+    p.add_argument("--compute-dtype", choices=list(COMPUTE_DTYPES), default="bfloat16",
                    help="compute dtype recorded in quantization_config (default bfloat16)")
     p.add_argument("--demo", action="store_true",
                    help="build a tiny random Llama checkpoint in OUT_DIR/tiny-llama and quantize it (no download)")
