@@ -434,28 +434,30 @@ def test_real_gguf_loads_as_transformers_reads_it_quantized_by_nf4tune(smollm2_g
     assert nf4tune.load_model(smollm2_gguf.parent, device="cpu", progress=False)[0].config.num_hidden_layers == 30
 
 
-# Per family: the tokenizer style its models ship (SentencePiece-style BPE or a byte-level BPE split) and
-# config overrides that exercise what llama.cpp must be told: a head_dim other than hidden / heads (Qwen3,
-# Gemma: attention.key_length; Qwen3's is 128 as in every real Qwen3, because transformers' GGUF reader
-# ignores key_length for qwen3 and assumes its default 128), Gemma's head tied to the embedding (llama.cpp's
-# gemma has no other).
+# Per case: the family, the tokenizer style its models ship (SentencePiece-style BPE or a byte-level BPE
+# split) and config overrides that exercise what llama.cpp must be told: a head_dim other than hidden / heads
+# (Qwen3, Gemma: attention.key_length; Qwen3's is 128 as in every real Qwen3, because transformers' GGUF
+# reader ignores key_length for qwen3 and assumes its default 128), Gemma's head tied to the embedding
+# (llama.cpp's gemma has no other), and a Phi-4-mini-like Phi-3 (rotary on 3/4 of each head, tied head).
 _FAMILY_CASES = {
-    "mistral": ("sentencepiece", {}),
-    "qwen2": ("qwen2", {}),
-    "qwen3": ("qwen2", {"head_dim": 128}),
-    "gemma": ("sentencepiece", {"head_dim": 32, "tie_word_embeddings": True}),
-    "phi3": ("sentencepiece", {}),
+    "mistral": ("mistral", "sentencepiece", {}),
+    "qwen2": ("qwen2", "qwen2", {}),
+    "qwen3": ("qwen3", "qwen2", {"head_dim": 128}),
+    "gemma": ("gemma", "sentencepiece", {"head_dim": 32, "tie_word_embeddings": True}),
+    "phi3": ("phi3", "sentencepiece", {}),
+    "phi3-partial-rotary-tied": ("phi3", "sentencepiece", {"partial_rotary_factor": 0.75, "tie_word_embeddings": True}),
 }
 
 
-def _tiny_family(arch, tmp_path):
-    """A tiny random model of `arch` with its tokenizer, made hard to export by accident: random biases and
-    RMSNorm weights (Gemma's stored as w for a scale of 1 + w), attention made position-dependent (Q/K, or
-    Qwen3's q_norm / k_norm that follow them, scaled up) so a wrong rotary layout shows in the logits, and every
-    matrix rounded to float16 as an f16 file stores it. Returns (folder, tokenizer, the model in float32)."""
+def _tiny_family(case, tmp_path):
+    """A tiny random model of `case` (see _FAMILY_CASES) with its tokenizer, made hard to export by accident:
+    random biases and RMSNorm weights (Gemma's stored as w for a scale of 1 + w), attention made
+    position-dependent (Q/K, or Qwen3's q_norm / k_norm that follow them, scaled up) so a wrong rotary layout
+    shows in the logits, and every matrix rounded to float16 as an f16 file stores it. Returns (folder,
+    tokenizer, the model in float32)."""
     from transformers import AutoModelForCausalLM
 
-    style, overrides = _FAMILY_CASES[arch]
+    arch, style, overrides = _FAMILY_CASES[case]
     tok = sentencepiece_tokenizer() if style == "sentencepiece" else bpe_tokenizer(_pre_tokenizer(style))
     src = build_tiny_checkpoint(tmp_path / "src", arch=arch, dtype=torch.float32, max_shard_size=None, vocab_size=len(tok),
                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -494,7 +496,8 @@ def test_export_new_families_read_back_through_transformers(arch, tmp_path):
 
 def test_exports_llama_cpp_cannot_run_are_refused_with_a_sentence(tmp_path, capsys):
     """Gemma with an untied head (llama.cpp's gemma reads the head from the embedding), Qwen3 with attention
-    biases, Phi-3 with long-context rope scaling, and Gemma 2 (soft-capping): one sentence each, no file."""
+    biases, Phi-3 with long-context rope scaling or at q4_k_m, and Gemma 2 (soft-capping): one sentence each,
+    no file."""
     cases = {
         "gemma": (dict(tie_word_embeddings=False), "untied"),
         "qwen3": (dict(attention_bias=True), "attention_bias"),
@@ -504,11 +507,16 @@ def test_exports_llama_cpp_cannot_run_are_refused_with_a_sentence(tmp_path, caps
     }
     for arch, (overrides, expected) in cases.items():
         src = build_tiny_checkpoint(tmp_path / arch, arch=arch, dtype=torch.float32, max_shard_size=None,
-                                    **{**_FAMILY_CASES[arch][1], **overrides})
+                                    **{**_FAMILY_CASES[arch][2], **overrides})
         capsys.readouterr()  # the build's progress bars
         assert main(["export", str(src), str(tmp_path / f"{arch}.gguf")]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+    # Phi-3 at q4_k_m: llama.cpp's mix has its fused attn_qkv in Q5_K, a type nf4tune cannot make.
+    phi3 = build_tiny_checkpoint(tmp_path / "phi3-ok", arch="phi3", dtype=torch.float32, max_shard_size=None)
+    capsys.readouterr()
+    assert main(["export", str(phi3), str(tmp_path / "phi3.gguf"), "--type", "q4_k_m"]) == 2
+    assert "llama-quantize" in capsys.readouterr().err
     from nf4tune.checkpoint.gguf_export import ExportPlan
     from nf4tune.errors import Nf4tuneError
 
@@ -517,15 +525,16 @@ def test_exports_llama_cpp_cannot_run_are_refused_with_a_sentence(tmp_path, caps
     assert not list(tmp_path.glob("*.gguf"))
 
 
-@pytest.mark.parametrize("arch", list(_FAMILY_CASES))
-def test_llama_cpp_runs_each_exported_family(arch, tmp_path):
+@pytest.mark.parametrize("case", list(_FAMILY_CASES))
+def test_llama_cpp_runs_each_exported_family(case, tmp_path):
     """Mistral (SentencePiece-style vocabulary, rotary rows permuted for llama.cpp), Qwen2 (q/k/v biases, its own
     split, no permutation), Qwen3 (q_norm / k_norm, attention.key_length), Gemma (norms stored as 1 + w, the head
-    tied to the embedding) and Phi-3 (fused qkv and gate/up), exported as f16 and run by llama.cpp: logits
+    tied to the embedding) and Phi-3 (fused qkv and gate/up; also rotary on part of each head, as Phi-4-mini),
+    exported as f16 and run by llama.cpp: logits
     within 1% of the largest of the model's own (its matrices rounded to float16 first) and the same greedy tokens."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs `pip install llama-cpp-python` (extra llamacpp)")
 
-    src, tok, original = _tiny_family(arch, tmp_path)
+    src, tok, original = _tiny_family(case, tmp_path)
     out = tmp_path / "m.gguf"
     export_gguf(src, out, None, progress=False)
     llm = llama_cpp.Llama(model_path=str(out), logits_all=True, verbose=False, n_ctx=64)

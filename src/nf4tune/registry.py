@@ -80,6 +80,8 @@ class FamilySpec:
             computes; a model with another is refused.
         gguf_refused_flags: config fields that must be off (false or absent): variants llama.cpp's graph for
             the arch does not have.
+        gguf_fused_qkv: its attention input projection is one fused matrix (llama.cpp's attn_qkv), which
+            llama.cpp's Q4_K_M mix puts in Q5_K.
     """
 
     chunked_loss: bool = False
@@ -90,6 +92,7 @@ class FamilySpec:
     gguf_tied_output: bool = False
     gguf_activation: str = "silu"
     gguf_refused_flags: tuple[str, ...] = ()
+    gguf_fused_qkv: bool = False
 
 
 _LLAMA_LIKE = FamilySpec(chunked_loss=True, decoder=True, gguf_arch="llama", gguf_permute_qk=True)
@@ -104,7 +107,7 @@ FAMILIES: dict[str, FamilySpec] = {
                         gguf_activation="gelu_pytorch_tanh", gguf_refused_flags=("use_bidirectional_attention",)),
     "gemma2": FamilySpec(),  # soft-capped logits: the model's own loss
     # fused qkv_proj / gate_up_proj map as they are to attn_qkv / ffn_up (twice intermediate_size wide).
-    "phi3": FamilySpec(chunked_loss=True, gguf_arch="phi3"),
+    "phi3": FamilySpec(chunked_loss=True, gguf_arch="phi3", gguf_fused_qkv=True),
     "t5": FamilySpec(),
     "mt5": FamilySpec(),
 }

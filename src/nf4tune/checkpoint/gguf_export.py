@@ -103,9 +103,14 @@ class ExportPlan:
         arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[spec.gguf_arch]
         return cls(spec.gguf_arch, spec, config, gguf.get_tensor_name_map(arch_id, config["num_hidden_layers"]))
 
+    @property
+    def has_output(self) -> bool:
+        """Whether the file holds a separate output.weight (else llama.cpp uses token_embd as the head)."""
+        return not (self.config.get("tie_word_embeddings") or self.spec.gguf_tied_output)
+
     def gguf_name(self, key: str) -> str | None:
         """llama.cpp's name for a transformers key, or None for a tensor llama.cpp does not store."""
-        if key == "lm_head.weight" and (self.config.get("tie_word_embeddings") or self.spec.gguf_tied_output):
+        if key == "lm_head.weight" and not self.has_output:
             return None
         name, _, suffix = key.rpartition(".")
         mapped = self.name_map.get_name(name)
@@ -278,6 +283,9 @@ def write_gguf(
     gguf = require_gguf()
     check_export_type(kind)
     plan = ExportPlan.for_config(config)
+    if EXPORT_TYPES[kind][0] == "Q4_K_M" and plan.spec.gguf_fused_qkv:
+        raise Nf4tuneError(f"llama.cpp's Q4_K_M puts {config['model_type']}'s fused attn_qkv matrices in Q5_K, which nf4tune "
+                           "cannot make; export --type f16 and run llama.cpp's `llama-quantize OUT.gguf OUT-q4_k_m.gguf Q4_K_M`.")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
@@ -293,7 +301,7 @@ def write_gguf(
         else:
             raise Nf4tuneError("the base model has no tokenizer; llama.cpp needs one in the GGUF file.")
         count = 0
-        has_output = not config.get("tie_word_embeddings")  # llama.cpp's has_output: a separate output.weight
+        has_output = plan.has_output  # llama.cpp's has_output: a separate output.weight
         for key, w in tensors:
             gguf_name = plan.gguf_name(key)
             if gguf_name is None:
