@@ -329,10 +329,10 @@ def _pre_tokenizer(style: str):
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
-def sentencepiece_tokenizer():
+def sentencepiece_tokenizer(space_prefix: bool = True):
     """A small BPE with byte fallback as Llama 2's and Mistral's tokenizer.json are (spaces as "▁", one in
     front, 256 <0xXX> byte tokens): merges learnt on text written that way, then the vocabulary rebuilt
-    over the special and byte tokens."""
+    over the special and byte tokens. Without `space_prefix`, no "▁" in front, as Gemma's."""
     import json
 
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -348,22 +348,23 @@ def sentencepiece_tokenizer():
     for piece, _ in sorted(learner.get_vocab().items(), key=lambda kv: kv[1]):
         vocab.setdefault(piece, len(vocab))
     tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁")] * space_prefix + [normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + [decoders.Strip(" ", 1, 0)] * space_prefix)
     tok.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="</s>")
 
 
-@pytest.mark.parametrize("style", ["gpt-2", "smollm", "llama-bpe", "qwen2", "sentencepiece"])
+@pytest.mark.parametrize("style", ["gpt-2", "smollm", "llama-bpe", "qwen2", "sentencepiece", "sentencepiece-no-prefix"])
 def test_llama_cpp_splits_text_as_the_tokenizer_does(style, tmp_path):
     """The exported vocabulary and pre-tokenizer name make llama.cpp tokenize as transformers does (GPT-2,
-    SmolLM, Llama 3 and Qwen2 splits; SentencePiece-style BPE with byte fallback), read from the file's
-    vocabulary alone."""
+    SmolLM, Llama 3 and Qwen2 splits; SentencePiece-style BPE with byte fallback, with a "▁" in front as
+    Llama 2's or without as Gemma's), read from the file's vocabulary alone."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs `pip install llama-cpp-python` (extra llamacpp)")
 
-    tok = sentencepiece_tokenizer() if style == "sentencepiece" else bpe_tokenizer(_pre_tokenizer(style))
+    tok = _tokenizer_of_style(style)
+    style = style.removesuffix("-no-prefix")
     src = build_tiny_checkpoint(tmp_path / "src", dtype=torch.float32, vocab_size=len(tok), num_hidden_layers=1,
                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     tok.save_pretrained(src)
@@ -443,10 +444,16 @@ _FAMILY_CASES = {
     "mistral": ("mistral", "sentencepiece", {}),
     "qwen2": ("qwen2", "qwen2", {}),
     "qwen3": ("qwen3", "qwen2", {"head_dim": 128}),
-    "gemma": ("gemma", "sentencepiece", {"head_dim": 32, "tie_word_embeddings": True}),
+    "gemma": ("gemma", "sentencepiece-no-prefix", {"head_dim": 32, "tie_word_embeddings": True}),
     "phi3": ("phi3", "sentencepiece", {}),
     "phi3-partial-rotary-tied": ("phi3", "sentencepiece", {"partial_rotary_factor": 0.75, "tie_word_embeddings": True}),
 }
+
+
+def _tokenizer_of_style(style: str):
+    if style.startswith("sentencepiece"):
+        return sentencepiece_tokenizer(space_prefix=style == "sentencepiece")
+    return bpe_tokenizer(_pre_tokenizer(style))
 
 
 def _tiny_family(case, tmp_path):
@@ -458,7 +465,7 @@ def _tiny_family(case, tmp_path):
     from transformers import AutoModelForCausalLM
 
     arch, style, overrides = _FAMILY_CASES[case]
-    tok = sentencepiece_tokenizer() if style == "sentencepiece" else bpe_tokenizer(_pre_tokenizer(style))
+    tok = _tokenizer_of_style(style)
     src = build_tiny_checkpoint(tmp_path / "src", arch=arch, dtype=torch.float32, max_shard_size=None, vocab_size=len(tok),
                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                 **overrides)

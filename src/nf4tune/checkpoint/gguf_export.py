@@ -231,10 +231,28 @@ def add_hf_tokenizer(writer, tokenizer) -> None:
         writer.add_token_list(tokens)
         if byte_fallback:
             writer.add_token_scores(scores)
+            if not _adds_space_prefix(json.loads(tj.read_text())):
+                writer.add_add_space_prefix(False)  # llama.cpp's SentencePiece default is a "▁" in front (Gemma has none)
         writer.add_token_types(types)
         SpecialVocab(Path(tmp), load_merges=not byte_fallback, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
         if tokenizer.chat_template and "tokenizer.chat_template" not in writer.kv_data[0]:
             writer.add_chat_template(tokenizer.chat_template)
+
+
+def _adds_space_prefix(tokenizer_json: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer puts "▁" in front of the text (Llama 2, Mistral: a Prepend
+    normalizer, or a Metaspace pre-tokenizer that prepends), as llama.cpp assumes unless told otherwise."""
+    def steps(part: dict | None, key: str) -> list[dict]:
+        part = part or {}
+        return part.get(key, []) if part.get("type") == "Sequence" else [part]
+
+    for step in steps(tokenizer_json.get("normalizer"), "normalizers"):
+        if step.get("type") == "Prepend" and step.get("prepend") == "▁":
+            return True
+    for step in steps(tokenizer_json.get("pre_tokenizer"), "pretokenizers"):
+        if step.get("type") == "Metaspace" and step.get("prepend_scheme", "always") != "never" and step.get("add_prefix_space", True):
+            return True
+    return False
 
 
 # The pre-tokenizers llama.cpp knows by name (llama-vocab.cpp), recognised from tokenizer.json: the
