@@ -329,10 +329,10 @@ def _pre_tokenizer(style: str):
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
-def sentencepiece_tokenizer():
+def sentencepiece_tokenizer(space_prefix: bool = True):
     """A small BPE with byte fallback as Llama 2's and Mistral's tokenizer.json are (spaces as "▁", one in
     front, 256 <0xXX> byte tokens): merges learnt on text written that way, then the vocabulary rebuilt
-    over the special and byte tokens."""
+    over the special and byte tokens. Without `space_prefix`, no "▁" in front, as Gemma's."""
     import json
 
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -348,22 +348,23 @@ def sentencepiece_tokenizer():
     for piece, _ in sorted(learner.get_vocab().items(), key=lambda kv: kv[1]):
         vocab.setdefault(piece, len(vocab))
     tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁")] * space_prefix + [normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + [decoders.Strip(" ", 1, 0)] * space_prefix)
     tok.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="</s>")
 
 
-@pytest.mark.parametrize("style", ["gpt-2", "smollm", "llama-bpe", "qwen2", "sentencepiece"])
+@pytest.mark.parametrize("style", ["gpt-2", "smollm", "llama-bpe", "qwen2", "sentencepiece", "sentencepiece-no-prefix"])
 def test_llama_cpp_splits_text_as_the_tokenizer_does(style, tmp_path):
     """The exported vocabulary and pre-tokenizer name make llama.cpp tokenize as transformers does (GPT-2,
-    SmolLM, Llama 3 and Qwen2 splits; SentencePiece-style BPE with byte fallback), read from the file's
-    vocabulary alone."""
+    SmolLM, Llama 3 and Qwen2 splits; SentencePiece-style BPE with byte fallback, with a "▁" in front as
+    Llama 2's or without as Gemma's), read from the file's vocabulary alone."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs `pip install llama-cpp-python` (extra llamacpp)")
 
-    tok = sentencepiece_tokenizer() if style == "sentencepiece" else bpe_tokenizer(_pre_tokenizer(style))
+    tok = _tokenizer_of_style(style)
+    style = style.removesuffix("-no-prefix")
     src = build_tiny_checkpoint(tmp_path / "src", dtype=torch.float32, vocab_size=len(tok), num_hidden_layers=1,
                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     tok.save_pretrained(src)
@@ -434,28 +435,113 @@ def test_real_gguf_loads_as_transformers_reads_it_quantized_by_nf4tune(smollm2_g
     assert nf4tune.load_model(smollm2_gguf.parent, device="cpu", progress=False)[0].config.num_hidden_layers == 30
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-def test_llama_cpp_runs_each_exported_family(arch, tmp_path):
-    """Mistral (SentencePiece-style vocabulary, rotary rows permuted for llama.cpp) and Qwen2 (random q/k/v
-    biases, its own split, no permutation), exported as f16 and run by llama.cpp: logits within 1% of the
-    largest of the model's own (its matrices rounded to float16 first) and the same greedy tokens."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs `pip install llama-cpp-python` (extra llamacpp)")
+# Per case: the family, the tokenizer style its models ship (SentencePiece-style BPE or a byte-level BPE
+# split) and config overrides that exercise what llama.cpp must be told: a head_dim other than hidden / heads
+# (Qwen3, Gemma: attention.key_length; Qwen3's is 128 as in every real Qwen3, because transformers' GGUF
+# reader ignores key_length for qwen3 and assumes its default 128), Gemma's head tied to the embedding
+# (llama.cpp's gemma has no other), and a Phi-4-mini-like Phi-3 (rotary on 3/4 of each head, tied head).
+_FAMILY_CASES = {
+    "mistral": ("mistral", "sentencepiece", {}),
+    "qwen2": ("qwen2", "qwen2", {}),
+    "qwen3": ("qwen3", "qwen2", {"head_dim": 128}),
+    "gemma": ("gemma", "sentencepiece-no-prefix", {"head_dim": 32, "tie_word_embeddings": True}),
+    "phi3": ("phi3", "sentencepiece", {}),
+    "phi3-partial-rotary-tied": ("phi3", "sentencepiece", {"partial_rotary_factor": 0.75, "tie_word_embeddings": True}),
+}
+
+
+def _tokenizer_of_style(style: str):
+    if style.startswith("sentencepiece"):
+        return sentencepiece_tokenizer(space_prefix=style == "sentencepiece")
+    return bpe_tokenizer(_pre_tokenizer(style))
+
+
+def _tiny_family(case, tmp_path):
+    """A tiny random model of `case` (see _FAMILY_CASES) with its tokenizer, made hard to export by accident:
+    random biases and RMSNorm weights (Gemma's stored as w for a scale of 1 + w), attention made
+    position-dependent (Q/K, or Qwen3's q_norm / k_norm that follow them, scaled up) so a wrong rotary layout
+    shows in the logits, and every matrix rounded to float16 as an f16 file stores it. Returns (folder,
+    tokenizer, the model in float32)."""
     from transformers import AutoModelForCausalLM
 
-    tok = sentencepiece_tokenizer() if arch == "mistral" else bpe_tokenizer(_pre_tokenizer("qwen2"))
+    arch, style, overrides = _FAMILY_CASES[case]
+    tok = _tokenizer_of_style(style)
     src = build_tiny_checkpoint(tmp_path / "src", arch=arch, dtype=torch.float32, max_shard_size=None, vocab_size=len(tok),
-                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                **overrides)
     tok.save_pretrained(src)
     original = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in original.named_parameters():
-            if name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.05)
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(12)  # attention that depends on position, so a wrong rotary layout shows in the logits
+            if name.endswith(("bias", "norm.weight")):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+            if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
+                p.mul_(12)  # attention that depends on position (for phi3 v is scaled too: harmless)
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.mul_(2)  # Qwen3 normalizes q and k per head after the projection: scale after the norm
             if p.dim() == 2:
                 p.copy_(p.half().float())
     original.save_pretrained(src)
+    return src, tok, original
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "phi3"])
+def test_export_new_families_read_back_through_transformers(arch, tmp_path):
+    """Qwen3 (q_norm / k_norm, head_dim 128 with hidden 64 / 4 heads) and Phi-3 (fused qkv_proj and gate_up_proj)
+    exported as f16 and read by transformers' GGUF loader: the model itself (matrices in float16). transformers
+    has no reader for llama.cpp's gemma; llama.cpp checks that family below."""
+    src, tok, original = _tiny_family(arch, tmp_path)
+    out = tmp_path / "out" / f"{arch}.gguf"
+    export_gguf(src, out, progress=False)
+    names = {t.name for t in gguf.GGUFReader(out).tensors}
+    assert ({"blk.0.attn_qkv.weight"} if arch == "phi3" else {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"}) <= names
+    exported, _ = _read_back(out)
+    ids = tok(MULTILINGUAL, return_tensors="pt").input_ids
+    torch.testing.assert_close(_logits(exported, ids), _logits(original, ids), rtol=0, atol=1e-5)
+
+
+def test_exports_llama_cpp_cannot_run_are_refused_with_a_sentence(tmp_path, capsys):
+    """Gemma with an untied head (llama.cpp's gemma reads the head from the embedding), Qwen3 with attention
+    biases, Phi-3 with long-context rope scaling or at q4_k_m, and Gemma 2 (soft-capping): one sentence each,
+    no file."""
+    cases = {
+        "gemma": (dict(tie_word_embeddings=False), "untied"),
+        "qwen3": (dict(attention_bias=True), "attention_bias"),
+        "phi3": (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0] * 8,
+                                       "short_factor": [1.0] * 8, "original_max_position_embeddings": 2048},
+                      max_position_embeddings=8192), "'longrope' rope scaling"),
+    }
+    for arch, (overrides, expected) in cases.items():
+        src = build_tiny_checkpoint(tmp_path / arch, arch=arch, dtype=torch.float32, max_shard_size=None,
+                                    **{**_FAMILY_CASES[arch][2], **overrides})
+        capsys.readouterr()  # the build's progress bars
+        assert main(["export", str(src), str(tmp_path / f"{arch}.gguf")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+    # Phi-3 at q4_k_m: llama.cpp's mix has its fused attn_qkv in Q5_K, a type nf4tune cannot make.
+    phi3 = build_tiny_checkpoint(tmp_path / "phi3-ok", arch="phi3", dtype=torch.float32, max_shard_size=None)
+    capsys.readouterr()
+    assert main(["export", str(phi3), str(tmp_path / "phi3.gguf"), "--type", "q4_k_m"]) == 2
+    assert "llama-quantize" in capsys.readouterr().err
+    from nf4tune.checkpoint.gguf_export import ExportPlan
+    from nf4tune.errors import Nf4tuneError
+
+    with pytest.raises(Nf4tuneError, match="'gemma2' models to GGUF is not supported"):
+        ExportPlan.for_config({"model_type": "gemma2", "num_hidden_layers": 2})
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.parametrize("case", list(_FAMILY_CASES))
+def test_llama_cpp_runs_each_exported_family(case, tmp_path):
+    """Mistral (SentencePiece-style vocabulary, rotary rows permuted for llama.cpp), Qwen2 (q/k/v biases, its own
+    split, no permutation), Qwen3 (q_norm / k_norm, attention.key_length), Gemma (norms stored as 1 + w, the head
+    tied to the embedding) and Phi-3 (fused qkv and gate/up; also rotary on part of each head, as Phi-4-mini),
+    exported as f16 and run by llama.cpp: logits
+    within 1% of the largest of the model's own (its matrices rounded to float16 first) and the same greedy tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs `pip install llama-cpp-python` (extra llamacpp)")
+
+    src, tok, original = _tiny_family(case, tmp_path)
     out = tmp_path / "m.gguf"
     export_gguf(src, out, None, progress=False)
     llm = llama_cpp.Llama(model_path=str(out), logits_all=True, verbose=False, n_ctx=64)

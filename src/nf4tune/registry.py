@@ -76,12 +76,27 @@ class FamilySpec:
         decoder: nf4tune's own decoders serve it (serve/decoder.py, serve/static_decoder.py).
         gguf_arch: the llama.cpp architecture `nf4tune export` writes it as; None: not exported.
         gguf_permute_qk: whether Q/K rows are permuted into llama.cpp's rotary order on export.
+        gguf_norm_shift: added to every RMSNorm weight on export (Gemma's norms scale by 1 + w, llama.cpp's
+            by the stored weight, so its converter stores w + 1).
+        gguf_tied_output: llama.cpp's graph for the arch reads the output head from the token embedding, so
+            a model with a separate (untied) head cannot be exported.
+        gguf_activation: the MLP activation (transformers' `hidden_act` name) llama.cpp's graph for the arch
+            computes; a model with another is refused.
+        gguf_refused_flags: config fields that must be off (false or absent): variants llama.cpp's graph for
+            the arch does not have.
+        gguf_fused_qkv: its attention input projection is one fused matrix (llama.cpp's attn_qkv), which
+            llama.cpp's Q4_K_M mix puts in Q5_K.
     """
 
     chunked_loss: bool = False
     decoder: bool = False
     gguf_arch: str | None = None
     gguf_permute_qk: bool = False
+    gguf_norm_shift: float = 0.0
+    gguf_tied_output: bool = False
+    gguf_activation: str = "silu"
+    gguf_refused_flags: tuple[str, ...] = ()
+    gguf_fused_qkv: bool = False
 
 
 _LLAMA_LIKE = FamilySpec(chunked_loss=True, decoder=True, gguf_arch="llama", gguf_permute_qk=True)
@@ -89,10 +104,14 @@ FAMILIES: dict[str, FamilySpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": FamilySpec(chunked_loss=True, decoder=True, gguf_arch="qwen2"),
-    "qwen3": FamilySpec(chunked_loss=True),
-    "gemma": FamilySpec(chunked_loss=True),
+    # q_norm / k_norm map to attn_q_norm / attn_k_norm; llama.cpp's qwen3 has no q/k/v biases.
+    "qwen3": FamilySpec(chunked_loss=True, gguf_arch="qwen3",
+                        gguf_refused_flags=("attention_bias", "use_sliding_window")),
+    "gemma": FamilySpec(chunked_loss=True, gguf_arch="gemma", gguf_norm_shift=1.0, gguf_tied_output=True,
+                        gguf_activation="gelu_pytorch_tanh", gguf_refused_flags=("use_bidirectional_attention",)),
     "gemma2": FamilySpec(),  # soft-capped logits: the model's own loss
-    "phi3": FamilySpec(chunked_loss=True),
+    # fused qkv_proj / gate_up_proj map as they are to attn_qkv / ffn_up (twice intermediate_size wide).
+    "phi3": FamilySpec(chunked_loss=True, gguf_arch="phi3", gguf_fused_qkv=True),
     "t5": FamilySpec(),
     "mt5": FamilySpec(),
 }

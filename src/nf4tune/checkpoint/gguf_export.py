@@ -24,7 +24,7 @@ from .gguf import require_gguf
 log = logging.getLogger("nf4tune")
 
 # --type choices: (ggml type of 2-D weights, llama.cpp file type). One registry.
-from ..registry import EXPORT_TYPES, FAMILIES, UNSUPPORTED_TYPES, families  # noqa: E402, F401  (re-exported)
+from ..registry import EXPORT_TYPES, FAMILIES, UNSUPPORTED_TYPES, FamilySpec, families  # noqa: E402, F401  (re-exported)
 
 EXPORT_FAMILIES = families("gguf_arch")
 
@@ -46,12 +46,46 @@ def permute_for_llama_cpp(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _refusal(model_type: str, config: dict) -> str | None:
+    """Why llama.cpp cannot run this model as exported (one sentence), or None. Read from the config as
+    transformers builds it (its defaults filled in, legacy values such as Gemma's hidden_act "gelu" corrected)."""
+    from .hf import to_config
+
+    spec, cfg = FAMILIES[model_type], to_config(config)
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", "default") not in ("default", None):
+        return f"the model uses {rope['rope_type']!r} rope scaling, which the GGUF exporter does not write yet."
+    if spec.gguf_tied_output and not cfg.tie_word_embeddings:
+        return (f"llama.cpp's {spec.gguf_arch} models take the output head from the token embedding, so a {model_type} "
+                "model with a separate (untied) lm_head cannot be exported.")
+    if cfg.hidden_act != spec.gguf_activation:
+        return (f"llama.cpp's {spec.gguf_arch} models compute {spec.gguf_activation}, but this model's activation is "
+                f"{cfg.hidden_act!r}, so it cannot be exported.")
+    flags = [flag for flag in spec.gguf_refused_flags if getattr(cfg, flag, None)]
+    if flags:
+        return (f"the model sets {', '.join(flags)}, which llama.cpp's {spec.gguf_arch} models do not have, so it "
+                "cannot be exported.")
+    return None
+
+
+def _phi3_metadata(writer, config: dict) -> None:
+    # As llama.cpp's converter: the pre-extension context, and a sliding window of 0 unless set (llama.cpp's phi3
+    # graph ignores it either way).
+    writer.add_rope_scaling_orig_ctx_len(config.get("original_max_position_embeddings")
+                                         or config.get("max_position_embeddings", 4096))
+    writer.add_sliding_window(config.get("sliding_window") or 0)
+
+
+# Metadata one llama.cpp architecture reads beyond the common keys (ExportPlan.add_metadata).
+_ARCH_METADATA = {"phi3": _phi3_metadata}
+
+
 @dataclass
 class ExportPlan:
-    """What to write: the llama.cpp architecture, metadata from the config, and how to name tensors."""
+    """What to write: the llama.cpp architecture, metadata from the config, and how to name and lay out tensors."""
 
     arch: str
-    permute: bool
+    spec: FamilySpec
     config: dict
     name_map: object
 
@@ -62,28 +96,36 @@ class ExportPlan:
         if model_type not in EXPORT_FAMILIES:
             raise Nf4tuneError(f"exporting {model_type!r} models to GGUF is not supported yet; supported families: "
                                f"{', '.join(EXPORT_FAMILIES)}.")
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise Nf4tuneError(f"the model uses {rope['rope_type']!r} rope scaling, which the GGUF exporter does not "
-                               "write yet.")
-        arch, permute = FAMILIES[model_type].gguf_arch, FAMILIES[model_type].gguf_permute_qk
-        arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
-        return cls(arch, permute, config, gguf.get_tensor_name_map(arch_id, config["num_hidden_layers"]))
+        refusal = _refusal(model_type, config)
+        if refusal:
+            raise Nf4tuneError(refusal)
+        spec = FAMILIES[model_type]
+        arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[spec.gguf_arch]
+        return cls(spec.gguf_arch, spec, config, gguf.get_tensor_name_map(arch_id, config["num_hidden_layers"]))
+
+    @property
+    def has_output(self) -> bool:
+        """Whether the file holds a separate output.weight (else llama.cpp uses token_embd as the head)."""
+        return not (self.config.get("tie_word_embeddings") or self.spec.gguf_tied_output)
 
     def gguf_name(self, key: str) -> str | None:
         """llama.cpp's name for a transformers key, or None for a tensor llama.cpp does not store."""
-        if key == "lm_head.weight" and self.config.get("tie_word_embeddings"):
+        if key == "lm_head.weight" and not self.has_output:
             return None
         name, _, suffix = key.rpartition(".")
         mapped = self.name_map.get_name(name)
         return None if mapped is None else f"{mapped}.{suffix}"
 
     def layout(self, gguf_name: str, w: torch.Tensor) -> torch.Tensor:
-        if self.permute and gguf_name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
+        """`w` as llama.cpp's converter writes it: Q/K rows in its rotary order where the family needs it, RMSNorm
+        weights shifted where the family's norm scales by (shift + w)."""
+        if self.spec.gguf_permute_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
             heads = self.config["num_attention_heads"]
             if ".attn_k." in gguf_name:
                 heads = self.config.get("num_key_value_heads") or heads
             return permute_for_llama_cpp(w, heads)
+        if self.spec.gguf_norm_shift and gguf_name.endswith("norm.weight"):
+            return w.float() + self.spec.gguf_norm_shift
         return w
 
     def add_metadata(self, writer, name: str, kind: str) -> None:
@@ -92,6 +134,7 @@ class ExportPlan:
         heads = c["num_attention_heads"]
         head_dim = c.get("head_dim") or c["hidden_size"] // heads
         rope = c.get("rope_parameters") or {}
+        rotary_fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor")) or 1.0
         writer.add_name(name)
         writer.add_context_length(c.get("max_position_embeddings", 2048))
         writer.add_embedding_length(c["hidden_size"])
@@ -101,10 +144,12 @@ class ExportPlan:
         writer.add_head_count_kv(c.get("num_key_value_heads") or heads)
         writer.add_rope_freq_base(float(rope.get("rope_theta", c.get("rope_theta", 10000.0))))
         writer.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
-        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_dimension_count(int(head_dim * rotary_fraction))
         if head_dim != c["hidden_size"] // heads:
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
+        if self.arch in _ARCH_METADATA:
+            _ARCH_METADATA[self.arch](writer, c)
         writer.add_vocab_size(c["vocab_size"])
         writer.add_file_type(getattr(gguf.LlamaFileType, EXPORT_TYPES[kind][1]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -186,10 +231,28 @@ def add_hf_tokenizer(writer, tokenizer) -> None:
         writer.add_token_list(tokens)
         if byte_fallback:
             writer.add_token_scores(scores)
+            if not _adds_space_prefix(json.loads(tj.read_text())):
+                writer.add_add_space_prefix(False)  # llama.cpp's SentencePiece default is a "▁" in front (Gemma has none)
         writer.add_token_types(types)
         SpecialVocab(Path(tmp), load_merges=not byte_fallback, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
         if tokenizer.chat_template and "tokenizer.chat_template" not in writer.kv_data[0]:
             writer.add_chat_template(tokenizer.chat_template)
+
+
+def _adds_space_prefix(tokenizer_json: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer puts "▁" in front of the text (Llama 2, Mistral: a Prepend
+    normalizer, or a Metaspace pre-tokenizer that prepends), as llama.cpp assumes unless told otherwise."""
+    def steps(part: dict | None, key: str) -> list[dict]:
+        part = part or {}
+        return part.get(key, []) if part.get("type") == "Sequence" else [part]
+
+    for step in steps(tokenizer_json.get("normalizer"), "normalizers"):
+        if step.get("type") == "Prepend" and step.get("prepend") == "▁":
+            return True
+    for step in steps(tokenizer_json.get("pre_tokenizer"), "pretokenizers"):
+        if step.get("type") == "Metaspace" and step.get("prepend_scheme", "always") != "never" and step.get("add_prefix_space", True):
+            return True
+    return False
 
 
 # The pre-tokenizers llama.cpp knows by name (llama-vocab.cpp), recognised from tokenizer.json: the
@@ -238,6 +301,9 @@ def write_gguf(
     gguf = require_gguf()
     check_export_type(kind)
     plan = ExportPlan.for_config(config)
+    if EXPORT_TYPES[kind][0] == "Q4_K_M" and plan.spec.gguf_fused_qkv:
+        raise Nf4tuneError(f"llama.cpp's Q4_K_M puts {config['model_type']}'s fused attn_qkv matrices in Q5_K, which nf4tune "
+                           "cannot make; export --type f16 and run llama.cpp's `llama-quantize OUT.gguf OUT-q4_k_m.gguf Q4_K_M`.")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
@@ -253,7 +319,7 @@ def write_gguf(
         else:
             raise Nf4tuneError("the base model has no tokenizer; llama.cpp needs one in the GGUF file.")
         count = 0
-        has_output = not config.get("tie_word_embeddings")  # llama.cpp's has_output: a separate output.weight
+        has_output = plan.has_output  # llama.cpp's has_output: a separate output.weight
         for key, w in tensors:
             gguf_name = plan.gguf_name(key)
             if gguf_name is None:
