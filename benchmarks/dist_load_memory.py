@@ -66,8 +66,8 @@ def child(model: str, mode: str, out: Path, device_name: str = "cpu") -> None:
     import torch
 
     from nf4tune.models.load import load_model
+    from nf4tune.models.loss import loss_sum
     from nf4tune.train.config import recipe_from_dict
-    from nf4tune.train.loss import loss_sum
     from nf4tune.train.parallel import Parallel, param_bytes
 
     torch.set_num_threads(1)

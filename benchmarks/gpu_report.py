@@ -363,8 +363,8 @@ def _fresh_model(path: Path, device: str):
 
 def _train_runs(args, path: Path, device: str) -> list[dict]:
     """Forward + backward of the chunked loss, eager / compiled layers / offloaded layer inputs."""
+    from nf4tune.models.loss import loss_sum
     from nf4tune.train import compile as compile_mod
-    from nf4tune.train.loss import loss_sum
 
     batch, seq, steps = (1, 16, 1) if args.quick else (4, 1024, 5)
     # on CPU the compiled run shows the path works; Inductor's C++ code generation would take minutes

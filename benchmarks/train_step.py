@@ -59,7 +59,7 @@ def run_side(side: str, path: Path, args) -> dict:
 
     def step():
         if side.startswith("nf4tune"):  # nf4tune's training loss: chunked, from the hidden states
-            from nf4tune.train.loss import loss_sum
+            from nf4tune.models.loss import loss_sum
 
             total, count = loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
             loss = total / count

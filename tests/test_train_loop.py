@@ -139,8 +139,8 @@ def test_the_readme_demo_learns_the_skill(tmp_path, monkeypatch, capsys):
 
 
 def test_packing_keeps_examples_apart(setup):
+    from nf4tune.models.loss import loss_sum
     from nf4tune.train.data import collate, load_examples, pack
-    from nf4tune.train.loss import loss_sum
 
     root, model_dir = setup
     model, tok = nf4tune.load_model(model_dir, device="cpu", compute_dtype=torch.float32)
@@ -183,8 +183,8 @@ def test_a_bad_row_is_reported_before_the_model_loads(setup, tmp_path, monkeypat
 def test_chunked_loss_has_the_gradients_of_the_full_logits_loss(setup, monkeypatch, compile_kernels):
     from nf4tune import dispatch
     from nf4tune.kernels import compiled
+    from nf4tune.models.loss import loss_sum
     from nf4tune.train.data import collate, load_examples
-    from nf4tune.train.loss import loss_sum
     from nf4tune.train.tokens import train_new_rows
 
     root, model_dir = setup

@@ -72,7 +72,7 @@ class FamilySpec:
 
     Args:
         chunked_loss: decoder-only with a plain output head: training computes the loss from the hidden
-            states a chunk of tokens at a time (train/loss.py, the labels forward of models/peft_compat.py).
+            states a chunk of tokens at a time (models/loss.py: the training loop, the labels forward).
         decoder: nf4tune's own decoders serve it (serve/decoder.py, serve/static_decoder.py).
         gguf_arch: the llama.cpp architecture `nf4tune export` writes it as; None: not exported.
         gguf_permute_qk: whether Q/K rows are permuted into llama.cpp's rotary order on export.

@@ -118,7 +118,7 @@ def _parsed_once(path: Path, without_vocabulary: bool = False):
 def _config(key: tuple[str, int, int]) -> dict:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from .hf import to_config
+    from .architecture import to_config
 
     path = Path(key[0])
     try:
@@ -160,7 +160,7 @@ def gguf_tokenizer(path: Path):
 def _weights_map_cached(key: tuple[str, int, int]):
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    from .hf import build_meta_model
+    from .architecture import build_meta_model
 
     path = Path(key[0])
     config = _config(key)

@@ -49,7 +49,7 @@ def permute_for_llama_cpp(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def _refusal(model_type: str, config: dict) -> str | None:
     """Why llama.cpp cannot run this model as exported (one sentence), or None. Read from the config as
     transformers builds it (its defaults filled in, legacy values such as Gemma's hidden_act "gelu" corrected)."""
-    from .hf import to_config
+    from .architecture import to_config
 
     spec, cfg = FAMILIES[model_type], to_config(config)
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}

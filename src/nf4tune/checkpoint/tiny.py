@@ -48,7 +48,7 @@ def build_tiny_checkpoint(
     """Write a small random causal LM with tokenizer to `path` as a sharded safetensors checkpoint."""
     from transformers import AutoConfig
 
-    from .hf import model_class
+    from .architecture import model_class
 
     tokenizer = char_tokenizer()
     kwargs = dict(_TINY_CONFIGS[arch], vocab_size=len(tokenizer), tie_word_embeddings=False,

@@ -305,7 +305,7 @@ class AdapterBank:
 
     def _add_tokens(self, name: str, directory, saved: dict[str, VocabRows]) -> int:
         """Grow the model's vocabulary by the rows of the tokens adapter `name` adds; its vocabulary size."""
-        from .load import load_tokenizer
+        from ..checkpoint.hf import load_tokenizer
 
         if self._adds_tokens is not None:
             raise Nf4tuneError(f"the adapters {self._adds_tokens!r} and {name!r} both add tokens; one server holds one "
@@ -424,7 +424,7 @@ class RowAdapters:
 def _load_saved_modules(model, saved: dict[str, VocabRows], directory) -> None:
     """Put an adapter's vocabulary rows in place, growing the vocabulary to hold them (the old rows
     stay; the new ones not named start at the mean of the old ones). A tied head shares the rows."""
-    from ..train.tokens import grow_rows
+    from .vocab import grow_rows
 
     modules = dict(model.named_modules())
     for name, rows in saved.items():

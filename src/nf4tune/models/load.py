@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoint.architecture import matches_module, model_class, quantizable_linears, to_config
 from ..checkpoint.bnb4bit import QuantizedWeightAssembler
-from ..checkpoint.hf import iter_tensors, matches_module, model_class, open_checkpoint, quantizable_linears, resolve, to_config
+from ..checkpoint.hf import has_tokenizer, iter_tensors, open_checkpoint, resolve
 from ..errors import Nf4tuneError
 from ..layers.head import OutputHead
 from ..layers.linear4bit import Linear4bit
@@ -202,12 +203,12 @@ def load_model(
 
     # An adapter trained with new tokens carries its tokenizer; otherwise the base model's is used.
     tokenizer = None
-    if ckpt.gguf is not None and not (adapter is not None and _has_tokenizer(Path(adapter))):
+    if ckpt.gguf is not None and not (adapter is not None and has_tokenizer(Path(adapter))):
         from ..checkpoint.gguf import gguf_tokenizer
 
         return model, gguf_tokenizer(ckpt.gguf)
     for folder in ([Path(adapter)] if adapter is not None else []) + [path]:
-        if _has_tokenizer(folder):
+        if has_tokenizer(folder):
             tokenizer = AutoTokenizer.from_pretrained(folder)
             break
     return model, tokenizer
@@ -257,26 +258,6 @@ class _LayersPending:
         if not need:
             del self.waiting[name]
             self.layer_ready(self.model, name)
-
-
-def load_tokenizer(path: str | Path):
-    """The tokenizer of a checkpoint folder, or the one transformers builds from a GGUF file's
-    metadata; None when there is none."""
-    from transformers import AutoTokenizer
-
-    from ..checkpoint.gguf import find_gguf
-
-    path = resolve(path)
-    gguf_file = find_gguf(path)
-    if gguf_file is not None:
-        from ..checkpoint.gguf import gguf_tokenizer
-
-        return gguf_tokenizer(gguf_file)
-    return AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 def _enable_checkpointing(model) -> None:

@@ -187,9 +187,9 @@ def merged_tensors(
 def _with_adapter_tokenizer(files: Path, adapter: str | Path) -> Iterator[Path]:
     """The files a merged checkpoint copies: the base's, with the tokenizer the adapter saved (one
     with the tokens it added) in place of the base's."""
-    from .load import _has_tokenizer
+    from ..checkpoint.hf import has_tokenizer
 
-    if not _has_tokenizer(Path(adapter)):
+    if not has_tokenizer(Path(adapter)):
         yield files
         return
     from transformers import AutoTokenizer

@@ -36,6 +36,7 @@ from ..layers.kept_outputs import DEFAULT_BUDGET_GIB, KeepOutputsCheckpoint
 from ..layers.lora import LoraConfig, lora_layers, trainable_parameters
 from ..registry import families
 from .adapters import _KEY, _TOKEN_KEY, PREFIX, WEIGHTS_NAME, save_adapter
+from .loss import chunked_loss_sum, shifted_targets
 
 # Trainer's resume reads `model.safetensors.index.json` when a checkpoint has no full weights and the
 # model is not a peft.PeftModel; this index points it at the adapter file, which `load_state_dict` reads.
@@ -45,7 +46,7 @@ INDEX_NAME = "model.safetensors.index.json"
 # folders (named checkpoint-N) that name is a hard link to the adapter file (no second copy on disk).
 SAFE_WEIGHTS_NAME = "model.safetensors"
 _CHECKPOINT_FOLDER = re.compile(r"checkpoint-\d+")
-_CHUNKED = families("chunked_loss")  # the labels forward's chunked loss (train/loss.py) serves these
+_CHUNKED = families("chunked_loss")  # the labels forward's chunked loss (models/loss.py) serves these
 
 # Functions of PEFT that would freeze the adapters (prepare_model_for_kbit_training) or try to wrap the
 # 4-bit layers again (get_peft_model, PeftModel(...), PeftModel.from_pretrained go through inject_adapter).
@@ -227,8 +228,6 @@ def _link(source, target) -> None:
 def _chunked_forward(model, arguments: dict):
     """The training forward with labels: backbone, then the chunked loss on the labelled positions."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    from ..train.loss import chunked_loss_sum, shifted_targets  # models/ is imported by train/: not at module level
 
     labels = arguments.pop("labels")
     num_items = arguments.pop("num_items_in_batch", None)

@@ -27,9 +27,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..checkpoint.hf import build_meta_model, quantizable_linears
-from ..layers.kept_outputs import DEFAULT_BUDGET_GIB as KEPT_BUDGET_GIB
+from ..checkpoint.architecture import build_meta_model, quantizable_linears
 from ..errors import Nf4tuneError
+from ..layers.kept_outputs import DEFAULT_BUDGET_GIB as KEPT_BUDGET_GIB
 from ..quant.codes import bits_per_parameter
 from ..registry import AUTO_COMPUTE_DTYPE_BYTES, COMPUTE_DTYPES, ESTIMATE_DEVICES, OPTIMIZERS, PARALLEL_STRATEGIES
 

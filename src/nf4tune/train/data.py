@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from ..errors import Nf4tuneError
+from ..models.loss import IGNORE_INDEX  # noqa: F401  (the collated labels use it; re-exported)
 from .formats import FORMATS, BadRow, Example, detect_format, to_example
 
 log = logging.getLogger("nf4tune")
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -12,17 +12,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint.hf import resolve
+from ..checkpoint.hf import load_tokenizer, resolve
 from ..errors import Nf4tuneError
 from ..layers.lora import trainable_parameters
-from ..models.load import load_model, load_tokenizer
+from ..models.load import load_model
+from ..models.loss import loss_sum
 from ..registry import OPTIMIZERS
 from . import rundir
 from . import state as ckpt
 from .config import Recipe, recipe_to_dict
 from .data import IGNORE_INDEX, DataStats, Tokenized, batch_order, collate, load_examples, pack, plan_packing
 from .formats import save_prompt_format
-from .loss import loss_sum
 from .tokens import add_tokens_to_tokenizer, grow_vocab, parameter_groups
 
 log = logging.getLogger("nf4tune")

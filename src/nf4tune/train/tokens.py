@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models.vocab import grow_rows, vocab_modules
 
 # training.embedding_learning_rate's default floor: the new rows of the real SmolLM2 learned a token
 # used in every answer with it (tests/test_new_tokens.py), and not with the adapters' 2e-4 to 1e-3.
@@ -52,30 +53,6 @@ def grow_vocab(model, size: int) -> int:
     return size - old
 
 
-def grow_rows(model, size: int) -> None:
-    """Resize the vocabulary matrices to `size` rows (frozen), the new rows at the mean of the old ones."""
-    old = model.get_input_embeddings().weight.shape[0]
-    resize_vocab(model, size)
-    for module in _vocab_modules(model):
-        with torch.no_grad():
-            module.weight[old:] = module.weight[:old].float().mean(0).to(module.weight.dtype)
-
-
-def _vocab_modules(model) -> list[nn.Module]:
-    modules = [model.get_input_embeddings()]
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is not modules[0].weight:
-        modules.append(head)
-    return modules
-
-
-def resize_vocab(model, size: int) -> None:
-    """Resize the input embeddings and output head to `size` rows (new rows are left to the caller)."""
-    model.resize_token_embeddings(size, mean_resizing=False)
-    for module in _vocab_modules(model):
-        module.weight.requires_grad_(False)
-
-
 def train_new_rows(model, first_new: int) -> None:
     """Make the vocabulary matrices float32 and trainable, with gradients kept only on rows >= first_new.
     Activations stay in the compute dtype: the embedding output is cast back, the head's input up."""
@@ -83,7 +60,7 @@ def train_new_rows(model, first_new: int) -> None:
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embed.weight
     compute = embed.weight.dtype if embed.weight.dtype != torch.float32 else None
-    for module in _vocab_modules(model):
+    for module in vocab_modules(model):
         module.weight = nn.Parameter(module.weight.detach().float(), requires_grad=True)
         mask = torch.zeros(module.weight.shape[0], 1, device=module.weight.device)
         mask[first_new:] = 1

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from ..dispatch import Compiled
 from ..registry import families
-from .data import IGNORE_INDEX
 
+IGNORE_INDEX = -100  # transformers' (and PyTorch's cross_entropy's) label of a position without a loss
 # Families whose head is a plain linear projection of the last hidden state (no logit scaling).
 CHUNKED_FAMILIES = frozenset(families("chunked_loss"))
 
