@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import Nf4tuneError
+from ..rows import BadRow
+from ..rows import read_rows as read_file_rows
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -20,32 +22,16 @@ class Question:
     row: int = 0  # row number in its source, from 1
 
 
-def _hub_rows(name: str, split: str) -> Iterator[tuple[int, dict]]:
-    """Rows of a Hub dataset; `name` may carry a config after a colon (`cais/mmlu:abstract_algebra`).
-    `cais/mmlu` without one means its `all` config."""
-    try:
-        import datasets
-    except ImportError as e:
-        raise Nf4tuneError(f"{name} is not a local file; loading Hub datasets needs `pip install datasets`.") from e
-    repo, _, config = name.partition(":")
-    if not config and repo in ("cais/mmlu", "hails/mmlu_no_train"):
-        config = "all"
-    try:
-        ds = datasets.load_dataset(repo, config or None, split=split)
-    except Exception as e:
-        raise Nf4tuneError(f"dataset {name!r} (split {split!r}) could not be loaded: {str(e).splitlines()[0]}") from e
-    yield from enumerate(ds, 1)
+# A Hub MMLU named without a config means its `all` config.
+_DEFAULT_CONFIGS = {"cais/mmlu": "all", "hails/mmlu_no_train": "all"}
 
 
-def read_rows(source: str, split: str) -> Iterator[tuple[int, dict]]:
-    """(row number, row) of a local .jsonl/.json/.csv/.parquet file or a Hub dataset split."""
-    from ..train.data import read_rows as read_file_rows
-
-    p = Path(source)
-    if p.exists() or p.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet") or source.startswith((".", "/")):
-        yield from read_file_rows(source, split)
-    else:
-        yield from _hub_rows(source, split)
+def read_rows(source: str, split: str) -> Iterator[tuple[int, dict | BadRow]]:
+    """(row number, row) of a local .jsonl/.json/.csv/.parquet file or a Hub dataset split
+    (`repo:config`; MMLU's repositories default to their `all` config)."""
+    if source in _DEFAULT_CONFIGS and not Path(source).exists():
+        source = f"{source}:{_DEFAULT_CONFIGS[source]}"
+    yield from read_file_rows(source, split)
 
 
 def _choices(row: dict) -> list | None:

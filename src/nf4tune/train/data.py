@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ..errors import Nf4tuneError
 from ..models.loss import IGNORE_INDEX  # noqa: F401  (the collated labels use it; re-exported)
-from .formats import FORMATS, BadRow, Example, detect_format, to_example
+from ..rows import BadRow, read_rows
+from .formats import FORMATS, Example, detect_format, to_example
 
 log = logging.getLogger("nf4tune")
 
@@ -36,62 +33,6 @@ class DataStats:
     skipped: int = 0
     truncated: int = 0
     skip_reasons: list[str] = field(default_factory=list)
-
-
-def read_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict | BadRow]]:
-    """(row number, row) from a .jsonl/.json/.csv/.parquet file, or a Hugging Face Hub dataset.
-    Row numbers count from 1 (the line number for JSONL and CSV data rows). A JSONL line that is not
-    valid JSON comes as a `BadRow` in place of the row, for the caller to stop at or skip."""
-    p = Path(path)
-    suffix = "".join(p.suffixes[-1:]).lower()
-    if not p.exists():
-        if suffix in (".jsonl", ".json", ".csv", ".parquet") or path.startswith((".", "/")):
-            raise Nf4tuneError(f"data file {path} does not exist.")
-        yield from _hub_rows(path, split)
-        return
-    if suffix == ".jsonl":
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    row = BadRow("-", f"is not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
-                yield n, row
-    elif suffix == ".json":
-        try:
-            rows = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise Nf4tuneError(f"{path} is not valid JSON ({e}).") from e
-        if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
-            rows = next(iter(rows.values()))
-        if not isinstance(rows, list):
-            raise Nf4tuneError(f"{path} must hold a JSON list of rows.")
-        yield from enumerate(rows, 1)
-    elif suffix == ".csv":
-        with p.open(encoding="utf-8", newline="") as f:
-            yield from ((n + 1, row) for n, row in enumerate(csv.DictReader(f), 1))
-    elif suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise Nf4tuneError(f"reading {path} needs pyarrow: pip install pyarrow.") from e
-        yield from enumerate(pq.read_table(p).to_pylist(), 1)
-    else:
-        raise Nf4tuneError(f"{path}: unknown data file type {suffix!r}; use .jsonl, .json, .csv or .parquet.")
-
-
-def _hub_rows(name: str, split: str) -> Iterator[tuple[int, dict]]:
-    try:
-        import datasets
-    except ImportError as e:
-        raise Nf4tuneError(f"{name} is not a local file; loading Hub datasets needs `pip install datasets`.") from e
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:
-        raise Nf4tuneError(f"dataset {name!r} (split {split!r}) could not be loaded: {str(e).splitlines()[0]}") from e
-    yield from enumerate(ds, 1)
 
 
 class BadRowError(Nf4tuneError):

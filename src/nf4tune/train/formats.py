@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..rows import BadRow
+
 # The Alpaca prompts, as the QLoRA code uses them.
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -22,14 +24,6 @@ ALPACA_NO_INPUT = (
 )
 
 FORMATS = ("alpaca", "oasst1", "prompt_completion", "input_output", "chip2", "hh_rlhf", "longform", "messages", "text")
-
-
-class BadRow(ValueError):
-    """A row that does not fit its format: `field` says which field, the message what is wrong."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"field {field!r} {problem}")
-        self.field, self.problem = field, problem
 
 
 @dataclass
