@@ -555,3 +555,72 @@ def test_llama_cpp_runs_each_exported_family(case, tmp_path):
                                  max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
     llm.reset()
     assert [t for _, t in zip(range(5), llm.generate(ids, temp=0.0, top_k=1))] == expected
+
+
+# Rope-scaled Llamas (Llama 3.1 / 3.2 / 3.3's "llama3", and "linear"). A 16-wide head has 8 rotary frequencies;
+# with original_max_position_embeddings 32 llama3 leaves the fastest alone, smooths the next (wavelength 20
+# between 32/4 and 32) and divides the other six by 8, so the factors change the logits at every position.
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+_ROPE_CASES = {
+    "llama3": _LLAMA3_ROPE,
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+}
+
+
+def _tiny_rope_llama(rope: dict, tmp_path):
+    """A tiny Llama (llama-bpe split) with `rope` scaling, made as _tiny_family makes its models (Q/K x12 so
+    attention depends on position; matrices rounded to float16)."""
+    _FAMILY_CASES["llama-rope"] = ("llama", "llama-bpe", {"rope_parameters": dict(rope), "max_position_embeddings": 256})
+    try:
+        return _tiny_family("llama-rope", tmp_path)
+    finally:
+        del _FAMILY_CASES["llama-rope"]
+
+
+def test_llama3_rope_factors_are_transformers_own():
+    """rope_freqs divides each default frequency into transformers' Llama 3 one (1 fast, smoothed, 8 slow)."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from nf4tune.checkpoint.gguf_export import llama3_rope_factors
+
+    config = dict(model_type="llama", hidden_size=64, num_attention_heads=4, max_position_embeddings=256,
+                  rope_parameters=dict(_LLAMA3_ROPE))
+    factors = llama3_rope_factors(config)
+    default = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.for_model(**config), "cpu")
+    assert factors.dtype == torch.float32 and factors.shape == (8,)
+    torch.testing.assert_close((default / factors.double()).float(), scaled, rtol=1e-6, atol=0)
+    assert factors[0] == 1 and 1 < factors[1] < 8 and (factors[2:] == 8).all()
+
+
+@pytest.mark.parametrize("case", list(_ROPE_CASES))
+def test_llama_cpp_runs_a_rope_scaled_llama(case, tmp_path):
+    """A Llama with llama3 rope scaling (rope_freqs tensor) or linear scaling (metadata), exported as f16 and run
+    by llama.cpp on a 40-token prompt: logits within 1% of the largest of the model's own (matrices rounded to
+    float16 first) and the same greedy tokens; the same model without scaling is far off, so the scaling is
+    what makes them agree."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs `pip install llama-cpp-python` (extra llamacpp)")
+    from transformers import AutoModelForCausalLM
+
+    src, tok, original = _tiny_rope_llama(_ROPE_CASES[case], tmp_path)
+    out = tmp_path / "m.gguf"
+    export_gguf(src, out, None, progress=False)
+    names = {t.name for t in gguf.GGUFReader(out).tensors}
+    assert ("rope_freqs.weight" in names) == (case == "llama3")
+    llm = llama_cpp.Llama(model_path=str(out), logits_all=True, verbose=False, n_ctx=64)
+    ids = tok(SPLIT_TEXT + " " + SPLIT_TEXT).input_ids[:40]
+    assert len(ids) == 40
+    llm.eval(ids)
+    theirs = torch.tensor(llm.scores[: len(ids)])
+    ours = _logits(original, torch.tensor([ids]))[0]
+    assert (theirs - ours).abs().max() < 0.01 * ours.abs().max()
+    unscaled_config = original.config.to_dict()
+    unscaled_config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    unscaled = AutoModelForCausalLM.from_pretrained(src, config=type(original.config).from_dict(unscaled_config)).eval()
+    assert (_logits(unscaled, torch.tensor([ids]))[0] - ours).abs().max() > 0.05 * ours.abs().max()
+    expected = original.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+    llm.reset()
+    assert [t for _, t in zip(range(5), llm.generate(ids, temp=0.0, top_k=1))] == expected

@@ -86,6 +86,9 @@ class FamilySpec:
             the arch does not have.
         gguf_fused_qkv: its attention input projection is one fused matrix (llama.cpp's attn_qkv), which
             llama.cpp's Q4_K_M mix puts in Q5_K.
+        gguf_rope_types: the rope scaling types (transformers' `rope_type`) the exporter writes for it: "linear"
+            as metadata every llama.cpp graph honours, "llama3" as the rope_freqs tensor only llama.cpp's llama
+            graph reads; a model with another is refused.
     """
 
     chunked_loss: bool = False
@@ -97,9 +100,11 @@ class FamilySpec:
     gguf_activation: str = "silu"
     gguf_refused_flags: tuple[str, ...] = ()
     gguf_fused_qkv: bool = False
+    gguf_rope_types: tuple[str, ...] = ("default", "linear")
 
 
-_LLAMA_LIKE = FamilySpec(chunked_loss=True, decoder=True, gguf_arch="llama", gguf_permute_qk=True)
+_LLAMA_LIKE = FamilySpec(chunked_loss=True, decoder=True, gguf_arch="llama", gguf_permute_qk=True,
+                         gguf_rope_types=("default", "linear", "llama3"))
 FAMILIES: dict[str, FamilySpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
