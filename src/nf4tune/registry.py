@@ -87,8 +87,8 @@ class FamilySpec:
         gguf_fused_qkv: its attention input projection is one fused matrix (llama.cpp's attn_qkv), which
             llama.cpp's Q4_K_M mix puts in Q5_K.
         gguf_rope_types: the rope scaling types (transformers' `rope_type`) the exporter writes for it: "linear"
-            as metadata every llama.cpp graph honours, "llama3" as the rope_freqs tensor only llama.cpp's llama
-            graph reads; a model with another is refused.
+            and "yarn" as rope.scaling metadata, "llama3" as the rope_freqs tensor only llama.cpp's llama graph
+            reads; a model with another is refused.
     """
 
     chunked_loss: bool = False
@@ -100,17 +100,18 @@ class FamilySpec:
     gguf_activation: str = "silu"
     gguf_refused_flags: tuple[str, ...] = ()
     gguf_fused_qkv: bool = False
-    gguf_rope_types: tuple[str, ...] = ("default", "linear")
+    gguf_rope_types: tuple[str, ...] = ("default",)
 
 
 _LLAMA_LIKE = FamilySpec(chunked_loss=True, decoder=True, gguf_arch="llama", gguf_permute_qk=True,
-                         gguf_rope_types=("default", "linear", "llama3"))
+                         gguf_rope_types=("default", "linear", "yarn", "llama3"))
+_SCALED_ROPE = ("default", "linear", "yarn")
 FAMILIES: dict[str, FamilySpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
-    "qwen2": FamilySpec(chunked_loss=True, decoder=True, gguf_arch="qwen2"),
+    "qwen2": FamilySpec(chunked_loss=True, decoder=True, gguf_arch="qwen2", gguf_rope_types=_SCALED_ROPE),
     # q_norm / k_norm map to attn_q_norm / attn_k_norm; llama.cpp's qwen3 has no q/k/v biases.
-    "qwen3": FamilySpec(chunked_loss=True, gguf_arch="qwen3",
+    "qwen3": FamilySpec(chunked_loss=True, gguf_arch="qwen3", gguf_rope_types=_SCALED_ROPE,
                         gguf_refused_flags=("attention_bias", "use_sliding_window")),
     "gemma": FamilySpec(chunked_loss=True, gguf_arch="gemma", gguf_norm_shift=1.0, gguf_tied_output=True,
                         gguf_activation="gelu_pytorch_tanh", gguf_refused_flags=("use_bidirectional_attention",)),

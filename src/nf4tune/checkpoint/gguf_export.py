@@ -55,6 +55,10 @@ def _refusal(model_type: str, config: dict) -> str | None:
     rope_type = _rope_type(cfg)
     if rope_type not in spec.gguf_rope_types:
         return f"the model uses {rope_type!r} rope scaling, which the GGUF exporter does not write yet."
+    yarn_extras = [k for k in _YARN_UNWRITTEN if cfg.rope_parameters.get(k) is not None] if rope_type == "yarn" else []
+    if yarn_extras:
+        return (f"the model's yarn rope scaling sets {', '.join(yarn_extras)}, which llama.cpp computes differently, "
+                "so it cannot be exported.")
     if spec.gguf_tied_output and not cfg.tie_word_embeddings:
         return (f"llama.cpp's {spec.gguf_arch} models take the output head from the token embedding, so a {model_type} "
                 "model with a separate (untied) lm_head cannot be exported.")
@@ -66,6 +70,11 @@ def _refusal(model_type: str, config: dict) -> str | None:
         return (f"the model sets {', '.join(flags)}, which llama.cpp's {spec.gguf_arch} models do not have, so it "
                 "cannot be exported.")
     return None
+
+
+# YaRN settings transformers and llama.cpp agree on only at their defaults: llama.cpp always scales attention by
+# 1 + 0.1 ln(factor) (times its attn_factor) and always rounds the correction range outwards (truncate).
+_YARN_UNWRITTEN = ("attention_factor", "mscale", "mscale_all_dim", "truncate")
 
 
 def _rope_type(cfg) -> str:
@@ -97,15 +106,27 @@ def llama3_rope_factors(config: dict) -> torch.Tensor:
 
 
 def _rope_scaling_metadata(writer, config: dict) -> None:
-    # As llama.cpp's converter: linear scaling as metadata (llama.cpp's freq_scale = 1 / factor); llama3's
-    # scaling goes in the rope_freqs tensor (ExportPlan.extra_tensors) and needs no key.
+    # As llama.cpp's converter: linear and yarn scaling as metadata (llama.cpp's freq_scale = 1 / factor; yarn's
+    # ramp between the pre-extension context's correction dimensions, beta_fast / beta_slow where set, else
+    # llama.cpp's defaults 32 / 1, transformers' too); llama3's scaling goes in the rope_freqs tensor
+    # (ExportPlan.extra_tensors) and needs no key.
     from .hf import to_config
 
     gguf = require_gguf()
     cfg = to_config(config)
-    if _rope_type(cfg) == "linear":
+    rope, rope_type = cfg.rope_parameters, _rope_type(cfg)
+    if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(cfg.rope_parameters["factor"]))
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope_type == "yarn":  # no factor: transformers takes the context's growth (DeepSeek-V3's configs)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope.get("factor") or cfg.max_position_embeddings
+                                             / rope["original_max_position_embeddings"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        if rope.get("beta_fast"):
+            writer.add_rope_scaling_yarn_beta_fast(float(rope["beta_fast"]))
+        if rope.get("beta_slow"):
+            writer.add_rope_scaling_yarn_beta_slow(float(rope["beta_slow"]))
 
 
 def _phi3_metadata(writer, config: dict) -> None:
