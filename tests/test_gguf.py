@@ -504,14 +504,13 @@ def test_export_new_families_read_back_through_transformers(arch, tmp_path):
 
 def test_exports_llama_cpp_cannot_run_are_refused_with_a_sentence(tmp_path, capsys):
     """Gemma with an untied head (llama.cpp's gemma reads the head from the embedding), Qwen3 with attention
-    biases, Phi-3 with long-context rope scaling or at q4_k_m, Qwen2 with a yarn attention factor, and Gemma 2
+    biases, Mistral with dynamic rope scaling, Phi-3 at q4_k_m, Qwen2 with a yarn attention factor, and Gemma 2
     (soft-capping): one sentence each, no file."""
     cases = {
         "gemma": (dict(tie_word_embeddings=False), "untied"),
         "qwen3": (dict(attention_bias=True), "attention_bias"),
-        "phi3": (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0] * 8,
-                                       "short_factor": [1.0] * 8, "original_max_position_embeddings": 2048},
-                      max_position_embeddings=8192), "'longrope' rope scaling"),
+        "mistral": (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+                    "'dynamic' rope scaling"),
         # llama.cpp always scales yarn's attention by 1 + 0.1 ln(factor): another attention_factor is refused.
         "qwen2": (dict(rope_parameters={**_YARN_ROPE, "attention_factor": 1.5}), "sets attention_factor"),
     }
@@ -568,21 +567,30 @@ def test_llama_cpp_runs_each_exported_family(case, tmp_path):
 _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 _YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}
-_ROPE_CASES = {  # case: (arch, tokenizer style, rope_parameters)
+_ROPE_CASES = {  # case: (arch, tokenizer style, rope_parameters[, other config fields])
     "llama-llama3": ("llama", "llama-bpe", _LLAMA3_ROPE),
     "llama-linear": ("llama", "llama-bpe", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
     "llama-yarn": ("llama", "llama-bpe", _YARN_ROPE),
     "qwen2-yarn": ("qwen2", "qwen2", _YARN_ROPE),
     "qwen2-linear": ("qwen2", "qwen2", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
     "qwen3-yarn": ("qwen3", "qwen2", _YARN_ROPE),
+    # Phi-3's longrope: per-frequency divisors, the long ones beyond 32 positions (the 40-token prompt, and
+    # llama.cpp's context, at least 256), and an attention factor sqrt(1 + ln 4 / ln 32). Phi3Config's own
+    # original_max_position_embeddings (4096 by default) overrides the one in rope_parameters, so both say 32.
+    "phi3-longrope": ("phi3", "sentencepiece", {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                "original_max_position_embeddings": 32,
+                                                "short_factor": [1.0, 1.1, 1.3, 1.5, 2.0, 2.5, 3.0, 3.5],
+                                                "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]},
+                      {"original_max_position_embeddings": 32}),
 }
 
 
 def _tiny_rope_model(case: str, tmp_path):
     """A tiny model of _ROPE_CASES[case], made as _tiny_family makes its models (Q/K x12 so attention depends on
     position; matrices rounded to float16); 128 positions, 4x the pre-extension 32."""
-    arch, style, rope = _ROPE_CASES[case]
-    overrides = {**_FAMILY_CASES.get(arch, ("", "", {}))[2], "rope_parameters": dict(rope), "max_position_embeddings": 128}
+    arch, style, rope, *extra = _ROPE_CASES[case]
+    overrides = {**_FAMILY_CASES.get(arch, ("", "", {}))[2], "rope_parameters": dict(rope), "max_position_embeddings": 128,
+                 **(extra[0] if extra else {})}
     _FAMILY_CASES["rope-case"] = (arch, style, overrides)
     try:
         return _tiny_family("rope-case", tmp_path)
@@ -633,9 +641,10 @@ def test_rope_scaling_is_written_as_llama_cpps_converter_writes_it(tmp_path):
 @pytest.mark.parametrize("case", list(_ROPE_CASES))
 def test_llama_cpp_runs_rope_scaled_models(case, tmp_path):
     """Llama with llama3 rope scaling (rope_freqs tensor), Llama / Qwen2 / Qwen3 with linear or yarn scaling
-    (metadata), exported as f16 and run by llama.cpp on a 40-token prompt: logits within 1% of the largest of the
-    model's own (matrices rounded to float16 first) and the same greedy tokens; the same model without scaling
-    is far off, so the scaling is what makes them agree."""
+    (metadata), Phi-3 with longrope (long / short factor tensors, attention factor), exported as f16 and run by
+    llama.cpp on a 40-token prompt: logits within 1% of the largest of the model's own (matrices rounded to
+    float16 first) and the same greedy tokens; the same model without scaling is far off, so the scaling is what
+    makes them agree."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs `pip install llama-cpp-python` (extra llamacpp)")
     from transformers import AutoModelForCausalLM
 
@@ -643,7 +652,7 @@ def test_llama_cpp_runs_rope_scaled_models(case, tmp_path):
     out = tmp_path / "m.gguf"
     export_gguf(src, out, None, progress=False)
     llm = llama_cpp.Llama(model_path=str(out), logits_all=True, verbose=False, n_ctx=64)
-    ids = tok(SPLIT_TEXT + " " + SPLIT_TEXT).input_ids[:40]
+    ids = tok(" ".join([SPLIT_TEXT] * 3)).input_ids[:40]
     assert len(ids) == 40
     llm.eval(ids)
     theirs = torch.tensor(llm.scores[: len(ids)])

@@ -88,7 +88,8 @@ class FamilySpec:
             llama.cpp's Q4_K_M mix puts in Q5_K.
         gguf_rope_types: the rope scaling types (transformers' `rope_type`) the exporter writes for it: "linear"
             and "yarn" as rope.scaling metadata, "llama3" as the rope_freqs tensor only llama.cpp's llama graph
-            reads; a model with another is refused.
+            reads, "longrope" as the rope_factors_long / _short tensors llama.cpp's phi3 graph reads; a model
+            with another is refused.
     """
 
     chunked_loss: bool = False
@@ -117,7 +118,7 @@ FAMILIES: dict[str, FamilySpec] = {
                         gguf_activation="gelu_pytorch_tanh", gguf_refused_flags=("use_bidirectional_attention",)),
     "gemma2": FamilySpec(),  # soft-capped logits: the model's own loss
     # fused qkv_proj / gate_up_proj map as they are to attn_qkv / ffn_up (twice intermediate_size wide).
-    "phi3": FamilySpec(chunked_loss=True, gguf_arch="phi3", gguf_fused_qkv=True),
+    "phi3": FamilySpec(chunked_loss=True, gguf_arch="phi3", gguf_fused_qkv=True, gguf_rope_types=("default", "longrope")),
     "t5": FamilySpec(),
     "mt5": FamilySpec(),
 }

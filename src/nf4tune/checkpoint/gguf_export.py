@@ -131,10 +131,22 @@ def _rope_scaling_metadata(writer, config: dict) -> None:
 
 def _phi3_metadata(writer, config: dict) -> None:
     # As llama.cpp's converter: the pre-extension context, and a sliding window of 0 unless set (llama.cpp's phi3
-    # graph ignores it either way).
-    writer.add_rope_scaling_orig_ctx_len(config.get("original_max_position_embeddings")
+    # graph ignores it either way). With longrope, the attention factor transformers scales cos / sin by (its
+    # default sqrt(1 + ln(scale) / ln(original context)), as the converter computes it); llama.cpp takes the long
+    # factors when its context exceeds the original one, transformers when the sequence does.
+    from .hf import to_config
+
+    cfg = to_config(config)
+    rope = cfg.rope_parameters or {}
+    writer.add_rope_scaling_orig_ctx_len(rope.get("original_max_position_embeddings")
+                                         or config.get("original_max_position_embeddings")
                                          or config.get("max_position_embeddings", 4096))
     writer.add_sliding_window(config.get("sliding_window") or 0)
+    if _rope_type(cfg) == "longrope":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        _, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](cfg, "cpu")
+        writer.add_rope_scaling_attn_factors(float(attention_factor))
 
 
 # Metadata one llama.cpp architecture reads beyond the common keys (ExportPlan.add_metadata).
@@ -190,13 +202,19 @@ class ExportPlan:
         return w
 
     def extra_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        """Tensors llama.cpp needs that the checkpoint does not hold: rope_freqs for Llama 3 rope scaling."""
+        """Tensors llama.cpp needs that the checkpoint does not hold: rope_freqs for Llama 3 rope scaling, Phi-3's
+        longrope factors."""
         from .hf import to_config
 
-        if _rope_type(to_config(self.config)) != "llama3":
-            return []
+        cfg = to_config(self.config)
         gguf = require_gguf()
-        return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(self.config))]
+        names = gguf.TENSOR_NAMES
+        if _rope_type(cfg) == "llama3":
+            return [(names[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(self.config))]
+        if _rope_type(cfg) == "longrope":  # transformers checked that each holds one factor per rotary frequency
+            return [(names[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight", torch.tensor(cfg.rope_parameters["long_factor"])),
+                    (names[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight", torch.tensor(cfg.rope_parameters["short_factor"]))]
+        return []
 
     def add_metadata(self, writer, name: str, kind: str) -> None:
         gguf = require_gguf()
