@@ -582,6 +582,13 @@ _ROPE_CASES = {  # case: (arch, tokenizer style, rope_parameters[, other config 
                                                 "short_factor": [1.0, 1.1, 1.3, 1.5, 2.0, 2.5, 3.0, 3.5],
                                                 "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]},
                       {"original_max_position_embeddings": 32}),
+    # Phi-4-mini's shape: longrope on 3/4 of each head (6 factors), the head tied to the embedding.
+    "phi3-partial-longrope": ("phi3", "sentencepiece", {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                        "original_max_position_embeddings": 32, "partial_rotary_factor": 0.75,
+                                                        "short_factor": [1.0, 1.2, 1.5, 2.0, 2.5, 3.0],
+                                                        "long_factor": [1.0, 2.0, 3.0, 5.0, 8.0, 12.0]},
+                              {"original_max_position_embeddings": 32, "partial_rotary_factor": 0.75,
+                               "tie_word_embeddings": True}),
 }
 
 
