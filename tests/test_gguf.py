@@ -504,14 +504,15 @@ def test_export_new_families_read_back_through_transformers(arch, tmp_path):
 
 def test_exports_llama_cpp_cannot_run_are_refused_with_a_sentence(tmp_path, capsys):
     """Gemma with an untied head (llama.cpp's gemma reads the head from the embedding), Qwen3 with attention
-    biases, Phi-3 with long-context rope scaling or at q4_k_m, and Gemma 2 (soft-capping): one sentence each,
-    no file."""
+    biases, Mistral with dynamic rope scaling, Phi-3 at q4_k_m, Qwen2 with a yarn attention factor, and Gemma 2
+    (soft-capping): one sentence each, no file."""
     cases = {
         "gemma": (dict(tie_word_embeddings=False), "untied"),
         "qwen3": (dict(attention_bias=True), "attention_bias"),
-        "phi3": (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0] * 8,
-                                       "short_factor": [1.0] * 8, "original_max_position_embeddings": 2048},
-                      max_position_embeddings=8192), "'longrope' rope scaling"),
+        "mistral": (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+                    "'dynamic' rope scaling"),
+        # llama.cpp always scales yarn's attention by 1 + 0.1 ln(factor): another attention_factor is refused.
+        "qwen2": (dict(rope_parameters={**_YARN_ROPE, "attention_factor": 1.5}), "sets attention_factor"),
     }
     for arch, (overrides, expected) in cases.items():
         src = build_tiny_checkpoint(tmp_path / arch, arch=arch, dtype=torch.float32, max_shard_size=None,
@@ -551,6 +552,123 @@ def test_llama_cpp_runs_each_exported_family(case, tmp_path):
     theirs = torch.tensor(llm.scores[: len(ids)])
     ours = _logits(original, torch.tensor([ids]))[0]
     assert (theirs - ours).abs().max() < 0.01 * ours.abs().max()
+    expected = original.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+    llm.reset()
+    assert [t for _, t in zip(range(5), llm.generate(ids, temp=0.0, top_k=1))] == expected
+
+
+
+# Rope-scaled models: Llama 3.1 / 3.2 / 3.3's "llama3" (a rope_freqs tensor; llama.cpp's llama graph only), "linear"
+# and "yarn" (rope.scaling metadata; Qwen2.5 / Qwen3's long-context setting). A 16-wide head has 8 rotary
+# frequencies; with original_max_position_embeddings 32, llama3 leaves the fastest alone, smooths the next
+# (wavelength 20, between 32/4 and 32) and divides the other six by 8, and yarn ramps over the first 3, so the
+# scaling changes the logits at every position.
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+_YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}
+_ROPE_CASES = {  # case: (arch, tokenizer style, rope_parameters[, other config fields])
+    "llama-llama3": ("llama", "llama-bpe", _LLAMA3_ROPE),
+    "llama-linear": ("llama", "llama-bpe", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+    "llama-yarn": ("llama", "llama-bpe", _YARN_ROPE),
+    "qwen2-yarn": ("qwen2", "qwen2", _YARN_ROPE),
+    "qwen2-linear": ("qwen2", "qwen2", {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+    "qwen3-yarn": ("qwen3", "qwen2", _YARN_ROPE),
+    # Phi-3's longrope: per-frequency divisors, the long ones beyond 32 positions (the 40-token prompt, and
+    # llama.cpp's context, at least 256), and an attention factor sqrt(1 + ln 4 / ln 32). Phi3Config's own
+    # original_max_position_embeddings (4096 by default) overrides the one in rope_parameters, so both say 32.
+    "phi3-longrope": ("phi3", "sentencepiece", {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                "original_max_position_embeddings": 32,
+                                                "short_factor": [1.0, 1.1, 1.3, 1.5, 2.0, 2.5, 3.0, 3.5],
+                                                "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]},
+                      {"original_max_position_embeddings": 32}),
+    # Phi-4-mini's shape: longrope on 3/4 of each head (6 factors), the head tied to the embedding.
+    "phi3-partial-longrope": ("phi3", "sentencepiece", {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                        "original_max_position_embeddings": 32, "partial_rotary_factor": 0.75,
+                                                        "short_factor": [1.0, 1.2, 1.5, 2.0, 2.5, 3.0],
+                                                        "long_factor": [1.0, 2.0, 3.0, 5.0, 8.0, 12.0]},
+                              {"original_max_position_embeddings": 32, "partial_rotary_factor": 0.75,
+                               "tie_word_embeddings": True}),
+}
+
+
+def _tiny_rope_model(case: str, tmp_path):
+    """A tiny model of _ROPE_CASES[case], made as _tiny_family makes its models (Q/K x12 so attention depends on
+    position; matrices rounded to float16); 128 positions, 4x the pre-extension 32."""
+    arch, style, rope, *extra = _ROPE_CASES[case]
+    overrides = {**_FAMILY_CASES.get(arch, ("", "", {}))[2], "rope_parameters": dict(rope), "max_position_embeddings": 128,
+                 **(extra[0] if extra else {})}
+    _FAMILY_CASES["rope-case"] = (arch, style, overrides)
+    try:
+        return _tiny_family("rope-case", tmp_path)
+    finally:
+        del _FAMILY_CASES["rope-case"]
+
+
+def test_llama3_rope_factors_are_transformers_own():
+    """rope_freqs divides each default frequency into transformers' Llama 3 one (1 fast, smoothed, 8 slow)."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from nf4tune.checkpoint.gguf_export import llama3_rope_factors
+
+    config = dict(model_type="llama", hidden_size=64, num_attention_heads=4, max_position_embeddings=256,
+                  rope_parameters=dict(_LLAMA3_ROPE))
+    factors = llama3_rope_factors(config)
+    default = 1.0 / 10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.for_model(**config), "cpu")
+    assert factors.dtype == torch.float32 and factors.shape == (8,)
+    torch.testing.assert_close((default / factors.double()).float(), scaled, rtol=1e-6, atol=0)
+    assert factors[0] == 1 and 1 < factors[1] < 8 and (factors[2:] == 8).all()
+
+
+def test_rope_scaling_is_written_as_llama_cpps_converter_writes_it(tmp_path):
+    """llama3: a float32 rope_freqs tensor of transformers' factors and no scaling keys; yarn: rope.scaling type,
+    factor and original context. (transformers' GGUF reader reads neither back: it loads these files with plain
+    rope, so llama.cpp is the check of the logits, above.)"""
+    from nf4tune.checkpoint.gguf_export import llama3_rope_factors
+
+    for case in ("llama-llama3", "qwen2-yarn"):
+        src, _, original = _tiny_rope_model(case, tmp_path / case)
+        out = tmp_path / case / "m.gguf"
+        export_gguf(src, out, None, progress=False)
+        reader = gguf.GGUFReader(out)
+        arch = _ROPE_CASES[case][0]
+        keys = {k: f.contents() for k, f in reader.fields.items() if k.startswith(f"{arch}.rope.scaling")}
+        freqs = {t.name: t for t in reader.tensors}.get("rope_freqs.weight")
+        if case == "llama-llama3":
+            assert keys == {} and freqs.tensor_type == gguf.GGMLQuantizationType.F32
+            assert torch.equal(torch.from_numpy(freqs.data.copy()), llama3_rope_factors(original.config.to_dict()))
+        else:
+            assert freqs is None
+            assert keys == {f"{arch}.rope.scaling.type": "yarn", f"{arch}.rope.scaling.factor": 4.0,
+                            f"{arch}.rope.scaling.original_context_length": 32}
+
+
+@pytest.mark.parametrize("case", list(_ROPE_CASES))
+def test_llama_cpp_runs_rope_scaled_models(case, tmp_path):
+    """Llama with llama3 rope scaling (rope_freqs tensor), Llama / Qwen2 / Qwen3 with linear or yarn scaling
+    (metadata), Phi-3 with longrope (long / short factor tensors, attention factor), exported as f16 and run by
+    llama.cpp on a 40-token prompt: logits within 1% of the largest of the model's own (matrices rounded to
+    float16 first) and the same greedy tokens; the same model without scaling is far off, so the scaling is what
+    makes them agree."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs `pip install llama-cpp-python` (extra llamacpp)")
+    from transformers import AutoModelForCausalLM
+
+    src, tok, original = _tiny_rope_model(case, tmp_path)
+    out = tmp_path / "m.gguf"
+    export_gguf(src, out, None, progress=False)
+    llm = llama_cpp.Llama(model_path=str(out), logits_all=True, verbose=False, n_ctx=64)
+    ids = tok(" ".join([SPLIT_TEXT] * 3)).input_ids[:40]
+    assert len(ids) == 40
+    llm.eval(ids)
+    theirs = torch.tensor(llm.scores[: len(ids)])
+    ours = _logits(original, torch.tensor([ids]))[0]
+    assert (theirs - ours).abs().max() < 0.01 * ours.abs().max()
+    unscaled_config = original.config.to_dict()
+    unscaled_config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    unscaled = AutoModelForCausalLM.from_pretrained(src, config=type(original.config).from_dict(unscaled_config)).eval()
+    assert (_logits(unscaled, torch.tensor([ids]))[0] - ours).abs().max() > 0.05 * ours.abs().max()
     expected = original.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
     llm.reset()

@@ -86,6 +86,10 @@ class FamilySpec:
             the arch does not have.
         gguf_fused_qkv: its attention input projection is one fused matrix (llama.cpp's attn_qkv), which
             llama.cpp's Q4_K_M mix puts in Q5_K.
+        gguf_rope_types: the rope scaling types (transformers' `rope_type`) the exporter writes for it: "linear"
+            and "yarn" as rope.scaling metadata, "llama3" as the rope_freqs tensor only llama.cpp's llama graph
+            reads, "longrope" as the rope_factors_long / _short tensors llama.cpp's phi3 graph reads; a model
+            with another is refused.
     """
 
     chunked_loss: bool = False
@@ -97,21 +101,24 @@ class FamilySpec:
     gguf_activation: str = "silu"
     gguf_refused_flags: tuple[str, ...] = ()
     gguf_fused_qkv: bool = False
+    gguf_rope_types: tuple[str, ...] = ("default",)
 
 
-_LLAMA_LIKE = FamilySpec(chunked_loss=True, decoder=True, gguf_arch="llama", gguf_permute_qk=True)
+_LLAMA_LIKE = FamilySpec(chunked_loss=True, decoder=True, gguf_arch="llama", gguf_permute_qk=True,
+                         gguf_rope_types=("default", "linear", "yarn", "llama3"))
+_SCALED_ROPE = ("default", "linear", "yarn")
 FAMILIES: dict[str, FamilySpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
-    "qwen2": FamilySpec(chunked_loss=True, decoder=True, gguf_arch="qwen2"),
+    "qwen2": FamilySpec(chunked_loss=True, decoder=True, gguf_arch="qwen2", gguf_rope_types=_SCALED_ROPE),
     # q_norm / k_norm map to attn_q_norm / attn_k_norm; llama.cpp's qwen3 has no q/k/v biases.
-    "qwen3": FamilySpec(chunked_loss=True, gguf_arch="qwen3",
+    "qwen3": FamilySpec(chunked_loss=True, gguf_arch="qwen3", gguf_rope_types=_SCALED_ROPE,
                         gguf_refused_flags=("attention_bias", "use_sliding_window")),
     "gemma": FamilySpec(chunked_loss=True, gguf_arch="gemma", gguf_norm_shift=1.0, gguf_tied_output=True,
                         gguf_activation="gelu_pytorch_tanh", gguf_refused_flags=("use_bidirectional_attention",)),
     "gemma2": FamilySpec(),  # soft-capped logits: the model's own loss
     # fused qkv_proj / gate_up_proj map as they are to attn_qkv / ffn_up (twice intermediate_size wide).
-    "phi3": FamilySpec(chunked_loss=True, gguf_arch="phi3", gguf_fused_qkv=True),
+    "phi3": FamilySpec(chunked_loss=True, gguf_arch="phi3", gguf_fused_qkv=True, gguf_rope_types=("default", "longrope")),
     "t5": FamilySpec(),
     "mt5": FamilySpec(),
 }

@@ -52,9 +52,13 @@ def _refusal(model_type: str, config: dict) -> str | None:
     from .architecture import to_config
 
     spec, cfg = FAMILIES[model_type], to_config(config)
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") not in ("default", None):
-        return f"the model uses {rope['rope_type']!r} rope scaling, which the GGUF exporter does not write yet."
+    rope_type = _rope_type(cfg)
+    if rope_type not in spec.gguf_rope_types:
+        return f"the model uses {rope_type!r} rope scaling, which the GGUF exporter does not write yet."
+    yarn_extras = [k for k in _YARN_UNWRITTEN if cfg.rope_parameters.get(k) is not None] if rope_type == "yarn" else []
+    if yarn_extras:
+        return (f"the model's yarn rope scaling sets {', '.join(yarn_extras)}, which llama.cpp computes differently, "
+                "so it cannot be exported.")
     if spec.gguf_tied_output and not cfg.tie_word_embeddings:
         return (f"llama.cpp's {spec.gguf_arch} models take the output head from the token embedding, so a {model_type} "
                 "model with a separate (untied) lm_head cannot be exported.")
@@ -68,12 +72,81 @@ def _refusal(model_type: str, config: dict) -> str | None:
     return None
 
 
+# YaRN settings transformers and llama.cpp agree on only at their defaults: llama.cpp always scales attention by
+# 1 + 0.1 ln(factor) (times its attn_factor) and always rounds the correction range outwards (truncate).
+_YARN_UNWRITTEN = ("attention_factor", "mscale", "mscale_all_dim", "truncate")
+
+
+def _rope_type(cfg) -> str:
+    """transformers' rope type of a config object (its rope_parameters standardized from a legacy rope_scaling)."""
+    rope = cfg.rope_parameters or {}
+    return rope.get("rope_type", rope.get("type")) or "default"
+
+
+def llama3_rope_factors(config: dict) -> torch.Tensor:
+    """The per-frequency divisors of Llama 3 rope scaling as llama.cpp's rope_freqs tensor holds them (float32,
+    head_dim / 2): the default inverse frequencies over transformers' Llama 3 ones, so the factors are the ones
+    transformers computes (llama.cpp divides each rotary frequency by its factor)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from .hf import to_config
+
+    cfg = to_config(config)
+    scaled, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    if attention_factor != 1.0:  # llama.cpp's rope_freqs carries no attention scale
+        raise Nf4tuneError(f"the model's llama3 rope scaling has an attention factor of {attention_factor}, which "
+                           "llama.cpp's rope_freqs cannot carry, so it cannot be exported.")
+    # The unscaled inverse frequencies, computed as transformers' _compute_llama3_parameters computes them
+    # before scaling (so the ratio is exactly the scaling).
+    rope = cfg.rope_parameters
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    default = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return (default.double() / scaled.double()).float()
+
+
+def _rope_scaling_metadata(writer, config: dict) -> None:
+    # As llama.cpp's converter: linear and yarn scaling as metadata (llama.cpp's freq_scale = 1 / factor; yarn's
+    # ramp between the pre-extension context's correction dimensions, beta_fast / beta_slow where set, else
+    # llama.cpp's defaults 32 / 1, transformers' too); llama3's scaling goes in the rope_freqs tensor
+    # (ExportPlan.extra_tensors) and needs no key.
+    from .hf import to_config
+
+    gguf = require_gguf()
+    cfg = to_config(config)
+    rope, rope_type = cfg.rope_parameters, _rope_type(cfg)
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope_type == "yarn":  # no factor: transformers takes the context's growth (DeepSeek-V3's configs)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope.get("factor") or cfg.max_position_embeddings
+                                             / rope["original_max_position_embeddings"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        if rope.get("beta_fast"):
+            writer.add_rope_scaling_yarn_beta_fast(float(rope["beta_fast"]))
+        if rope.get("beta_slow"):
+            writer.add_rope_scaling_yarn_beta_slow(float(rope["beta_slow"]))
+
+
 def _phi3_metadata(writer, config: dict) -> None:
     # As llama.cpp's converter: the pre-extension context, and a sliding window of 0 unless set (llama.cpp's phi3
-    # graph ignores it either way).
-    writer.add_rope_scaling_orig_ctx_len(config.get("original_max_position_embeddings")
+    # graph ignores it either way). With longrope, the attention factor transformers scales cos / sin by (its
+    # default sqrt(1 + ln(scale) / ln(original context)), as the converter computes it); llama.cpp takes the long
+    # factors when its context exceeds the original one, transformers when the sequence does.
+    from .hf import to_config
+
+    cfg = to_config(config)
+    rope = cfg.rope_parameters or {}
+    writer.add_rope_scaling_orig_ctx_len(rope.get("original_max_position_embeddings")
+                                         or config.get("original_max_position_embeddings")
                                          or config.get("max_position_embeddings", 4096))
     writer.add_sliding_window(config.get("sliding_window") or 0)
+    if _rope_type(cfg) == "longrope":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        _, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](cfg, "cpu")
+        writer.add_rope_scaling_attn_factors(float(attention_factor))
 
 
 # Metadata one llama.cpp architecture reads beyond the common keys (ExportPlan.add_metadata).
@@ -128,6 +201,21 @@ class ExportPlan:
             return w.float() + self.spec.gguf_norm_shift
         return w
 
+    def extra_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Tensors llama.cpp needs that the checkpoint does not hold: rope_freqs for Llama 3 rope scaling, Phi-3's
+        longrope factors."""
+        from .hf import to_config
+
+        cfg = to_config(self.config)
+        gguf = require_gguf()
+        names = gguf.TENSOR_NAMES
+        if _rope_type(cfg) == "llama3":
+            return [(names[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(self.config))]
+        if _rope_type(cfg) == "longrope":  # transformers checked that each holds one factor per rotary frequency
+            return [(names[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight", torch.tensor(cfg.rope_parameters["long_factor"])),
+                    (names[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight", torch.tensor(cfg.rope_parameters["short_factor"]))]
+        return []
+
     def add_metadata(self, writer, name: str, kind: str) -> None:
         gguf = require_gguf()
         c = self.config
@@ -148,6 +236,7 @@ class ExportPlan:
         if head_dim != c["hidden_size"] // heads:
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
+        _rope_scaling_metadata(writer, c)
         if self.arch in _ARCH_METADATA:
             _ARCH_METADATA[self.arch](writer, c)
         writer.add_vocab_size(c["vocab_size"])
@@ -327,6 +416,9 @@ def write_gguf(
             qtype = tensor_type(gguf_name, w, kind, config["num_hidden_layers"], has_output)
             array, qtype = to_gguf_array(gguf_name, plan.layout(gguf_name, w), qtype)
             writer.add_tensor(gguf_name, array, raw_dtype=qtype)
+            count += 1
+        for gguf_name, w in plan.extra_tensors():  # 1-D float32, as llama.cpp's converter writes them
+            writer.add_tensor(gguf_name, w.to(torch.float32).numpy())
             count += 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
