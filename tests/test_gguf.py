@@ -622,10 +622,13 @@ def test_llama3_rope_factors_are_transformers_own():
     assert factors[0] == 1 and 1 < factors[1] < 8 and (factors[2:] == 8).all()
 
 
-def test_rope_scaling_is_written_as_llama_cpps_converter_writes_it(tmp_path):
+def test_rope_scaling_is_written_as_llama_cpps_converter_writes_it(tmp_path, caplog):
     """llama3: a float32 rope_freqs tensor of transformers' factors and no scaling keys; yarn: rope.scaling type,
     factor and original context. (transformers' GGUF reader reads neither back: it loads these files with plain
-    rope, so llama.cpp is the check of the logits, above.)"""
+    rope, so llama.cpp is the check of the logits, above; loading such a file as a base says so.)"""
+    import logging
+
+    from nf4tune.checkpoint.gguf import gguf_config
     from nf4tune.checkpoint.gguf_export import llama3_rope_factors
 
     for case in ("llama-llama3", "qwen2-yarn"):
@@ -643,6 +646,15 @@ def test_rope_scaling_is_written_as_llama_cpps_converter_writes_it(tmp_path):
             assert freqs is None
             assert keys == {f"{arch}.rope.scaling.type": "yarn", f"{arch}.rope.scaling.factor": 4.0,
                             f"{arch}.rope.scaling.original_context_length": 32}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nf4tune"):
+            gguf_config(out)
+        assert "rope scaling" in caplog.text and ("rope_freqs" if case == "llama-llama3" else "yarn") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nf4tune"):  # a file without rope scaling: no warning
+        export_gguf(_tiny_family("qwen2", tmp_path / "plain")[0], tmp_path / "plain.gguf", None, progress=False)
+        gguf_config(tmp_path / "plain.gguf")
+    assert "rope scaling" not in caplog.text
 
 
 @pytest.mark.parametrize("case", list(_ROPE_CASES))

@@ -13,12 +13,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from ..errors import Nf4tuneError
+
+log = logging.getLogger("nf4tune")
 
 GGUF_SUFFIX = ".gguf"
 
@@ -130,7 +133,25 @@ def _config(key: tuple[str, int, int]) -> dict:
     config = to_config(config).to_dict()
     for k in ("_name_or_path", "_model_name_or_path", "quantization_config", "dtype", "torch_dtype"):
         config.pop(k, None)
+    _warn_if_rope_scaled(path)
     return config
+
+
+def _warn_if_rope_scaled(path: Path) -> None:
+    """transformers' GGUF reader, which nf4tune follows, builds plain rotary embeddings and ignores
+    llama.cpp's rope scaling (Llama 3.1's `rope_freqs`, Phi-3's long/short factors, `rope.scaling.*`):
+    say so once, since the model then differs from the original and from llama.cpp."""
+    parsed = reader(path)
+    arch = field(path, "general.architecture")
+    scaling = field(path, f"{arch}.rope.scaling.type", "none")
+    tensors = {t.name for t in parsed.tensors if t.name.startswith(("rope_freqs", "rope_factors"))}
+    if scaling in (None, "none") and not tensors:
+        return
+    what = ", ".join(sorted(tensors) + ([f"rope.scaling.type {scaling}"] if scaling not in (None, "none") else []))
+    log.warning("nf4tune: %s holds rope scaling (%s) that transformers' GGUF reader, and so nf4tune, does not "
+                "apply: the model computes plain rotary embeddings and its logits differ from the original "
+                "model's and llama.cpp's. Load the original Hugging Face checkpoint to keep the scaling.",
+                path.name, what)
 
 
 def gguf_config(path: Path) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import Nf4tuneError
+from .architecture import to_config
 from .gguf import require_gguf
 
 log = logging.getLogger("nf4tune")
@@ -49,8 +50,6 @@ def permute_for_llama_cpp(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def _refusal(model_type: str, config: dict) -> str | None:
     """Why llama.cpp cannot run this model as exported (one sentence), or None. Read from the config as
     transformers builds it (its defaults filled in, legacy values such as Gemma's hidden_act "gelu" corrected)."""
-    from .architecture import to_config
-
     spec, cfg = FAMILIES[model_type], to_config(config)
     rope_type = _rope_type(cfg)
     if rope_type not in spec.gguf_rope_types:
@@ -89,8 +88,6 @@ def llama3_rope_factors(config: dict) -> torch.Tensor:
     transformers computes (llama.cpp divides each rotary frequency by its factor)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from .hf import to_config
-
     cfg = to_config(config)
     scaled, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     if attention_factor != 1.0:  # llama.cpp's rope_freqs carries no attention scale
@@ -110,8 +107,6 @@ def _rope_scaling_metadata(writer, config: dict) -> None:
     # ramp between the pre-extension context's correction dimensions, beta_fast / beta_slow where set, else
     # llama.cpp's defaults 32 / 1, transformers' too); llama3's scaling goes in the rope_freqs tensor
     # (ExportPlan.extra_tensors) and needs no key.
-    from .hf import to_config
-
     gguf = require_gguf()
     cfg = to_config(config)
     rope, rope_type = cfg.rope_parameters, _rope_type(cfg)
@@ -134,8 +129,6 @@ def _phi3_metadata(writer, config: dict) -> None:
     # graph ignores it either way). With longrope, the attention factor transformers scales cos / sin by (its
     # default sqrt(1 + ln(scale) / ln(original context)), as the converter computes it); llama.cpp takes the long
     # factors when its context exceeds the original one, transformers when the sequence does.
-    from .hf import to_config
-
     cfg = to_config(config)
     rope = cfg.rope_parameters or {}
     writer.add_rope_scaling_orig_ctx_len(rope.get("original_max_position_embeddings")
@@ -204,8 +197,6 @@ class ExportPlan:
     def extra_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Tensors llama.cpp needs that the checkpoint does not hold: rope_freqs for Llama 3 rope scaling, Phi-3's
         longrope factors."""
-        from .hf import to_config
-
         cfg = to_config(self.config)
         gguf = require_gguf()
         names = gguf.TENSOR_NAMES
@@ -339,7 +330,8 @@ def _adds_space_prefix(tokenizer_json: dict) -> bool:
         if step.get("type") == "Prepend" and step.get("prepend") == "▁":
             return True
     for step in steps(tokenizer_json.get("pre_tokenizer"), "pretokenizers"):
-        if step.get("type") == "Metaspace" and step.get("prepend_scheme", "always") != "never" and step.get("add_prefix_space", True):
+        if step.get("type") == "Metaspace" and step.get("prepend_scheme", "always") != "never" \
+                and step.get("add_prefix_space", True):
             return True
     return False
 
@@ -350,7 +342,8 @@ def _adds_space_prefix(tokenizer_json: dict) -> bool:
 # instead; the table here covers the families nf4tune supports.
 _SPLIT_REGEX_NAMES = {
     # Llama 3 (and 3.1/3.2): numbers in runs of up to three digits
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
     # Qwen2 / Qwen2.5: single digits
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
 }
