@@ -329,31 +329,22 @@ class Decoder:
         self.keys = self.values = self.rope_table = None
         self.slot, self.padding, self.positions = 0, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
         self.adapters = adapters
+
+        def retire(place: int) -> None:
+            if adapters is not None:  # an idle place computes no adapter
+                adapters.assign(place, None)
+
+        def step(tokens: list[int]) -> Iterable[tuple[int, torch.Tensor]]:
+            self._trim(live, adapters)
+            idle = [place for place, r in enumerate(live) if r is None]
+            if idle:  # places without a row attend to their own token only, at position 0
+                self.padding[idle], self.positions[idle] = self.slot, 0
+            logits = self.step(torch.tensor(tokens[:len(live)]))
+            return [(place, logits[place] if adapters is None else adapters.own_vocab(logits[place], r.adapter))
+                    for place, r in enumerate(live) if r is not None]
+
         try:
-            while True:
-                new = admit(sum(r is not None for r in live))
-                if new:
-                    self._admit(live, new, adapters)
-                if not any(live):
-                    return
-                tokens = [self._draw(r, eos_ids) if r is not None else 0 for r in live]
-                for place in on_step(live, tokens) or ():
-                    live[place].done = True
-                for place, r in enumerate(live):
-                    if r is not None and r.done:
-                        live[place] = None
-                        if adapters is not None:  # an idle place computes no adapter
-                            adapters.assign(place, None)
-                if not any(live):
-                    continue
-                self._trim(live, adapters)
-                idle = [place for place, r in enumerate(live) if r is None]
-                if idle:  # places without a row attend to their own token only, at position 0
-                    self.padding[idle], self.positions[idle] = self.slot, 0
-                logits = self.step(torch.tensor(tokens[:len(live)]))
-                for place, r in enumerate(live):
-                    if r is not None:
-                        r.logits = logits[place] if adapters is None else adapters.own_vocab(logits[place], r.adapter)
+            continuous_batching(live, admit, on_step, eos_ids, lambda new: self._admit(live, new, adapters), retire, step)
         finally:
             self.adapters = None
             self.keys = self.values = None
@@ -418,3 +409,31 @@ class Decoder:
         padding[:batch] = (self.padding + slot - self.slot).clamp(min=slot - used)
         positions[:batch] = self.positions
         self.keys, self.values, self.slot, self.padding, self.positions = keys, values, slot, padding, positions
+
+
+def continuous_batching(live: list[Row | None], admit: Callable[[int], list[Row]],
+                        on_step: Callable[[list[Row | None], list[int]], Iterable[int] | None], eos_ids: set[int],
+                        place_new: Callable[[list[Row]], None], retire: Callable[[int], None],
+                        step: Callable[[list[int]], Iterable[tuple[int, torch.Tensor]]]) -> None:
+    """The loop both decoders run (`Decoder.run`, `StaticDecoder.run`); they differ in how they hold the
+    cache. Between steps `admit(live count)` hands over rows and `place_new(rows)` puts them in `live`
+    with their first logits; every live row draws its next token; `on_step(live, tokens)` returns the
+    places that end there, which `retire(place)` frees; `step(tokens)` advances the cache one token
+    and returns (place, logits) for each live row. Returns once no row is live and `admit` gives none."""
+    while True:
+        new = admit(sum(r is not None for r in live))
+        if new:
+            place_new(new)
+        if not any(live):
+            return
+        tokens = [Decoder._draw(r, eos_ids) if r is not None else 0 for r in live]
+        for place in on_step(live, tokens) or ():
+            live[place].done = True
+        for place, r in enumerate(live):
+            if r is not None and r.done:
+                live[place] = None
+                retire(place)
+        if not any(live):
+            continue
+        for place, logits in step(tokens):
+            live[place].logits = logits

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from ..layers.linear4bit import Linear4bit
-from .decoder import FAMILIES, PROJECTIONS, STATIC_ROPE, Decoder, Row, _projection, _window
+from .decoder import FAMILIES, PROJECTIONS, STATIC_ROPE, Row, _projection, _window, continuous_batching
 from .sampling import Sampling, next_token
 
 log = logging.getLogger(__name__)
@@ -357,27 +357,18 @@ class StaticDecoder:
         live: list[Row | None] = [None] * self.batch
         slots = torch.zeros(self.batch, dtype=torch.long)  # each place's next slot (= its rotary position)
         starts = torch.zeros(self.batch, dtype=torch.long)
-        while True:
-            new = admit(sum(r is not None for r in live))
-            if new:
-                self._admit(live, slots, new)
-            if not any(live):
-                return
-            tokens = [Decoder._draw(r, eos_ids) if r is not None else 0 for r in live]
-            for place in on_step(live, tokens) or ():
-                live[place].done = True
-            for place, r in enumerate(live):
-                if r is not None and r.done:
-                    live[place] = None
-                    slots[place] = 0  # an idle place decodes token 0 at slot 0, attending to itself
-            if not any(live):
-                continue
+
+        def retire(place: int) -> None:
+            slots[place] = 0  # an idle place decodes token 0 at slot 0, attending to itself
+
+        def step(tokens: list[int]) -> list[tuple[int, torch.Tensor]]:
             tokens = [t if r is not None else 0 for r, t in zip(live, tokens)]
             logits = self.step(torch.tensor(tokens), slots, starts, slots).cpu()
-            for place, r in enumerate(live):
-                if r is not None:
-                    r.logits = logits[place]
-                    slots[place] += 1
+            places = [place for place, r in enumerate(live) if r is not None]
+            slots[places] += 1
+            return [(place, logits[place]) for place in places]
+
+        continuous_batching(live, admit, on_step, eos_ids, lambda new: self._admit(live, slots, new), retire, step)
 
     def _admit(self, live: list[Row | None], slots: torch.Tensor, new: list[Row]) -> None:
         """Give each new row a free place and its prompt's keys and values (slots 0..T-1)."""
