@@ -39,6 +39,17 @@ class PeakRSS:
         self.thread.join()
 
 
+def timed_steps(step, n: int) -> tuple[list[float], int]:
+    """Run `step()` n times: the seconds of each, and the peak resident memory sampled meanwhile."""
+    times = []
+    with PeakRSS() as peak:
+        for _ in range(n):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    return times, peak.peak
+
+
 def run_side(script: str, side: str, *args: str) -> dict:
     """Run `script --side SIDE ARGS...` in a fresh process and return the JSON it prints last."""
     out = subprocess.run([sys.executable, script, "--side", side, *args], capture_output=True, text=True)

@@ -34,13 +34,12 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import PeakRSS, build_random_llama, load_peft_bnb, peak_rss_bytes, rss_bytes  # noqa: E402
+from harness import build_random_llama, load_peft_bnb, peak_rss_bytes, rss_bytes, timed_steps  # noqa: E402
 from harness import run_side as run_child  # noqa: E402
 
 SIDES = ("nf4tune", "nf4tune-full-logits", "peft-bnb")
@@ -85,14 +84,9 @@ def run_side(side: str, path: Path, args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         before_cuda = torch.cuda.memory_allocated()
-    times = []
-    with PeakRSS() as peak:
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
+    times, peak = timed_steps(step, args.steps)
     result = {"side": side, "loss": loss, "logits_returned": has_logits, "step_s": statistics.median(times),
-              "peak_rss_step_mib": (peak.peak - before_rss) / 2**20, "peak_rss_process_gib": peak_rss_bytes() / 2**30}
+              "peak_rss_step_mib": (peak - before_rss) / 2**20, "peak_rss_process_gib": peak_rss_bytes() / 2**30}
     if cuda:
         result["peak_cuda_step_mib"] = (torch.cuda.max_memory_allocated() - before_cuda) / 2**20
     return result

@@ -19,13 +19,12 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import PeakRSS, build_random_llama, load_peft_bnb, peak_rss_bytes  # noqa: E402
+from harness import build_random_llama, load_peft_bnb, peak_rss_bytes, timed_steps  # noqa: E402
 from harness import run_side as run_child
 
 CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
@@ -71,17 +70,12 @@ def run_side(side: str, path: Path, args) -> dict:
         return loss.item()
 
     first_loss = step()  # warm-up: compilation, allocator
-    times = []
-    with PeakRSS() as peak:
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
+    times, peak = timed_steps(step, args.steps)
     result = {
         "side": side,
         "step_s": statistics.median(times),
         "tokens_per_s": args.batch * args.seq / statistics.median(times),
-        "peak_rss_during_steps_gib": peak.peak / 2**30,
+        "peak_rss_during_steps_gib": peak / 2**30,
         "peak_rss_process_gib": peak_rss_bytes() / 2**30,
         "first_loss": first_loss,
     }
