@@ -71,8 +71,13 @@ class FamilySpec:
     """What nf4tune does with one transformers `model_type` (a family whose layer choice is tested).
 
     Args:
-        chunked_loss: decoder-only with a plain output head: training computes the loss from the hidden
+        chunked_loss: decoder-only with a linear output head: training computes the loss from the hidden
             states a chunk of tokens at a time (models/loss.py: the training loop, the labels forward).
+        logits_divisor: the config field transformers divides the head's logits by (Granite's
+            logits_scaling); the chunked loss divides them likewise.
+        logits_softcap: the config field of the soft cap transformers puts on the logits, cap * tanh(logits /
+            cap) (Gemma 2's final_logit_softcapping; a config that leaves it None has none); the chunked
+            loss caps them likewise.
         decoder: nf4tune's own decoders serve it (serve/decoder.py, serve/static_decoder.py).
         gguf_arch: the llama.cpp architecture `nf4tune export` writes it as; None: not exported.
         gguf_permute_qk: whether Q/K rows are permuted into llama.cpp's rotary order on export.
@@ -93,6 +98,8 @@ class FamilySpec:
     """
 
     chunked_loss: bool = False
+    logits_divisor: str | None = None
+    logits_softcap: str | None = None
     decoder: bool = False
     gguf_arch: str | None = None
     gguf_permute_qk: bool = False
@@ -116,9 +123,13 @@ FAMILIES: dict[str, FamilySpec] = {
                         gguf_refused_flags=("attention_bias", "use_sliding_window")),
     "gemma": FamilySpec(chunked_loss=True, gguf_arch="gemma", gguf_norm_shift=1.0, gguf_tied_output=True,
                         gguf_activation="gelu_pytorch_tanh", gguf_refused_flags=("use_bidirectional_attention",)),
-    "gemma2": FamilySpec(),  # soft-capped logits: the model's own loss
+    "gemma2": FamilySpec(chunked_loss=True, logits_softcap="final_logit_softcapping"),
+    "gemma3_text": FamilySpec(chunked_loss=True, logits_softcap="final_logit_softcapping"),
     # fused qkv_proj / gate_up_proj map as they are to attn_qkv / ffn_up (twice intermediate_size wide).
     "phi3": FamilySpec(chunked_loss=True, gguf_arch="phi3", gguf_fused_qkv=True, gguf_rope_types=("default", "longrope")),
+    "smollm3": FamilySpec(chunked_loss=True),
+    "granite": FamilySpec(chunked_loss=True, logits_divisor="logits_scaling"),
+    "olmo2": FamilySpec(chunked_loss=True),
     "t5": FamilySpec(),
     "mt5": FamilySpec(),
 }

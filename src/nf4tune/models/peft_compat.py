@@ -36,7 +36,7 @@ from ..layers.kept_outputs import DEFAULT_BUDGET_GIB, KeepOutputsCheckpoint
 from ..layers.lora import LoraConfig, lora_layers, trainable_parameters
 from ..registry import families
 from .adapters import _KEY, _TOKEN_KEY, PREFIX, WEIGHTS_NAME, save_adapter
-from .loss import chunked_loss_sum, shifted_targets
+from .loss import LogitTransform, chunked_loss_sum, shifted_targets
 
 # Trainer's resume reads `model.safetensors.index.json` when a checkpoint has no full weights and the
 # model is not a peft.PeftModel; this index points it at the adapter file, which `load_state_dict` reads.
@@ -238,7 +238,8 @@ def _chunked_forward(model, arguments: dict):
     backbone = getattr(model, model.base_model_prefix)
     out = backbone(**arguments)
     hidden, targets = shifted_targets(out.last_hidden_state, labels, shift_labels, ignore_index)
-    total = chunked_loss_sum(hidden, model.get_output_embeddings(), targets, model.nf4tune.loss_chunk_tokens)
+    total = chunked_loss_sum(hidden, model.get_output_embeddings(), targets, model.nf4tune.loss_chunk_tokens,
+                             LogitTransform.of(model.config))
     if num_items is None:
         loss = total / targets.numel()  # transformers' mean over labelled tokens (NaN when there are none, as there)
     else:
