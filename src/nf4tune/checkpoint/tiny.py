@@ -14,7 +14,9 @@ import torch
 _DECODER = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 _GEMMA = dict(_DECODER, head_dim=16, tie_word_embeddings=True)
 _SLIDING = dict(query_pre_attn_scalar=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"])
-_T5 = dict(d_model=64, d_kv=16, d_ff=192, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu")
+# T5's own dropout (0.1 by default; the decoder-only families have none) off: a tiny model trains deterministically,
+# so tests can compare its training losses with transformers' losses.
+_T5 = dict(d_model=64, d_kv=16, d_ff=192, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0)
 _TINY_CONFIGS = {
     "llama": _DECODER,
     "mistral": _DECODER,
@@ -51,15 +53,17 @@ def char_tokenizer():
 
 
 def byte_level_tokenizer():
-    """A byte-level BPE tokenizer without merges (every byte a token, as GPT-2's alphabet spells them,
-    plus <unk> <s> </s> <pad> first, as char_tokenizer's): one token per character of ASCII text, in a
-    vocabulary GGUF files hold. No download needed."""
+    """char_tokenizer's vocabulary as a byte-level BPE tokenizer without merges (GPT-2's byte symbols:
+    space is "Ġ", newline "Ċ"), which GGUF files hold: one token per character of ASCII text, and every
+    token a whole character (other bytes are <unk>), so any reply decodes. No download needed."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    # GPT-2's byte-to-symbol table on these bytes: printable ASCII is itself, bytes below 33 are chr(256 + byte)
+    symbols = [c if 33 <= ord(c) <= 126 else chr(256 + ord(c)) for c in chars]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + symbols)}, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
