@@ -359,15 +359,9 @@ def served(checkpoint, trained):
 
 def test_generate(family, root, checkpoint, trained, served):
     """`nf4tune generate` replies with transformers' greedy generate on the same 4-bit model: the new
-    tokens only."""
+    tokens only, and as many of them (the budget is the oracle's reply length, so one token too many or
+    too few shows even where the reply would end at the end of sequence)."""
     requires(family, "Generate")
-    (root / "prompts.jsonl").write_text(json.dumps({"prompt": PROMPT}) + "\n")
-    out = root / "replies.jsonl"
-    assert main(["generate", str(checkpoint), "--adapter", str(trained.adapter), "--prompts",
-                 str(root / "prompts.jsonl"), "--out", str(out), "--temperature", "0",
-                 "--max-new-tokens", str(NEW_TOKENS), "--device", "cpu"]) == 0
-    [reply] = [json.loads(line) for line in out.read_text().splitlines()]
-
     model, tokenizer = served
     ids = tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -375,7 +369,16 @@ def test_generate(family, root, checkpoint, trained, served):
                                 max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.pad_token_id)
     # a decoder-only model's output starts with the prompt, an encoder-decoder's with its start token
     new = output[0, 1:] if model.config.is_encoder_decoder else output[0, ids.shape[1]:]
-    assert reply["completion"] == tokenizer.decode(new, skip_special_tokens=True)
+    reply_tokens = next((i for i, t in enumerate(new.tolist()) if t == tokenizer.eos_token_id), len(new))
+
+    (root / "prompts.jsonl").write_text(json.dumps({"prompt": PROMPT}) + "\n")
+    out = root / "replies.jsonl"
+    assert main(["generate", str(checkpoint), "--adapter", str(trained.adapter), "--prompts",
+                 str(root / "prompts.jsonl"), "--out", str(out), "--temperature", "0",
+                 "--max-new-tokens", str(max(1, reply_tokens)), "--device", "cpu"]) == 0
+    [reply] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert reply["completion"] == tokenizer.decode(new[:reply_tokens], skip_special_tokens=True)
+    assert reply["finish_reason"] == ("length" if reply_tokens else "stop")
 
 
 def test_nf4tune_decoder(family, served):
