@@ -26,7 +26,8 @@ _TINY_CONFIGS = {
     "gemma2": dict(_GEMMA, **_SLIDING, final_logit_softcapping=2.0, attn_logit_softcapping=1.0),
     "gemma3_text": dict(_GEMMA, **_SLIDING),
     "phi3": _DECODER,
-    "smollm3": dict(_DECODER, no_rope_layers=[1, 0], tie_word_embeddings=True),  # the second layer has no rotary
+    # four layers: SmolLM3 (and llama.cpp's smollm3) leaves rotary out of every fourth
+    "smollm3": dict(_DECODER, num_hidden_layers=4, tie_word_embeddings=True),
     "granite": dict(_DECODER, embedding_multiplier=12.0, attention_multiplier=0.1, residual_multiplier=0.5,
                     logits_scaling=4.0),
     "olmo2": _DECODER,
