@@ -140,36 +140,51 @@ class _Row:
 class _BatchStreamer(BaseStreamer):
     """Routes the tokens generated for a batch to each request, as text.
 
+    `starts` (B, T) are the ids generate() starts its sequences from: the padded prompts, or for an
+    encoder-decoder model the decoder's start tokens. generate() passes them to `put` first (transformers
+    5.25 does; a version that does not is served too): a first put equal to them is recognised by its
+    content and skipped, so they never count as reply tokens. Every other put is tokens: (B,) for one
+    step, (B, k) for k steps.
+
     Text is decoded incrementally (as text-generation-inference does): each new token's text is the
     decode of a short window ending in it minus the decode of the window without it, so a step costs
     the same at token 10 as at token 2000; a window ending inside a multi-byte character waits for
     the rest of its bytes. Stop strings are searched across token boundaries; text that may be the
     start of one is held back until the next tokens decide."""
 
-    def __init__(self, engine: "Engine", requests: list[Request]):
+    def __init__(self, engine: "Engine", requests: list[Request], starts: torch.Tensor | None = None):
         self.engine, self.requests = engine, requests
         self.rows = [_Row(r) for r in requests]
-        self.prompt_seen = False
+        self.starts = None if starts is None else starts.cpu()
+        self.first_put = True
 
     @property
     def finished(self) -> list[bool]:
         return [row.finished for row in self.rows]
 
-    def put(self, value: torch.Tensor, logits: torch.Tensor | None = None) -> list[int]:
-        """Take one step's tokens (one per row); return the rows that ended at it."""
-        if not self.prompt_seen:  # generate() first passes the prompts
-            self.prompt_seen = True
+    def _is_starts(self, value: torch.Tensor) -> bool:
+        """Whether `value` is the batch's start ids (only the first put can be)."""
+        first, self.first_put = self.first_put, False
+        return (first and self.starts is not None and value.dim() == 2 and value.shape == self.starts.shape
+                and torch.equal(value.cpu(), self.starts))
+
+    def put(self, value: torch.Tensor) -> list[int]:
+        """Take one step's tokens (B,), or several steps' (B, k); return the rows that ended at them."""
+        if self._is_starts(value):
             return []
         if self.engine.closed:  # stop mid-reply: the process is leaving (Ctrl-C, shutdown)
             raise Nf4tuneError("the engine was closed during generation.")
+        if value.numel() == 0 or value.numel() % len(self.rows):
+            raise Nf4tuneError(f"generate passed {tuple(value.shape)} tokens to a batch of {len(self.rows)} replies.")
         ended = []
-        for index, token in enumerate(value.view(-1).tolist()):
-            row = self.rows[index]
-            if row.finished:
-                continue
-            self._token(row, token, None if logits is None else logits[index])
-            if row.finished:
-                ended.append(index)
+        for step in value.reshape(len(self.rows), -1).t().tolist():
+            for index, token in enumerate(step):
+                row = self.rows[index]
+                if row.finished:
+                    continue
+                self._token(row, token, None)  # generate() gives no logits: its requests have no logprobs
+                if row.finished:
+                    ended.append(index)
         return ended
 
     def _token(self, row: _Row, token: int, logits: torch.Tensor | None) -> None:
@@ -505,13 +520,30 @@ class Engine:
             if not isinstance(e, Nf4tuneError):
                 raise
 
+    def _decoder_starts(self, rows: int) -> torch.Tensor | None:
+        """For an encoder-decoder model, the (rows, 1) ids its decoder starts from (as generate() would
+        choose them: the decoder start token, else BOS); None for a decoder-only model."""
+        if not getattr(self.model.config, "is_encoder_decoder", False):
+            return None
+        config, generation = self.model.config, self.model.generation_config
+        start = next((t for t in (generation.decoder_start_token_id, getattr(config, "decoder_start_token_id", None),
+                                  generation.bos_token_id, getattr(config, "bos_token_id", None)) if t is not None), None)
+        if isinstance(start, list):  # one per batch row is for callers that pick them; one token for all here
+            start = start[0] if len(set(start)) == 1 else None
+        if start is None:
+            raise Nf4tuneError("this encoder-decoder model names no decoder start token (decoder_start_token_id).")
+        return torch.full((rows, 1), int(start), dtype=torch.long)
+
     @torch.no_grad()
     def _generate(self, batch: list[Request]) -> None:
         if self.decoder is not None:
             return self._continuous(batch)
         ids, mask = self._padded(batch)
-        streamer = _BatchStreamer(self, batch)
-        streamer.put(ids)
+        decoder_starts = self._decoder_starts(len(batch))
+        # generate() passes the ids it starts from to the streamer (the prompts, or the decoder's start
+        # tokens), then each step's tokens; the streamer knows them, so only the reply's tokens count.
+        starts = ids if decoder_starts is None else decoder_starts
+        streamer = _BatchStreamer(self, batch, starts)
         if self.bank is not None and self.bank.active != batch[0].adapter:
             self.bank.activate(batch[0].adapter)
         s = batch[0].sampling
@@ -520,7 +552,9 @@ class Engine:
         kwargs = dict(max_new_tokens=s.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
                       eos_token_id=list(self.eos_ids), repetition_penalty=s.repetition_penalty,
                       stopping_criteria=StoppingCriteriaList([_Stopped(streamer)]))
-        processors = [_ReplyPenalties(ids.shape[1], s)] if s.penalizes_reply else []
+        if decoder_starts is not None:  # given, so the streamer knows them for certain
+            kwargs["decoder_input_ids"] = decoder_starts.to(self.model.device)
+        processors = [_ReplyPenalties(starts.shape[1], s)] if s.penalizes_reply else []
         if self.bank is not None and self.bank.vocab_size(batch[0].adapter) < self.model.get_input_embeddings().weight.shape[0]:
             processors.append(_BaseVocabulary(self.bank.vocab_size(batch[0].adapter)))  # not another adapter's tokens
         if processors:
@@ -531,4 +565,4 @@ class Engine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         self.model.generate(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
                             streamer=streamer, **kwargs)
-        streamer.end()
+        streamer.end()  # generate() ends it too; rows it left open (if any) end at their length
