@@ -450,13 +450,26 @@ class Engine:
             try:
                 self._generate(batch)
             except Exception as e:  # one bad batch must not take the server down
-                for r in batch:
-                    if not r.done.is_set():
-                        r.error = f"generation failed: {str(e).splitlines()[0]}"
+                self._failed(batch, e)
             finally:
                 for r in batch:
                     if not r.done.is_set():
                         self._end(r)
+
+    def _failed(self, requests: list[Request], error: Exception) -> None:
+        """Mark the unanswered `requests` failed by `error` and end them; log it with its traceback
+        and the requests' ids (what the server answers with), unless the engine was closing."""
+        unanswered = [r for r in requests if not r.done.is_set()]
+        ids = ", ".join(r.id for r in unanswered or requests)
+        # logged before the requests end, so the line is in the log by the time their clients hear of it
+        if self.closed and isinstance(error, Nf4tuneError):  # the reply broke off on purpose (shutdown, Ctrl-C)
+            log.info("nf4tune: generation of request(s) %s stopped: %s", ids, error)
+        else:
+            log.error("nf4tune: generation failed for request(s) %s: %s", ids, error,
+                      exc_info=(type(error), error, error.__traceback__))
+        for r in unanswered:
+            r.error = f"generation failed: {(str(error).splitlines() or [type(error).__name__])[0]}"
+            self._end(r)
 
     def _padded(self, batch: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompts' ids, left-padded (B, T), and their attention mask."""
@@ -513,12 +526,8 @@ class Engine:
         adapters = self.bank.rows([]) if self.bank is not None else None
         try:
             self.decoder.run(admit, on_step, self.eos_ids, adapters)
-        except Exception as e:
-            for r in [row.tag.request for row in rows if not row.tag.request.done.is_set()] + pending:
-                r.error = f"generation failed: {str(e).splitlines()[0]}"
-                self._end(r)
-            if not isinstance(e, Nf4tuneError):
-                raise
+        except Exception as e:  # the requests admitted meanwhile are not in `batch`: answer them here
+            self._failed([row.tag.request for row in rows] + pending, e)
 
     def _decoder_starts(self, rows: int) -> torch.Tensor | None:
         """For an encoder-decoder model, the (rows, 1) ids its decoder starts from (as generate() would
