@@ -2,10 +2,12 @@
 
 Oracle: transformers' own greedy `generate` on the same 4-bit model, its new tokens decoded. (The engine
 used to put the prompt into its streamer itself, and generate() puts it too: every such family failed
-with "list index out of range", and T5's replies began with the decoder's start token.)"""
+with "list index out of range", and T5's replies began with the decoder's start token.) Also: a 500 is
+logged with its traceback under the id the client is answered with."""
 
 import http.client
 import json
+import logging
 
 import pytest
 import torch
@@ -130,6 +132,7 @@ def test_the_server_and_the_generate_command_answer_as_transformers_generate_doe
     reply = json.loads(body)
     assert status == 200, body
     assert reply["choices"][0]["text"] == text and reply["usage"]["completion_tokens"] == tokens
+    assert request_id == reply["id"] and request_id.startswith("cmpl-")
 
     prompts, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
@@ -137,3 +140,43 @@ def test_the_server_and_the_generate_command_answer_as_transformers_generate_doe
                  "--max-new-tokens", str(NEW), "--batch-size", "2", "--device", "cpu"]) == 0
     completions = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
     assert completions == [t for t, _ in _reference(model, tokenizer, PROMPTS, NEW)]
+
+
+def _records(caplog, request_id: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if request_id in r.getMessage()]
+
+
+def test_a_failed_generation_is_logged_with_its_traceback_under_the_answers_request_id(qwen3, caplog, monkeypatch):
+    path, model, tokenizer, server = qwen3
+    caplog.set_level(logging.INFO, logger="nf4tune")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the forward broke")
+
+    monkeypatch.setattr(server.engine.model, "generate", broken)
+    status, request_id, body = _post(server, {"prompt": "Hi", "max_tokens": 4})
+    assert status == 500 and "the forward broke" in json.loads(body)["error"]["message"]
+    records = _records(caplog, request_id)
+    with_traceback = [r for r in records if r.exc_info]
+    assert len(with_traceback) == 1 and "the forward broke" in caplog.text  # the traceback, once
+    assert with_traceback[0].exc_info[0] is RuntimeError and with_traceback[0].levelno == logging.ERROR
+    assert any("500" in r.getMessage() for r in records)  # the server's line for the answer
+
+    # a stream answers 200 before it breaks off: its error event is logged under its id too
+    status, request_id, body = _post(server, {"prompt": "Hi", "max_tokens": 4, "stream": True})
+    assert status == 200 and '"error"' in body and "the forward broke" in body
+    assert [bool(r.exc_info) for r in _records(caplog, request_id)].count(True) == 1
+
+
+def test_a_bug_in_the_server_is_logged_with_its_traceback_under_the_answers_request_id(qwen3, caplog, monkeypatch):
+    path, model, tokenizer, server = qwen3
+    caplog.set_level(logging.INFO, logger="nf4tune")
+
+    def broken(request):
+        raise KeyError("no such thing")
+
+    monkeypatch.setattr(server.engine, "submit", broken)
+    status, request_id, body = _post(server, {"prompt": "Hi", "max_tokens": 4})
+    assert status == 500 and json.loads(body)["error"]["type"] == "server_error"
+    [record] = _records(caplog, request_id)
+    assert record.levelno == logging.ERROR and record.exc_info[0] is KeyError and "500" in record.getMessage()

@@ -7,6 +7,10 @@ base). Every OpenAI parameter is honoured or refused with a 400 that names it. E
 429 full queue; a request's body is always read (or the connection closed), so an error never
 leaves a kept-alive connection out of step. A client that goes away (closed socket, failed write)
 has its request dropped at the next token; an error during a stream is sent as an error event.
+
+Every answer carries an `x-request-id` header (for a completion, its `id`); a 500, or a stream that
+broke off, is logged (logger "nf4tune.serve.server") under that id, with the traceback of a bug in
+the server; a generation that failed in the engine has its traceback logged there under the same id.
 """
 
 from __future__ import annotations
@@ -14,13 +18,13 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import json
+import logging
 import math
 import queue
 import select
 import socket
-import sys
 import threading
-import traceback
+import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,6 +34,8 @@ from .engine import Engine, QueueFull, Request, render_chat
 from .sampling import Sampling
 
 PAGE = Path(__file__).with_name("chat.html")
+log = logging.getLogger(__name__)
+
 MAX_BODY = 1 << 20
 MAX_DRAINED = 16 << 20  # a body over MAX_BODY up to this size is read and dropped; beyond, the connection closes
 MAX_CHOICES = 8
@@ -212,9 +218,15 @@ class _Tagged:
 class _Handler(BaseHTTPRequestHandler):
     app: Server
     protocol_version = "HTTP/1.1"
+    request_id: str | None = None  # the request being answered: sent as x-request-id, named in the log
 
     def log_message(self, fmt, *args):  # quiet: one line per request is left to the caller's logging
         pass
+
+    def end_headers(self) -> None:
+        if self.request_id is not None:  # every answer, errors included, can be matched with the log
+            self.send_header("x-request-id", self.request_id)
+        super().end_headers()
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -274,6 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
             return True
 
     def _handle(self, route) -> None:
+        self.request_id = f"req-{uuid.uuid4().hex[:24]}"  # _complete names it after the completion's id
         try:
             route()
         except ApiError as e:
@@ -285,12 +298,21 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as e:  # a bug answers 500 with a sentence; the traceback goes to the log
-            traceback.print_exc(file=sys.stderr)
+            log.exception("nf4tune: %s %s (request %s) answered 500: internal error: %s", self.command, self.path,
+                          self.request_id, e)
             self.close_connection = True
             try:
                 self._error(ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {e}", "server_error"))
             except OSError:
                 pass
+        finally:
+            self.request_id = None  # a kept-alive connection's next answer is another request's
+
+    def _log_failure(self, what: str) -> None:
+        """Log a request that the engine failed, once: the engine logged the cause (with its traceback)
+        under the same id, in the worker thread where it happened."""
+        log.error("nf4tune: %s %s (request %s) %s; the engine logged the cause under this id.", self.command,
+                  self.path, self.request_id, what)
 
     # --- routes -----------------------------------------------------------------------------
 
@@ -364,12 +386,14 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
             raise _bad("'stream_options' takes {include_usage: bool}.", "stream_options")
         n = _number(body, "n", 1, int, 1, MAX_CHOICES)
+        self.request_id = f"{'chatcmpl' if chat else 'cmpl'}-{self.request_id.removeprefix('req-')}"
         requests, shared = [], queue.Queue()
         try:
             for i in range(n):
                 seeded = sampling if sampling.seed is None or i == 0 else dataclasses.replace(sampling, seed=sampling.seed + i)
                 request = Request(prompt, adapter, seeded, stop=_stops(body), logprobs=logprobs, strict_length=strict,
-                                  probe=lambda: not self._client_gone())
+                                  probe=lambda: not self._client_gone(),
+                                  id=self.request_id if i == 0 else f"{self.request_id}-{i}")  # the engine logs these
                 request.deltas = _Tagged(shared, i)
                 requests.append(self.app.engine.submit(request))
         except Exception:
@@ -378,7 +402,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise
         first = requests[0]
         kind = "chat.completion" if chat else "text_completion"
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{first.id}", "created": first.created, "model": model}
+        head = {"id": self.request_id, "created": first.created, "model": model}
         usage = lambda: {"prompt_tokens": first.prompt_tokens,  # noqa: E731
                          "completion_tokens": sum(r.completion_tokens for r in requests),
                          "total_tokens": first.prompt_tokens + sum(r.completion_tokens for r in requests)}
@@ -389,6 +413,7 @@ class _Handler(BaseHTTPRequestHandler):
             r.wait()
         failed = next((r.error for r in requests if r.error), None)
         if failed:
+            self._log_failure(f"answered 500: {failed}")
             raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, failed, "server_error")
         choices = []
         for i, r in enumerate(requests):
@@ -448,6 +473,7 @@ class _Handler(BaseHTTPRequestHandler):
                 choice(i, piece, piece.logprobs if request.logprobs is not None else None)
             failed = next((r.error for r in requests if r.error), None)
             if failed:  # the client must see that the reply broke off, not an empty success
+                self._log_failure(f"stream broke off with an error event: {failed}")
                 send({"error": {"message": failed, "type": "server_error", "param": None, "code": 500}})
             elif include_usage:
                 send({**head, "object": chunk_kind, "choices": [], "usage": usage()})
