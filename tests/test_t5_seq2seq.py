@@ -231,3 +231,17 @@ def test_a_row_without_a_source_is_a_bad_row(tmp_path, tok):
     path.write_text(json.dumps({"text": "only a target"}) + "\n")
     with pytest.raises(Nf4tuneError, match="row 1 gives the encoder no source text"):
         load_examples(str(path), "train", "auto", tok, 16, 16, False, seq2seq=True)
+
+
+def test_a_chat_row_trains_on_its_last_assistant_turn(tmp_path):
+    tok = char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    (example,), _ = load_examples(str(path), "train", "auto", tok, 64, 16, False, seq2seq=True)
+    assert tok.decode(example.input_ids) == tok.apply_chat_template(messages[:3], tokenize=False,
+                                                                    add_generation_prompt=True)
+    assert example.labels == _ids(tok, "ciao\n") + [tok.eos_token_id]
