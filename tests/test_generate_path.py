@@ -103,6 +103,26 @@ def test_t5_replies_without_its_decoder_start_token(tmp_path):
     assert (request.text, request.completion_tokens) == (tokenizer.decode(new, skip_special_tokens=True), len(new))
 
 
+def test_t5_prompt_reaches_the_encoder_as_in_training(tmp_path):
+    """The engine encodes an encoder-decoder's prompt as training fed the encoder: with the tokenizer's own
+    special tokens (T5's tokenizer appends </s>), so a fine-tune is served the inputs it learned from."""
+    from tokenizers.processors import TemplateProcessing
+
+    from nf4tune.train.data import tokenize_seq2seq_example
+    from nf4tune.train.formats import Example
+
+    model, tokenizer = _load(build_tiny_checkpoint(tmp_path / "t5", "t5"))
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", tokenizer.eos_token_id)])
+    engine = _engine_on_generate(model, tokenizer)
+    try:
+        request = engine.generate(PROMPTS[0], max_new_tokens=2, temperature=0.0)
+    finally:
+        engine.close()
+    trained, _ = tokenize_seq2seq_example(Example(source=PROMPTS[0], target="x"), tokenizer, 512, 8)
+    assert request.prompt_ids == trained.input_ids and request.prompt_ids[-1] == tokenizer.eos_token_id
+
+
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
     """A qwen3 checkpoint (served by generate) and a server over it."""

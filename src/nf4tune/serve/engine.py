@@ -317,6 +317,7 @@ class Engine:
     def __init__(self, model, tokenizer, adapters: dict[str, str] | None = None, max_batch: int = 8,
                  max_queue: int = 64, request_timeout: float | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
+        self._encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.bank = AdapterBank(model, adapters or {}) if adapters else None
         # An adapter's added tokens: its tokenizer encodes its prompts and decodes every reply (it decodes
         # the base's ids as the base's does); other prompts are encoded as the base encodes them.
@@ -387,7 +388,9 @@ class Engine:
         if request.logprobs is not None and self.decoder is None:
             raise Nf4tuneError("logprobs are available with nf4tune's decoders only; this model is served by generate().")
         encoder = self._encoders.get(request.adapter, self._encoders[None])
-        request.prompt_ids = encoder(request.prompt, add_special_tokens=False).input_ids
+        # an encoder-decoder reads the prompt as training fed its encoder, with the tokenizer's own special
+        # tokens (T5's eos); a decoder-only model continues the text as given
+        request.prompt_ids = encoder(request.prompt, add_special_tokens=self._encoder_decoder).input_ids
         request.prompt_tokens = len(request.prompt_ids)
         if not request.prompt_ids:
             raise Nf4tuneError("the prompt makes no tokens; give the model some text to continue.")
