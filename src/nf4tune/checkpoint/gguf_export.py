@@ -8,11 +8,13 @@ place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,21 +56,76 @@ def _refusal(model_type: str, config: dict) -> str | None:
     rope_type = _rope_type(cfg)
     if rope_type not in spec.gguf_rope_types:
         return f"the model uses {rope_type!r} rope scaling, which the GGUF exporter does not write yet."
-    yarn_extras = [k for k in _YARN_UNWRITTEN if cfg.rope_parameters.get(k) is not None] if rope_type == "yarn" else []
+    rope = _rope_parameters(cfg.rope_parameters)
+    yarn_extras = [k for k in _YARN_UNWRITTEN if rope.get(k) is not None] if rope_type == "yarn" else []
     if yarn_extras:
         return (f"the model's yarn rope scaling sets {', '.join(yarn_extras)}, which llama.cpp computes differently, "
                 "so it cannot be exported.")
     if spec.gguf_tied_output and not cfg.tie_word_embeddings:
         return (f"llama.cpp's {spec.gguf_arch} models take the output head from the token embedding, so a {model_type} "
                 "model with a separate (untied) lm_head cannot be exported.")
-    if cfg.hidden_act != spec.gguf_activation:
+    if _activation(cfg) != spec.gguf_activation:
         return (f"llama.cpp's {spec.gguf_arch} models compute {spec.gguf_activation}, but this model's activation is "
-                f"{cfg.hidden_act!r}, so it cannot be exported.")
+                f"{_activation(cfg)!r}, so it cannot be exported.")
     flags = [flag for flag in spec.gguf_refused_flags if getattr(cfg, flag, None)]
     if flags:
         return (f"the model sets {', '.join(flags)}, which llama.cpp's {spec.gguf_arch} models do not have, so it "
                 "cannot be exported.")
+    unset = [name for name in spec.gguf_required_fields if getattr(cfg, name, None) is None]
+    if unset:
+        return (f"llama.cpp's {spec.gguf_arch} models always apply {', '.join(unset)}, which this model leaves unset, "
+                "so it cannot be exported.")
+    arch_refusal = _ARCH_REFUSALS.get(spec.gguf_arch)
+    return arch_refusal(cfg, spec.gguf_arch) if arch_refusal else None
+
+
+def _activation(cfg) -> str:
+    """The MLP activation's transformers name: Gemma 2 and 3 call the field hidden_activation, the others hidden_act."""
+    return getattr(cfg, "hidden_activation", None) or cfg.hidden_act
+
+
+# The layer count by which llama.cpp recognises the 27B Gemma, whose queries it scales by 1/sqrt(hidden / heads)
+# rather than by 1/sqrt(head_dim) (the two differ there).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma_refusal(cfg, arch: str) -> str | None:
+    # llama.cpp has no key for the query scale: it derives it from the shape, where transformers reads
+    # query_pre_attn_scalar (every released Gemma 2 / 3 agrees with llama.cpp's rule).
+    scalar = cfg.hidden_size / cfg.num_attention_heads if cfg.num_hidden_layers == _GEMMA_27B_LAYERS[arch] else cfg.head_dim
+    if not math.isclose(cfg.query_pre_attn_scalar, scalar):
+        return (f"the model scales queries by query_pre_attn_scalar {cfg.query_pre_attn_scalar}, but llama.cpp's {arch} "
+                f"models use {scalar:g} for this shape, so it cannot be exported.")
+    sliding = (cfg.rope_parameters or {}).get("sliding_attention") or {}
+    if (sliding.get("rope_type") or "default") != "default":
+        return (f"the model scales the rotary embeddings of its sliding-window layers ({sliding['rope_type']!r}), which "
+                f"llama.cpp's {arch} models do not, so it cannot be exported.")
     return None
+
+
+def _smollm3_refusal(cfg, arch: str) -> str | None:
+    # llama.cpp's smollm3 skips rotary embeddings on every 4th layer, fixed; transformers reads no_rope_layers
+    # (1: rotary, 0: none), which SmolLM3's config fills in the same way by default.
+    llama_cpp = [int((i + 1) % 4 != 0) for i in range(cfg.num_hidden_layers)]
+    if list(cfg.no_rope_layers) != llama_cpp:
+        return (f"llama.cpp's {arch} models leave out rotary embeddings on every 4th layer exactly, but this model's "
+                f"no_rope_layers are {list(cfg.no_rope_layers)}, so it cannot be exported.")
+    return None
+
+
+def _olmo2_refusal(cfg, arch: str) -> str | None:
+    # llama.cpp's olmo2 sizes its attention heads as hidden_size / num_attention_heads, with no key for another
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim and head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        return (f"the model's head_dim {head_dim} is not hidden_size / num_attention_heads, which llama.cpp's {arch} "
+                "models assume, so it cannot be exported.")
+    return None
+
+
+# Refusals one llama.cpp architecture needs beyond the FamilySpec's declared ones: what its graph computes from
+# the shape or fixes, where transformers reads a config field.
+_ARCH_REFUSALS = {"gemma2": _gemma_refusal, "gemma3": _gemma_refusal, "smollm3": _smollm3_refusal,
+                  "olmo2": _olmo2_refusal}
 
 
 # YaRN settings transformers and llama.cpp agree on only at their defaults: llama.cpp always scales attention by
@@ -76,9 +133,16 @@ def _refusal(model_type: str, config: dict) -> str | None:
 _YARN_UNWRITTEN = ("attention_factor", "mscale", "mscale_all_dim", "truncate")
 
 
+def _rope_parameters(rope: dict | None) -> dict:
+    """The rope parameters of the global (full-attention) layers: Gemma 3 keeps one set per layer type, and llama.cpp's
+    converter takes the rope base and scaling from "full_attention" (the local layers' base goes in its own key)."""
+    rope = rope or {}
+    return rope.get("full_attention", rope)
+
+
 def _rope_type(cfg) -> str:
     """transformers' rope type of a config object (its rope_parameters standardized from a legacy rope_scaling)."""
-    rope = cfg.rope_parameters or {}
+    rope = _rope_parameters(cfg.rope_parameters)
     return rope.get("rope_type", rope.get("type")) or "default"
 
 
@@ -109,7 +173,7 @@ def _rope_scaling_metadata(writer, config: dict) -> None:
     # (ExportPlan.extra_tensors) and needs no key.
     gguf = require_gguf()
     cfg = to_config(config)
-    rope, rope_type = cfg.rope_parameters, _rope_type(cfg)
+    rope, rope_type = _rope_parameters(cfg.rope_parameters), _rope_type(cfg)
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
@@ -142,8 +206,51 @@ def _phi3_metadata(writer, config: dict) -> None:
         writer.add_rope_scaling_attn_factors(float(attention_factor))
 
 
+def _sliding_window_metadata(writer, cfg, always: bool) -> None:
+    # Which layers attend within the window, per layer (transformers' layer_types), rather than llama.cpp's own
+    # default pattern for the arch; with no sliding layer, no window (Gemma 3: llama.cpp then attends fully).
+    sliding = [kind == "sliding_attention" for kind in (getattr(cfg, "layer_types", None) or [])]
+    if always or any(sliding):
+        writer.add_sliding_window(int(cfg.sliding_window))
+        writer.add_sliding_window_pattern(sliding or [False] * cfg.num_hidden_layers)
+
+
+def _gemma2_metadata(writer, config: dict) -> None:
+    # As llama.cpp's converter: both soft-caps and the window (its gemma2 graph applies them always: _refusal
+    # checked they are set), and the local layers by transformers' layer_types.
+    cfg = to_config(config)
+    writer.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))
+    writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+    _sliding_window_metadata(writer, cfg, always=True)
+
+
+def _gemma3_metadata(writer, config: dict) -> None:
+    # As llama.cpp's converter: the local layers' rope base in its own key (the global one is the common
+    # rope.freq_base), the output soft-cap when set, the window and which layers use it.
+    cfg = to_config(config)
+    sliding_rope = (cfg.rope_parameters or {}).get("sliding_attention")
+    if sliding_rope and sliding_rope.get("rope_theta") is not None:
+        writer.add_rope_freq_base_swa(float(sliding_rope["rope_theta"]))
+    if cfg.final_logit_softcapping:
+        writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+    if cfg.sliding_window:
+        _sliding_window_metadata(writer, cfg, always=False)
+
+
+def _granite_metadata(writer, config: dict) -> None:
+    # transformers' multipliers under llama.cpp's names, written always: llama.cpp requires logit_scale (it divides
+    # the logits by it, as transformers divides by logits_scaling), and an attention scale left out would mean
+    # 1/sqrt(head_dim) there where transformers scales by attention_multiplier.
+    cfg = to_config(config)
+    writer.add_embedding_scale(float(cfg.embedding_multiplier))
+    writer.add_residual_scale(float(cfg.residual_multiplier))
+    writer.add_attention_scale(float(cfg.attention_multiplier))
+    writer.add_logit_scale(float(cfg.logits_scaling))
+
+
 # Metadata one llama.cpp architecture reads beyond the common keys (ExportPlan.add_metadata).
-_ARCH_METADATA = {"phi3": _phi3_metadata}
+_ARCH_METADATA = {"phi3": _phi3_metadata, "gemma2": _gemma2_metadata, "gemma3": _gemma3_metadata,
+                  "granite": _granite_metadata}
 
 
 @dataclass
@@ -212,7 +319,7 @@ class ExportPlan:
         c = self.config
         heads = c["num_attention_heads"]
         head_dim = c.get("head_dim") or c["hidden_size"] // heads
-        rope = c.get("rope_parameters") or {}
+        rope = _rope_parameters(c.get("rope_parameters"))
         rotary_fraction = rope.get("partial_rotary_factor", c.get("partial_rotary_factor")) or 1.0
         writer.add_name(name)
         writer.add_context_length(c.get("max_position_embeddings", 2048))
@@ -224,7 +331,9 @@ class ExportPlan:
         writer.add_rope_freq_base(float(rope.get("rope_theta", c.get("rope_theta", 10000.0))))
         writer.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
         writer.add_rope_dimension_count(int(head_dim * rotary_fraction))
-        if head_dim != c["hidden_size"] // heads:
+        # As llama.cpp's converter, whenever the config states a head_dim (transformers' GGUF reader needs it for Gemma
+        # 2 / 3 even where it is hidden_size / heads), and where it differs from that
+        if c.get("head_dim") or head_dim != c["hidden_size"] // heads:
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
         _rope_scaling_metadata(writer, c)
