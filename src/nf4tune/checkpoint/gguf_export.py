@@ -379,24 +379,60 @@ def to_gguf_array(gguf_name: str, w: torch.Tensor, qtype: str):
     return quantize(w.numpy(), qtype), ggml_type
 
 
-def copy_tokenizer_fields(writer, source_gguf: Path) -> None:
-    """The source GGUF's tokenizer.* metadata (vocabulary, merges, pre-tokenizer, special ids, chat template) as they are."""
+def padded_vocabulary(tokens: list, scores: list | None, types: list, n_vocab: int) -> tuple[list, list | None, list]:
+    """(tokens, scores, types) grown to `n_vocab` entries as llama.cpp's converter grows them: an unused "[PAD{id}]"
+    token for each embedding row no token names (Qwen2.5 and Qwen3 round their embeddings up well past their
+    tokenizers), so llama.cpp, which sizes token_embd by the vocabulary, accepts the file. A vocabulary larger than
+    the embedding is refused."""
+    gguf = require_gguf()
+    if len(tokens) > n_vocab:
+        raise Nf4tuneError(f"the tokenizer has {len(tokens)} tokens but the model's embedding has {n_vocab} rows, so "
+                           "llama.cpp cannot run it; export with the tokenizer the model was trained with.")
+    pad = range(len(tokens), n_vocab)
+    tokens = list(tokens) + [f"[PAD{i}]" for i in pad]
+    types = list(types) + [int(gguf.TokenType.UNUSED)] * len(pad)
+    if scores is not None:  # SentencePiece-style vocabularies: the score llama.cpp's converter gives its pads
+        scores = list(scores) + [-1000.0] * len(pad)
+    return tokens, scores, types
+
+
+_VOCABULARY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+
+
+def copy_tokenizer_fields(writer, source_gguf: Path, n_vocab: int) -> None:
+    """The source GGUF's tokenizer.* metadata (vocabulary, merges, pre-tokenizer, special ids, chat template) as
+    they are, the vocabulary padded to `n_vocab` (the embedding of a model whose adapter added rows)."""
     gguf = require_gguf()
     from .gguf import reader
 
-    for key, fld in reader(source_gguf).fields.items():
-        if not key.startswith("tokenizer."):
+    fields = reader(source_gguf).fields
+    for key, fld in fields.items():
+        if not key.startswith("tokenizer.") or key in _VOCABULARY_KEYS:
             continue
         vtype = fld.types[0]
         if vtype == gguf.GGUFValueType.ARRAY:
             writer.add_key_value(key, fld.contents(), vtype, sub_type=fld.types[-1])
         else:
             writer.add_key_value(key, fld.contents(), vtype)
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    scores = fields["tokenizer.ggml.scores"].contents() if "tokenizer.ggml.scores" in fields else None
+    types = (fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in fields
+             else [int(gguf.TokenType.NORMAL)] * len(tokens))
+    tokens, scores, types = padded_vocabulary(tokens, scores, types, n_vocab)
+    _add_vocabulary(writer, tokens, scores, types)
 
 
-def add_hf_tokenizer(writer, tokenizer) -> None:
-    """A transformers fast tokenizer as llama.cpp's vocabulary: byte-level BPE ("gpt2", with merges) or
-    BPE with byte fallback ("llama", SentencePiece-style scores), special and added tokens, chat template."""
+def _add_vocabulary(writer, tokens: list, scores: list | None, types: list) -> None:
+    writer.add_token_list(tokens)
+    if scores is not None:
+        writer.add_token_scores(scores)
+    writer.add_token_types(types)
+
+
+def add_hf_tokenizer(writer, tokenizer, n_vocab: int) -> None:
+    """A transformers fast tokenizer as llama.cpp's vocabulary, padded to `n_vocab` tokens (the embedding's rows):
+    byte-level BPE ("gpt2", with merges) or BPE with byte fallback ("llama", SentencePiece-style scores), special
+    and added tokens, chat template."""
     require_gguf()  # one sentence on how to install gguf when it is missing
     from gguf.vocab import BpeVocab, LlamaHfVocab, SpecialVocab
 
@@ -414,15 +450,12 @@ def add_hf_tokenizer(writer, tokenizer) -> None:
             tokens.append(text)
             scores.append(score)
             types.append(toktype)
-        n_vocab = len(tokenizer)
+        tokens, scores, types = padded_vocabulary(tokens, scores if byte_fallback else None, types, n_vocab)
         writer.add_tokenizer_model("llama" if byte_fallback else "gpt2")
         writer.add_tokenizer_pre("default" if byte_fallback else _pre_tokenizer(json.loads(tj.read_text())))
-        writer.add_token_list(tokens)
-        if byte_fallback:
-            writer.add_token_scores(scores)
-            if not _adds_space_prefix(json.loads(tj.read_text())):
-                writer.add_add_space_prefix(False)  # llama.cpp's SentencePiece default is a "▁" in front (Gemma has none)
-        writer.add_token_types(types)
+        _add_vocabulary(writer, tokens, scores, types)
+        if byte_fallback and not _adds_space_prefix(json.loads(tj.read_text())):
+            writer.add_add_space_prefix(False)  # llama.cpp's SentencePiece default is a "▁" in front (Gemma has none)
         SpecialVocab(Path(tmp), load_merges=not byte_fallback, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
         if tokenizer.chat_template and "tokenizer.chat_template" not in writer.kv_data[0]:
             writer.add_chat_template(tokenizer.chat_template)
@@ -477,6 +510,52 @@ def _pre_tokenizer(tokenizer_json: dict) -> str:
     return "default"
 
 
+def check_exportable(config: dict, kind: str) -> "ExportPlan":
+    """The export plan for a model of `config` at --type `kind`, or the one-sentence reason llama.cpp could not run
+    it; from the config alone, so a refusal comes before any tokenizer or weight is read."""
+    check_export_type(kind)
+    plan = ExportPlan.for_config(config)
+    if EXPORT_TYPES[kind][0] == "Q4_K_M" and plan.spec.gguf_fused_qkv:
+        raise Nf4tuneError(f"llama.cpp's Q4_K_M puts {config['model_type']}'s fused attn_qkv matrices in Q5_K, which nf4tune "
+                           "cannot make; export --type f16 and run llama.cpp's `llama-quantize OUT.gguf OUT-q4_k_m.gguf Q4_K_M`.")
+    return plan
+
+
+@contextlib.contextmanager
+def _atomic_gguf_writer(out_path: Path, arch: str) -> Iterator:
+    """A GGUFWriter whose file appears at `out_path` only once complete: written to a temporary name beside it, the
+    tensor data spooled to an unnamed file there (not /tmp: a large model may not fit), renamed at the end; nothing is
+    left behind on an error."""
+    gguf = require_gguf()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
+    writer = gguf.GGUFWriter(partial, arch, use_temp_file=True)
+    writer.temp_file = tempfile.TemporaryFile(dir=out_path.parent)
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()  # the tensor table, then the spooled data
+        writer.close()
+        os.replace(partial, out_path)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+
+
+_VOCABULARY_TENSORS = ("token_embd.weight", "output.weight")
+
+
+def check_vocabulary_rows(n_tokens: int, rows: dict[str, int]) -> None:
+    """llama.cpp sizes token_embd and output by the vocabulary and refuses a file whose tensors differ ("wrong shape"):
+    such a file is never written."""
+    for gguf_name, n in sorted(rows.items(), key=lambda item: _VOCABULARY_TENSORS.index(item[0])):
+        if n != n_tokens:
+            raise Nf4tuneError(f"{gguf_name} has {n} rows but the vocabulary has {n_tokens} tokens (the config's "
+                               "vocab_size), so llama.cpp would refuse the file; the config does not match the weights.")
+
+
 def write_gguf(
     out_path: Path,
     config: dict,
@@ -487,34 +566,28 @@ def write_gguf(
     source_gguf: Path | None = None,
 ) -> int:
     """Write `tensors` (transformers keys, merged 16/32-bit weights, consumed one at a time) as a GGUF
-    llama.cpp loads; the tokenizer from `source_gguf`'s metadata when given, else from `tokenizer`.
-    Atomic: a temporary file beside `out_path`, renamed when complete. Returns the tensor count."""
-    gguf = require_gguf()
-    check_export_type(kind)
-    plan = ExportPlan.for_config(config)
-    if EXPORT_TYPES[kind][0] == "Q4_K_M" and plan.spec.gguf_fused_qkv:
-        raise Nf4tuneError(f"llama.cpp's Q4_K_M puts {config['model_type']}'s fused attn_qkv matrices in Q5_K, which nf4tune "
-                           "cannot make; export --type f16 and run llama.cpp's `llama-quantize OUT.gguf OUT-q4_k_m.gguf Q4_K_M`.")
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
-    writer = gguf.GGUFWriter(partial, plan.arch, use_temp_file=True)
-    # Tensor data waits in an unnamed file beside the output (not /tmp: a large model may not fit there).
-    writer.temp_file = tempfile.TemporaryFile(dir=out_path.parent)
-    try:
+    llama.cpp loads; the tokenizer from `source_gguf`'s metadata when given, else from `tokenizer`, its vocabulary
+    padded to the config's vocab_size. Atomic: a temporary file beside `out_path`, renamed when complete.
+    Returns the tensor count."""
+    plan = check_exportable(config, kind)
+    n_vocab = config["vocab_size"]
+    with _atomic_gguf_writer(Path(out_path), plan.arch) as writer:
         plan.add_metadata(writer, name, kind)
         if source_gguf is not None:
-            copy_tokenizer_fields(writer, source_gguf)
+            copy_tokenizer_fields(writer, source_gguf, n_vocab)
         elif tokenizer is not None:
-            add_hf_tokenizer(writer, tokenizer)
+            add_hf_tokenizer(writer, tokenizer, n_vocab)
         else:
             raise Nf4tuneError("the base model has no tokenizer; llama.cpp needs one in the GGUF file.")
         count = 0
         has_output = plan.has_output  # llama.cpp's has_output: a separate output.weight
+        rows = {}
         for key, w in tensors:
             gguf_name = plan.gguf_name(key)
             if gguf_name is None:
                 continue
+            if gguf_name in _VOCABULARY_TENSORS:
+                rows[gguf_name] = w.shape[0]
             qtype = tensor_type(gguf_name, w, kind, config["num_hidden_layers"], has_output)
             array, qtype = to_gguf_array(gguf_name, plan.layout(gguf_name, w), qtype)
             writer.add_tensor(gguf_name, array, raw_dtype=qtype)
@@ -522,16 +595,8 @@ def write_gguf(
         for gguf_name, w in plan.extra_tensors():  # 1-D float32, as llama.cpp's converter writes them
             writer.add_tensor(gguf_name, w.to(torch.float32).numpy())
             count += 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()  # the tensor table, then the spooled data
-        writer.close()
-        os.replace(partial, out_path)
+        check_vocabulary_rows(len(writer.kv_data[0]["tokenizer.ggml.tokens"].value), rows)
         return count
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
 
 
 def ollama_modelfile(gguf_path: Path, tokenizer, chat_template: str | None) -> str:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint.gguf_export import check_export_type, ollama_modelfile, write_gguf
+from ..checkpoint.gguf_export import check_export_type, check_exportable, ollama_modelfile, write_gguf
 from ..checkpoint.hf import open_checkpoint, resolve
 from ..errors import Nf4tuneError
 from .merge import merged_config, merged_tensors
@@ -34,6 +34,20 @@ def _tokenizer(ckpt, adapter):
     return None
 
 
+def _gguf_path(out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    if out_path.suffix != ".gguf":
+        raise Nf4tuneError(f"{out_path} does not end in .gguf; name the output file OUT.gguf.")
+    if out_path.is_dir():
+        raise Nf4tuneError(f"{out_path} is a folder; give the path of the .gguf file to write.")
+    return out_path
+
+
+def _unquantized(config: dict) -> dict:
+    """A 4-bit checkpoint's config as its 16-bit model's (what the export writes)."""
+    return {k: v for k, v in config.items() if k != "quantization_config"}
+
+
 def export_gguf(
     base: str | Path,
     out_path: str | Path,
@@ -47,12 +61,9 @@ def export_gguf(
     """Merge `adapter` (if any) into `base`'s original weights (dequantized for a 4-bit or GGUF base) and
     write one GGUF file of type `kind` (see `EXPORT_TYPES`), tensor by tensor; with `ollama`, a Modelfile beside it."""
     check_export_type(kind)
-    out_path = Path(out_path)
-    if out_path.suffix != ".gguf":
-        raise Nf4tuneError(f"{out_path} does not end in .gguf; name the output file OUT.gguf.")
-    if out_path.is_dir():
-        raise Nf4tuneError(f"{out_path} is a folder; give the path of the .gguf file to write.")
+    out_path = _gguf_path(out_path)
     ckpt = open_checkpoint(resolve(base))
+    check_exportable(_unquantized(ckpt.config), kind)  # a refusal before any tokenizer, adapter or weight is read
     tokenizer = _tokenizer(ckpt, adapter)
     adapter_has_tokenizer = adapter is not None and tokenizer is not None and (Path(adapter) / "tokenizer_config.json").is_file()
     source_gguf = ckpt.gguf if ckpt.gguf is not None and not adapter_has_tokenizer else None
