@@ -1,7 +1,6 @@
 """What transformers' `Trainer` and TRL expect of a PEFT model, on an nf4tune QLoRA model.
 
-`load_model` (with `lora=` or `adapter=`) gives the transformers model a subclass of its own class,
-`Nf4tune<Class>`, adding:
+`load_model` gives the transformers model a subclass of its own class, `Nf4tune<Class>`, adding:
 
 - `forward(..., labels=...)` in training mode computes the loss with nf4tune's chunked loss from the
   final hidden states (no batch x seq x vocab logits; `logits` is None, as with Liger-Kernel's fused
@@ -15,9 +14,6 @@
   nf4tune already did both, and PEFT would freeze (or fail to wrap) the 4-bit adapters.
 - `peft.PeftModel.from_pretrained(model, DIR, is_trainable=...)` loads the adapter into nf4tune's own
   LoRA layers, as `load_model(base, adapter=DIR)` does (models/peft_resume.py).
-
-Every model `load_model` returns gets the class, with adapters or without (PEFT's entry points on a
-model without adapters are answered too).
 
 nf4tune's own state is one declared object, `model.nf4tune` (`Nf4tuneState`).
 """
