@@ -363,7 +363,9 @@ def test_generate(family, root, checkpoint, trained, served):
     too few shows even where the reply would end at the end of sequence)."""
     requires(family, "Generate")
     model, tokenizer = served
-    ids = tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt").input_ids
+    # encoded as the engine encodes it: an encoder-decoder's prompt with the tokenizer's special tokens, as
+    # training feeds its encoder; a decoder-only model's as the text it continues
+    ids = tokenizer(PROMPT, add_special_tokens=model.config.is_encoder_decoder, return_tensors="pt").input_ids
     with torch.no_grad():
         output = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                 max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.pad_token_id)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint.architecture import is_encoder_decoder
 from ..dispatch import Compiled
 from ..registry import FAMILIES, families
 
@@ -138,13 +139,21 @@ def shifted_targets(hidden: torch.Tensor, labels: torch.Tensor | None, shift_lab
     return hidden[keep], targets[keep]
 
 
+def target_count(labels: torch.Tensor, encoder_decoder: bool) -> int:
+    """The tokens a batch's loss is taken over: a decoder-only model's position t predicts labels[t + 1],
+    so its first label never is a target; an encoder-decoder's decoder predicts every label (its input is
+    the labels shifted right behind the start token)."""
+    targets = labels if encoder_decoder else labels[:, 1:]
+    return int((targets != IGNORE_INDEX).sum())
+
+
 def loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of target tokens) for one batch."""
     labels = batch["labels"]
     if model.config.model_type not in CHUNKED_FAMILIES:  # T5 and unknown heads: the model's own loss
+        # An encoder-decoder builds decoder_input_ids from the labels itself (transformers' _shift_right).
         out = model(**batch, use_cache=False)
-        count = int((labels[:, 1:] != IGNORE_INDEX).sum()) if not model.config.is_encoder_decoder else \
-            int((labels != IGNORE_INDEX).sum())
+        count = target_count(labels, is_encoder_decoder(model.config))
         return out.loss * count, count
     backbone = getattr(model, model.base_model_prefix)
     # No KV cache: training needs none, and transformers reads packed rows' boundaries from
