@@ -82,4 +82,4 @@ class CheckpointWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
         if full and not isinstance(exc, OutOfSpace):
             raise OutOfSpace(self.out_dir, max(self.expected_bytes, self.nbytes), self.out_dir.parent,
-                             after=f"{self.out_dir} is unchanged.") from exc
+                             after=f"{self.out_dir} is unchanged.") from None

@@ -625,12 +625,14 @@ class Trainer:
             if not par.is_main:
                 raise
             full = is_out_of_space(e, self.out)  # asked before the space is freed
-            shutil.rmtree(tmp, ignore_errors=True)
-            if full:
-                raise OutOfSpace(final, needed, self.out) from e
-            raise
-        self.adapter_written = True
-        return final
+            if not full:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        else:
+            self.adapter_written = True
+            return final
+        shutil.rmtree(tmp, ignore_errors=True)  # outside the except block: the failed writer is let go first
+        raise OutOfSpace(final, needed, self.out)
 
     # --- the end ------------------------------------------------------------------------------
 

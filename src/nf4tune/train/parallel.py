@@ -319,10 +319,13 @@ class Parallel:
         try:
             dcp.save(state, checkpoint_id=str(tmp / OPTIMIZER_DIR))
             torch.save(ckpt.rng_state(), tmp / f"rng-rank{self.rank}.pt")
+            full = False
         except Exception as e:
-            if is_out_of_space(e, out):  # the next run's start removes the unfinished folder
-                raise OutOfSpace(out / f"checkpoint-{step}", needed, out) from e
-            raise
+            full = is_out_of_space(e, out)
+            if not full:
+                raise
+        if full:  # raised outside the except block: the failed writer (and its open file) is let go
+            raise OutOfSpace(out / f"checkpoint-{step}", needed, out)  # the next start removes the folder
         # Every rank's files are in before rank 0 renames the folder into place: without this barrier
         # a DDP rank 0 (no collective until here) could move the folder while rank 1 was still writing.
         self.barrier()

@@ -66,14 +66,17 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, trainer_state
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        return final
     except BaseException as e:
-        full = isinstance(e, Exception) and is_out_of_space(e, output_dir)  # asked before the space is freed
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if full:
-            raise OutOfSpace(final, needed, output_dir) from e
-        raise
-    return final
+        if not (isinstance(e, Exception) and is_out_of_space(e, output_dir)):  # asked before the space is freed
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    # Out of space. Raised here, not in the except block: the failed write's exception must not stay
+    # attached as the new one's context, since its frames hold torch's writer, and with it the open
+    # (deleted) file whose space the disk needs back.
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise OutOfSpace(final, needed, output_dir)
 
 
 def checkpoint_bytes(output_dir: Path, model, trainer_state: dict) -> int:
