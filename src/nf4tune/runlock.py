@@ -175,8 +175,3 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
-
-def held(path: str | Path) -> bool:
-    """Whether this process holds the lock file `path`."""
-    with _guard:
-        return Path(path).absolute().resolve() in _held
