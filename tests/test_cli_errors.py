@@ -30,7 +30,29 @@ def env(tmp_path, monkeypatch):
     (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "outdir").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.txt").write_text("an earlier result")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "done.jsonl").write_text('{"prompt": "hi", "completion": "hello"}\n')
+    (tmp_path / "cut.jsonl.partial").write_text('{"prompt": "hi", "completion": "hello"}\n')
     return tmp_path
+
+
+def _checkpoint_holding(t, name: str, content) -> str:
+    """A run folder `t/name` whose checkpoint-2 holds `content` as its trainer_state.pt."""
+    import torch
+
+    checkpoint = t / name / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    torch.save(content, checkpoint / "trainer_state.pt")
+    return str(t / name)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return exec, ("raise SystemExit('a checkpoint ran code')",)
 
 
 def _gen(t, *extra):
@@ -84,6 +106,33 @@ CASES = [
     # (4) a recipe's model path that is no folder says so (not "has no tokenizer files")
     (lambda t: ["train", RECIPE, f"model.name_or_path={t}/missing", f"training.output_dir={t}/run"],
      "model.name_or_path {t}/missing is not a folder (it does not exist)"),
+    # a data file that is not UTF-8, an output folder that cannot be written, a learning rate that is no number
+    (lambda t: ["train", RECIPE, f"data.path={t}/latin1.jsonl", f"training.output_dir={t}/run"],
+     "latin1.jsonl is not UTF-8 text (line 1, byte 15 cannot be decoded); save it as UTF-8"),
+    (lambda t: ["train", RECIPE, f"training.output_dir={t}/a_file/run"],
+     "training.output_dir {t}/a_file/run cannot be written (Not a directory); choose a folder you can write to."),
+    (lambda t: ["train", RECIPE, "training.learning_rate=nan"], "training.learning_rate must be a number, got nan."),
+    # a checkpoint's training state: never unpickled into code, and of the shape nf4tune writes
+    (lambda t: ["train", RECIPE, f"training.output_dir={_checkpoint_holding(t, 'evil', {'x': _RunsCode()})}", "--resume"],
+     "{t}/evil/checkpoint-2/trainer_state.pt holds Python objects that only running code could load"),
+    (lambda t: ["train", RECIPE, f"training.output_dir={_checkpoint_holding(t, 'odd', [1, 2])}", "--resume"],
+     "{t}/odd/checkpoint-2/trainer_state.pt is not a training state nf4tune wrote (it holds list, not a dict)"),
+    # no command writes onto its input, or over an existing output without --overwrite
+    (lambda t: ["export", str(t / "m.gguf"), str(t / "m.gguf")],
+     "{t}/m.gguf is the base model itself ({t}/m.gguf); writing there would destroy what is being read"),
+    (lambda t: ["export", str(t / "model"), str(t / "m.gguf")],
+     "{t}/m.gguf already exists; pass --overwrite to replace that file (it is replaced only once the new one is complete)"),
+    (lambda t: ["merge", str(t / "model"), str(t / "adapter"), str(t / "model"), "--overwrite"],
+     "{t}/model is the base model itself"),
+    (lambda t: ["merge", str(t / "model"), str(t / "adapter"), str(t / "full")],
+     "{t}/full already exists; pass --overwrite to replace that folder"),
+    (lambda t: ["quantize", str(t / "model"), str(t / "model")], "{t}/model is the model to quantize itself"),
+    (lambda t: ["quantize", str(t / "model"), str(t)], "{t} holds the model to quantize ({t}/model)"),
+    (lambda t: _gen(t)[:4] + ["--out", str(t / "prompts.jsonl")], "{t}/prompts.jsonl is the --prompts file itself"),
+    (lambda t: _gen(t)[:4] + ["--out", str(t / "done.jsonl")], "{t}/done.jsonl already exists; pass --overwrite"),
+    (lambda t: _gen(t)[:4] + ["--out", str(t / "cut.jsonl")],
+     "{t}/cut.jsonl.partial holds the finished lines of an interrupted run; continue them with --resume, or pass "
+     "--overwrite to start over."),
 ]
 
 

@@ -31,7 +31,9 @@ def test_interrupted_generate_keeps_out_and_resumes(tmp_path):
     partial = tmp_path / "out.jsonl.partial"
     old_umask = os.umask(0o022)
     try:
-        run = _cli("generate", "tiny-random:llama-demo", "--prompts", str(prompts), "--out", str(out), *ARGS)
+        # OUT holds an earlier result: replacing it is asked for (--overwrite), and happens only at the end
+        run = _cli("generate", "tiny-random:llama-demo", "--prompts", str(prompts), "--out", str(out), *ARGS,
+                   "--overwrite")
         deadline = time.time() + 120
         while time.time() < deadline and run.poll() is None:
             if partial.is_file() and len(partial.read_text().splitlines()) >= 3:
@@ -49,9 +51,16 @@ def test_interrupted_generate_keeps_out_and_resumes(tmp_path):
     assert f"{len(kept)} of 30 completions are complete in {partial}; {out} is unchanged; run the same command " \
            "with --resume to continue" in err
     assert out.read_text() == "an earlier result\n"
+    assert not (tmp_path / "out.jsonl.lock").exists()  # the interrupted run let go of OUT
     assert [json.loads(line)["id"] for line in kept] == list(range(len(kept)))
 
-    resumed = _cli("generate", "tiny-random:llama-demo", "--prompts", str(prompts), "--out", str(out), *ARGS, "--resume")
+    # without --overwrite, the earlier OUT is not replaced (and the finished lines stay)
+    refused = _cli("generate", "tiny-random:llama-demo", "--prompts", str(prompts), "--out", str(out), *ARGS, "--resume")
+    _, err = refused.communicate(timeout=120)
+    assert refused.returncode == 2 and f"{out} already exists; pass --overwrite" in err
+    assert partial.read_text().splitlines() == kept
+    resumed = _cli("generate", "tiny-random:llama-demo", "--prompts", str(prompts), "--out", str(out), *ARGS, "--resume",
+                   "--overwrite")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
     assert not partial.exists()

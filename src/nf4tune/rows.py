@@ -19,6 +19,28 @@ class BadRow(ValueError):
         self.field, self.problem = field, problem
 
 
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+def not_utf8(path: str | Path) -> str | None:
+    """Where the file at `path` stops being UTF-8 text ("line 3, byte 15": the offset in that line), or
+    None if it is UTF-8 throughout. Read line by line: a large data file is never held whole."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"line {number}, byte {e.start}"
+    return None
+
+
+def not_utf8_error(path: str | Path, where: str | None = None) -> Nf4tuneError:
+    """The sentence for a data file that is not UTF-8 text."""
+    where = where or not_utf8(path) or "somewhere"
+    return Nf4tuneError(f"{path} is not UTF-8 text ({where} cannot be decoded); save it as UTF-8 (for example with "
+                        "`iconv -f latin1 -t utf-8`).")
+
+
 def read_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict | BadRow]]:
     """(row number, row) from a .jsonl/.json/.csv/.parquet file, or a Hugging Face Hub dataset.
     Row numbers count from 1 (the line number for JSONL and CSV data rows). A JSONL line that is not
@@ -31,8 +53,12 @@ def read_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict | Bad
         yield from _hub_rows(path, split)
         return
     if suffix == ".jsonl":
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with p.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark is no part of the row
+                except UnicodeDecodeError as e:
+                    raise not_utf8_error(path, f"line {n}, byte {e.start}") from None
                 if not line.strip():
                     continue
                 try:
@@ -42,7 +68,9 @@ def read_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict | Bad
                 yield n, row
     elif suffix == ".json":
         try:
-            rows = json.loads(p.read_text(encoding="utf-8"))
+            rows = json.loads(p.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError:
+            raise not_utf8_error(path) from None
         except json.JSONDecodeError as e:
             raise Nf4tuneError(f"{path} is not valid JSON ({e}).") from e
         if isinstance(rows, dict) and len(rows) == 1 and isinstance(next(iter(rows.values())), list):
@@ -51,8 +79,11 @@ def read_rows(path: str, split: str = "train") -> Iterator[tuple[int, dict | Bad
             raise Nf4tuneError(f"{path} must hold a JSON list of rows.")
         yield from enumerate(rows, 1)
     elif suffix == ".csv":
-        with p.open(encoding="utf-8", newline="") as f:
-            yield from ((n + 1, row) for n, row in enumerate(csv.DictReader(f), 1))
+        with p.open(encoding="utf-8-sig", newline="") as f:
+            try:
+                yield from ((n + 1, row) for n, row in enumerate(csv.DictReader(f), 1))
+            except UnicodeDecodeError:
+                raise not_utf8_error(path) from None
     elif suffix == ".parquet":
         try:
             import pyarrow.parquet as pq

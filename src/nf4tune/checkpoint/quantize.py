@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .. import dispatch  # noqa: F401  (installs the fast 4-bit paths into quant)
 from ..errors import Nf4tuneError
+from ..outputs import check_output
 from ..quant import quantize
 from .architecture import linear_weight_keys
 from .gguf import companion_files
@@ -55,19 +56,23 @@ def quantize_checkpoint(
     blocksize: int = 64,
     compute_dtype: torch.dtype = torch.bfloat16,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> QuantizeReport:
     """Quantize every linear weight of the decoder in `model_dir` and write a 4-bit checkpoint to `out_dir`.
 
     Streams: each source tensor is read, quantized and dropped before the next is read, and each
     output shard is written before the next source shard is opened. `out_dir` appears only once
     complete. `compute_dtype` is only recorded in the config, as the dtype transformers +
-    bitsandbytes will compute in.
+    bitsandbytes will compute in. `out_dir` may be neither the source nor a folder holding it; an
+    existing one is replaced only with `overwrite`.
     """
+    check_output(out_dir, [("the model to quantize", model_dir)], overwrite)
     ckpt = open_checkpoint(model_dir)
     if "quantization_config" in ckpt.config:
         method = ckpt.config["quantization_config"].get("quant_method", "?")
         raise Nf4tuneError(f"{ckpt.path} is already quantized ({method}); give the original 16-bit checkpoint.")
-    with companion_files(ckpt) as source, CheckpointWriter(out_dir, source, len(ckpt.shards)) as writer:
+    with companion_files(ckpt) as source, CheckpointWriter(out_dir, source, len(ckpt.shards), overwrite,
+                                                                 ckpt.nbytes // 3) as writer:
         targets = linear_weight_keys(ckpt.config)
         report = QuantizeReport(Path(out_dir), 0, 0, ckpt.nbytes, 0, 0)
         with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=f"quantizing {ckpt.path.name}", disable=not progress) as bar:

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from ..atomic import give_file_mode, move_into_place, temp_dir
 from ..errors import Nf4tuneError
+from ..outputs import OutOfSpace, is_out_of_space
 from .hf import WEIGHTS_INDEX
 
 # Files that describe the weights themselves; everything else (tokenizer, generation config,
@@ -27,7 +28,10 @@ def shard_names(count: int) -> list[str]:
 
 class CheckpointWriter:
     """Writes shards into a temporary folder beside `out_dir` and renames it into place on success;
-    on any error the temporary folder is removed, so `out_dir` is either complete or absent.
+    on any error the temporary folder is removed, so `out_dir` is either complete or as it was. An
+    existing `out_dir` with anything in it is refused unless `overwrite` (it is then replaced only by
+    the complete new folder). A full disk is said as such (`OutOfSpace`), `expected_bytes` (about
+    what the whole output takes) saying how much to free.
 
         with CheckpointWriter(out_dir, source_dir, shard_count) as writer:
             writer.write_shard(tensors)
@@ -35,10 +39,13 @@ class CheckpointWriter:
             writer.finish(config)
     """
 
-    def __init__(self, out_dir: str | Path, source_dir: Path, shard_count: int):
+    def __init__(self, out_dir: str | Path, source_dir: Path, shard_count: int, overwrite: bool = False,
+                 expected_bytes: int = 0):
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
-            raise Nf4tuneError(f"{self.out_dir} already exists and is not empty; choose a new output folder.")
+        if not overwrite and self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
+            raise Nf4tuneError(f"{self.out_dir} already exists and is not empty; choose a new output folder "
+                               "(or pass --overwrite to replace it).")
+        self.expected_bytes = expected_bytes
         self.source_dir = source_dir
         self.names = shard_names(shard_count)
         self.weight_map: dict[str, str] = {}
@@ -70,5 +77,9 @@ class CheckpointWriter:
         self.tmp = None
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        full = isinstance(exc, Exception) and is_out_of_space(exc, self.out_dir.parent)  # before the space is freed
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        if full and not isinstance(exc, OutOfSpace):
+            raise OutOfSpace(self.out_dir, max(self.expected_bytes, self.nbytes), self.out_dir.parent,
+                             after=f"{self.out_dir} is unchanged.") from None

@@ -135,6 +135,24 @@ def read_text_file(path: str | Path, flag: str) -> str:
                            "save it as UTF-8 JSON Lines.") from e
 
 
+def check_data_file(path: str, key: str) -> None:
+    """A local data file (.jsonl, .json, .csv) must be a readable file of UTF-8 text: said now, not after
+    the tokenizer and model load. Hub dataset names and other files are left to the reader."""
+    from ..rows import TEXT_SUFFIXES, not_utf8, not_utf8_error
+
+    p = Path(path)
+    if p.suffix.lower() not in TEXT_SUFFIXES or not p.exists():
+        return  # a Hub dataset, or a missing file: the reader names it
+    if p.is_dir():
+        raise Nf4tuneError(f"{key} {path} is a folder; give a data file.")
+    try:
+        where = not_utf8(p)
+    except OSError as e:
+        raise Nf4tuneError(f"{key} {path} cannot be read ({e.strerror}).") from e
+    if where is not None:
+        raise not_utf8_error(path, where)
+
+
 def check_port_free(host: str, port: int) -> None:
     """Bind and release `host:port` now, so a port in use is reported before the model loads."""
     if port == 0:

@@ -29,10 +29,15 @@ def add_parser(sub) -> None:
     p.add_argument("--ollama", action="store_true", help="also write a Modelfile beside it (chat template, stop tokens)")
     p.add_argument("--dequantized", action="store_true",
                    help="merge into the NF4-dequantized weights the adapter trained against (the exact trained function)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT (and the Modelfile with --ollama) if it exists; never an input")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..outputs import check_export_outputs
+
+    check_export_outputs(args.out, args.base, args.adapter, args.ollama and not args.adapter_only, args.overwrite)
     from ..models.export import export_adapter_gguf, export_gguf
 
     if args.adapter_only:

@@ -133,6 +133,8 @@ def add_parsers(sub) -> None:
     gen.add_argument("--out", required=True, help="output JSONL")
     gen.add_argument("--batch-size", type=count(1), default=8)
     gen.add_argument("--resume", action="store_true", help="keep the lines an interrupted run finished (OUT.partial)")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="replace OUT if it exists, and start over from an interrupted run's OUT.partial")
     gen.set_defaults(run=run_generate)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server, with several adapters on one base",
@@ -287,19 +289,37 @@ def _done_lines(partial: Path, rows: list[dict]) -> list[str]:
     return done
 
 
+def _check_generate_output(args, out: Path, partial: Path) -> None:
+    """OUT is not an input and replaces nothing unasked; an interrupted run's finished lines are not
+    thrown away unasked either."""
+    from ..outputs import check_output
+
+    check_output(out, [("the --prompts file", args.prompts), ("the model", args.model), ("the adapter", args.adapter)],
+                 args.overwrite)
+    if partial.is_file() and not args.resume and not args.overwrite:
+        raise Nf4tuneError(f"{partial} holds the finished lines of an interrupted run; continue them with --resume, "
+                           "or pass --overwrite to start over.")
+
+
 def run_generate(args) -> int:
+    from ..runlock import acquire
+
     rows = _read_prompts(args.prompts)
     out = check_output_file(args.out)
     partial = partial_path(out)
-    done = _done_lines(partial, rows) if args.resume else []
-    _prepare_model(args)
-    sampling = _sampling(args)
-    todo = rows[len(done):]
-    with open(partial, "w", encoding="utf-8") as f:  # open()'s permissions; renamed onto OUT when complete
-        f.writelines(line + "\n" for line in done)
-    if todo:
-        _generate_into(args, todo, sampling, partial, len(done), len(rows))
-    os.replace(partial, out)
+    _check_generate_output(args, out, partial)
+    # One writer of OUT at a time: two runs would interleave their lines in OUT.partial.
+    with acquire(out.with_name(out.name + ".lock"), f"{out} is being written by another nf4tune generate",
+                 "choose another --out"):
+        done = _done_lines(partial, rows) if args.resume else []
+        _prepare_model(args)
+        sampling = _sampling(args)
+        todo = rows[len(done):]
+        with open(partial, "w", encoding="utf-8") as f:  # open()'s permissions; renamed onto OUT when complete
+            f.writelines(line + "\n" for line in done)
+        if todo:
+            _generate_into(args, todo, sampling, partial, len(done), len(rows))
+        os.replace(partial, out)
     print(f"wrote {len(rows)} completions to {out}" + (f" ({len(done)} kept from the interrupted run)" if done else ""))
     return 0
 

@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="with --dequantized")
     p.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, metavar="N",
                    help="with --dequantized")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it exists (only once the new one is complete; never an input)")
     p.set_defaults(run=run)
 
 
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ..models.merge import merge_adapter
 
     report = merge_adapter(resolve_builtin(args.base), args.adapter, args.out_dir, args.dequantized, args.quant_type,
-                           args.double_quant, args.blocksize)
+                           args.double_quant, args.blocksize, overwrite=args.overwrite)
     how = "dequantized 4-bit" if report.dequantized else "original 16-bit"
     print(f"wrote {report.out_dir}: {report.merged} weights merged into the {how} base weights")
     return 0

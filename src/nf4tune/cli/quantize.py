@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
                    help="elements per quantization block (32..4096, powers of two; default 64)")
     p.add_argument("--compute-dtype", choices=list(COMPUTE_DTYPES), default="bfloat16",
                    help="compute dtype recorded in quantization_config (default bfloat16)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it exists (only once the new one is complete; never the input)")
     p.add_argument("--demo", action="store_true",
                    help="build a tiny random Llama checkpoint in OUT_DIR/tiny-llama and quantize it (no download)")
     p.set_defaults(run=run)
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint.quantize import quantize_checkpoint
 
     report = quantize_checkpoint(resolve_builtin(args.model_dir), args.out_dir, args.quant_type, args.double_quant,
-                                 args.blocksize, getattr(torch, args.compute_dtype))
+                                 args.blocksize, getattr(torch, args.compute_dtype), overwrite=args.overwrite)
     _print_report(report, args)
     return 0
 

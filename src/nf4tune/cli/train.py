@@ -55,28 +55,49 @@ def _print_config(recipe) -> None:
     print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
 
 
-def _check_before_loading(recipe, resume) -> None:
-    """What can be refused before the tokenizer, the data or the model load."""
+def _check_before_loading(recipe, resume):
+    """What can be refused before the tokenizer, the data or the model load. Returns the output
+    folder's lock (taken here so that no other run starts into the folder meanwhile); release it
+    when the run ends."""
     from ..train import rundir
-    from ..train.config import recipe_to_dict
-    from .checks import check_model_location
+    from .checks import check_data_file, check_model_location
 
     check_model_location(recipe.model.name_or_path, "model.name_or_path")
+    check_data_file(recipe.data.path, "data.path")
+    if recipe.eval.path:
+        check_data_file(recipe.eval.path, "eval.path")
     out = Path(recipe.training.output_dir)
-    aside = rundir.prepare_output_dir(out, resume, recipe.training.overwrite_output_dir)
-    if aside is not None:
-        print(f"nf4tune: the previous run in {out} was moved to {aside}", file=sys.stderr)
-    if resume:
-        if resume is True:
-            checkpoint = rundir.latest_checkpoint_of_run(out)
-            if checkpoint is None:
-                return  # the loop says there is nothing to resume from
-        else:
-            checkpoint = Path(resume)
-            if not checkpoint.is_dir():
-                return  # the loop names what is missing
-        rundir.check_checkpoint_run(out, checkpoint)
-        rundir.check_resume_fits(checkpoint, recipe_to_dict(recipe))
+    lock, aside = rundir.claim_output_dir(out, resume, recipe.training.overwrite_output_dir)
+    try:
+        if aside is not None:
+            print(f"nf4tune: the previous run in {out} was moved to {aside}", file=sys.stderr)
+        if resume:
+            _check_resume(recipe, resume, out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _check_resume(recipe, resume, out: Path) -> None:
+    """The checkpoint to resume from belongs to this run, fits the recipe, and holds a training state
+    that loads without running code (read lazily: the tensors are not read yet)."""
+    from ..train import rundir
+    from ..train.config import recipe_to_dict
+    from ..train.state import STATE_FILE, load_trainer_state
+
+    if resume is True:
+        checkpoint = rundir.latest_checkpoint_of_run(out)
+        if checkpoint is None:
+            return  # the loop says there is nothing to resume from
+    else:
+        checkpoint = Path(resume)
+        if not checkpoint.is_dir():
+            return  # the loop names what is missing
+    rundir.check_checkpoint_run(out, checkpoint)
+    rundir.check_resume_fits(checkpoint, recipe_to_dict(recipe))
+    if (checkpoint / STATE_FILE).is_file():
+        load_trainer_state(checkpoint, lazily=True)
 
 
 def torchrun_command(args: argparse.Namespace) -> list[str]:
@@ -105,8 +126,9 @@ def run(args: argparse.Namespace) -> int:
     from ..train.parallel import resume_after_restart
 
     recipe, resume = resume_after_restart(recipe, args.resume)  # torchrun restarted the ranks: continue
+    lock = None
     if int(os.environ.get("RANK", "0")) == 0:  # one rank prepares the folder (the loop's other ranks wait for it)
-        _check_before_loading(recipe, resume)
+        lock = _check_before_loading(recipe, resume)
     try:
         result = train(recipe, resume=resume, progress=args.progress)
     except KeyboardInterrupt as stop:
@@ -114,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
             stop = rundir.interruption_on_disk(recipe.training.output_dir)
         print("\n" + rundir.interrupted_message(stop, args.recipe, args.overrides), file=sys.stderr)
         return 130
+    finally:
+        if lock is not None:
+            lock.release()
     if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports for all
         return 0
     minutes, seconds = divmod(int(result.seconds), 60)

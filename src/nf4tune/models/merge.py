@@ -26,6 +26,7 @@ from ..checkpoint.gguf import companion_files
 from ..checkpoint.hf import iter_tensors, open_checkpoint, resolve
 from ..checkpoint.writer import CheckpointWriter
 from ..errors import Nf4tuneError
+from ..outputs import check_output
 from ..layers.linear4bit import lora_scaling
 from ..quant import quantize
 from .adapters import VocabRows, read_adapter
@@ -211,18 +212,23 @@ def merge_adapter(
     double_quant: bool = True,
     blocksize: int = 64,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> MergeReport:
     """Write `base` with `adapter` merged in as a standard 16-bit safetensors checkpoint in `out_dir`.
 
     Streams shard by shard. `quant_type`, `double_quant` and `blocksize` say how the 4-bit weights
     the adapter trained against were made (used with `dequantized=True` on a 16-bit base). A GGUF
-    base is written as its dequantized (float32) tensors, with its tokenizer.
+    base is written as its dequantized (float32) tensors, with its tokenizer. `out_dir` may be
+    neither input nor a folder holding one; an existing one is replaced only with `overwrite`, and
+    only once the new folder is complete.
     """
+    check_output(out_dir, [("the base model", base), ("the adapter", adapter)], overwrite)
     ckpt = open_checkpoint(resolve(base))
     _, pairs, _ = read_adapter(adapter)
     dequantized = dequantized or ckpt.config.get("quantization_config") is not None
+    expected = ckpt.nbytes * (4 if dequantized else 1)  # a 4-bit base is written back in 16 bits
     with companion_files(ckpt) as base_files, _with_adapter_tokenizer(base_files, adapter) as source, \
-            CheckpointWriter(out_dir, source, len(ckpt.shards)) as writer:
+            CheckpointWriter(out_dir, source, len(ckpt.shards), overwrite, expected) as writer:
         out: dict[str, torch.Tensor] = {}
         current = 0
         for index, key, tensor in merged_tensors(base, adapter, dequantized, quant_type, double_quant, blocksize, progress):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -144,9 +145,11 @@ def _check_type(where: str, value, hint):
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if hint is float and isinstance(value, float) and math.isnan(value):  # NaN compares false with every bound
+        raise Nf4tuneError(f"{where} must be a number, got nan.")
     if hint is bool and not isinstance(value, bool):
         raise Nf4tuneError(f"{where} must be true or false, got {value!r}.")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -238,6 +241,10 @@ def _check_values(r: Recipe) -> None:
                          ("data.source_max_len", r.data.source_max_len), ("data.target_max_len", r.data.target_max_len)]:
         if value <= 0:
             raise Nf4tuneError(f"{where} must be positive, got {value}.")
+    for where, value in [("training.learning_rate", r.training.learning_rate),
+                         ("training.embedding_learning_rate", r.training.embedding_learning_rate)]:
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise Nf4tuneError(f"{where} must be a finite number, 0 or more, got {value}.")
     if r.training.max_steps <= 0 and r.training.num_train_epochs <= 0:
         raise Nf4tuneError("set training.max_steps or training.num_train_epochs to a positive number.")
 

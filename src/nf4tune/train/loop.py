@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,12 +13,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import move_into_place, temp_dir
 from ..checkpoint.architecture import is_encoder_decoder
 from ..checkpoint.hf import load_tokenizer, open_checkpoint, resolve
 from ..errors import Nf4tuneError
 from ..layers.lora import trainable_parameters
 from ..models.load import load_model
 from ..models.loss import loss_sum, target_count
+from ..outputs import OutOfSpace, is_out_of_space, no_space_sentence
 from ..registry import OPTIMIZERS
 from . import rundir
 from . import state as ckpt
@@ -198,21 +201,30 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     from .parallel import Parallel, resume_after_restart
 
     par = Parallel.from_environment(recipe)
+    trainer = None
     try:
         recipe, resume = resume_after_restart(recipe, resume)  # torchrun restarted the ranks: continue
-        return Trainer(recipe, par, resume, progress).run()
+        trainer = Trainer(recipe, par, resume, progress)
+        return trainer.run()
     except Nf4tuneError as e:
+        if isinstance(e, OutOfSpace) and trainer is not None:
+            e.args = (trainer.no_space(e),)
         sentence = par.fail(e)
         if sentence != str(e):
             e.args = (sentence,)
         raise
     except Exception as e:
+        if trainer is not None and is_out_of_space(e, trainer.out):  # a write outside the checkpoints (metrics...)
+            full = OutOfSpace(getattr(e, "filename", None) or trainer.out, 0, trainer.out)
+            raise Nf4tuneError(par.fail(Nf4tuneError(trainer.no_space(full)))) from e
         if par.world_size == 1:
             raise
         sentence = par.fail(e)  # one sentence naming the rank; torchrun stops the others
         log.exception("nf4tune: rank %d failed", par.rank)
         raise Nf4tuneError(sentence) from e
     finally:
+        if trainer is not None:
+            trainer.release_output()
         par.close()
 
 
@@ -239,8 +251,25 @@ class Trainer:
     def __init__(self, recipe: Recipe, par, resume: str | bool | None = None, progress: bool = True):
         self.recipe, self.par, self.t, self.progress = recipe, par, recipe.training, progress and par.is_main
         self.out = Path(self.t.output_dir)
-        if par.is_main:  # a folder holding another run is refused (or moved aside), never mixed into
-            rundir.prepare_output_dir(self.out, resume, self.t.overwrite_output_dir)
+        self.lock = None
+        # Rank 0 alone locks the folder (the ranks are one run); a folder holding another run, or in
+        # use by one, is refused (or moved aside), never mixed into.
+        if par.is_main:
+            self.lock, _ = rundir.claim_output_dir(self.out, resume, self.t.overwrite_output_dir)
+        try:
+            self._start(resume)
+        except BaseException:
+            self.release_output()
+            raise
+
+    def release_output(self) -> None:
+        """Let another run use the output folder (once, however the run ended)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _start(self, resume: str | bool | None) -> None:
+        par = self.par
         par.barrier()
         self.resume_from = None
         if resume is True:
@@ -251,10 +280,12 @@ class Trainer:
         if par.is_main:
             if self.resume_from is not None:
                 rundir.check_checkpoint_run(self.out, self.resume_from)
-                rundir.check_resume_fits(self.resume_from, recipe_to_dict(recipe))
+                rundir.check_resume_fits(self.resume_from, recipe_to_dict(self.recipe))
             self.run_id = rundir.start_run(self.out, self.resume_from)
         par.barrier()
         self.state = RunState()
+        self.adapter_written = False  # the final adapter is whole on disk
+        self.final_checkpoint_error: OutOfSpace | None = None
 
     def run(self) -> TrainResult:
         self._setup_data()  # the data first: a bad row is reported before minutes of model loading
@@ -281,6 +312,8 @@ class Trainer:
         self.seq2seq = is_encoder_decoder(open_checkpoint(self.model_path).config)
         if d.packing and self.seq2seq:
             raise Nf4tuneError("data.packing is for decoder-only models; turn it off for encoder-decoders such as T5.")
+        if self.par.is_main:
+            _warn_past_context(self.model_path, d.source_max_len, d.target_max_len)
         examples, self.stats = load_examples(d.path, d.split, d.format, tokenizer, d.source_max_len, d.target_max_len,
                                              d.train_on_source, d.on_bad_row, d.max_samples, self.seq2seq)
         if recipe.eval.path:
@@ -525,7 +558,9 @@ class Trainer:
             if scores:
                 record.update(step=s.step, **scores)
                 self.benchmarks_last = (s.step, scores)
-        if self.eval_examples and t.eval_steps and (s.step % t.eval_steps == 0 or s.step == self.total):
+        last = s.step == self.total
+        save = s.step % t.save_steps == 0 or last
+        if self.eval_examples and t.eval_steps and (s.step % t.eval_steps == 0 or last):
             eval_start = time.time()
             eval_loss = evaluate(self.loss_fn, self.model, self.eval_examples, self.recipe.eval.per_device_eval_batch_size,
                                  self.tokenizer.pad_token_id, self.par)
@@ -534,7 +569,7 @@ class Trainer:
             if s.best is None or eval_loss < s.best:
                 s.best = eval_loss
                 s.best_path = self.out / f"checkpoint-{s.step}"
-                self._save()
+                save = True
         if record and self.metrics is not None:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
@@ -542,10 +577,21 @@ class Trainer:
                 for key, value in record.items():
                     if key != "step":
                         self.board.add_scalar(f"{'eval' if key.startswith('eval') else 'train'}/{key}", value, s.step)
-        if s.step % t.save_steps == 0 or s.step == self.total:
+        if not save:
+            return
+        if last and self.par.world_size == 1:
+            # The final adapter comes next and is smaller: a full disk here must not lose the run.
+            try:
+                self._save()
+            except OutOfSpace as e:
+                self.final_checkpoint_error = e
+                if s.best_path is not None and not s.best_path.is_dir():
+                    s.best_path = None  # it was to be this checkpoint
+                log.warning("nf4tune: %s; writing the final adapter anyway", self.no_space(e).split(";")[0])
+        else:
             self._save()
-            if self.par.is_main:
-                ckpt.prune(self.out, t.save_total_limit, keep=s.best_path)
+        if self.par.is_main and not last:  # the last step's pruning waits until the adapter is whole
+            ckpt.prune(self.out, t.save_total_limit, keep=s.best_path)
 
     def _save(self) -> None:
         s = self.state
@@ -558,16 +604,59 @@ class Trainer:
             "global_batch": self.micro_per_step * self.t.per_device_train_batch_size,
         })
 
+    # --- a full disk ----------------------------------------------------------------------------
+
+    def no_space(self, error: OutOfSpace) -> str:
+        """The sentence for a full disk: what was being written, how much to free, what is kept."""
+        return no_space_sentence(error.path, error.needed, self.out, "training.output_dir", self._what_is_kept())
+
+    def _what_is_kept(self) -> str:
+        if self.adapter_written:
+            return f"the final adapter, {self.out / 'adapter'}, is whole."
+        latest = rundir.latest_checkpoint_of_run(self.out)
+        if latest is None:
+            return "no checkpoint was written yet."
+        step = int(latest.name.rsplit("-", 1)[1])
+        done = step >= getattr(self, "total", step + 1)
+        return f"the last checkpoint, step {step}, is intact" + (
+            " (--resume from it writes the adapter without training again)." if done else ".")
+
+    def _write_adapter(self) -> Path:
+        """The final adapter (with its prompt format and any grown tokenizer), written whole into a
+        temporary folder and renamed onto OUTPUT/adapter: a full disk leaves the earlier one, if any."""
+        par, final = self.par, self.out / "adapter"
+        needed = sum(p.numel() * p.element_size() for p in self.params)
+        tmp = temp_dir(self.out, prefix=".adapter.") if par.is_main else final  # only rank 0 writes
+        try:
+            par.save_adapter(self.model, tmp)
+            if par.is_main:
+                save_prompt_format(tmp, self.stats.format)  # chat and generate then prompt as trained
+                if self.added:
+                    self.tokenizer.save_pretrained(tmp)
+                move_into_place(tmp, final)
+        except Exception as e:
+            if not par.is_main:
+                raise
+            full = is_out_of_space(e, self.out)  # asked before the space is freed
+            if not full:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        else:
+            self.adapter_written = True
+            return final
+        shutil.rmtree(tmp, ignore_errors=True)  # outside the except block: the failed writer is let go first
+        raise OutOfSpace(final, needed, self.out)
+
     # --- the end ------------------------------------------------------------------------------
 
     def _finish(self) -> TrainResult:
         out, s, par = self.out, self.state, self.par
-        adapter_dir = out / "adapter"
-        par.save_adapter(self.model, adapter_dir)
-        if par.is_main:
-            save_prompt_format(adapter_dir, self.stats.format)  # chat and generate then prompt as trained
-            if self.added:
-                self.tokenizer.save_pretrained(adapter_dir)
+        adapter_dir = self._write_adapter()
+        if par.is_main:  # the checkpoints the last step's save made old go only now that the adapter is whole
+            ckpt.prune(out, self.t.save_total_limit, keep=s.best_path)
+        if self.final_checkpoint_error is not None:
+            log.warning("nf4tune: the final adapter is whole in %s, but the last checkpoint could not be written "
+                        "for lack of space: %s", adapter_dir, self.no_space(self.final_checkpoint_error))
         result = TrainResult(out, adapter_dir, s.step, s.tokens, time.time() - self.start_time, s.last_loss, s.best,
                              s.best_path, s.skipped, self.stats)
         if self.measure:
@@ -599,6 +688,24 @@ class Trainer:
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         par.barrier()
         return result
+
+
+def _warn_past_context(model_path: Path, source_max_len: int, target_max_len: int) -> None:
+    """Warn when examples may be longer than the context the model was made for (its config's
+    max_position_embeddings): positions past it were never trained, and the loss there means little."""
+    from ..checkpoint.hf import open_checkpoint
+
+    try:
+        config = open_checkpoint(model_path).config
+    except Nf4tuneError:
+        return  # loading the model says what is wrong
+    context = config.get("max_position_embeddings") or config.get("n_positions")
+    wanted = source_max_len + target_max_len
+    if isinstance(context, int) and wanted > context:
+        log.warning("nf4tune: data.source_max_len + data.target_max_len = %d + %d tokens, more than the %d-token context "
+                    "the model was made for (max_position_embeddings): longer examples run past the positions it knows; "
+                    "lower data.source_max_len to at most %d", source_max_len, target_max_len, context,
+                    max(1, context - target_max_len))
 
 
 def _tensorboard(out: Path):

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import Nf4tuneError
+from ..outputs import OutOfSpace, is_out_of_space
 from . import state as ckpt
 
 log = logging.getLogger("nf4tune")
@@ -313,8 +314,18 @@ class Parallel:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         self.barrier()
-        dcp.save({"optimizer": get_optimizer_state_dict(self.root, optimizer)}, checkpoint_id=str(tmp / OPTIMIZER_DIR))
-        torch.save(ckpt.rng_state(), tmp / f"rng-rank{self.rank}.pt")
+        needed = ckpt.checkpoint_bytes(out, model, trainer_state)
+        state = {"optimizer": get_optimizer_state_dict(self.root, optimizer)}
+        try:
+            dcp.save(state, checkpoint_id=str(tmp / OPTIMIZER_DIR))
+            torch.save(ckpt.rng_state(), tmp / f"rng-rank{self.rank}.pt")
+            full = False
+        except Exception as e:
+            full = is_out_of_space(e, out)
+            if not full:
+                raise
+        if full:  # raised outside the except block: the failed writer (and its open file) is let go
+            raise OutOfSpace(out / f"checkpoint-{step}", needed, out)  # the next start removes the folder
         # Every rank's files are in before rank 0 renames the folder into place: without this barrier
         # a DDP rank 0 (no collective until here) could move the folder while rank 1 was still writing.
         self.barrier()
@@ -343,11 +354,80 @@ class Parallel:
             state = {"optimizer": get_optimizer_state_dict(root, optimizer)}
             with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, checkpoint_id=str(path / OPTIMIZER_DIR))
+                dcp.load(state, storage_reader=safe_checkpoint_reader(path / OPTIMIZER_DIR))
             set_optimizer_state_dict(root, optimizer, state["optimizer"])
         mine = path / f"rng-rank{self.rank}.pt"
         if saved.get("world_size", 1) == self.world_size and mine.is_file():
-            saved["rng"] = torch.load(mine, weights_only=False)
+            rng = ckpt.read_state_file(mine)  # tensors and plain values only: no code runs
+            if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
+                raise Nf4tuneError(f"{mine} is not a generator state nf4tune wrote; resume from an earlier checkpoint.")
+            saved["rng"] = rng
+
+
+# What a torch.distributed.checkpoint `.metadata` file may name: DCP's own records, torch's dtypes and
+# sizes, a path. DCP reads the file with plain `pickle.load`, which would call anything a crafted file names.
+_DCP_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"),
+     ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")} | {
+    (module, name) for module in ("pathlib", "pathlib._local") for name in ("PosixPath", "WindowsPath", "PurePosixPath")}
+
+
+def read_dcp_metadata(file, path: Path):
+    """Unpickle a torch.distributed.checkpoint `.metadata` file (`file`, open for binary reading)
+    allowing only the classes such a file holds; anything else is refused with a sentence."""
+    import importlib
+    import pickle
+
+    class NotAllowed(Exception):
+        pass
+
+    class AllowListed(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) in _DCP_METADATA_CLASSES:
+                return getattr(importlib.import_module(module), name)
+            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
+            raise NotAllowed(f"{module}.{name}")
+
+    try:
+        return AllowListed(file).load()
+    except NotAllowed as e:
+        raise Nf4tuneError(f"{path} holds Python objects that only running code could load ({e}); nf4tune reads only "
+                           "what torch.distributed.checkpoint writes, so it does not load this checkpoint: resume from "
+                           "a checkpoint nf4tune wrote, or start again without --resume.") from None
+    except Exception as e:
+        first = (str(e).splitlines() or [""])[0] or type(e).__name__
+        raise Nf4tuneError(f"{path} cannot be read ({first}); resume from an earlier checkpoint.") from e
+
+
+def safe_checkpoint_reader(path: Path):
+    """A torch.distributed.checkpoint reader of the folder `path` whose metadata is read by
+    `read_dcp_metadata` rather than `pickle.load`; the tensors and values are read as DCP reads them
+    (torch.load with weights_only=True). The metadata is read here, so that a refusal is this
+    sentence rather than the exception DCP would wrap it in."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    def read(file: Path):
+        with open(file, "rb") as f:
+            return read_dcp_metadata(f, file)
+
+    whole = read(Path(path) / ".metadata") if (Path(path) / ".metadata").is_file() else None
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            rank = kwargs.get("rank")
+            metadata = whole if rank is None and whole is not None else read(
+                Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata"))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(str(path))
 
 
 def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:

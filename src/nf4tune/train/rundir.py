@@ -1,5 +1,8 @@
 """The output folder of a training run: never overwritten by accident, never mixed with another run.
 
+- One run writes into a folder at a time: `claim_output_dir` takes its lock (`OUTPUT/nf4tune.lock`,
+  naming the process and host; see runlock.py), so a second run into it is refused with a sentence
+  naming the first, and removes what a killed run left half-written (`.NAME.*.partial`).
 - A folder that holds a run is refused unless the new run resumes it (`--resume`) or the recipe
   says `training.overwrite_output_dir: true` (TrainingArguments' name), which moves the old run
   aside to `OUTPUT.old-<time>` rather than deleting it.
@@ -16,16 +19,21 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shlex
+import shutil
 import time
 import uuid
 from pathlib import Path
 
 from ..errors import Nf4tuneError
 
+log = logging.getLogger("nf4tune")
+
 RUN_FILE = "run.json"
+LOCK_FILE = "nf4tune.lock"  # held while a run writes into the folder (runlock.py)
 STATE_SUMMARY = "trainer_state.json"  # written by train/state.py beside trainer_state.pt
 ADAPTER_CONFIG = "adapter_config.json"
 # What a run leaves in its folder; any of these means the folder holds a run.
@@ -76,6 +84,50 @@ def prepare_output_dir(output_dir: str | Path, resume: str | bool | None, overwr
     out.rename(aside)
     out.mkdir(parents=True)
     return aside
+
+
+def claim_output_dir(output_dir: str | Path, resume: str | bool | None, overwrite: bool):
+    """Take `output_dir` for this run and make it ready: its lock (refused, naming the holder, while
+    another run writes there; a lock left by a run that has ended is taken over), then
+    `prepare_output_dir`, then the half-written files a killed run left are removed. Returns
+    (the lock, where an old run was moved or None); release the lock when the run ends."""
+    from .. import runlock
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise Nf4tuneError(f"training.output_dir {out} is a file; give a folder.")
+    in_use, remedy = f"{out} is in use by another training run", "choose another training.output_dir"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = runlock.acquire(out / LOCK_FILE, in_use, remedy)
+    except OSError as e:
+        raise Nf4tuneError(f"training.output_dir {out} cannot be written ({e.strerror or e}); choose a folder you "
+                           "can write to.") from e
+    try:
+        aside = prepare_output_dir(out, resume, overwrite)
+        if aside is not None:  # this process's lock file moved with the old run: lock the new folder
+            lock = lock.relocate(aside / LOCK_FILE, out / LOCK_FILE, in_use, remedy)
+        remove_unfinished(out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, aside
+
+
+def remove_unfinished(output_dir: str | Path) -> list[str]:
+    """Remove the temporary files and folders (`.NAME.*.partial`: an unfinished checkpoint, adapter or
+    run.json) that a run killed while writing left in `output_dir`, and return their names. Only
+    while holding the folder's lock: a live run's temporary folder must not be taken from under it."""
+    removed = []
+    for path in sorted(Path(output_dir).glob(".*.partial")):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path.name)
+    if removed:
+        log.info("nf4tune: removed what an interrupted run left half-written in %s: %s", output_dir, ", ".join(removed))
+    return removed
 
 
 # --- run identity ------------------------------------------------------------------------------
