@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py [--clients 8] [--adapters 4] [--requests 4] [--tokens 32]
                                     [--hidden 512] [--layers 8] [--lora-r 16] [--max-batch 8]
+                                    [--rounds 3] [--burst 128] [--burst-tokens 4]
 
 A random Llama (char tokenizer, --hidden/--layers) quantized to NF4 on CPU, with --adapters random
 LoRA adapters of rank --lora-r on every projection, served in this process on a free port. Each
@@ -19,6 +20,11 @@ exactly --tokens tokens each: end-of-sequence is ignored) and times each. Four r
 Each round runs the four one after another (the order rotating), for --rounds rounds: this shared
 machine's speed drifts, so each is reported by its median round (tokens per second: generated tokens
 over the run's wall time) and by the p50/p99 latency of all its requests.
+
+Then a connection burst: --burst clients (0: none) connect at the same moment (a barrier), each on its
+own new connection with no retry, and send one completion of --burst-tokens tokens; reported: how
+many connections were answered (and with which statuses), and the p50/p99 latency from connecting
+to the whole answer. --rounds 0 runs the burst alone.
 """
 
 from __future__ import annotations
@@ -114,6 +120,39 @@ def load(server: Server, models: list[str], args) -> dict:
             "errors": len(errors)}
 
 
+def burst(server: Server, models: list[str], clients: int, tokens: int) -> dict:
+    """`clients` new connections at once, one completion each, no retries: statuses and latencies."""
+    ready, answers = threading.Barrier(clients), []
+
+    def client(index: int):
+        ready.wait()
+        start = time.perf_counter()
+        try:
+            conn = http.client.HTTPConnection(*server.address, timeout=600)
+            body = json.dumps({"model": models[index % len(models)], "prompt": f"Burst client {index}:",
+                               "max_tokens": tokens, "temperature": 0})
+            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            answers.append((response.status, time.perf_counter() - start))
+            conn.close()
+        except OSError as e:  # refused, reset or timed out: not accepted
+            answers.append((type(e).__name__, time.perf_counter() - start))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies = sorted(seconds for status, seconds in answers if isinstance(status, int))
+    statuses = {}
+    for status, _ in answers:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+    return {"connections": clients, "answered": len(latencies), "statuses": statuses,
+            "p50_s": round(statistics.median(latencies), 3) if latencies else None,
+            "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3) if latencies else None}
+
+
 def summary(runs: list[dict]) -> dict:
     latencies = sorted(x for r in runs for x in r["latencies"])
     return {"tokens_per_s": [round(r["tokens_per_s"], 1) for r in runs],
@@ -134,11 +173,14 @@ def main() -> None:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--burst", type=int, default=128, help="connections opened at once for the burst (0: none)")
+    p.add_argument("--burst-tokens", type=int, default=4)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base, adapters = build(Path(tmp), args)
         model, tokenizer = nf4tune.load_model(base, device="cpu", progress=False)
-        engine = Engine(model, tokenizer, adapters, max_batch=args.max_batch, max_queue=4 * args.clients)
+        engine = Engine(model, tokenizer, adapters, max_batch=args.max_batch,
+                        max_queue=max(4 * args.clients, args.burst))  # the burst is all queued, none refused
         engine.eos_ids = set()  # every reply exactly --tokens long
         server = Server(engine, port=0)
         server.start()
@@ -159,11 +201,19 @@ def main() -> None:
                     engine.__dict__.pop(attr, None)
                 engine.__dict__.update(patches)
                 runs[name].append(load(server, models, args))
+        for attr in ("_admit", "_take_batch"):
+            engine.__dict__.pop(attr, None)
+        burst_result = burst(server, names, args.burst, args.burst_tokens) if args.burst else None
         server.stop()
-    results = {name: summary(r) for name, r in runs.items()}
+    results = {name: summary(r) for name, r in runs.items() if r}
     for name, r in results.items():
         print(f"{name:8s} {r['median_tokens_per_s']:8.1f} tok/s (rounds {r['tokens_per_s']})  "
               f"p50 {r['p50_s']:.2f} s  p99 {r['p99_s']:.2f} s  errors {r['errors']}")
+    if burst_result is not None:
+        b = burst_result
+        print(f"burst    {b['answered']}/{b['connections']} connections answered {b['statuses']}  "
+              f"p50 {b['p50_s']} s  p99 {b['p99_s']} s ({args.burst_tokens} tokens each)")
+        results["burst"] = burst_result
     print(json.dumps(results))
 
 

@@ -504,8 +504,8 @@ def test_export_new_families_read_back_through_transformers(arch, tmp_path):
 
 def test_exports_llama_cpp_cannot_run_are_refused_with_a_sentence(tmp_path, capsys):
     """Gemma with an untied head (llama.cpp's gemma reads the head from the embedding), Qwen3 with attention
-    biases, Mistral with dynamic rope scaling, Phi-3 at q4_k_m, Qwen2 with a yarn attention factor, and Gemma 2
-    (soft-capping): one sentence each, no file."""
+    biases, Mistral with dynamic rope scaling, Phi-3 at q4_k_m, Qwen2 with a yarn attention factor, and T5
+    (no llama.cpp decoder graph): one sentence each, no file."""
     cases = {
         "gemma": (dict(tie_word_embeddings=False), "untied"),
         "qwen3": (dict(attention_bias=True), "attention_bias"),
@@ -529,8 +529,8 @@ def test_exports_llama_cpp_cannot_run_are_refused_with_a_sentence(tmp_path, caps
     from nf4tune.checkpoint.gguf_export import ExportPlan
     from nf4tune.errors import Nf4tuneError
 
-    with pytest.raises(Nf4tuneError, match="'gemma2' models to GGUF is not supported"):
-        ExportPlan.for_config({"model_type": "gemma2", "num_hidden_layers": 2})
+    with pytest.raises(Nf4tuneError, match="'t5' models to GGUF is not supported"):
+        ExportPlan.for_config({"model_type": "t5", "num_hidden_layers": 2})
     assert not list(tmp_path.glob("*.gguf"))
 
 

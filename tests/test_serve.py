@@ -208,10 +208,12 @@ def test_streamed_pieces_add_up_to_the_whole_decode_with_multibyte_characters():
     ids = tokenizer(text, add_special_tokens=False).input_ids
     assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some tokens are parts of characters
     request = Request("unused", sampling=Sampling(max_new_tokens=len(ids)))
+    prompt = torch.tensor([[tokenizer.eos_token_id, 5]])  # an end-of-sequence token in it ends nothing
     streamer = _BatchStreamer(SimpleNamespace(tokenizer=tokenizer, eos_ids={tokenizer.eos_token_id}, closed=False),
-                              [request])
-    streamer.put(torch.tensor([[0]]))  # the prompt
-    for token in ids:
+                              [request], starts=prompt)
+    streamer.put(prompt.clone())  # generate() passes the prompt first
+    streamer.put(torch.tensor([ids[:3]]))  # several steps at once (B, k), as assisted generation passes them
+    for token in ids[3:]:
         streamer.put(torch.tensor([token]))
     streamer.end()
     request.deltas.put(None)

@@ -26,6 +26,7 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # GGUF types `nf4tune export --type` writes: name -> (gguf tensor type, gguf file type)
 EXPORT_TYPES = {
     "f16": ("F16", "MOSTLY_F16"),
+    "f32": ("F32", "ALL_F32"),
     "bf16": ("BF16", "MOSTLY_BF16"),
     "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
     "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
@@ -71,8 +72,13 @@ class FamilySpec:
     """What nf4tune does with one transformers `model_type` (a family whose layer choice is tested).
 
     Args:
-        chunked_loss: decoder-only with a plain output head: training computes the loss from the hidden
+        chunked_loss: decoder-only with a linear output head: training computes the loss from the hidden
             states a chunk of tokens at a time (models/loss.py: the training loop, the labels forward).
+        logits_divisor: the config field transformers divides the head's logits by (Granite's
+            logits_scaling); the chunked loss divides them likewise.
+        logits_softcap: the config field of the soft cap transformers puts on the logits, cap * tanh(logits /
+            cap) (Gemma 2's final_logit_softcapping; a config that leaves it None has none); the chunked
+            loss caps them likewise.
         decoder: nf4tune's own decoders serve it (serve/decoder.py, serve/static_decoder.py).
         gguf_arch: the llama.cpp architecture `nf4tune export` writes it as; None: not exported.
         gguf_permute_qk: whether Q/K rows are permuted into llama.cpp's rotary order on export.
@@ -84,6 +90,8 @@ class FamilySpec:
             computes; a model with another is refused.
         gguf_refused_flags: config fields that must be off (false or absent): variants llama.cpp's graph for
             the arch does not have.
+        gguf_required_fields: config fields that must be set (not None): what llama.cpp's graph for the arch
+            always applies (Gemma 2's soft-capping), so a model without it cannot be exported.
         gguf_fused_qkv: its attention input projection is one fused matrix (llama.cpp's attn_qkv), which
             llama.cpp's Q4_K_M mix puts in Q5_K.
         gguf_rope_types: the rope scaling types (transformers' `rope_type`) the exporter writes for it: "linear"
@@ -93,6 +101,8 @@ class FamilySpec:
     """
 
     chunked_loss: bool = False
+    logits_divisor: str | None = None
+    logits_softcap: str | None = None
     decoder: bool = False
     gguf_arch: str | None = None
     gguf_permute_qk: bool = False
@@ -100,6 +110,7 @@ class FamilySpec:
     gguf_tied_output: bool = False
     gguf_activation: str = "silu"
     gguf_refused_flags: tuple[str, ...] = ()
+    gguf_required_fields: tuple[str, ...] = ()
     gguf_fused_qkv: bool = False
     gguf_rope_types: tuple[str, ...] = ("default",)
 
@@ -116,9 +127,25 @@ FAMILIES: dict[str, FamilySpec] = {
                         gguf_refused_flags=("attention_bias", "use_sliding_window")),
     "gemma": FamilySpec(chunked_loss=True, gguf_arch="gemma", gguf_norm_shift=1.0, gguf_tied_output=True,
                         gguf_activation="gelu_pytorch_tanh", gguf_refused_flags=("use_bidirectional_attention",)),
-    "gemma2": FamilySpec(),  # soft-capped logits: the model's own loss
+    # llama.cpp's gemma2 always soft-caps attention and output logits and reads the head from the embedding;
+    # norms as Gemma's.
+    "gemma2": FamilySpec(chunked_loss=True, logits_softcap="final_logit_softcapping",
+                         gguf_arch="gemma2", gguf_norm_shift=1.0, gguf_tied_output=True,
+                         gguf_activation="gelu_pytorch_tanh", gguf_refused_flags=("use_bidirectional_attention",),
+                         gguf_required_fields=("attn_logit_softcapping", "final_logit_softcapping", "sliding_window")),
+    # Gemma 3's text model (q_norm / k_norm, local and global rope bases): llama.cpp's gemma3 has no attention
+    # soft-capping; linear rope scaling only on the global layers (transformers' "full_attention" parameters).
+    "gemma3_text": FamilySpec(chunked_loss=True, logits_softcap="final_logit_softcapping",
+                              gguf_arch="gemma3", gguf_norm_shift=1.0, gguf_activation="gelu_pytorch_tanh",
+                              gguf_refused_flags=("attn_logit_softcapping", "use_bidirectional_attention"),
+                              gguf_rope_types=("default", "linear")),
     # fused qkv_proj / gate_up_proj map as they are to attn_qkv / ffn_up (twice intermediate_size wide).
     "phi3": FamilySpec(chunked_loss=True, gguf_arch="phi3", gguf_fused_qkv=True, gguf_rope_types=("default", "longrope")),
+    "smollm3": FamilySpec(chunked_loss=True, gguf_arch="smollm3", gguf_permute_qk=True,
+                          gguf_refused_flags=("use_sliding_window",)),
+    "granite": FamilySpec(chunked_loss=True, logits_divisor="logits_scaling", gguf_arch="granite", gguf_permute_qk=True),
+    # llama.cpp's olmo2 requires a separate output head.
+    "olmo2": FamilySpec(chunked_loss=True, gguf_arch="olmo2", gguf_refused_flags=("tie_word_embeddings",)),
     "t5": FamilySpec(),
     "mt5": FamilySpec(),
 }

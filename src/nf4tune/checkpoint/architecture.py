@@ -31,11 +31,20 @@ def to_config(config: dict):
     return cfg
 
 
+def is_encoder_decoder(cfg) -> bool:
+    """Whether `cfg` (a transformers config, or config.json's dict) is an encoder-decoder (T5): the source
+    goes to the encoder and the target to the decoder. transformers' own `is_encoder_decoder` flag decides,
+    so every encoder-decoder it builds is treated alike, with no list of families to keep."""
+    if isinstance(cfg, dict):
+        cfg = to_config(cfg)
+    return bool(getattr(cfg, "is_encoder_decoder", False))
+
+
 def model_class(cfg):
     """The transformers auto class for `cfg`: a causal LM, or a seq2seq LM (T5) for encoder-decoders."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    return AutoModelForSeq2SeqLM if getattr(cfg, "is_encoder_decoder", False) else AutoModelForCausalLM
+    return AutoModelForSeq2SeqLM if is_encoder_decoder(cfg) else AutoModelForCausalLM
 
 
 def build_meta_model(config: dict):

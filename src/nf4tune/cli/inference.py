@@ -146,6 +146,15 @@ def add_parsers(sub) -> None:
     serve.add_argument("--max-queue", type=count(1), default=64, help="requests waiting beyond this get 429")
     serve.add_argument("--request-timeout", type=number(0, low_open=True), default=None, metavar="SECONDS",
                        help="a reply ends where it is this long after its request came (finish_reason 'length')")
+    # defaults None: the server's own (serve/server.py; not imported here, it loads transformers)
+    serve.add_argument("--max-connections", type=count(1), default=None,
+                       help="connections served at once, one thread each (default 256); those beyond get 503")
+    serve.add_argument("--idle-timeout", type=number(0, low_open=True), default=None, metavar="SECONDS",
+                       help="a connection with no request, or reading none of its answer, this long is closed (30)")
+    serve.add_argument("--read-timeout", type=number(0, low_open=True), default=None, metavar="SECONDS",
+                       help="a request's line and headers, then its body, must each arrive within this (10)")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="without --api-key, also accept requests whose Host is NAME (repeatable)")
     serve.add_argument("--format", choices=["auto", "template", "guanaco"], default="auto")
     serve.set_defaults(run=run_serve)
 
@@ -356,7 +365,9 @@ def run_serve(args) -> int:
                      request_timeout=args.request_timeout)
     try:
         server = Server(engine, base_name=Path(str(args.model)).name or "base", api_key=args.api_key,
-                        chat_style=args.format_choice, host=args.host, port=args.port)
+                        chat_style=args.format_choice, host=args.host, port=args.port, allowed_hosts=args.allow_host,
+                        **{k: v for k in ("max_connections", "idle_timeout", "read_timeout")
+                           if (v := getattr(args, k)) is not None})
     except OSError as e:  # taken between the check and now
         engine.close()
         raise Nf4tuneError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); choose another --port.") from e

@@ -56,7 +56,16 @@ def _greedy(model, ids: torch.Tensor, mask: torch.Tensor, budget: int, stop: set
         return Decoder(model).generate(ids, Sampling(max_new_tokens=budget), eos_ids=stop, attention_mask=mask)
     out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=budget,
                          do_sample=False, pad_token_id=pad_id, eos_token_id=sorted(stop))
-    return out[:, ids.shape[1]:].tolist()
+    return generated_tokens(model, out, ids.shape[1]).tolist()
+
+
+def generated_tokens(model, output: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """The tokens `model.generate` produced, without what it was given: a decoder-only model's output
+    starts with the (padded) prompt; an encoder-decoder's is the decoder's sequence, which starts with
+    one decoder_start_token_id (the prompt went to the encoder and is not echoed)."""
+    from ..checkpoint.architecture import is_encoder_decoder
+
+    return output[:, 1:] if is_encoder_decoder(model.config) else output[:, prompt_width:]
 
 
 def exact_match_accuracy(model, tokenizer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],

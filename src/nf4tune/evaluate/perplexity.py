@@ -75,6 +75,10 @@ def perplexity(model, tokenizer, text: str, max_length: int | None = None, strid
     window. `max_length` defaults to the model's context, `stride` to half of it."""
     from tqdm.auto import tqdm
 
+    from ..checkpoint.architecture import is_encoder_decoder
+
+    if is_encoder_decoder(model.config):  # windows of one sequence predicting itself
+        raise Nf4tuneError("perplexity needs a causal (decoder-only) language model.")
     max_length = max_length or context_length(model, tokenizer)
     stride = stride or max(1, max_length // 2)
     if not 0 < stride <= max_length:

@@ -143,6 +143,12 @@ class Linear4bit(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = LoraDropout(dropout)
 
+    def remove_lora(self) -> None:
+        """Drop the adapter: the layer is the 4-bit weight (and bias) alone again."""
+        self.lora_A = self.lora_B = None
+        self.r, self.scaling = 0, 0.0
+        self.lora_dropout = LoraDropout(0.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compiling = torch.compiler.is_compiling()
         if not compiling and not torch.is_grad_enabled() and x.numel() <= FUSED_MAX_TOKENS * self.in_features:

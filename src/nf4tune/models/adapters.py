@@ -243,7 +243,12 @@ def _lora_config(config: dict, pairs: dict) -> LoraConfig:
 
 
 def load_adapter(model, directory: str | Path) -> list[str]:
-    """Attach the LoRA adapters saved in `directory` (by nf4tune or PEFT) to `model`, checking they fit."""
+    """Attach the LoRA adapters saved in `directory` (by nf4tune or PEFT) to `model`, checking they fit.
+
+    The model then carries that adapter and no other: adapters it had on layers the saved one does not
+    target are dropped (as PEFT loading onto a base model), and its rank, alpha and dropout are the
+    saved adapter's. Only the adapters train (`requires_grad`); every other parameter is frozen.
+    """
     config, pairs, saved = read_adapter(directory)
     if saved:
         _load_saved_modules(model, saved, directory)
@@ -251,6 +256,9 @@ def load_adapter(model, directory: str | Path) -> list[str]:
     modules = dict(model.named_modules())
     for p in model.parameters():
         p.requires_grad_(False)
+    for name, layer in lora_layers(model).items():
+        if name not in pairs:
+            layer.remove_lora()
     lora = _lora_config(config, pairs)
     for name, pair in pairs.items():
         layer = modules[name]

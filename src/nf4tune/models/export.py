@@ -1,4 +1,5 @@
-"""`nf4tune export`: a base model with its adapter merged in, written as a GGUF file for llama.cpp / Ollama."""
+"""`nf4tune export`: a base model with its adapter merged in, written as a GGUF file for llama.cpp / Ollama; or the
+adapter alone, as llama.cpp's LoRA GGUF applied at run time on the base's own export."""
 
 from __future__ import annotations
 
@@ -6,9 +7,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint.gguf_export import check_export_type, ollama_modelfile, write_gguf
+from ..checkpoint.gguf_export import (
+    check_adapter_type,
+    check_export_type,
+    check_exportable,
+    ollama_modelfile,
+    write_gguf,
+    write_lora_gguf,
+)
 from ..checkpoint.hf import open_checkpoint, resolve
 from ..errors import Nf4tuneError
+from ..layers.linear4bit import lora_scaling
+from .adapters import read_adapter
 from .merge import merged_config, merged_tensors
 
 
@@ -34,6 +44,20 @@ def _tokenizer(ckpt, adapter):
     return None
 
 
+def _gguf_path(out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    if out_path.suffix != ".gguf":
+        raise Nf4tuneError(f"{out_path} does not end in .gguf; name the output file OUT.gguf.")
+    if out_path.is_dir():
+        raise Nf4tuneError(f"{out_path} is a folder; give the path of the .gguf file to write.")
+    return out_path
+
+
+def _unquantized(config: dict) -> dict:
+    """A 4-bit checkpoint's config as its 16-bit model's (what the export writes)."""
+    return {k: v for k, v in config.items() if k != "quantization_config"}
+
+
 def export_gguf(
     base: str | Path,
     out_path: str | Path,
@@ -47,12 +71,9 @@ def export_gguf(
     """Merge `adapter` (if any) into `base`'s original weights (dequantized for a 4-bit or GGUF base) and
     write one GGUF file of type `kind` (see `EXPORT_TYPES`), tensor by tensor; with `ollama`, a Modelfile beside it."""
     check_export_type(kind)
-    out_path = Path(out_path)
-    if out_path.suffix != ".gguf":
-        raise Nf4tuneError(f"{out_path} does not end in .gguf; name the output file OUT.gguf.")
-    if out_path.is_dir():
-        raise Nf4tuneError(f"{out_path} is a folder; give the path of the .gguf file to write.")
+    out_path = _gguf_path(out_path)
     ckpt = open_checkpoint(resolve(base))
+    check_exportable(_unquantized(ckpt.config), kind)  # a refusal before any tokenizer, adapter or weight is read
     tokenizer = _tokenizer(ckpt, adapter)
     adapter_has_tokenizer = adapter is not None and tokenizer is not None and (Path(adapter) / "tokenizer_config.json").is_file()
     source_gguf = ckpt.gguf if ckpt.gguf is not None and not adapter_has_tokenizer else None
@@ -69,3 +90,48 @@ def export_gguf(
         tmp.write_text(text)
         os.replace(tmp, modelfile)
     return ExportReport(out_path, count, kind, modelfile)
+
+
+def export_adapter_gguf(
+    base: str | Path,
+    out_path: str | Path,
+    adapter: str | Path,
+    kind: str = "f16",
+    name: str | None = None,
+) -> ExportReport:
+    """Write `adapter` alone as a llama.cpp LoRA GGUF (see `write_lora_gguf`) to apply on `base`'s own GGUF export:
+    `llama-cli -m base.gguf --lora OUT.gguf`. `base` (its config only: no weights are read) gives the architecture,
+    tensor names and layout. An adapter that adds tokens or trains whole embedding rows has no llama.cpp LoRA form."""
+    check_adapter_type(kind)
+    out_path = _gguf_path(out_path)
+    ckpt = open_checkpoint(resolve(base))
+    config = _unquantized(ckpt.config)
+    check_exportable(config, kind)
+    lora, pairs, saved = read_adapter(adapter)
+    if saved:
+        raise Nf4tuneError(f"the adapter in {adapter} trains rows of {', '.join(sorted(saved))}, which a llama.cpp LoRA "
+                           "file cannot carry; export the merged model instead (without --adapter-only).")
+    if not pairs:
+        raise Nf4tuneError(f"the adapter in {adapter} has no LoRA weights to write.")
+    _check_fits_base(config, pairs, adapter, ckpt.path)
+    alpha, rslora = lora.get("lora_alpha", 8), bool(lora.get("use_rslora"))
+    scaled = {module: (pair["A"], pair["B"], lora_scaling(alpha, pair["A"].shape[0], rslora)) for module, pair in pairs.items()}
+    count = write_lora_gguf(out_path, config, scaled, kind, name or Path(str(adapter).rstrip("/")).name)
+    return ExportReport(out_path, count, kind, None)
+
+
+def _check_fits_base(config: dict, pairs: dict, adapter, base_path) -> None:
+    """Each adapter pair fits the base's weight it targets (the shapes from a model built on the meta device)."""
+    from ..checkpoint.architecture import build_meta_model
+
+    model = build_meta_model(config)
+    for module, pair in pairs.items():
+        try:
+            shape = list(model.get_submodule(module).weight.shape)
+        except AttributeError:
+            raise Nf4tuneError(f"the adapter in {adapter} targets {module}, which {base_path} does not have; it was "
+                               "trained on another base model.") from None
+        a, b = pair["A"], pair["B"]
+        if shape != [b.shape[0], a.shape[1]] or a.shape[0] != b.shape[1]:
+            raise Nf4tuneError(f"the adapter in {adapter} does not fit {base_path}: {module}.weight is {shape} but the "
+                               f"adapter has A {list(a.shape)}, B {list(b.shape)}; it was trained on another base model.")

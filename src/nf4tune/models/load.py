@@ -218,9 +218,9 @@ def load_model(
 def _attach_adapters(model: nn.Module, path: Path, lora: LoraConfig | None, adapter,
                      device: torch.device | None = None) -> None:
     """Fresh adapters (`lora`) or saved ones (`adapter`), on the model's device."""
-    if adapter is not None or lora is not None:
-        # A model with adapters is what Trainer / TRL scripts expect of a PEFT model (models/peft_compat.py).
-        attach(model, Nf4tuneState(base=str(path), lora_config=lora))
+    # With adapters, the model is what Trainer / TRL scripts expect of a PEFT model; with or without, PEFT's
+    # entry points on it (get_peft_model, PeftModel.from_pretrained) are answered by nf4tune (models/peft_compat.py).
+    attach(model, Nf4tuneState(base=str(path), lora_config=lora))
     if adapter is None and lora is None:
         return
     # Before the weights arrive the layers have no device: the adapters are then made on the target

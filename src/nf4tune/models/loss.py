@@ -7,15 +7,59 @@ backward: the batch x seq x vocab logits tensor never exists, and no logits are 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint.architecture import is_encoder_decoder
 from ..dispatch import Compiled
-from ..registry import families
+from ..registry import FAMILIES, families
 
 IGNORE_INDEX = -100  # transformers' (and PyTorch's cross_entropy's) label of a position without a loss
-# Families whose head is a plain linear projection of the last hidden state (no logit scaling).
+# Families whose logits are a linear projection of the last hidden state (then at most divided and
+# soft-capped, as LogitTransform declares).
 CHUNKED_FAMILIES = frozenset(families("chunked_loss"))
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model's forward does to its head's output before the loss: divide by `divisor` (Granite),
+    then soft-cap, cap * tanh(logits / cap) (Gemma 2). The chunked loss applies it, and its derivative, in
+    float32; the identity costs nothing."""
+
+    divisor: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, config) -> "LogitTransform":
+        """The transform the registry declares for `config`'s family, with the config's values."""
+        spec = FAMILIES.get(config.model_type)
+        if spec is None:
+            return cls()
+        divisor = getattr(config, spec.logits_divisor) if spec.logits_divisor else None
+        softcap = getattr(config, spec.logits_softcap) if spec.logits_softcap else None
+        return cls(1.0 if divisor is None else float(divisor), None if softcap is None else float(softcap))
+
+    @property
+    def identity(self) -> bool:
+        return self.divisor == 1.0 and self.softcap is None
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """The logits from the head's output `z` (float32 unless the transform is the identity)."""
+        if self.identity:
+            return z
+        x = z.float() / self.divisor
+        return x if self.softcap is None else torch.tanh(x / self.softcap) * self.softcap
+
+    def backward(self, grad_logits: torch.Tensor, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """d loss / d z from d loss / d logits (the chain rule through __call__), in `dtype`."""
+        if self.identity:
+            return grad_logits
+        g = grad_logits.float() / self.divisor
+        if self.softcap is not None:  # d/dx cap * tanh(x / cap) = 1 - tanh^2 = 1 - (logits / cap)^2
+            g = g * (1 - (logits.float() / self.softcap) ** 2)
+        return g.to(dtype)
 
 
 def _logsumexp_and_target(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,17 +86,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     trains) is computed chunk by chunk in forward and only scaled in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens):
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, transform):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), chunk_tokens):
             h = hidden[start:start + chunk_tokens].to(weight.dtype)
             t = targets[start:start + chunk_tokens]
-            logits = F.linear(h, weight, bias)
+            logits = transform(F.linear(h, weight, bias))
             lse, picked = _logsumexp_and_target_fast(logits, t)
             total += (lse - picked).sum()
-            g = _grad_logits_fast(logits, lse, t)
+            g = transform.backward(_grad_logits_fast(logits, lse, t), logits, weight.dtype)
             del logits
             grad_hidden[start:start + chunk_tokens] = g @ weight
             if grad_weight is not None:
@@ -64,17 +108,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_total.to(grad_hidden.dtype),
-                None if grad_weight is None else grad_weight * grad_total, None, None, None)
+                None if grad_weight is None else grad_weight * grad_total, None, None, None, None)
 
 
-def chunked_loss_sum(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
+def chunked_loss_sum(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_tokens: int = 1024,
+                     transform: LogitTransform = LogitTransform()) -> torch.Tensor:
     """Sum of the token cross-entropies of `hidden` (tokens x hidden, only positions with a target)
-    projected by `head` (the model's output linear), a chunk of tokens at a time; float32."""
+    projected by `head` (the model's output linear) and `transform`ed as the model's forward does, a
+    chunk of tokens at a time; float32."""
     if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-        return _ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_tokens)
+        return _ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_tokens, transform)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_tokens):
-        logits = head(hidden[start:start + chunk_tokens].to(head.weight.dtype))
+        logits = transform(head(hidden[start:start + chunk_tokens].to(head.weight.dtype)))
         lse, picked = _logsumexp_and_target_fast(logits, targets[start:start + chunk_tokens])
         total = total + (lse - picked).sum()
     return total
@@ -93,13 +139,21 @@ def shifted_targets(hidden: torch.Tensor, labels: torch.Tensor | None, shift_lab
     return hidden[keep], targets[keep]
 
 
+def target_count(labels: torch.Tensor, encoder_decoder: bool) -> int:
+    """The tokens a batch's loss is taken over: a decoder-only model's position t predicts labels[t + 1],
+    so its first label never is a target; an encoder-decoder's decoder predicts every label (its input is
+    the labels shifted right behind the start token)."""
+    targets = labels if encoder_decoder else labels[:, 1:]
+    return int((targets != IGNORE_INDEX).sum())
+
+
 def loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of target tokens) for one batch."""
     labels = batch["labels"]
     if model.config.model_type not in CHUNKED_FAMILIES:  # T5 and unknown heads: the model's own loss
+        # An encoder-decoder builds decoder_input_ids from the labels itself (transformers' _shift_right).
         out = model(**batch, use_cache=False)
-        count = int((labels[:, 1:] != IGNORE_INDEX).sum()) if not model.config.is_encoder_decoder else \
-            int((labels != IGNORE_INDEX).sum())
+        count = target_count(labels, is_encoder_decoder(model.config))
         return out.loss * count, count
     backbone = getattr(model, model.base_model_prefix)
     # No KV cache: training needs none, and transformers reads packed rows' boundaries from
@@ -107,4 +161,5 @@ def loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024) ->
     hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                       position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
     hidden, targets = shifted_targets(hidden, labels)
-    return chunked_loss_sum(hidden, model.get_output_embeddings(), targets, chunk_tokens), targets.numel()
+    total = chunked_loss_sum(hidden, model.get_output_embeddings(), targets, chunk_tokens, LogitTransform.of(model.config))
+    return total, targets.numel()

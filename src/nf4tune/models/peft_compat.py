@@ -1,7 +1,6 @@
 """What transformers' `Trainer` and TRL expect of a PEFT model, on an nf4tune QLoRA model.
 
-`load_model` (with `lora=` or `adapter=`) gives the transformers model a subclass of its own class,
-`Nf4tune<Class>`, adding:
+`load_model` gives the transformers model a subclass of its own class, `Nf4tune<Class>`, adding:
 
 - `forward(..., labels=...)` in training mode computes the loss with nf4tune's chunked loss from the
   final hidden states (no batch x seq x vocab logits; `logits` is None, as with Liger-Kernel's fused
@@ -13,6 +12,8 @@
 - `print_trainable_parameters()` / `get_nb_trainable_parameters()` as PEFT prints them.
 - `peft.prepare_model_for_kbit_training` and `peft.get_peft_model` on it stop with one sentence:
   nf4tune already did both, and PEFT would freeze (or fail to wrap) the 4-bit adapters.
+- `peft.PeftModel.from_pretrained(model, DIR, is_trainable=...)` loads the adapter into nf4tune's own
+  LoRA layers, as `load_model(base, adapter=DIR)` does (models/peft_resume.py).
 
 nf4tune's own state is one declared object, `model.nf4tune` (`Nf4tuneState`).
 """
@@ -27,6 +28,7 @@ import re
 import shutil
 import sys
 from dataclasses import dataclass
+from types import FrameType
 
 import torch
 from torch import nn
@@ -36,7 +38,7 @@ from ..layers.kept_outputs import DEFAULT_BUDGET_GIB, KeepOutputsCheckpoint
 from ..layers.lora import LoraConfig, lora_layers, trainable_parameters
 from ..registry import families
 from .adapters import _KEY, _TOKEN_KEY, PREFIX, WEIGHTS_NAME, save_adapter
-from .loss import chunked_loss_sum, shifted_targets
+from .loss import LogitTransform, chunked_loss_sum, shifted_targets
 
 # Trainer's resume reads `model.safetensors.index.json` when a checkpoint has no full weights and the
 # model is not a peft.PeftModel; this index points it at the adapter file, which `load_state_dict` reads.
@@ -49,12 +51,20 @@ _CHECKPOINT_FOLDER = re.compile(r"checkpoint-\d+")
 _CHUNKED = families("chunked_loss")  # the labels forward's chunked loss (models/loss.py) serves these
 
 # Functions of PEFT that would freeze the adapters (prepare_model_for_kbit_training) or try to wrap the
-# 4-bit layers again (get_peft_model, PeftModel(...), PeftModel.from_pretrained go through inject_adapter).
+# 4-bit layers (get_peft_model, PeftModel(...), PeftModel.from_pretrained go through inject_adapter, which
+# lists the model's modules first: PeftModel.from_pretrained is let through there, models/peft_resume.py).
 _PEFT_ENTRY_POINTS = {"prepare_model_for_kbit_training", "get_peft_model", "inject_adapter"}
 _ALREADY_DONE = (
     "this model is already a QLoRA model from nf4tune.load_model (4-bit base, LoRA adapters trainable, "
     "gradient checkpointing on), so drop peft.prepare_model_for_kbit_training / get_peft_model (and a Trainer's "
-    "peft_config) from your script; load a saved adapter with nf4tune.load_model(base, adapter=DIR)."
+    "peft_config) from your script; load a saved adapter with peft.PeftModel.from_pretrained(model, DIR) or "
+    "nf4tune.load_model(base, adapter=DIR)."
+)
+_NO_ADAPTERS_YET = (
+    "this is a 4-bit model from nf4tune.load_model, whose layers PEFT cannot wrap, so drop "
+    "peft.prepare_model_for_kbit_training / get_peft_model (and a Trainer's peft_config) from your script and "
+    "load it with nf4tune.load_model(base, lora=nf4tune.LoraConfig(...)) (4-bit base, LoRA adapters trainable, "
+    "gradient checkpointing on); load a saved adapter with peft.PeftModel.from_pretrained(model, DIR)."
 )
 
 
@@ -83,16 +93,26 @@ class Nf4tuneState:
     kept_outputs_gib: float = DEFAULT_BUDGET_GIB
 
 
-def _called_from_peft(depth: int = 6) -> str | None:
-    """The PEFT entry point among the callers a few frames up, if any."""
+def _peft_caller(depth: int = 6) -> FrameType | None:
+    """The frame of the PEFT entry point among the callers a few frames up, if any."""
     frame = sys._getframe(2)
     for _ in range(depth):
         if frame is None:
             return None
         if frame.f_code.co_name in _PEFT_ENTRY_POINTS and frame.f_globals.get("__name__", "").startswith("peft"):
-            return frame.f_code.co_name
+            return frame
         frame = frame.f_back
     return None
+
+
+def _answer_peft(model, caller: FrameType) -> None:
+    """Let PEFT go on where nf4tune takes the call over (PeftModel.from_pretrained), else stop with one sentence."""
+    if caller.f_code.co_name == "inject_adapter":
+        from .peft_resume import take_over_from_pretrained
+
+        if take_over_from_pretrained(model, caller):
+            return
+    raise Nf4tuneError(_ALREADY_DONE if model.nf4tune.lora_config is not None else _NO_ADAPTERS_YET)
 
 
 class Nf4tuneModelMixin:
@@ -142,8 +162,10 @@ class Nf4tuneModelMixin:
                                                    **kwargs)
 
     def named_modules(self, *args, **kwargs):
-        if _called_from_peft() is not None:
-            raise Nf4tuneError(_ALREADY_DONE)
+        # The first thing PEFT's entry points do with a model that reaches nf4tune: list its modules.
+        caller = _peft_caller()
+        if caller is not None:
+            _answer_peft(self, caller)
         return super().named_modules(*args, **kwargs)
 
     # --- saving and loading -------------------------------------------------------------------
@@ -242,7 +264,8 @@ def _chunked_forward(model, arguments: dict):
     backbone = getattr(model, model.base_model_prefix)
     out = backbone(**arguments)
     hidden, targets = shifted_targets(out.last_hidden_state, labels, shift_labels, ignore_index)
-    total = chunked_loss_sum(hidden, model.get_output_embeddings(), targets, model.nf4tune.loss_chunk_tokens)
+    total = chunked_loss_sum(hidden, model.get_output_embeddings(), targets, model.nf4tune.loss_chunk_tokens,
+                             LogitTransform.of(model.config))
     if num_items is None:
         loss = total / targets.numel()  # transformers' mean over labelled tokens (NaN when there are none, as there)
     else:

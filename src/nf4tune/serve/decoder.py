@@ -79,6 +79,7 @@ class Row:
     out: list[int] = field(default_factory=list)
     done: bool = False
     logits: torch.Tensor | None = None  # the scores its next token is drawn from
+    error: Exception | None = None  # why it failed alone (its prefill or its draw), for `on_failed`
 
     def __post_init__(self):
         self.seen = list(self.prompt_ids)
@@ -318,13 +319,14 @@ class Decoder:
 
     @torch.no_grad()
     def run(self, admit: Callable[[int], list[Row]], on_step: Callable[[list[Row | None], list[int]], Iterable[int] | None],
-            eos_ids: set[int] = frozenset(), adapters=None) -> None:
+            eos_ids: set[int] = frozenset(), adapters=None, on_failed: Callable[[Row], None] | None = None) -> None:
         """Continuous batching: between steps, `admit(live)` (told how many rows are live) hands over new
         rows, which are prefilled into the places of rows that ended (or new ones) and decode from the
         next step on beside the others; each step draws every live row's next token (row.logits, its own
         settings and generator), `on_step(rows, tokens)` sees them and returns the places of rows that end
         there. `adapters` (`AdapterBank.rows([])`): each row under its own adapter. Returns once no row is
-        live and `admit` gives none. A row's tokens are bit for bit what it gets alone (`generate`)."""
+        live and `admit` gives none. A row's tokens are bit for bit what it gets alone (`generate`).
+        `on_failed(row)`: see `continuous_batching` (a row whose prefill or draw fails ends alone)."""
         live: list[Row | None] = []
         self.keys = self.values = self.rope_table = None
         self.slot, self.padding, self.positions = 0, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
@@ -344,7 +346,8 @@ class Decoder:
                     for place, r in enumerate(live) if r is not None]
 
         try:
-            continuous_batching(live, admit, on_step, eos_ids, lambda new: self._admit(live, new, adapters), retire, step)
+            continuous_batching(live, admit, on_step, eos_ids, lambda new: self._admit(live, new, adapters), retire, step,
+                                on_failed)
         finally:
             self.adapters = None
             self.keys = self.values = None
@@ -414,19 +417,42 @@ class Decoder:
 def continuous_batching(live: list[Row | None], admit: Callable[[int], list[Row]],
                         on_step: Callable[[list[Row | None], list[int]], Iterable[int] | None], eos_ids: set[int],
                         place_new: Callable[[list[Row]], None], retire: Callable[[int], None],
-                        step: Callable[[list[int]], Iterable[tuple[int, torch.Tensor]]]) -> None:
+                        step: Callable[[list[int]], Iterable[tuple[int, torch.Tensor]]],
+                        on_failed: Callable[[Row], None] | None = None) -> None:
     """The loop both decoders run (`Decoder.run`, `StaticDecoder.run`); they differ in how they hold the
     cache. Between steps `admit(live count)` hands over rows and `place_new(rows)` puts them in `live`
     with their first logits; every live row draws its next token; `on_step(live, tokens)` returns the
     places that end there, which `retire(place)` frees; `step(tokens)` advances the cache one token
-    and returns (place, logits) for each live row. Returns once no row is live and `admit` gives none."""
+    and returns (place, logits) for each live row. Returns once no row is live and `admit` gives none.
+
+    One row's failure is its own: a row whose prompt cannot be prefilled, or whose next token cannot be
+    drawn (its settings or its logits give no distribution), leaves the batch before `on_step` sees the
+    step, with the exception in `row.error`, and `on_failed(row)` is told; the other rows go on exactly
+    as if it had ended there (each row's arithmetic is its own, so their tokens do not change). Without
+    `on_failed` such a failure is raised. A failure of the shared step is every row's, and is raised."""
+    def fail(row: Row, error: Exception) -> None:
+        if on_failed is None:
+            raise error
+        row.error, row.done = error, True
+        on_failed(row)
+
     while True:
         new = admit(sum(r is not None for r in live))
         if new:
-            place_new(new)
+            _place_each(live, new, place_new, retire, fail)
         if not any(live):
             return
-        tokens = [Decoder._draw(r, eos_ids) if r is not None else 0 for r in live]
+        tokens = []
+        for place, row in enumerate(live):
+            token = 0
+            if row is not None:
+                try:
+                    token = Decoder._draw(row, eos_ids)
+                except Exception as e:  # this row's settings or logits: it leaves, the others draw on
+                    live[place] = None
+                    retire(place)
+                    fail(row, e)
+            tokens.append(token)
         for place in on_step(live, tokens) or ():
             live[place].done = True
         for place, r in enumerate(live):
@@ -437,3 +463,31 @@ def continuous_batching(live: list[Row | None], admit: Callable[[int], list[Row]
             continue
         for place, logits in step(tokens):
             live[place].logits = logits
+
+
+def _place_each(live: list[Row | None], new: list[Row], place_new: Callable[[list[Row]], None],
+                retire: Callable[[int], None], fail: Callable[[Row, Exception], None]) -> None:
+    """`place_new(new)`; when that fails, the new rows leave the places they took and each is placed
+    alone, so that a prompt which cannot be prefilled fails its own row only (prefill computes each
+    prompt apart, so a row placed alone holds what it would have held placed with the others)."""
+    try:
+        place_new(new)
+        return
+    except Exception as e:
+        _vacate(live, new, retire)
+        if len(new) == 1:
+            return fail(new[0], e)
+    for row in new:
+        try:
+            place_new([row])
+        except Exception as e:
+            _vacate(live, [row], retire)
+            fail(row, e)
+
+
+def _vacate(live: list[Row | None], rows: list[Row], retire: Callable[[int], None]) -> None:
+    """Free the places `rows` hold in `live` (a failed placement may have taken some)."""
+    for place, r in enumerate(live):
+        if r is not None and any(r is row for row in rows):
+            live[place] = None
+            retire(place)

@@ -11,6 +11,16 @@ any of its stop strings (text that may be the start of one is held back). A requ
 went away (`Request.cancel` or its `probe`), when its deadline passes (`request_timeout`), or when
 the engine closes; a prompt and reply never outgrow the model's context. A full queue refuses new
 requests at once (the server answers 429) instead of running out of memory.
+
+One request cannot fail the others. Its sampling settings are checked and normalized before it joins
+a batch (`Sampling.check`: a temperature too small to divide by decodes greedily). With the decoders,
+a row whose prompt cannot be prefilled, whose next token cannot be drawn or whose text cannot be made
+ends alone with its own error, and the others decode on exactly as if it had ended there. With
+`generate`, where a batch shares one call: a row whose text fails ends alone (generate is told it
+stopped); when the call itself fails for a batch of several, which row caused it cannot be told, so
+each unfinished row goes on alone from the tokens it has (its reply continues where it was; a sampled
+one draws from its seed anew), and only a row that fails alone is answered with the error. Each
+failure is logged once, with its traceback and its request's id.
 """
 
 from __future__ import annotations
@@ -140,37 +150,62 @@ class _Row:
 class _BatchStreamer(BaseStreamer):
     """Routes the tokens generated for a batch to each request, as text.
 
+    `starts` (B, T) are the ids generate() starts its sequences from: the padded prompts, or for an
+    encoder-decoder model the decoder's start tokens. generate() passes them to `put` first (transformers
+    5.25 does; a version that does not is served too): a first put equal to them is recognised by its
+    content and skipped, so they never count as reply tokens. Every other put is tokens: (B,) for one
+    step, (B, k) for k steps.
+
     Text is decoded incrementally (as text-generation-inference does): each new token's text is the
     decode of a short window ending in it minus the decode of the window without it, so a step costs
     the same at token 10 as at token 2000; a window ending inside a multi-byte character waits for
     the rest of its bytes. Stop strings are searched across token boundaries; text that may be the
     start of one is held back until the next tokens decide."""
 
-    def __init__(self, engine: "Engine", requests: list[Request]):
+    def __init__(self, engine: "Engine", requests: list[Request], starts: torch.Tensor | None = None,
+                 rows: list[_Row] | None = None):
         self.engine, self.requests = engine, requests
-        self.rows = [_Row(r) for r in requests]
-        self.prompt_seen = False
+        self.rows = rows if rows is not None else [_Row(r) for r in requests]
+        self.starts = None if starts is None else starts.cpu()
+        self.first_put = True
 
     @property
     def finished(self) -> list[bool]:
         return [row.finished for row in self.rows]
 
-    def put(self, value: torch.Tensor, logits: torch.Tensor | None = None) -> list[int]:
-        """Take one step's tokens (one per row); return the rows that ended at it."""
-        if not self.prompt_seen:  # generate() first passes the prompts
-            self.prompt_seen = True
+    def _is_starts(self, value: torch.Tensor) -> bool:
+        """Whether `value` is the batch's start ids (only the first put can be)."""
+        first, self.first_put = self.first_put, False
+        return (first and self.starts is not None and value.dim() == 2 and value.shape == self.starts.shape
+                and torch.equal(value.cpu(), self.starts))
+
+    def put(self, value: torch.Tensor) -> list[int]:
+        """Take one step's tokens (B,), or several steps' (B, k); return the rows that ended at them."""
+        if self._is_starts(value):
             return []
         if self.engine.closed:  # stop mid-reply: the process is leaving (Ctrl-C, shutdown)
             raise Nf4tuneError("the engine was closed during generation.")
+        if value.numel() == 0 or value.numel() % len(self.rows):
+            raise Nf4tuneError(f"generate passed {tuple(value.shape)} tokens to a batch of {len(self.rows)} replies.")
         ended = []
-        for index, token in enumerate(value.view(-1).tolist()):
-            row = self.rows[index]
-            if row.finished:
-                continue
-            self._token(row, token, None if logits is None else logits[index])
-            if row.finished:
-                ended.append(index)
+        for step in value.reshape(len(self.rows), -1).t().tolist():
+            for index, token in enumerate(step):
+                row = self.rows[index]
+                if row.finished:
+                    continue
+                self.take(row, token, None)  # generate() gives no logits: its requests have no logprobs
+                if row.finished:
+                    ended.append(index)
         return ended
+
+    def take(self, row: _Row, token: int, logits: torch.Tensor | None) -> None:
+        """Give `row` its next token; a row whose text cannot be made (its decode, its logprobs) ends
+        alone, failed and answered with its error, and the batch goes on without it."""
+        try:
+            self._token(row, token, logits)
+        except Exception as e:
+            row.finished = True
+            self.engine._failed([row.request], e)
 
     def _token(self, row: _Row, token: int, logits: torch.Tensor | None) -> None:
         request, eos, decode = row.request, self.engine.eos_ids, self.engine.tokenizer.decode
@@ -282,6 +317,7 @@ class Engine:
     def __init__(self, model, tokenizer, adapters: dict[str, str] | None = None, max_batch: int = 8,
                  max_queue: int = 64, request_timeout: float | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
+        self._encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.bank = AdapterBank(model, adapters or {}) if adapters else None
         # An adapter's added tokens: its tokenizer encodes its prompts and decodes every reply (it decodes
         # the base's ids as the base's does); other prompts are encoded as the base encodes them.
@@ -341,7 +377,7 @@ class Engine:
     def submit(self, request: Request) -> Request:
         """Check and queue a request; raises Nf4tuneError for a bad one (ContextTooLong beyond the
         model's context) and QueueFull when `max_queue` requests are already waiting."""
-        request.sampling.check()
+        request.sampling = request.sampling.check()  # normalized: a degenerate temperature decodes greedily
         if not request.prompt:
             raise Nf4tuneError("the prompt is empty; give the model some text to continue.")
         if request.adapter is not None and request.adapter not in self.adapter_names:
@@ -352,7 +388,9 @@ class Engine:
         if request.logprobs is not None and self.decoder is None:
             raise Nf4tuneError("logprobs are available with nf4tune's decoders only; this model is served by generate().")
         encoder = self._encoders.get(request.adapter, self._encoders[None])
-        request.prompt_ids = encoder(request.prompt, add_special_tokens=False).input_ids
+        # an encoder-decoder reads the prompt as training fed its encoder, with the tokenizer's own special
+        # tokens (T5's eos); a decoder-only model continues the text as given
+        request.prompt_ids = encoder(request.prompt, add_special_tokens=self._encoder_decoder).input_ids
         request.prompt_tokens = len(request.prompt_ids)
         if not request.prompt_ids:
             raise Nf4tuneError("the prompt makes no tokens; give the model some text to continue.")
@@ -435,22 +473,35 @@ class Engine:
             try:
                 self._generate(batch)
             except Exception as e:  # one bad batch must not take the server down
-                for r in batch:
-                    if not r.done.is_set():
-                        r.error = f"generation failed: {str(e).splitlines()[0]}"
+                self._failed(batch, e)
             finally:
                 for r in batch:
                     if not r.done.is_set():
                         self._end(r)
 
-    def _padded(self, batch: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompts' ids, left-padded (B, T), and their attention mask."""
-        length = max(len(r.prompt_ids) for r in batch)
-        ids = torch.full((len(batch), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for row, r in enumerate(batch):
-            ids[row, length - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            mask[row, length - len(r.prompt_ids):] = 1
+    def _failed(self, requests: list[Request], error: Exception) -> None:
+        """Mark the unanswered `requests` failed by `error` and end them; log it with its traceback
+        and the requests' ids (what the server answers with), unless the engine was closing."""
+        unanswered = [r for r in requests if not r.done.is_set()]
+        ids = ", ".join(r.id for r in unanswered or requests)
+        # logged before the requests end, so the line is in the log by the time their clients hear of it
+        if self.closed and isinstance(error, Nf4tuneError):  # the reply broke off on purpose (shutdown, Ctrl-C)
+            log.info("nf4tune: generation of request(s) %s stopped: %s", ids, error)
+        else:
+            log.error("nf4tune: generation failed for request(s) %s: %s", ids, error,
+                      exc_info=(type(error), error, error.__traceback__))
+        for r in unanswered:
+            r.error = f"generation failed: {(str(error).splitlines() or [type(error).__name__])[0]}"
+            self._end(r)
+
+    def _padded(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequences' ids, left-padded (B, T), and their attention mask."""
+        length = max(map(len, sequences))
+        ids = torch.full((len(sequences), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            ids[row, length - len(sequence):] = torch.tensor(sequence, dtype=torch.long)
+            mask[row, length - len(sequence):] = 1
         return ids, mask
 
     def _admit(self, pending: list[Request], live: int) -> list[Request]:
@@ -476,7 +527,12 @@ class Engine:
         streamer, pending, rows = _BatchStreamer(self, []), list(batch), []
 
         def admit(live: int) -> list[Row]:
-            new = [Row(r.prompt_ids, r.sampling, r.adapter, tag=_Row(r)) for r in self._admit(pending, live)]
+            new = []
+            for r in self._admit(pending, live):
+                try:
+                    new.append(Row(r.prompt_ids, r.sampling, r.adapter, tag=_Row(r)))
+                except Exception as e:  # its settings: it fails alone
+                    self._failed([r], e)
             rows.extend(new)
             return new
 
@@ -487,48 +543,103 @@ class Engine:
             for place, (row, token) in enumerate(zip(live, tokens)):
                 if row is None:
                     continue
-                streamer._token(row.tag, token, row.logits)
+                streamer.take(row.tag, token, row.logits)
                 if row.done and not row.tag.finished:
                     streamer._finish(row.tag, "length")
                 if row.tag.finished:
                     ended.append(place)
-                    self._end(row.tag.request)
+                    if not row.tag.request.done.is_set():  # a row that failed alone was answered then
+                        self._end(row.tag.request)
             return ended
+
+        def on_failed(row: Row) -> None:  # its prefill or its draw failed: it alone is answered with the error
+            row.tag.finished = True
+            self._failed([row.tag.request], row.error)
 
         adapters = self.bank.rows([]) if self.bank is not None else None
         try:
-            self.decoder.run(admit, on_step, self.eos_ids, adapters)
-        except Exception as e:
-            for r in [row.tag.request for row in rows if not row.tag.request.done.is_set()] + pending:
-                r.error = f"generation failed: {str(e).splitlines()[0]}"
-                self._end(r)
-            if not isinstance(e, Nf4tuneError):
-                raise
+            self.decoder.run(admit, on_step, self.eos_ids, adapters, on_failed)
+        except Exception as e:  # the requests admitted meanwhile are not in `batch`: answer them here
+            self._failed([row.tag.request for row in rows] + pending, e)
+
+    def _decoder_starts(self, rows: int) -> torch.Tensor | None:
+        """For an encoder-decoder model, the (rows, 1) ids its decoder starts from (as generate() would
+        choose them: the decoder start token, else BOS); None for a decoder-only model."""
+        if not getattr(self.model.config, "is_encoder_decoder", False):
+            return None
+        config, generation = self.model.config, self.model.generation_config
+        start = next((t for t in (generation.decoder_start_token_id, getattr(config, "decoder_start_token_id", None),
+                                  generation.bos_token_id, getattr(config, "bos_token_id", None)) if t is not None), None)
+        if isinstance(start, list):  # one per batch row is for callers that pick them; one token for all here
+            start = start[0] if len(set(start)) == 1 else None
+        if start is None:
+            raise Nf4tuneError("this encoder-decoder model names no decoder start token (decoder_start_token_id).")
+        return torch.full((rows, 1), int(start), dtype=torch.long)
 
     @torch.no_grad()
     def _generate(self, batch: list[Request]) -> None:
         if self.decoder is not None:
             return self._continuous(batch)
-        ids, mask = self._padded(batch)
-        streamer = _BatchStreamer(self, batch)
-        streamer.put(ids)
+        rows = [_Row(r) for r in batch]
+        try:
+            self._generate_rows(rows)
+        except Exception as e:
+            if len(rows) == 1 or self.closed:
+                raise
+            self._retry_alone(rows, e)
+
+    def _retry_alone(self, rows: list[_Row], error: Exception) -> None:
+        """generate() failed for a batch of several rows, and which one caused it cannot be told: the
+        rows that had finished are answered, and each other one goes on alone from the tokens it has
+        (resumed: the reply continues where it was, never repeated); a row that fails alone fails alone."""
+        left = [row for row in rows if not row.finished]
+        log.warning("nf4tune: generation failed for the batch of request(s) %s (%s: %s); going on with %s alone.",
+                    ", ".join(row.request.id for row in rows), type(error).__name__, error,
+                    ", ".join(row.request.id for row in left) or "none of them")
+        for row in rows:
+            if row.finished and not row.request.done.is_set():
+                self._end(row.request)
+        for row in left:
+            try:
+                self._generate_rows([row])
+            except Exception as e:
+                self._failed([row.request], e)
+            else:
+                self._end(row.request)
+
+    def _generate_rows(self, rows: list[_Row]) -> None:
+        """One transformers generate() call for `rows`, which share their adapter and sampling settings:
+        from their prompts, or (a row resumed alone) from its prompt and the tokens it already has."""
+        batch = [row.request for row in rows]
+        resumed = len(rows[0].ids)  # 0 for a new batch; a resumed row is alone
+        encoder_decoder = getattr(self.model.config, "is_encoder_decoder", False)
+        ids, mask = self._padded([r.prompt_ids + ([] if encoder_decoder else row.ids) for r, row in zip(batch, rows)])
+        decoder_starts = self._decoder_starts(len(batch))
+        if decoder_starts is not None and resumed:
+            decoder_starts = torch.cat([decoder_starts, torch.tensor([rows[0].ids], dtype=torch.long)], 1)
+        # generate() passes the ids it starts from to the streamer (the prompts, or the decoder's start
+        # tokens), then each step's tokens; the streamer knows them, so only the reply's tokens count.
+        starts = ids if decoder_starts is None else decoder_starts
+        streamer = _BatchStreamer(self, batch, starts, rows)
         if self.bank is not None and self.bank.active != batch[0].adapter:
             self.bank.activate(batch[0].adapter)
         s = batch[0].sampling
         if s.seed is not None:
             torch.manual_seed(s.seed)
-        kwargs = dict(max_new_tokens=s.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+        kwargs = dict(max_new_tokens=s.max_new_tokens - resumed, pad_token_id=self.tokenizer.pad_token_id,
                       eos_token_id=list(self.eos_ids), repetition_penalty=s.repetition_penalty,
                       stopping_criteria=StoppingCriteriaList([_Stopped(streamer)]))
-        processors = [_ReplyPenalties(ids.shape[1], s)] if s.penalizes_reply else []
+        if decoder_starts is not None:  # given, so the streamer knows them for certain
+            kwargs["decoder_input_ids"] = decoder_starts.to(self.model.device)
+        processors = [_ReplyPenalties(starts.shape[1] - resumed, s)] if s.penalizes_reply else []
         if self.bank is not None and self.bank.vocab_size(batch[0].adapter) < self.model.get_input_embeddings().weight.shape[0]:
             processors.append(_BaseVocabulary(self.bank.vocab_size(batch[0].adapter)))  # not another adapter's tokens
         if processors:
             kwargs["logits_processor"] = LogitsProcessorList(processors)
-        if s.temperature > 0:
+        if not s.greedy:
             kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         self.model.generate(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
                             streamer=streamer, **kwargs)
-        streamer.end()
+        streamer.end()  # generate() ends it too; rows it left open (if any) end at their length

@@ -345,7 +345,7 @@ class StaticDecoder:
 
     @torch.no_grad()
     def run(self, admit: Callable[[int], list[Row]], on_step: Callable[[list[Row | None], list[int]], Iterable[int] | None],
-            eos_ids: set[int] = frozenset(), adapters=None) -> None:
+            eos_ids: set[int] = frozenset(), adapters=None, on_failed: Callable[[Row], None] | None = None) -> None:
         """Continuous batching with `Decoder.run`'s contract: between steps `admit(live)` hands over new
         rows (at most `batch` live in all), each prefilled into a free place of the cache (which grows,
         to `round_capacity` of what a row needs, when a row needs more); each step draws every live
@@ -368,7 +368,8 @@ class StaticDecoder:
             slots[places] += 1
             return [(place, logits[place]) for place in places]
 
-        continuous_batching(live, admit, on_step, eos_ids, lambda new: self._admit(live, slots, new), retire, step)
+        continuous_batching(live, admit, on_step, eos_ids, lambda new: self._admit(live, slots, new), retire, step,
+                            on_failed)
 
     def _admit(self, live: list[Row | None], slots: torch.Tensor, new: list[Row]) -> None:
         """Give each new row a free place and its prompt's keys and values (slots 0..T-1)."""

@@ -17,9 +17,19 @@ log = logging.getLogger("nf4tune")
 
 @dataclass
 class Tokenized:
+    """One example's tokens. Decoder-only: `labels` is aligned with `input_ids` (IGNORE_INDEX where no loss
+    is taken). Encoder-decoder (`seq2seq`): `input_ids` is the encoder's source and `labels` the decoder's
+    own sequence (target + eos), from which the model builds the decoder's input by shifting it right."""
+
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int] | None = None  # set on packed rows: positions restart at each example
+    seq2seq: bool = False
+
+    @property
+    def length(self) -> int:
+        """Tokens the model reads for this example: both sides of an encoder-decoder's."""
+        return len(self.input_ids) + (len(self.labels) if self.seq2seq else 0)
 
 
 @dataclass
@@ -74,13 +84,46 @@ def tokenize_example(ex: Example, tokenizer, source_max_len: int, target_max_len
     return Tokenized(ids, prompt_labels + target), truncated
 
 
+def _seq2seq_pair(ex: Example) -> tuple[str, str]:
+    """(source, target) of an example for an encoder-decoder. A chat trains on its last assistant turn,
+    with the conversation before it (earlier replies included) as the source."""
+    if ex.segments is None:
+        return ex.source, ex.target
+    last = max(i for i, (_, trained) in enumerate(ex.segments) if trained)
+    return "".join(text for text, _ in ex.segments[:last]), ex.segments[last][0]
+
+
+def tokenize_seq2seq_example(ex: Example, tokenizer, source_max_len: int, target_max_len: int
+                             ) -> tuple[Tokenized, bool]:
+    """An encoder-decoder's example: the source, with the tokenizer's own special tokens (T5's appends
+    eos), for the encoder; the target + eos as labels, all of them trained on (the model shifts them right
+    behind its decoder_start_token_id for the decoder's input). Each side is cut to its own maximum."""
+    source, target = _seq2seq_pair(ex)
+    encoder_ids = tokenizer(source)["input_ids"] if source else []
+    cut = len(encoder_ids) > source_max_len
+    if cut:  # transformers' truncation keeps the special tokens inside the limit
+        encoder_ids = tokenizer(source, truncation=True, max_length=source_max_len)["input_ids"]
+    if not encoder_ids:
+        raise BadRow("-", "gives the encoder no source text (an encoder-decoder learns source -> target pairs; "
+                          "use a format with a prompt, such as prompt_completion)")
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] if target else []
+    cut |= len(target_ids) + 1 > target_max_len
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    labels = target_ids[: target_max_len - 1] + eos
+    return Tokenized(encoder_ids, labels, seq2seq=True), cut
+
+
 def load_examples(path: str, split: str, fmt: str, tokenizer, source_max_len: int, target_max_len: int,
-                  train_on_source: bool, on_bad_row: str = "error", max_samples: int | None = None
-                  ) -> tuple[list[Tokenized], DataStats]:
-    """Read, render and tokenize a dataset. Bad rows raise (naming file, row and field) or are
-    skipped and counted, as `on_bad_row` says. An empty result is an error."""
+                  train_on_source: bool, on_bad_row: str = "error", max_samples: int | None = None,
+                  seq2seq: bool = False) -> tuple[list[Tokenized], DataStats]:
+    """Read, render and tokenize a dataset, for a decoder-only model or (`seq2seq`) an encoder-decoder.
+    Bad rows raise (naming file, row and field) or are skipped and counted, as `on_bad_row` says. An
+    empty result is an error."""
     if fmt != "auto" and fmt not in FORMATS:
         raise Nf4tuneError(f"data.format is {fmt!r}; use auto or one of {', '.join(FORMATS)}.")
+    if seq2seq and train_on_source:
+        raise Nf4tuneError("data.train_on_source is for decoder-only models: an encoder-decoder such as T5 reads "
+                           "the source in its encoder and learns only the target; turn it off.")
     stats = DataStats(source=path)
     examples: list[Tokenized] = []
     for number, row in read_rows(path, split):
@@ -95,8 +138,10 @@ def load_examples(path: str, split: str, fmt: str, tokenizer, source_max_len: in
             if not stats.format:  # detected once, from the first row; every row must then fit it
                 stats.format = _resolve_format(fmt, row)
             row_format = stats.format
-            tokenized, cut = tokenize_example(to_example(row, row_format, tokenizer), tokenizer,
-                                              source_max_len, target_max_len, train_on_source)
+            example = to_example(row, row_format, tokenizer)
+            tokenized, cut = (tokenize_seq2seq_example(example, tokenizer, source_max_len, target_max_len) if seq2seq
+                              else tokenize_example(example, tokenizer, source_max_len, target_max_len,
+                                                    train_on_source))
             if all(label == IGNORE_INDEX for label in tokenized.labels):
                 raise BadRow("-", "leaves nothing to train on after truncation")
         except BadRow as e:
@@ -189,9 +234,27 @@ def plan_packing(examples: list[Tokenized], batch_size: int, max_len: int, seed:
     return Packing(len(examples), sum(per_batch), max_len, batch_size, len(per_batch), min(per_batch), max(per_batch))
 
 
+def _collate_seq2seq(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
+    """An encoder-decoder's batch: the sources right-padded with an attention_mask, the labels right-padded
+    to their own width with IGNORE_INDEX (the model's shift turns those into pad tokens, and no loss is
+    taken there), as transformers' DataCollatorForSeq2Seq pads them."""
+    source_width = max(len(e.input_ids) for e in examples)
+    label_width = max(len(e.labels) for e in examples)
+    ids = torch.full((len(examples), source_width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), source_width), dtype=torch.long)
+    labels = torch.full((len(examples), label_width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, :len(e.input_ids)], mask[row, :len(e.input_ids)] = torch.tensor(e.input_ids), 1
+        labels[row, :len(e.labels)] = torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
 def collate(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input_ids / labels, with an attention_mask; packed rows get position_ids instead
-    of a mask (their padding then counts as one more sequence, with no labels)."""
+    of a mask (their padding then counts as one more sequence, with no labels). An encoder-decoder's
+    sources and labels are padded each to their own width."""
+    if examples[0].seq2seq:
+        return _collate_seq2seq(examples, pad_id)
     packed = examples[0].position_ids is not None
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)

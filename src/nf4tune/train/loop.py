@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint.hf import load_tokenizer, resolve
+from ..checkpoint.architecture import is_encoder_decoder
+from ..checkpoint.hf import load_tokenizer, open_checkpoint, resolve
 from ..errors import Nf4tuneError
 from ..layers.lora import trainable_parameters
 from ..models.load import load_model
-from ..models.loss import loss_sum
+from ..models.loss import loss_sum, target_count
 from ..registry import OPTIMIZERS
 from . import rundir
 from . import state as ckpt
@@ -67,7 +68,7 @@ class BatchStream:
                  pack_to: int | None = None):
         self.examples, self.batch_size, self.seed, self.group = examples, batch_size, seed, group_by_length
         self.pack_to = pack_to
-        self.lengths = [len(e.input_ids) for e in examples]
+        self.lengths = [e.length for e in examples]
         self.epoch, self.index, self._order = 0, 0, None
 
     def batches_per_epoch(self) -> int:
@@ -155,10 +156,7 @@ def exact_match(model, tokenizer, examples: list[Tokenized], batch_size: int = 8
     all-reduced (generation runs on this rank's whole model: not under FSDP)."""
     from ..evaluate.exact_match import exact_match_accuracy
 
-    pairs = []
-    for e in examples:
-        prompt_len = next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels))
-        pairs.append((e.input_ids[:prompt_len], e.input_ids[prompt_len:]))
+    pairs = [_prompt_and_reply(e) for e in examples]
     if par is None or par.world_size == 1:
         return exact_match_accuracy(model, tokenizer, pairs, batch_size=batch_size)
     # exact_match_accuracy batches the pairs in order of prompt length (a stable sort): the same order
@@ -169,6 +167,15 @@ def exact_match(model, tokenizer, examples: list[Tokenized], batch_size: int = 8
     hits = exact_match_accuracy(model, tokenizer, mine, batch_size=batch_size) * len(mine)
     hits, count = par.sums([round(hits), len(mine)])
     return hits / max(1, count)
+
+
+def _prompt_and_reply(e: Tokenized) -> tuple[list[int], list[int]]:
+    """What generation is given and what it should answer: an encoder-decoder's source and target (its
+    labels), or a decoder-only example cut where its labels start."""
+    if e.seq2seq:
+        return e.input_ids, e.labels
+    prompt_len = next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels))
+    return e.input_ids[:prompt_len], e.input_ids[prompt_len:]
 
 
 def _split_eval(recipe: Recipe, examples: list[Tokenized]) -> tuple[list[Tokenized], list[Tokenized]]:
@@ -269,19 +276,27 @@ class Trainer:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         add_tokens_to_tokenizer(tokenizer, recipe.model.add_tokens, recipe.model.add_special_tokens)
+        # An encoder-decoder (T5) reads the source in its encoder and the target in its decoder: the data
+        # is tokenized and batched apart for it, and cannot be packed into one sequence.
+        self.seq2seq = is_encoder_decoder(open_checkpoint(self.model_path).config)
+        if d.packing and self.seq2seq:
+            raise Nf4tuneError("data.packing is for decoder-only models; turn it off for encoder-decoders such as T5.")
         examples, self.stats = load_examples(d.path, d.split, d.format, tokenizer, d.source_max_len, d.target_max_len,
-                                             d.train_on_source, d.on_bad_row, d.max_samples)
+                                             d.train_on_source, d.on_bad_row, d.max_samples, self.seq2seq)
         if recipe.eval.path:
             eval_split = "validation" if not Path(recipe.eval.path).exists() else d.split
             eval_examples, _ = load_examples(recipe.eval.path, eval_split, d.format, tokenizer, d.source_max_len,
                                              d.target_max_len, d.train_on_source, d.on_bad_row,
-                                             recipe.eval.max_eval_samples)
+                                             recipe.eval.max_eval_samples, self.seq2seq)
         else:
             examples, eval_examples = _split_eval(recipe, examples)
         max_eval = recipe.eval.max_eval_samples
         from ..evaluate.benchmarks import parse_benchmarks
 
         self.benchmarks = parse_benchmarks(recipe.eval.benchmarks)  # a bad entry stops here, before the model loads
+        if self.benchmarks and self.seq2seq:
+            raise Nf4tuneError("eval.benchmarks (multiple choice, perplexity) score decoder-only models; remove them "
+                               "for encoder-decoders such as T5 (eval_loss and eval.exact_match still apply).")
         self.tokenizer, self.examples = tokenizer, examples
         self.eval_examples = eval_examples[:max_eval] if max_eval else eval_examples
 
@@ -305,9 +320,7 @@ class Trainer:
         if self.added:
             log.info("nf4tune: added %d token(s); their embedding rows train with the adapter", self.added)
         pack_to = None
-        if d.packing:
-            if model.config.is_encoder_decoder:
-                raise Nf4tuneError("data.packing is for decoder-only models; turn it off for encoder-decoders such as T5.")
+        if d.packing:  # (refused for encoder-decoders with the data, before the model loaded)
             # per_device_train_batch_size keeps counting examples: each batch is packed on its own
             pack_to = d.source_max_len + d.target_max_len + 2
             self.packing = plan_packing(self.examples, t.per_device_train_batch_size, pack_to, t.seed, d.group_by_length)
@@ -426,13 +439,13 @@ class Trainer:
         drawn = [self.stream.next() for _ in range(self.micro_per_step)]
         # The loss is normalised by the target tokens of the whole global batch, known to every rank,
         # so the averaged gradients of N ranks are those of one process over the same examples.
-        targets = sum(int((collate(b, self.tokenizer.pad_token_id)["labels"][:, 1:] != IGNORE_INDEX).sum())
+        targets = sum(target_count(collate(b, self.tokenizer.pad_token_id)["labels"], self.seq2seq)
                       for b in drawn) if par.world_size > 1 else None
         mine = par.my_share(drawn)
         micro = [collate(examples_, self.tokenizer.pad_token_id) for examples_ in mine]
         if targets is None:
-            targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        step_loss, step_tokens = 0.0, sum(len(e.input_ids) for examples_ in drawn for e in examples_)
+            targets = sum(target_count(b["labels"], self.seq2seq) for b in micro)
+        step_loss, step_tokens = 0.0, sum(e.length for examples_ in drawn for e in examples_)
         for i, batch in enumerate(micro):
             batch = {k: v.to(self.model.device) for k, v in batch.items()}
             with par.accumulating(last=i == len(micro) - 1):
