@@ -2,7 +2,9 @@
 
 Each has no public replacement today. When a new release changes one, its test here fails first, with a
 sentence saying what in nf4tune breaks; fix nf4tune (or keep the dependency's bound below that release).
-The behaviour each hook serves is tested at length elsewhere (named in each test)."""
+The behaviour each hook serves is tested at length elsewhere (named in each test). What
+`peft.PeftModel.from_pretrained` on an nf4tune model takes from PEFT is listed in
+tests/test_peft_resume.py::test_the_peft_internals_nf4tune_relies_on."""
 
 import inspect
 
