@@ -9,7 +9,9 @@ generation keep the eager layers (no compile for shapes used once, no cache upda
 
 Transformers' own per-layer checkpointing (`GradientCheckpointingLayer`, which wraps the class's
 `forward`) is replaced for these layers by an instance `forward` that does the same, so parameter
-names, state dicts and saved adapters are unchanged.
+names, state dicts and saved adapters are unchanged. (transformers before 5.23 checkpoints in the layer's
+`__call__` instead, around this instance forward: torch's non-reentrant checkpoints nest, and the layer is
+still recomputed once.)
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-# The function `GradientCheckpointingLayer.__init_subclass__` wraps each layer class's `forward` in. Told by
-# its code's name, which `functools.wraps` leaves as it is: since transformers 5.25 the wrapper carries the
-# wrapped forward's `__name__`, and a wrapper left in place would checkpoint the layer a second time,
-# inside the compiled graph, where the side effects of the layer's own decorators break it.
+# The function `GradientCheckpointingLayer.__init_subclass__` wraps each layer class's `forward` in (transformers
+# 5.23 on; before, the layer's `__call__` checkpoints, around the instance forward set here). Told by its code's
+# name, which `functools.wraps` leaves as it is while it gives the wrapper the forward's `__name__`. A wrapper
+# left in place checkpoints the layer a second time, inside the compiled graph, where a side effect of the
+# layer's own decorators breaks the graph (the hub-kernel routing of `kernels`, which transformers 5.25 installs).
 CHECKPOINTING_WRAPPER = "forward_with_checkpointing"
 
 
