@@ -84,6 +84,7 @@ from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArgume
 model_path, data_path, out, steps = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 sys.path.insert(0, sys.argv[5])  # benchmarks/
 from harness import load_peft_bnb
+from nf4tune.models.checkpointing import training_arguments  # transformers' name for it, old or new
 tokenizer = AutoTokenizer.from_pretrained(model_path)
 rows = [json.loads(line) for line in open(data_path)]
 examples = [tokenizer(r["prompt"] + r["completion"], truncation=True, max_length=40)["input_ids"] for r in rows]
@@ -109,7 +110,7 @@ clock = Clock()
 args = TrainingArguments(output_dir=str(out / "hf"), max_steps=steps, per_device_train_batch_size=4,
                          gradient_accumulation_steps=1, learning_rate=2e-4, logging_steps=1, save_strategy="no",
                          report_to=[], use_cpu=True, ddp_backend="gloo", optim="adamw_torch", seed=0,
-                         dataloader_num_workers=0, gradient_checkpointing=True, disable_tqdm=True)
+                         dataloader_num_workers=0, disable_tqdm=True, **training_arguments())
 trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collate, callbacks=[clock])
 trainer.train()
 world = int(os.environ.get("WORLD_SIZE", "1"))

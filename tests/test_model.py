@@ -12,6 +12,8 @@ import nf4tune
 from nf4tune.checkpoint.quantize import quantize_checkpoint
 from nf4tune.checkpoint.tiny import build_tiny_checkpoint
 from nf4tune.layers.lora import lora_layers
+from nf4tune.models import checkpointing
+from nf4tune.models.checkpointing import disable_checkpointing, enable_checkpointing, is_checkpointing
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is the oracle for these tests")
 peft = pytest.importorskip("peft", reason="peft is the oracle for these tests")
@@ -123,16 +125,30 @@ def test_lora_gradients_match_a_float64_reference():
     assert layer.bias.grad is None and not layer.bias.requires_grad
 
 
+# transformers' warnings about its renamed checkpointing API (gradient_checkpointing_* became
+# activation_checkpointing_* in 5.25), as errors: nf4tune's own calls use the names the installed release has.
+RENAMED_CHECKPOINTING_WARNINGS_ARE_ERRORS = pytest.mark.filterwarnings(
+    "error:.*checkpointing.*:FutureWarning", "error:.*checkpointing.*:DeprecationWarning")
+
+
+@RENAMED_CHECKPOINTING_WARNINGS_ARE_ERRORS
 def test_only_adapters_train_and_checkpointing_is_on_by_default(tiny_llama):
     model, _ = nf4tune.load_model(tiny_llama, device="cpu", lora=nf4tune.LoraConfig(r=4, dropout=0.1))
-    assert model.is_activation_checkpointing
+    assert is_checkpointing(model)
     model.train()
     model(IDS, labels=IDS).loss.backward()
     trained = {n for n, p in model.named_parameters() if p.grad is not None}
     assert trained and all(".lora_A" in n or ".lora_B" in n for n in trained)
     assert len(trained) == 2 * len(lora_layers(model)) == 28
     off, _ = nf4tune.load_model(tiny_llama, device="cpu", lora=nf4tune.LoraConfig(r=4), gradient_checkpointing=False)
-    assert not off.is_activation_checkpointing
+    assert not is_checkpointing(off)
+    enable_checkpointing(off)
+    assert is_checkpointing(off)
+    disable_checkpointing(off)
+    assert not is_checkpointing(off)
+    if checkpointing.renamed():  # the filter is live: the old name would have failed this test
+        with pytest.raises(FutureWarning, match="gradient_checkpointing_enable"):
+            off.gradient_checkpointing_enable()
 
 
 def test_prequantized_checkpoints_load_without_bitsandbytes(tmp_path, tiny_llama):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import nf4tune
 from nf4tune.checkpoint.tiny import build_tiny_checkpoint
 from nf4tune.layers.lora import lora_layers
+from nf4tune.models.checkpointing import is_checkpointing
 
 peft = pytest.importorskip("peft", reason="peft is the oracle for these tests")
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is the oracle for these tests")
@@ -87,7 +88,7 @@ def test_from_pretrained_resumes_training_where_the_original_left_off(tiny, tmp_
     torch.testing.assert_close(_logits(_load(tiny, lora=None, adapter=tmp_path / "checkpoint")), trained, rtol=0, atol=0)
     assert _trainable(resumed) == _trainable(original) and len(_trainable(original)) == 2 * 7 * 2
     assert resumed.get_nb_trainable_parameters() == original.get_nb_trainable_parameters()
-    assert resumed.get_base_model().is_activation_checkpointing
+    assert is_checkpointing(resumed.get_base_model())
 
     # Both go on alike: the same losses, and save the same adapter.
     assert _train(resumed, 3) == _train(original, 3)
@@ -113,7 +114,7 @@ def test_is_trainable_false_gives_frozen_adapters_and_a_model_without_lora_works
     assert _trainable(frozen) == _trainable(model)
     plain = peft.PeftModel.from_pretrained(_load(tiny, lora=None), tmp_path / "adapter", is_trainable=True)
     assert _trainable(plain) == _trainable(model)
-    assert plain.get_base_model().is_activation_checkpointing  # as load_model(base, adapter=DIR) gives it
+    assert is_checkpointing(plain.get_base_model())  # as load_model(base, adapter=DIR) gives it
 
 
 def test_the_adapters_config_wins_over_the_models_lora(tiny, tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import warnings
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch.utils._pytree import tree_leaves
 import nf4tune
 from nf4tune.checkpoint.tiny import build_tiny_checkpoint
 from nf4tune.layers.lora import lora_layers
+from nf4tune.models import checkpointing
 
 peft = pytest.importorskip("peft", reason="peft is the oracle for these tests")
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is the oracle for these tests")
@@ -144,23 +146,44 @@ def test_peft_habits_stop_with_one_sentence_or_work(tiny, capsys):
     assert capsys.readouterr().out == (f"trainable params: {trainable_count:,d} || all params: {total:,d} || "
                                        f"trainable%: {100 * trainable_count / total:.4f}\n")  # PEFT's line
 
-    # Gradient checkpointing on and off, as a PEFT script toggles it: the same gradients either way.
+    # Gradient checkpointing on and off, as a PEFT script toggles it (under either of transformers' names):
+    # the same gradients either way.
     _randomize_lora(model)
     model.train()
     ids, mask, labels = _batch()
-    grads = {}
-    for checkpointing in (True, False):
-        if checkpointing:
-            model.enable_input_require_grads()
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        else:
-            model.gradient_checkpointing_disable()
-        assert model.is_gradient_checkpointing is checkpointing
-        model.zero_grad()
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        grads[checkpointing] = _grads(model)
-    for name, g in grads[False].items():
-        assert g.abs().max() > 0 and torch.allclose(grads[True][name], g, rtol=1e-4, atol=1e-7), name
+    for enable, disable, is_on in _script_checkpointing_names():
+        grads = {}
+        for on in (True, False):
+            if on:
+                model.enable_input_require_grads()
+                _script_calls(model, enable, {"use_reentrant": True})
+            else:
+                _script_calls(model, disable)
+            assert _script_calls(model, is_on) is on
+            model.zero_grad()
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            grads[on] = _grads(model)
+        for name, g in grads[False].items():
+            assert g.abs().max() > 0 and torch.allclose(grads[True][name], g, rtol=1e-4, atol=1e-7), (enable, name)
+
+
+def _script_checkpointing_names():
+    """(enable, disable, is-on) as users' scripts name them: the old names on every release (deprecated
+    since transformers 5.25, gone in v6), the new ones where the installed transformers has them."""
+    names = [("gradient_checkpointing_enable", "gradient_checkpointing_disable", "is_gradient_checkpointing")]
+    if checkpointing.renamed():
+        names.append(("activation_checkpointing_enable", "activation_checkpointing_disable",
+                      "is_activation_checkpointing"))
+    return names
+
+
+def _script_calls(model, name, *args):
+    """`model.<name>(*args)` (or the property), as a user's script would; transformers' own deprecation
+    warning for the old names is the script's business, not what these tests check."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        attribute = getattr(model, name)
+        return attribute(*args) if callable(attribute) else attribute
 
 
 def _rows(tokenizer, width=24):
@@ -312,17 +335,48 @@ def test_checkpointing_keeps_the_4bit_outputs_for_the_recompute(tiny, monkeypatc
         for name, g in runs[0.0][1].items():
             assert g.abs().max() > 0 and torch.equal(runs[budget][1][name], g), name
 
-    # Trainer's gradient_checkpointing=True (and a script's gradient_checkpointing_enable) keep them too.
-    model.gradient_checkpointing_disable()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    # A script's gradient_checkpointing_enable or activation_checkpointing_enable keeps them too.
     model.nf4tune.kept_outputs_gib = 1.0
-    calls.clear()
-    model.zero_grad()
-    torch.manual_seed(0)
-    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-    assert len(calls) == 2 * layers
-    for name, g in runs[0.0][1].items():
-        assert torch.equal(model.get_parameter(name).grad, g), name
+    for enable, disable, _ in _script_checkpointing_names():
+        _script_calls(model, disable)
+        _script_calls(model, enable, {"use_reentrant": True})
+        calls.clear()
+        model.zero_grad()
+        torch.manual_seed(0)
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        assert len(calls) == 2 * layers, enable
+        for name, g in runs[0.0][1].items():
+            assert torch.equal(model.get_parameter(name).grad, g), (enable, name)
+
+
+@pytest.mark.parametrize("argument", ["gradient_checkpointing", "activation_checkpointing"])
+def test_trainers_checkpointing_argument_gives_the_layers_the_kept_outputs_checkpoint(tiny, tmp_path, argument):
+    """Trainer turns checkpointing on itself when its arguments say so, under either name: the layers
+    then get nf4tune's checkpoint that keeps the 4-bit outputs, not transformers' plain one."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from nf4tune.layers.kept_outputs import KeepOutputsCheckpoint
+
+    if argument == "activation_checkpointing" and not checkpointing.renamed():
+        pytest.skip("transformers before 5.25 names it gradient_checkpointing only")
+    model, tokenizer = _load(tiny, gradient_checkpointing=False)
+    assert not checkpointing.is_checkpointing(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old name warns on 5.25: the script's business
+        args = _args(tmp_path / "run", 1, save_strategy="no", **{argument: True})
+    Trainer(model=model, args=args, train_dataset=_rows(tokenizer)[:8], processing_class=tokenizer).train()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert layers and checkpointing.is_checkpointing(model)
+    assert all(isinstance(layer._gradient_checkpointing_func, KeepOutputsCheckpoint) for layer in layers)
+
+
+@pytest.mark.filterwarnings("error:.*checkpointing.*:FutureWarning", "error:.*checkpointing.*:DeprecationWarning")
+def test_nf4tunes_training_arguments_name_checkpointing_as_the_installed_transformers_does(tiny, tmp_path):
+    """`checkpointing.training_arguments()` turns Trainer's checkpointing on without a deprecation warning."""
+    model, tokenizer = _load(tiny, gradient_checkpointing=False)
+    args = _args(tmp_path / "run", 1, save_strategy="no", **checkpointing.training_arguments())
+    Trainer(model=model, args=args, train_dataset=_rows(tokenizer)[:8], processing_class=tokenizer).train()
+    assert checkpointing.is_checkpointing(model)
 
 
 def test_a_kept_output_changed_in_place_is_recomputed():

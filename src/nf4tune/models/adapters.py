@@ -103,7 +103,7 @@ def adapter_config(model, layers: list[str]) -> dict:
     return {
         "peft_type": "LORA",
         "task_type": "SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM",
-        "base_model_name_or_path": getattr(model, "nf4tune_base", None) or getattr(model.config, "_name_or_path", None),
+        "base_model_name_or_path": getattr(model, "nf4tune_base", None) or getattr(model.config, "name_or_path", None),
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,

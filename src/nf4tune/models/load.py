@@ -27,6 +27,7 @@ from ..layers.linear4bit import Linear4bit
 from ..layers.lora import LoraConfig, inject_lora
 from ..quant import quantize
 from ..registry import FAMILIES
+from .checkpointing import enable_checkpointing
 from .peft_compat import Nf4tuneState, attach
 
 log = logging.getLogger("nf4tune")
@@ -194,7 +195,7 @@ def load_model(
         _attach_adapters(model, path, lora, adapter)
     model.nf4tune_base = str(path)
     if gradient_checkpointing and (adapter is not None or lora is not None):
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
     head = model.get_output_embeddings()
     if type(head) is nn.Linear:
         with contextlib.suppress(AttributeError, NotImplementedError):  # a model that cannot swap its head keeps it
@@ -258,14 +259,6 @@ class _LayersPending:
         if not need:
             del self.waiting[name]
             self.layer_ready(self.model, name)
-
-
-def _enable_checkpointing(model) -> None:
-    """Recompute each decoder layer in backward (transformers renamed the method in v5)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _finish(model: nn.Module, weight_keys: dict[str, str], loaded: set[str], device, path) -> None:

@@ -147,15 +147,19 @@ class Nf4tuneModelMixin:
     def nf4tune_new_tokens_from(self, value: int | None) -> None:
         self.nf4tune.new_tokens_from = value
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, every_n_layers: int = 1):
-        # Every way of turning checkpointing on (load_model, Trainer's gradient_checkpointing=True, a script's
-        # gradient_checkpointing_enable) ends here: the layers get a checkpoint that keeps the 4-bit outputs.
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
+        # Every way of turning checkpointing on ends here, under either of transformers' names (load_model,
+        # Trainer's activation_checkpointing=True or gradient_checkpointing=True, a script's
+        # activation_checkpointing_enable or gradient_checkpointing_enable): the layers get a checkpoint that
+        # keeps the 4-bit outputs. A private hook of transformers: tests/test_private_hooks.py holds it to that.
+        # The rest of transformers' arguments (every_n_layers on recent releases) pass through as they came.
         if gradient_checkpointing_func is None:
             from torch.utils.checkpoint import checkpoint as gradient_checkpointing_func
         if not isinstance(gradient_checkpointing_func, KeepOutputsCheckpoint):
             gradient_checkpointing_func = KeepOutputsCheckpoint(gradient_checkpointing_func,
                                                                 functools.partial(getattr, self.nf4tune, "kept_outputs_gib"))
-        return super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        return super()._set_gradient_checkpointing(enable=enable, gradient_checkpointing_func=gradient_checkpointing_func,
+                                                   **kwargs)
 
     def named_modules(self, *args, **kwargs):
         # The first thing PEFT's entry points do with a model that reaches nf4tune: list its modules.

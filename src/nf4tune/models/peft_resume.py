@@ -33,6 +33,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from ..errors import Nf4tuneError
 from ..layers.lora import lora_layers
 from .adapters import _KEY, load_adapter
+from .checkpointing import enable_checkpointing, is_checkpointing
 
 _ONE_ADAPTER = ("an nf4tune model holds one adapter (here {active!r}), so PEFT's {what} is not available on it; "
                 "to switch between several adapters on one 4-bit base use nf4tune.models.adapters.AdapterBank.")
@@ -103,16 +104,8 @@ def load_into(model, directory: str | Path, trainable: bool) -> None:
         for layer in lora_layers(model).values():
             layer.lora_A.requires_grad_(False)
             layer.lora_B.requires_grad_(False)
-    if trainable and not _checkpointing_on(model):
-        from .load import _enable_checkpointing
-
-        _enable_checkpointing(model)
-
-
-def _checkpointing_on(model) -> bool:
-    # transformers 5 renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing.
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
-    return bool(getattr(model, name))
+    if trainable and not is_checkpointing(model):
+        enable_checkpointing(model)
 
 
 def _adapter_folder(model_id, subfolder: str | None) -> Path:

@@ -9,7 +9,9 @@ generation keep the eager layers (no compile for shapes used once, no cache upda
 
 Transformers' own per-layer checkpointing (`GradientCheckpointingLayer`, which wraps the class's
 `forward`) is replaced for these layers by an instance `forward` that does the same, so parameter
-names, state dicts and saved adapters are unchanged.
+names, state dicts and saved adapters are unchanged. (transformers before 5.23 checkpoints in the layer's
+`__call__` instead, around this instance forward: torch's non-reentrant checkpoints nest, and the layer is
+still recomputed once.)
 """
 
 from __future__ import annotations
@@ -50,11 +52,36 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def _own_forward(layer: nn.Module):
-    """The layer's forward without transformers' checkpointing wrapper(s), bound to it."""
+# The function `GradientCheckpointingLayer.__init_subclass__` wraps each layer class's `forward` in (transformers
+# 5.23 on; before, the layer's `__call__` checkpoints, around the instance forward set here). Told by its code's
+# name, which `functools.wraps` leaves as it is while it gives the wrapper the forward's `__name__`. A wrapper
+# left in place checkpoints the layer a second time, inside the compiled graph, where a side effect of the
+# layer's own decorators breaks the graph (the hub-kernel routing of `kernels`, which transformers 5.25 installs).
+CHECKPOINTING_WRAPPER = "forward_with_checkpointing"
+
+
+def is_checkpointing_wrapper(function) -> bool:
+    """Whether `function` is transformers' per-layer checkpointing wrapper around a layer's forward."""
+    return getattr(getattr(function, "__code__", None), "co_name", None) == CHECKPOINTING_WRAPPER
+
+
+def _unwrapped(wrapper):
+    """The forward a checkpointing wrapper calls: its `__wrapped__`, else the `forward` it closes over."""
+    if hasattr(wrapper, "__wrapped__"):
+        return wrapper.__wrapped__
+    cells = dict(zip(wrapper.__code__.co_freevars, wrapper.__closure__ or ()))
+    if "forward" not in cells:
+        raise Nf4tuneError("transformers' per-layer checkpointing wrapper no longer says which forward it wraps; "
+                           "set training.compile: false and training.offload_activations: false with this version.")
+    return cells["forward"].cell_contents
+
+
+def own_forward(layer: nn.Module):
+    """The layer's forward without transformers' checkpointing wrapper(s), bound to it (the layer's own
+    decorators, e.g. deprecated-argument renames, stay)."""
     forward = type(layer).forward
-    while getattr(forward, "__name__", "") == "forward_with_checkpointing" and hasattr(forward, "__wrapped__"):
-        forward = forward.__wrapped__
+    while is_checkpointing_wrapper(forward):
+        forward = _unwrapped(forward)
     return forward.__get__(layer)
 
 
@@ -99,7 +126,7 @@ def prepare_layers(model: nn.Module, compile_setting, offload_activations: bool,
                            f"{' and training.offload_activations: false' if offload_activations else ''}.")
     offloader = ActivationOffloader(transfers_for(device)) if offload_activations else None
     for layer in layers:
-        eager = _own_forward(layer)
+        eager = own_forward(layer)
         compiled = torch.compile(eager, backend=BACKEND) if compiling else None
         layer.forward = LayerStep(layer, eager, compiled, checkpointing, offloader)
     log.info("nf4tune: %d decoder layers%s%s", len(layers), ", compiled" if compiling else "",

@@ -1,0 +1,164 @@
+"""The private parts of transformers and PEFT that nf4tune still relies on, one test each, named.
+
+Each has no public replacement today. When a new release changes one, its test here fails first, with a
+sentence saying what in nf4tune breaks; fix nf4tune (or keep the dependency's bound below that release).
+The behaviour each hook serves is tested at length elsewhere (named in each test). What
+`peft.PeftModel.from_pretrained` on an nf4tune model takes from PEFT is listed in
+tests/test_peft_resume.py::test_the_peft_internals_nf4tune_relies_on."""
+
+import inspect
+
+import pytest
+import torch
+
+import nf4tune
+from nf4tune.checkpoint.tiny import build_tiny_checkpoint
+from nf4tune.layers.kept_outputs import KeepOutputsCheckpoint
+from nf4tune.models.checkpointing import disable_checkpointing, enable_checkpointing
+from nf4tune.train import compile as compile_mod
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("hooks") / "llama", dtype=torch.float32, num_hidden_layers=2)
+    model, _ = nf4tune.load_model(path, device="cpu", progress=False, compute_dtype=torch.float32,
+                                  lora=nf4tune.LoraConfig(r=4, dropout=0.0), gradient_checkpointing=False)
+    return model
+
+
+def _spy_on_checkpoint_functions(layers):
+    """Wrap each layer's `_gradient_checkpointing_func` (as transformers set it) to count its calls."""
+    calls = []
+    for layer in layers:
+        def spy(function, *args, _inner=layer._gradient_checkpointing_func, **kwargs):
+            calls.append(function)
+            return _inner(function, *args, **kwargs)
+        layer._gradient_checkpointing_func = spy
+    return calls
+
+
+def test_set_gradient_checkpointing_is_where_every_way_of_turning_checkpointing_on_ends(model):
+    """`PreTrainedModel._set_gradient_checkpointing(enable=, gradient_checkpointing_func=)`: nf4tune's models
+    override it (models/peft_compat.py) so that load_model, Trainer and a script's enable call, under either
+    of transformers' names, give each layer the checkpoint that keeps the 4-bit outputs (behaviour:
+    test_trainer_compat.py::test_checkpointing_keeps_the_4bit_outputs_for_the_recompute)."""
+    from transformers import PreTrainedModel
+
+    parameters = inspect.signature(PreTrainedModel._set_gradient_checkpointing).parameters
+    assert {"enable", "gradient_checkpointing_func"} <= set(parameters), (
+        "transformers changed PreTrainedModel._set_gradient_checkpointing's arguments: nf4tune's override in "
+        "models/peft_compat.py no longer installs KeepOutputsCheckpoint on the layers.")
+    seen = []
+    original = type(model)._set_gradient_checkpointing
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("enable", args[0] if args else True))
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(model), "_set_gradient_checkpointing", recording)
+        enable_checkpointing(model)
+        disable_checkpointing(model)
+    assert seen == [True, False], (
+        "transformers' checkpointing enable/disable no longer goes through _set_gradient_checkpointing: the "
+        "layers would get transformers' plain checkpoint instead of nf4tune's KeepOutputsCheckpoint.")
+
+
+def test_checkpointed_layers_call_their_gradient_checkpointing_func(model):
+    """`GradientCheckpointingLayer._gradient_checkpointing_func`, which `_set_gradient_checkpointing` sets and
+    each layer calls as `func(function, *args)` in a training forward: where KeepOutputsCheckpoint runs."""
+    layers = compile_mod.decoder_layers(model)
+    enable_checkpointing(model)
+    try:
+        assert layers and all(isinstance(layer._gradient_checkpointing_func, KeepOutputsCheckpoint) for layer in layers)
+        calls = _spy_on_checkpoint_functions(layers)
+        model.train()
+        ids = torch.randint(4, 90, (2, 8))
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert len(calls) == len(layers), (
+            "transformers' decoder layers no longer call _gradient_checkpointing_func in training: nf4tune's "
+            "KeepOutputsCheckpoint (4-bit outputs kept for the recompute) never runs.")
+    finally:
+        disable_checkpointing(model)
+        model.eval()
+
+
+def test_the_layers_own_forward_is_found_under_transformers_checkpointing_wrapper(model):
+    """`transformers.modeling_layers.GradientCheckpointingLayer` marks the decoder layers, and on releases
+    that checkpoint by wrapping each layer class's `forward` (the wrapper's code is named
+    `forward_with_checkpointing`), `train/compile.py` unwraps it: the compiled (or offloaded) layer is then
+    checkpointed once, outside its graph (behaviour: test_compiled_train.py, no graph break)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = compile_mod.decoder_layers(model)
+    assert len(layers) == 2 and all(isinstance(layer, GradientCheckpointingLayer) for layer in layers)
+    wraps_forward = compile_mod.is_checkpointing_wrapper(type(layers[0]).forward)
+    checkpoints_in_call = "__call__" in vars(GradientCheckpointingLayer)
+    assert wraps_forward or checkpoints_in_call, (
+        "transformers no longer checkpoints its layers in GradientCheckpointingLayer.__call__ nor in a "
+        f"{compile_mod.CHECKPOINTING_WRAPPER!r} wrapper around forward: train/compile.py cannot find the "
+        "layers' own forward, and compiled layers would be checkpointed twice.")
+
+    enable_checkpointing(model)
+    try:
+        calls = _spy_on_checkpoint_functions(layers)
+        own = compile_mod.own_forward(layers[0])
+        assert not compile_mod.is_checkpointing_wrapper(own.__func__)
+        model.train()
+        hidden = torch.randn(1, 4, model.config.hidden_size)
+        positions = model.model.rotary_emb(hidden, torch.arange(4)[None])
+        own(hidden, position_embeddings=positions, attention_mask=None)
+        assert calls == [], "train/compile.py's own_forward still runs transformers' checkpointing wrapper."
+    finally:
+        disable_checkpointing(model)
+        model.eval()
+
+
+def test_keep_in_fp32_modules_names_what_transformers_keeps_in_float32():
+    """`PreTrainedModel._keep_in_fp32_modules` (e.g. T5's `wo`): load_model and `nf4tune quantize` leave those
+    modules out of the 4-bit layers as transformers + bitsandbytes do (behaviour: test_model.py's T5 case)."""
+    from transformers import PreTrainedModel, T5ForConditionalGeneration
+
+    assert hasattr(PreTrainedModel, "_keep_in_fp32_modules") and "wo" in (
+        T5ForConditionalGeneration._keep_in_fp32_modules or []), (
+        "transformers renamed _keep_in_fp32_modules: load_model would quantize T5's wo, which transformers + "
+        "bitsandbytes keep in 16-bit (checkpoint/architecture.py, models/load.py).")
+
+
+def test_trainer_reads_keys_to_ignore_on_save_when_it_resumes_from_an_adapter():
+    """`PreTrainedModel._keys_to_ignore_on_save`: nf4tune's models name the frozen base there, so that
+    Trainer's resume from an adapter-only checkpoint reports no missing keys (behaviour:
+    test_trainer_compat.py::test_trainer_trains_saves_peft_adapters_and_resumes)."""
+    from transformers import Trainer
+
+    assert "_keys_to_ignore_on_save" in inspect.getsource(Trainer), (
+        "Trainer no longer reads model._keys_to_ignore_on_save: resuming an nf4tune model from a checkpoint "
+        "would warn about every frozen base weight as missing (models/peft_compat.py).")
+
+
+def test_peft_entry_points_have_the_names_nf4tune_stops_on():
+    """models/peft_compat.py tells PEFT's `prepare_model_for_kbit_training`, `get_peft_model` and
+    `BaseTuner.inject_adapter` by their names on the call stack, to stop them with one sentence (behaviour:
+    test_trainer_compat.py::test_peft_habits_stop_with_one_sentence_or_work)."""
+    peft = pytest.importorskip("peft", reason="peft is a dev extra")
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from nf4tune.models.peft_compat import _PEFT_ENTRY_POINTS
+
+    found = {peft.prepare_model_for_kbit_training, peft.get_peft_model, BaseTuner.inject_adapter}
+    assert {f.__name__ for f in found} == _PEFT_ENTRY_POINTS and all(f.__module__.startswith("peft") for f in found), (
+        "PEFT renamed or moved an entry point nf4tune stops on: it would freeze or re-wrap the 4-bit adapters.")
+
+
+def test_gguf_reader_and_rope_helpers_are_where_nf4tune_imports_them():
+    """GGUF in (checkpoint/gguf.py) uses transformers' GGUF reader `modeling_gguf_pytorch_utils`
+    (`load_gguf_checkpoint`, `TENSOR_PROCESSORS`, `TensorProcessor`); GGUF out (checkpoint/gguf_export.py)
+    uses `modeling_rope_utils.ROPE_INIT_FUNCTIONS` for llama3 / longrope scaling (behaviour: test_gguf.py)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    assert callable(gguf_utils.load_gguf_checkpoint) and isinstance(gguf_utils.TENSOR_PROCESSORS, dict) \
+        and inspect.isclass(gguf_utils.TensorProcessor), "transformers moved its GGUF reader: .gguf inputs fail to load."
+    assert {"llama3", "longrope"} <= set(ROPE_INIT_FUNCTIONS), (
+        "transformers renamed its rope initialisers: GGUF export of llama3 / longrope scaled models fails.")
+    assert callable(ROPE_INIT_FUNCTIONS["llama3"]) and callable(ROPE_INIT_FUNCTIONS["longrope"])
