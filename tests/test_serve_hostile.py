@@ -20,7 +20,8 @@ import pytest
 import nf4tune
 from nf4tune.checkpoint.tiny import build_tiny_checkpoint
 from nf4tune.serve import Engine, Request, Sampling
-from nf4tune.serve.server import MAX_JSON_DEPTH, Server
+from nf4tune.serve.json_body import MAX_JSON_DEPTH
+from nf4tune.serve.server import Server
 
 LONG = 40  # tokens of the greedy replies the failing row sits beside
 PROMPTS = ["Hello there, how", "Once upon a time"]  # the same length: generate() pads neither

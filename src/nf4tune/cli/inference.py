@@ -148,7 +148,7 @@ def add_parsers(sub) -> None:
     serve.add_argument("--max-queue", type=count(1), default=64, help="requests waiting beyond this get 429")
     serve.add_argument("--request-timeout", type=number(0, low_open=True), default=None, metavar="SECONDS",
                        help="a reply ends where it is this long after its request came (finish_reason 'length')")
-    # defaults None: the server's own (serve/server.py; not imported here, it loads transformers)
+    # defaults None: the server's own (serve/http_guard.py; not imported here, serve loads transformers)
     serve.add_argument("--max-connections", type=count(1), default=None,
                        help="connections served at once, one thread each (default 256); those beyond get 503")
     serve.add_argument("--idle-timeout", type=number(0, low_open=True), default=None, metavar="SECONDS",
@@ -184,7 +184,7 @@ def _restarted(engine):
 
 def run_chat(args) -> int:
     _prepare_model(args)
-    from ..serve.engine import Request
+    from ..serve.request import Request
 
     sampling = _sampling(args)
     engine = _engine(args)
@@ -328,7 +328,7 @@ def _generate_into(args, rows: list[dict], sampling, partial: Path, done: int, t
     """Generate `rows` and append their lines to `partial`; on interruption say what is kept."""
     from tqdm.auto import tqdm
 
-    from ..serve.engine import Request
+    from ..serve.request import Request
 
     written = done
     engine = None

@@ -25,27 +25,23 @@ failure is logged once, with its traceback and its request's id.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import logging
-import queue
 import threading
 import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
 from .. import dispatch
 from ..errors import Nf4tuneError
 from ..models.adapters import AdapterBank
 from .decoder import Decoder, Row
+from .request import Request
 from .sampling import Sampling
 from .static_decoder import StaticDecoder, round_capacity
+from .streaming import BatchStreamer, ReplyRow
 
 log = logging.getLogger(__name__)
 
@@ -75,210 +71,10 @@ class ContextTooLong(Nf4tuneError):
     """A prompt (or prompt plus the tokens asked for) beyond the model's context."""
 
 
-class Delta(str):
-    """A piece of a reply's text; `logprobs` holds its tokens' entries when the request asked for them."""
-
-    logprobs: list[dict] = []
-
-
-@dataclass
-class Request:
-    prompt: str
-    adapter: str | None = None
-    sampling: Sampling = field(default_factory=Sampling)
-    stop: tuple[str, ...] = ()  # the reply ends before the first of these
-    logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest
-    strict_length: bool = False  # prompt + max_new_tokens beyond the context: an error (else fewer tokens)
-    probe: Callable[[], bool] | None = None  # False once the client is gone (checked at each token)
-    deadline: float | None = None  # time.monotonic() past which the reply ends where it is
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
-    created: int = field(default_factory=lambda: int(time.time()))
-    # Filled in by the engine:
-    deltas: "queue.Queue[str | None]" = field(default_factory=queue.Queue)
-    text: str = ""
-    prompt_ids: list[int] = field(default_factory=list)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    token_logprobs: list[dict] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: str | None = None
-    cancelled: bool = False
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def stream(self):
-        """Yield text pieces (`Delta`s) as they are generated."""
-        while (piece := self.deltas.get()) is not None:
-            yield piece
-
-    def wait(self, timeout: float | None = None) -> "Request":
-        self.done.wait(timeout)
-        return self
-
-    def cancel(self) -> None:
-        """Drop the request: nobody wants its reply any more (it ends at its next token)."""
-        self.cancelled = True
-
-    def abandoned(self) -> bool:
-        """Whether the request was cancelled or its client went away."""
-        if not self.cancelled and self.probe is not None and not self.probe():
-            self.cancelled = True
-        return self.cancelled
-
-    def expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many characters at the end of `text` may be the start of a stop string."""
-    for k in range(min(max(map(len, stops)) - 1, len(text)), 0, -1):
-        if any(len(s) > k and text.endswith(s[:k]) for s in stops):
-            return k
-    return 0
-
-
-class _Row:
-    """One request's reply as it is generated: its tokens, its text, how much of it was sent."""
-
-    def __init__(self, request: Request):
-        self.request, self.ids, self.text, self.sent = request, [], "", 0
-        self.window = (0, 0)  # where the decode window starts, where its new tokens start
-        self.ends: list[int] = []  # per token: where its text ends in self.text
-        self.pending: list[dict] = []  # logprob entries not yet sent with a delta
-        self.finished = False
-
-
-class _BatchStreamer(BaseStreamer):
-    """Routes the tokens generated for a batch to each request, as text.
-
-    `starts` (B, T) are the ids generate() starts its sequences from: the padded prompts, or for an
-    encoder-decoder model the decoder's start tokens. generate() passes them to `put` first (transformers
-    5.25 does; a version that does not is served too): a first put equal to them is recognised by its
-    content and skipped, so they never count as reply tokens. Every other put is tokens: (B,) for one
-    step, (B, k) for k steps.
-
-    Text is decoded incrementally (as text-generation-inference does): each new token's text is the
-    decode of a short window ending in it minus the decode of the window without it, so a step costs
-    the same at token 10 as at token 2000; a window ending inside a multi-byte character waits for
-    the rest of its bytes. Stop strings are searched across token boundaries; text that may be the
-    start of one is held back until the next tokens decide."""
-
-    def __init__(self, engine: "Engine", requests: list[Request], starts: torch.Tensor | None = None,
-                 rows: list[_Row] | None = None):
-        self.engine, self.requests = engine, requests
-        self.rows = rows if rows is not None else [_Row(r) for r in requests]
-        self.starts = None if starts is None else starts.cpu()
-        self.first_put = True
-
-    @property
-    def finished(self) -> list[bool]:
-        return [row.finished for row in self.rows]
-
-    def _is_starts(self, value: torch.Tensor) -> bool:
-        """Whether `value` is the batch's start ids (only the first put can be)."""
-        first, self.first_put = self.first_put, False
-        return (first and self.starts is not None and value.dim() == 2 and value.shape == self.starts.shape
-                and torch.equal(value.cpu(), self.starts))
-
-    def put(self, value: torch.Tensor) -> list[int]:
-        """Take one step's tokens (B,), or several steps' (B, k); return the rows that ended at them."""
-        if self._is_starts(value):
-            return []
-        if self.engine.closed:  # stop mid-reply: the process is leaving (Ctrl-C, shutdown)
-            raise Nf4tuneError("the engine was closed during generation.")
-        if value.numel() == 0 or value.numel() % len(self.rows):
-            raise Nf4tuneError(f"generate passed {tuple(value.shape)} tokens to a batch of {len(self.rows)} replies.")
-        ended = []
-        for step in value.reshape(len(self.rows), -1).t().tolist():
-            for index, token in enumerate(step):
-                row = self.rows[index]
-                if row.finished:
-                    continue
-                self.take(row, token, None)  # generate() gives no logits: its requests have no logprobs
-                if row.finished:
-                    ended.append(index)
-        return ended
-
-    def take(self, row: _Row, token: int, logits: torch.Tensor | None) -> None:
-        """Give `row` its next token; a row whose text cannot be made (its decode, its logprobs) ends
-        alone, failed and answered with its error, and the batch goes on without it."""
-        try:
-            self._token(row, token, logits)
-        except Exception as e:
-            row.finished = True
-            self.engine._failed([row.request], e)
-
-    def _token(self, row: _Row, token: int, logits: torch.Tensor | None) -> None:
-        request, eos, decode = row.request, self.engine.eos_ids, self.engine.tokenizer.decode
-        if request.abandoned():
-            return self._finish(row, "cancelled")
-        if token in eos:
-            return self._finish(row, "stop")
-        row.ids.append(token)
-        request.completion_tokens = len(row.ids)
-        start, new = row.window
-        before = decode(row.ids[start:new], skip_special_tokens=True)
-        after = decode(row.ids[start:], skip_special_tokens=True)
-        searched = max(0, len(row.text) - max(map(len, request.stop), default=0) + 1)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            row.window = (new, len(row.ids))
-            row.text += after[len(before):]
-        row.ends.append(len(row.text))
-        if request.logprobs is not None and logits is not None:
-            row.pending.append(self._logprob_entry(token, logits, request.logprobs))
-        cut = min((i for i in (row.text.find(s, searched) for s in request.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            row.text = row.text[:cut]
-            return self._finish(row, "stop")
-        if len(row.ids) >= request.sampling.max_new_tokens or request.expired():
-            return self._finish(row, "length")
-        self._send(row, len(row.text) - (_held_back(row.text, request.stop) if request.stop else 0))
-
-    def _logprob_entry(self, token: int, logits: torch.Tensor, top: int) -> dict:
-        logprobs = torch.log_softmax(logits.float(), -1)
-        decode = self.engine.tokenizer.decode
-        entry = {"token": decode([token]), "logprob": float(logprobs[token]), "top_logprobs": []}
-        if top:
-            values, ids = torch.topk(logprobs, min(top, logprobs.numel()))
-            entry["top_logprobs"] = [{"token": decode([i]), "logprob": float(v)} for v, i in zip(values.tolist(), ids.tolist())]
-        return entry
-
-    def _send(self, row: _Row, upto: int, tokens: int | None = None) -> None:
-        """Send the text up to `upto`, with the logprob entries of its first `tokens` tokens (default:
-        those whose text it holds whole)."""
-        request, entries = row.request, []
-        if request.logprobs is not None:
-            tokens = bisect.bisect_right(row.ends, upto) if tokens is None else tokens
-            take = max(0, tokens - len(request.token_logprobs))
-            entries, row.pending = row.pending[:take], row.pending[take:]
-        if upto <= row.sent and not entries:
-            return
-        piece = Delta(row.text[row.sent:upto])
-        piece.logprobs = entries
-        request.token_logprobs.extend(entries)
-        row.sent = max(row.sent, upto)
-        request.text = row.text[:row.sent]
-        request.deltas.put(piece)
-
-    def _finish(self, row: _Row, reason: str) -> None:
-        row.finished = True
-        row.request.finish_reason = reason
-        length = len(row.text)
-        # a stop string cut the text: the tokens that began before the cut belong to the reply
-        tokens = len(row.ends) if not row.ends or row.ends[-1] <= length else \
-            (0 if length == 0 else min(bisect.bisect_left(row.ends, length) + 1, len(row.ends)))
-        self._send(row, length, tokens)
-        row.request.completion_tokens = len(row.ids)
-
-    def end(self) -> None:
-        for row in self.rows:
-            if not row.finished:
-                self._finish(row, "length")
-
-
 class _Stopped(StoppingCriteria):
     """generate()'s view of the rows the streamer has ended (stop strings, clients gone, deadlines)."""
 
-    def __init__(self, streamer: _BatchStreamer):
+    def __init__(self, streamer: BatchStreamer):
         self.streamer = streamer
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
@@ -524,13 +320,13 @@ class Engine:
         """Decode with nf4tune's decoder (the CPU or the static one), continuously: requests that come
         while others decode join the batch at the next step, in the places of those that ended; each
         ends (and is answered) at its own last token."""
-        streamer, pending, rows = _BatchStreamer(self, []), list(batch), []
+        streamer, pending, rows = BatchStreamer(self, []), list(batch), []
 
         def admit(live: int) -> list[Row]:
             new = []
             for r in self._admit(pending, live):
                 try:
-                    new.append(Row(r.prompt_ids, r.sampling, r.adapter, tag=_Row(r)))
+                    new.append(Row(r.prompt_ids, r.sampling, r.adapter, tag=ReplyRow(r)))
                 except Exception as e:  # its settings: it fails alone
                     self._failed([r], e)
             rows.extend(new)
@@ -580,7 +376,7 @@ class Engine:
     def _generate(self, batch: list[Request]) -> None:
         if self.decoder is not None:
             return self._continuous(batch)
-        rows = [_Row(r) for r in batch]
+        rows = [ReplyRow(r) for r in batch]
         try:
             self._generate_rows(rows)
         except Exception as e:
@@ -588,7 +384,7 @@ class Engine:
                 raise
             self._retry_alone(rows, e)
 
-    def _retry_alone(self, rows: list[_Row], error: Exception) -> None:
+    def _retry_alone(self, rows: list[ReplyRow], error: Exception) -> None:
         """generate() failed for a batch of several rows, and which one caused it cannot be told: the
         rows that had finished are answered, and each other one goes on alone from the tokens it has
         (resumed: the reply continues where it was, never repeated); a row that fails alone fails alone."""
@@ -607,7 +403,7 @@ class Engine:
             else:
                 self._end(row.request)
 
-    def _generate_rows(self, rows: list[_Row]) -> None:
+    def _generate_rows(self, rows: list[ReplyRow]) -> None:
         """One transformers generate() call for `rows`, which share their adapter and sampling settings:
         from their prompts, or (a row resumed alone) from its prompt and the tokens it already has."""
         batch = [row.request for row in rows]
@@ -620,7 +416,7 @@ class Engine:
         # generate() passes the ids it starts from to the streamer (the prompts, or the decoder's start
         # tokens), then each step's tokens; the streamer knows them, so only the reply's tokens count.
         starts = ids if decoder_starts is None else decoder_starts
-        streamer = _BatchStreamer(self, batch, starts, rows)
+        streamer = BatchStreamer(self, batch, starts, rows)
         if self.bank is not None and self.bank.active != batch[0].adapter:
             self.bank.activate(batch[0].adapter)
         s = batch[0].sampling
