@@ -526,7 +526,7 @@ def test_exports_llama_cpp_cannot_run_are_refused_with_a_sentence(tmp_path, caps
     capsys.readouterr()
     assert main(["export", str(phi3), str(tmp_path / "phi3.gguf"), "--type", "q4_k_m"]) == 2
     assert "llama-quantize" in capsys.readouterr().err
-    from nf4tune.checkpoint.gguf_export import ExportPlan
+    from nf4tune.checkpoint.gguf_arch import ExportPlan
     from nf4tune.errors import Nf4tuneError
 
     with pytest.raises(Nf4tuneError, match="'t5' models to GGUF is not supported"):
@@ -610,7 +610,7 @@ def test_llama3_rope_factors_are_transformers_own():
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from nf4tune.checkpoint.gguf_export import llama3_rope_factors
+    from nf4tune.checkpoint.gguf_arch import llama3_rope_factors
 
     config = dict(model_type="llama", hidden_size=64, num_attention_heads=4, max_position_embeddings=256,
                   rope_parameters=dict(_LLAMA3_ROPE))
@@ -629,7 +629,7 @@ def test_rope_scaling_is_written_as_llama_cpps_converter_writes_it(tmp_path, cap
     import logging
 
     from nf4tune.checkpoint.gguf import gguf_config
-    from nf4tune.checkpoint.gguf_export import llama3_rope_factors
+    from nf4tune.checkpoint.gguf_arch import llama3_rope_factors
 
     for case in ("llama-llama3", "qwen2-yarn"):
         src, _, original = _tiny_rope_model(case, tmp_path / case)

@@ -292,7 +292,7 @@ def test_adapter_only_gguf_is_llama_cpps_lora_format(tmp_path):
     """general.type "adapter", adapter.type "lora", adapter.lora.alpha giving the adapter's own factor (alpha * sqrt(r)
     for rank-stabilized LoRA, llama.cpp dividing by r), lora_a / lora_b under llama.cpp's names, B's rows of Q and K in
     llama.cpp's rotary order as the base's weights are; written by `nf4tune export BASE OUT --adapter A --adapter-only`."""
-    from nf4tune.checkpoint.gguf_export import permute_for_llama_cpp
+    from nf4tune.checkpoint.gguf_arch import permute_for_llama_cpp
     from nf4tune.models.adapters import read_adapter
 
     src, _, _ = build_tiny(tmp_path, "llama", "llama-bpe", **_DECODER)

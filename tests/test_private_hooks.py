@@ -152,7 +152,7 @@ def test_peft_entry_points_have_the_names_nf4tune_stops_on():
 
 def test_gguf_reader_and_rope_helpers_are_where_nf4tune_imports_them():
     """GGUF in (checkpoint/gguf.py) uses transformers' GGUF reader `modeling_gguf_pytorch_utils`
-    (`load_gguf_checkpoint`, `TENSOR_PROCESSORS`, `TensorProcessor`); GGUF out (checkpoint/gguf_export.py)
+    (`load_gguf_checkpoint`, `TENSOR_PROCESSORS`, `TensorProcessor`); GGUF out (checkpoint/gguf_arch.py)
     uses `modeling_rope_utils.ROPE_INIT_FUNCTIONS` for llama3 / longrope scaling (behaviour: test_gguf.py)."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

@@ -7,14 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint.gguf_export import (
-    check_adapter_type,
-    check_export_type,
-    check_exportable,
-    ollama_modelfile,
-    write_gguf,
-    write_lora_gguf,
-)
+from ..checkpoint.gguf_export import check_export_type, check_exportable, ollama_modelfile, write_gguf
+from ..checkpoint.gguf_lora import check_adapter_type, write_lora_gguf
 from ..checkpoint.hf import open_checkpoint, resolve
 from ..errors import Nf4tuneError
 from ..layers.linear4bit import lora_scaling
