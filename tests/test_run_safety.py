@@ -55,7 +55,7 @@ def _recipe_file(root: Path, raw: dict, name: str) -> Path:
 def _one_sentence(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    lines = [line[line.index("error: "):] for line in err.strip().splitlines() if "error: " in line]  # after a progress bar
     assert len(lines) == 1, err
     return lines[0]
 
@@ -445,3 +445,23 @@ def test_a_length_past_the_model_s_context_is_warned_about(setup, caplog):
     assert (f"data.source_max_len + data.target_max_len = {4 * context} + 8 tokens, more than the {context}-token "
             f"context the model was made for") in caplog.text
     assert f"lower data.source_max_len to at most {context - 8}" in caplog.text
+
+
+def test_a_full_disk_during_export_is_one_sentence_and_leaves_nothing(setup, small_disk, capsys):
+    from nf4tune.checkpoint.tiny import byte_level_tokenizer
+
+    root, _ = setup
+    model = build_tiny_checkpoint(root / "bpe-model", tokenizer=byte_level_tokenizer())  # a tokenizer GGUF can carry
+    disk, fill = small_disk
+    out = disk / "model.gguf"
+    fill(32 * 1024)  # room for the header and vocabulary, not for the tensors
+    assert main(["export", str(model), str(out)]) == 2
+    sentence = _one_sentence(capsys)
+    free = shutil.disk_usage(disk).free
+    assert sentence.startswith(f"error: no space left on device while writing {out}: free ")
+    assert sentence.endswith(" MB or choose another output file; nothing was replaced.")
+    asked = int(sentence.split(": free ")[1].split(" MB")[0]) * 1e6  # at least the base's size, less what is free
+    assert asked >= sum(f.stat().st_size for f in model.glob("*.safetensors")) - free
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # no partial file, no spool left behind
+    (disk / "filler").unlink()
+    assert main(["export", str(model), str(out)]) == 0 and out.is_file()  # with space, it writes

@@ -83,9 +83,10 @@ def exists(path: str | Path) -> bool:
 # --- out of space -------------------------------------------------------------------------------
 
 # What the writers say when a write finds the disk full: torch's zip writer (`unexpected pos` with
-# `basic_ios::clear` as its cause), safetensors (`os error 28`), Python (`[Errno 28]`).
+# `basic_ios::clear` as its cause), safetensors (`os error 28`), Python (`[Errno 28]`), numpy's tofile.
 _FULL_DISK_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122", "StorageFull")
-_WRITE_FAILED_WORDS = ("unexpected pos", "basic_ios::clear", "file write failed", "PytorchStreamWriter failed")
+_WRITE_FAILED_WORDS = ("unexpected pos", "basic_ios::clear", "file write failed", "PytorchStreamWriter failed",
+                       "requested and")  # numpy's tofile (the gguf writer): "N requested and M written"
 _NEARLY_FULL = 1 << 20  # bytes: a write that failed with less than this free failed for the space
 
 

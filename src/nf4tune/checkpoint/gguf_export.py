@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import Nf4tuneError
+from ..outputs import OutOfSpace, is_out_of_space
 
 # --type choices: (ggml type of 2-D weights, llama.cpp file type). One registry.
 from ..registry import EXPORT_TYPES, UNSUPPORTED_TYPES
@@ -87,15 +88,17 @@ def check_exportable(config: dict, kind: str) -> "ExportPlan":
 
 
 @contextlib.contextmanager
-def _atomic_gguf_writer(out_path: Path, arch: str) -> Iterator:
+def _atomic_gguf_writer(out_path: Path, arch: str, expected_bytes: int = 0) -> Iterator:
     """A GGUFWriter whose file appears at `out_path` only once complete: written to a temporary name beside it, the
     tensor data spooled to an unnamed file there (not /tmp: a large model may not fit), renamed at the end; nothing is
-    left behind on an error."""
+    left behind on an error. A full disk is one sentence (`OutOfSpace`) asking for about `expected_bytes` (or what
+    was written by then, if more)."""
     gguf = require_gguf()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
     writer = gguf.GGUFWriter(partial, arch, use_temp_file=True)
     writer.temp_file = tempfile.TemporaryFile(dir=out_path.parent)
+    needed = 0
     try:
         yield writer
         writer.write_header_to_file()
@@ -103,10 +106,26 @@ def _atomic_gguf_writer(out_path: Path, arch: str) -> Iterator:
         writer.write_tensors_to_file()  # the tensor table, then the spooled data
         writer.close()
         os.replace(partial, out_path)
-    except BaseException:
+        return
+    except BaseException as e:
+        # asked before the space is freed; the file's size so far, spooled data included, is what was wanted
+        full = isinstance(e, Exception) and is_out_of_space(e, out_path.parent)
+        needed = max(expected_bytes, _bytes_written(partial, writer.temp_file)) if full else 0
         writer.close()
+        writer.temp_file.close()
         partial.unlink(missing_ok=True)
-        raise
+        if not full:
+            raise
+    # raised outside the handler: the failed write's exception would keep the deleted files (and their space) held
+    raise OutOfSpace(out_path, needed, out_path.parent, "output file", "nothing was replaced.")
+
+
+def _bytes_written(partial: Path, spool) -> int:
+    """Bytes a half-written GGUF holds so far: its file and the tensor data spooled beside it."""
+    try:
+        return partial.stat().st_size + os.fstat(spool.fileno()).st_size
+    except (OSError, ValueError):
+        return 0
 
 
 def write_gguf(
@@ -117,14 +136,16 @@ def write_gguf(
     name: str,
     tokenizer=None,
     source_gguf: Path | None = None,
+    expected_bytes: int = 0,
 ) -> int:
     """Write `tensors` (transformers keys, merged 16/32-bit weights, consumed one at a time) as a GGUF
     llama.cpp loads; the tokenizer from `source_gguf`'s metadata when given, else from `tokenizer`, its vocabulary
-    padded to the config's vocab_size. Atomic: a temporary file beside `out_path`, renamed when complete.
+    padded to the config's vocab_size. Atomic: a temporary file beside `out_path`, renamed when complete; a full
+    disk is one sentence asking for about `expected_bytes`.
     Returns the tensor count."""
     plan = check_exportable(config, kind)
     n_vocab = config["vocab_size"]
-    with _atomic_gguf_writer(Path(out_path), plan.arch) as writer:
+    with _atomic_gguf_writer(Path(out_path), plan.arch, expected_bytes) as writer:
         plan.add_metadata(writer, name, kind)
         if source_gguf is not None:
             copy_tokenizer_fields(writer, source_gguf, n_vocab)

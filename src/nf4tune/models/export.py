@@ -74,7 +74,9 @@ def export_gguf(
     name = name or (Path(adapter).name if adapter is not None else Path(str(base).rstrip("/")).stem)
     tensors = ((key, t) for _, key, t in merged_tensors(base, adapter, dequantized, progress=progress, desc="exporting"))
     config = merged_config(ckpt.config, adapter)  # the vocabulary grown by the tokens an adapter added
-    count = write_gguf(out_path, config, tensors, kind, name, tokenizer=tokenizer, source_gguf=source_gguf)
+    # about the base's size: what a full disk's sentence asks to free (a 4-bit base's f16 export is larger)
+    count = write_gguf(out_path, config, tensors, kind, name, tokenizer=tokenizer, source_gguf=source_gguf,
+                       expected_bytes=ckpt.nbytes)
     modelfile = None
     if ollama:
         template = getattr(tokenizer, "chat_template", None)
