@@ -242,7 +242,7 @@ def test_two_ranks_give_the_losses_and_adapter_of_one_process(runs, strategy):
 
 
 def test_eval_batches_deal_one_process_s_batches_to_the_ranks_with_equal_forward_counts():
-    from nf4tune.train.loop import eval_batches
+    from nf4tune.train.evaluation import eval_batches
 
     for count, size, world in ((7, 3, 2), (10, 2, 4), (1, 4, 3), (12, 4, 3)):
         one = eval_batches(count, size)
@@ -393,7 +393,7 @@ def test_exact_match_over_two_ranks_counts_one_process_s_hits(tiny_model):
     import nf4tune
     from nf4tune.evaluate.exact_match import _greedy, end_of_turn_ids
     from nf4tune.train.data import IGNORE_INDEX, Tokenized
-    from nf4tune.train.loop import exact_match
+    from nf4tune.train.evaluation import exact_match
 
     model, tok = nf4tune.load_model(tiny_model, compute_dtype=torch.float32, device="cpu", progress=False)
     stop = end_of_turn_ids(tok, model)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nf4tune.cli.main import main
-from nf4tune.train import loop
+from nf4tune.train import metrics
 
 
 def _resident_gib() -> float:
@@ -18,7 +18,7 @@ def test_cpu_figure_is_the_peak_not_the_resident_set_now():
     before = _resident_gib()
     block = torch.ones(96 * 2**20)  # 384 MiB, every page written
     del block  # returned to the system: the resident set falls back
-    peak, now = loop.peak_memory_gib(torch.device("cpu")), _resident_gib()
+    peak, now = metrics.peak_memory_gib(torch.device("cpu")), _resident_gib()
     assert peak >= before + 0.35
     assert now < peak - 0.3
 
@@ -26,10 +26,10 @@ def test_cpu_figure_is_the_peak_not_the_resident_set_now():
 def test_summary_names_the_cuda_peaks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 4 * 2**30)
-    summary = loop.peak_memory_summary(torch.device("cuda", 0), lambda x: x)
+    summary = metrics.peak_memory_summary(torch.device("cuda", 0), lambda x: x)
     assert summary["peak_memory_gib"] == 3 and summary["peak_memory_reserved_gib"] == 4
     assert "max_memory_allocated" in summary["peak_memory_measure"]
-    cpu = loop.peak_memory_summary(torch.device("cpu"), lambda x: x)
+    cpu = metrics.peak_memory_summary(torch.device("cpu"), lambda x: x)
     assert set(cpu) == {"peak_memory_gib", "peak_memory_measure"} and "ru_maxrss" in cpu["peak_memory_measure"]
 
 

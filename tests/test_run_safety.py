@@ -434,7 +434,7 @@ def test_out_of_space_is_recognised_from_what_each_writer_says(tmp_path):
 # --- smaller inputs -----------------------------------------------------------------------------
 
 def test_a_length_past_the_model_s_context_is_warned_about(setup, caplog):
-    from nf4tune.train.loop import _warn_past_context
+    from nf4tune.train.inputs import _warn_past_context
 
     _, model = setup
     context = json.loads((model / "config.json").read_text())["max_position_embeddings"]

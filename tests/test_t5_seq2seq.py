@@ -14,6 +14,7 @@ from nf4tune.evaluate.exact_match import exact_match_accuracy, generated_tokens
 from nf4tune.train import loop as loop_mod
 from nf4tune.train.config import recipe_from_dict
 from nf4tune.train.data import IGNORE_INDEX, Tokenized, collate, load_examples
+from nf4tune.train.evaluation import exact_match
 from nf4tune.train.loop import train
 
 # Lower-case sources, upper-case targets: no target token can reach the encoder unnoticed. The targets'
@@ -200,7 +201,7 @@ def test_exact_match_compares_the_decoders_generation_only(setup, tok):
     assert exact_match_accuracy(model, tok, [(prompt_ids, reply)]) == 1.0
     assert exact_match_accuracy(model, tok, [(prompt_ids, prompt_ids + reply)]) == 0.0  # no prompt echo
     # The trainer's held-out examples give the encoder's source and the labels as the expected reply.
-    assert loop_mod.exact_match(model, tok, [Tokenized(prompt_ids, reply, seq2seq=True)]) == 1.0
+    assert exact_match(model, tok, [Tokenized(prompt_ids, reply, seq2seq=True)]) == 1.0
 
 
 def test_decoder_only_settings_are_refused_before_the_model_loads(setup, monkeypatch, tmp_path):

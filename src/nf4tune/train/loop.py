@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,21 +12,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..atomic import move_into_place, temp_dir
-from ..checkpoint.architecture import is_encoder_decoder
-from ..checkpoint.hf import load_tokenizer, open_checkpoint, resolve
 from ..errors import Nf4tuneError
 from ..layers.lora import trainable_parameters
 from ..models.load import load_model
 from ..models.loss import loss_sum, target_count
-from ..outputs import OutOfSpace, is_out_of_space, no_space_sentence
+from ..outputs import OutOfSpace, is_out_of_space
 from ..registry import OPTIMIZERS
 from . import rundir
 from . import state as ckpt
 from .config import Recipe, recipe_to_dict
-from .data import IGNORE_INDEX, DataStats, Tokenized, batch_order, collate, load_examples, pack, plan_packing
-from .formats import save_prompt_format
-from .tokens import add_tokens_to_tokenizer, grow_vocab, parameter_groups
+from .data import DataStats, collate, plan_packing
+from .evaluation import evaluate, exact_match
+from .inputs import BatchStream, load_inputs
+from .metrics import MetricsLog, peak_memory_gib, peak_memory_summary, read_metrics, truncate_metrics
+from .saving import Saver
+from .tokens import grow_vocab, parameter_groups
 
 log = logging.getLogger("nf4tune")
 
@@ -63,134 +62,8 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
-class BatchStream:
-    """Micro-batches over epochs, in an order fixed by (seed, epoch); its position is saved and restored.
-    With `pack_to`, each micro-batch of `batch_size` examples comes packed into rows of at most that many tokens."""
-
-    def __init__(self, examples: list[Tokenized], batch_size: int, seed: int, group_by_length: bool,
-                 pack_to: int | None = None):
-        self.examples, self.batch_size, self.seed, self.group = examples, batch_size, seed, group_by_length
-        self.pack_to = pack_to
-        self.lengths = [e.length for e in examples]
-        self.epoch, self.index, self._order = 0, 0, None
-
-    def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.examples) / self.batch_size)
-
-    def next(self) -> list[Tokenized]:
-        if self._order is None:
-            self._order = batch_order(self.lengths, self.batch_size, self.seed, self.epoch, self.group)
-        if self.index >= len(self._order):
-            self.epoch, self.index = self.epoch + 1, 0
-            self._order = batch_order(self.lengths, self.batch_size, self.seed, self.epoch, self.group)
-        batch = [self.examples[i] for i in self._order[self.index]]
-        self.index += 1
-        return pack(batch, self.pack_to) if self.pack_to else batch
-
-    def position(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def seek(self, position: dict) -> None:
-        self.epoch, self.index, self._order = position["epoch"], position["index"], None
-
-
 def _dtype(name: str) -> torch.dtype | None:
     return None if name == "auto" else getattr(torch, name)
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """The peak memory of this process so far, in GiB: on CUDA the most its tensors held at once
-    (`max_memory_allocated`); elsewhere the peak resident set of the process (`ru_maxrss`), which also
-    counts the model's loading, the Python interpreter and torch itself."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
-
-
-def peak_memory_summary(device: torch.device, reduce_max) -> dict:
-    """summary.json's peak memory keys (the largest over ranks, through `reduce_max`), named by what they measure."""
-    summary = {"peak_memory_gib": round(reduce_max(peak_memory_gib(device)), 3)}
-    if device.type == "cuda":
-        summary["peak_memory_reserved_gib"] = round(reduce_max(torch.cuda.max_memory_reserved(device) / 2**30), 3)
-        summary["peak_memory_measure"] = "torch.cuda.max_memory_allocated (reserved: max_memory_reserved)"
-    else:
-        summary["peak_memory_measure"] = "peak resident set of the process (getrusage ru_maxrss)"
-    return summary
-
-
-def eval_batches(count: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[range | None]:
-    """This rank's share of the evaluation, as ranges of example indices: one process's batches (runs of
-    `batch_size` consecutive examples) dealt round-robin, so the ranks' sums are one process's sums.
-    Every rank gets the same number of entries, None standing for a padding forward whose result is
-    discarded: under FSDP each forward is a collective, so no rank may call it fewer times."""
-    starts = range(0, count, batch_size)
-    mine = [range(s, min(s + batch_size, count)) for s in starts[rank::world_size]]
-    return mine + [None] * (math.ceil(len(starts) / world_size) - len(mine))
-
-
-def evaluate(loss_fn, model, examples: list[Tokenized], batch_size: int, pad_id: int, par=None) -> float:
-    """Mean token loss over `examples`; `loss_fn(batch)` is (sum of token losses, count). With `par`
-    (a `train.parallel.Parallel`), each rank evaluates its `eval_batches` and the sums are all-reduced."""
-    rank, world = (par.rank, par.world_size) if par is not None else (0, 1)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for rows in eval_batches(len(examples), batch_size, rank, world):
-            chosen = examples[rows.start:rows.stop] if rows is not None else examples[:1]  # padding: discarded
-            batch = {k: v.to(model.device) for k, v in collate(chosen, pad_id).items()}
-            s, n = loss_fn(batch)
-            if rows is not None:
-                total, count = total + float(s), count + n
-    model.train(was_training)
-    if par is not None:
-        total, count = par.sums([total, count])
-    return total / max(1, count)
-
-
-def exact_match(model, tokenizer, examples: list[Tokenized], batch_size: int = 8, par=None) -> float:
-    """Share of held-out examples whose greedy reply equals the target reply, both ended at the
-    end-of-turn token (the chat template's text after it does not count), decoded in batches. With
-    `par`, each rank generates for its `eval_batches` of one process's batches and the hits are
-    all-reduced (generation runs on this rank's whole model: not under FSDP)."""
-    from ..evaluate.exact_match import exact_match_accuracy
-
-    pairs = [_prompt_and_reply(e) for e in examples]
-    if par is None or par.world_size == 1:
-        return exact_match_accuracy(model, tokenizer, pairs, batch_size=batch_size)
-    # exact_match_accuracy batches the pairs in order of prompt length (a stable sort): the same order
-    # here, dealt by batches, gives each rank some of one process's batches, unchanged.
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
-    mine = [pairs[order[i]] for rows in eval_batches(len(pairs), batch_size, par.rank, par.world_size)
-            if rows is not None for i in rows]
-    hits = exact_match_accuracy(model, tokenizer, mine, batch_size=batch_size) * len(mine)
-    hits, count = par.sums([round(hits), len(mine)])
-    return hits / max(1, count)
-
-
-def _prompt_and_reply(e: Tokenized) -> tuple[list[int], list[int]]:
-    """What generation is given and what it should answer: an encoder-decoder's source and target (its
-    labels), or a decoder-only example cut where its labels start."""
-    if e.seq2seq:
-        return e.input_ids, e.labels
-    prompt_len = next((i for i, label in enumerate(e.labels) if label != IGNORE_INDEX), len(e.labels))
-    return e.input_ids[:prompt_len], e.input_ids[prompt_len:]
-
-
-def _split_eval(recipe: Recipe, examples: list[Tokenized]) -> tuple[list[Tokenized], list[Tokenized]]:
-    size = recipe.eval.size
-    if size <= 0:
-        return examples, []
-    n = int(size) if size >= 1 else max(1, int(round(size * len(examples))))
-    if n >= len(examples):
-        raise Nf4tuneError(f"eval.size {size} leaves no training data ({len(examples)} examples).")
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(recipe.training.seed)).tolist()
-    held = set(order[:n])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in order[:n]]
 
 
 def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = True) -> TrainResult:
@@ -208,7 +81,7 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
         return trainer.run()
     except Nf4tuneError as e:
         if isinstance(e, OutOfSpace) and trainer is not None:
-            e.args = (trainer.no_space(e),)
+            e.args = (trainer.saver.no_space(e),)
         sentence = par.fail(e)
         if sentence != str(e):
             e.args = (sentence,)
@@ -216,7 +89,7 @@ def train(recipe: Recipe, resume: str | bool | None = None, progress: bool = Tru
     except Exception as e:
         if trainer is not None and is_out_of_space(e, trainer.out):  # a write outside the checkpoints (metrics...)
             full = OutOfSpace(getattr(e, "filename", None) or trainer.out, 0, trainer.out)
-            raise Nf4tuneError(par.fail(Nf4tuneError(trainer.no_space(full)))) from e
+            raise Nf4tuneError(par.fail(Nf4tuneError(trainer.saver.no_space(full)))) from e
         if par.world_size == 1:
             raise
         sentence = par.fail(e)  # one sentence naming the rank; torchrun stops the others
@@ -284,8 +157,7 @@ class Trainer:
             self.run_id = rundir.start_run(self.out, self.resume_from)
         par.barrier()
         self.state = RunState()
-        self.adapter_written = False  # the final adapter is whole on disk
-        self.final_checkpoint_error: OutOfSpace | None = None
+        self.saver = Saver(self.out, par, self.t.save_total_limit)
 
     def run(self) -> TrainResult:
         self._setup_data()  # the data first: a bad row is reported before minutes of model loading
@@ -299,39 +171,15 @@ class Trainer:
 
     def _setup_data(self) -> None:
         """The tokenizer (with any added tokens), the training and evaluation examples, and the batches."""
-        recipe, d = self.recipe, self.recipe.data
-        self.model_path = resolve(recipe.model.name_or_path)
-        tokenizer = load_tokenizer(self.model_path)  # a folder's tokenizer files, or a GGUF file's metadata
-        if tokenizer is None:
-            raise Nf4tuneError(f"{recipe.model.name_or_path} has no tokenizer files; training needs one.")
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        add_tokens_to_tokenizer(tokenizer, recipe.model.add_tokens, recipe.model.add_special_tokens)
-        # An encoder-decoder (T5) reads the source in its encoder and the target in its decoder: the data
-        # is tokenized and batched apart for it, and cannot be packed into one sequence.
-        self.seq2seq = is_encoder_decoder(open_checkpoint(self.model_path).config)
-        if d.packing and self.seq2seq:
-            raise Nf4tuneError("data.packing is for decoder-only models; turn it off for encoder-decoders such as T5.")
-        if self.par.is_main:
-            _warn_past_context(self.model_path, d.source_max_len, d.target_max_len)
-        examples, self.stats = load_examples(d.path, d.split, d.format, tokenizer, d.source_max_len, d.target_max_len,
-                                             d.train_on_source, d.on_bad_row, d.max_samples, self.seq2seq)
-        if recipe.eval.path:
-            eval_split = "validation" if not Path(recipe.eval.path).exists() else d.split
-            eval_examples, _ = load_examples(recipe.eval.path, eval_split, d.format, tokenizer, d.source_max_len,
-                                             d.target_max_len, d.train_on_source, d.on_bad_row,
-                                             recipe.eval.max_eval_samples, self.seq2seq)
-        else:
-            examples, eval_examples = _split_eval(recipe, examples)
-        max_eval = recipe.eval.max_eval_samples
+        inputs = load_inputs(self.recipe, self.par.is_main)
+        self.model_path, self.tokenizer, self.seq2seq = inputs.model_path, inputs.tokenizer, inputs.seq2seq
+        self.examples, self.eval_examples, self.stats = inputs.examples, inputs.eval_examples, inputs.stats
         from ..evaluate.benchmarks import parse_benchmarks
 
-        self.benchmarks = parse_benchmarks(recipe.eval.benchmarks)  # a bad entry stops here, before the model loads
+        self.benchmarks = parse_benchmarks(self.recipe.eval.benchmarks)  # a bad entry stops here, before the model loads
         if self.benchmarks and self.seq2seq:
             raise Nf4tuneError("eval.benchmarks (multiple choice, perplexity) score decoder-only models; remove them "
                                "for encoder-decoders such as T5 (eval_loss and eval.exact_match still apply).")
-        self.tokenizer, self.examples = tokenizer, examples
-        self.eval_examples = eval_examples[:max_eval] if max_eval else eval_examples
 
     def _setup_model(self) -> None:
         recipe, t, d = self.recipe, self.t, self.recipe.data
@@ -363,6 +211,7 @@ class Trainer:
         self.micro_per_step = t.gradient_accumulation_steps * self.par.world_size
         self.total = t.max_steps if t.max_steps > 0 else math.ceil(
             t.num_train_epochs * self.stream.batches_per_epoch() / self.micro_per_step)
+        self.saver.total = self.total
         self.trainable, self.all_params = trainable_parameters(model)
         self.compute_dtype = next(m for m in model.modules() if hasattr(m, "compute_dtype")).compute_dtype
         self.model = model
@@ -395,7 +244,7 @@ class Trainer:
             s.best_path = Path(saved["best_checkpoint"]) if saved["best_checkpoint"] else None
             ckpt.set_rng_state(saved["rng"])
             if self.par.is_main:
-                _truncate_metrics(out / "metrics.jsonl", s.step)
+                truncate_metrics(out / "metrics.jsonl", s.step)
             log.info("nf4tune: resuming from %s at step %d", self.resume_from, s.step)
         elif self.par.is_main:
             (out / "metrics.jsonl").write_text("")
@@ -443,8 +292,7 @@ class Trainer:
         self.model.train()
         self.start_time = self.state.window_start = time.time()
         bar = tqdm(total=self.total, initial=self.state.step, desc="training", unit="step", disable=not self.progress)
-        self.metrics = (self.out / "metrics.jsonl").open("a") if self.par.is_main else None
-        self.board = _tensorboard(self.out) if self.par.is_main else None
+        self.metrics = MetricsLog(self.out) if self.par.is_main else None
         self._resume_point = (self.stream.position(), ckpt.rng_state())
         try:
             while self.state.step < self.total:
@@ -462,8 +310,6 @@ class Trainer:
             bar.close()
             if self.metrics is not None:
                 self.metrics.close()
-            if self.board is not None:
-                self.board.close()
 
     def train_step(self) -> dict | None:
         """One optimizer step over the global batch (this rank's share of it); the record to log, or
@@ -571,27 +417,9 @@ class Trainer:
                 s.best_path = self.out / f"checkpoint-{s.step}"
                 save = True
         if record and self.metrics is not None:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
-            if self.board is not None:
-                for key, value in record.items():
-                    if key != "step":
-                        self.board.add_scalar(f"{'eval' if key.startswith('eval') else 'train'}/{key}", value, s.step)
-        if not save:
-            return
-        if last and self.par.world_size == 1:
-            # The final adapter comes next and is smaller: a full disk here must not lose the run.
-            try:
-                self._save()
-            except OutOfSpace as e:
-                self.final_checkpoint_error = e
-                if s.best_path is not None and not s.best_path.is_dir():
-                    s.best_path = None  # it was to be this checkpoint
-                log.warning("nf4tune: %s; writing the final adapter anyway", self.no_space(e).split(";")[0])
-        else:
-            self._save()
-        if self.par.is_main and not last:  # the last step's pruning waits until the adapter is whole
-            ckpt.prune(self.out, t.save_total_limit, keep=s.best_path)
+            self.metrics.write(record, s.step)
+        if save:
+            self.saver.save_step(self._save, s, last)
 
     def _save(self) -> None:
         s = self.state
@@ -604,59 +432,15 @@ class Trainer:
             "global_batch": self.micro_per_step * self.t.per_device_train_batch_size,
         })
 
-    # --- a full disk ----------------------------------------------------------------------------
-
-    def no_space(self, error: OutOfSpace) -> str:
-        """The sentence for a full disk: what was being written, how much to free, what is kept."""
-        return no_space_sentence(error.path, error.needed, self.out, "training.output_dir", self._what_is_kept())
-
-    def _what_is_kept(self) -> str:
-        if self.adapter_written:
-            return f"the final adapter, {self.out / 'adapter'}, is whole."
-        latest = rundir.latest_checkpoint_of_run(self.out)
-        if latest is None:
-            return "no checkpoint was written yet."
-        step = int(latest.name.rsplit("-", 1)[1])
-        done = step >= getattr(self, "total", step + 1)
-        return f"the last checkpoint, step {step}, is intact" + (
-            " (--resume from it writes the adapter without training again)." if done else ".")
-
-    def _write_adapter(self) -> Path:
-        """The final adapter (with its prompt format and any grown tokenizer), written whole into a
-        temporary folder and renamed onto OUTPUT/adapter: a full disk leaves the earlier one, if any."""
-        par, final = self.par, self.out / "adapter"
-        needed = sum(p.numel() * p.element_size() for p in self.params)
-        tmp = temp_dir(self.out, prefix=".adapter.") if par.is_main else final  # only rank 0 writes
-        try:
-            par.save_adapter(self.model, tmp)
-            if par.is_main:
-                save_prompt_format(tmp, self.stats.format)  # chat and generate then prompt as trained
-                if self.added:
-                    self.tokenizer.save_pretrained(tmp)
-                move_into_place(tmp, final)
-        except Exception as e:
-            if not par.is_main:
-                raise
-            full = is_out_of_space(e, self.out)  # asked before the space is freed
-            if not full:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        else:
-            self.adapter_written = True
-            return final
-        shutil.rmtree(tmp, ignore_errors=True)  # outside the except block: the failed writer is let go first
-        raise OutOfSpace(final, needed, self.out)
-
     # --- the end ------------------------------------------------------------------------------
 
     def _finish(self) -> TrainResult:
-        out, s, par = self.out, self.state, self.par
-        adapter_dir = self._write_adapter()
-        if par.is_main:  # the checkpoints the last step's save made old go only now that the adapter is whole
-            ckpt.prune(out, self.t.save_total_limit, keep=s.best_path)
-        if self.final_checkpoint_error is not None:
+        out, s, par, saver = self.out, self.state, self.par, self.saver
+        adapter_dir = saver.write_adapter(self.model, self.params, self.stats.format, self.tokenizer if self.added else None)
+        saver.prune(s.best_path)  # the checkpoints the last step's save made old go only now that the adapter is whole
+        if saver.final_checkpoint_error is not None:
             log.warning("nf4tune: the final adapter is whole in %s, but the last checkpoint could not be written "
-                        "for lack of space: %s", adapter_dir, self.no_space(self.final_checkpoint_error))
+                        "for lack of space: %s", adapter_dir, saver.no_space(saver.final_checkpoint_error))
         result = TrainResult(out, adapter_dir, s.step, s.tokens, time.time() - self.start_time, s.last_loss, s.best,
                              s.best_path, s.skipped, self.stats)
         if self.measure:
@@ -674,7 +458,7 @@ class Trainer:
         if par.is_main:
             from .plot import plot_losses
 
-            plot_losses(_read_metrics(out / "metrics.jsonl"), out / "loss.png")
+            plot_losses(read_metrics(out / "metrics.jsonl"), out / "loss.png")
             stats = self.stats
             summary = {"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),
                        "final_loss": result.final_loss, "best_eval_loss": s.best,
@@ -688,42 +472,3 @@ class Trainer:
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         par.barrier()
         return result
-
-
-def _warn_past_context(model_path: Path, source_max_len: int, target_max_len: int) -> None:
-    """Warn when examples may be longer than the context the model was made for (its config's
-    max_position_embeddings): positions past it were never trained, and the loss there means little."""
-    from ..checkpoint.hf import open_checkpoint
-
-    try:
-        config = open_checkpoint(model_path).config
-    except Nf4tuneError:
-        return  # loading the model says what is wrong
-    context = config.get("max_position_embeddings") or config.get("n_positions")
-    wanted = source_max_len + target_max_len
-    if isinstance(context, int) and wanted > context:
-        log.warning("nf4tune: data.source_max_len + data.target_max_len = %d + %d tokens, more than the %d-token context "
-                    "the model was made for (max_position_embeddings): longer examples run past the positions it knows; "
-                    "lower data.source_max_len to at most %d", source_max_len, target_max_len, context,
-                    max(1, context - target_max_len))
-
-
-def _tensorboard(out: Path):
-    """A TensorBoard writer into OUTPUT/runs when tensorboard is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out / "runs"))
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after `step` by the run being resumed."""
-    rows = [r for r in _read_metrics(path) if r.get("step", 0) <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
