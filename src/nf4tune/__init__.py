@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 # The public names load on first use, so `nf4tune --help` and the argument checks answer without
 # importing torch (seconds); `from nf4tune import load_model` works as before.
 _LAZY = {
-    "Linear4bit": ".layers", "LoraConfig": ".layers",
+    "Linear4bit": ".layers", "Linear16bit": ".layers", "LoraConfig": ".layers",
     "load_adapter": ".models", "load_model": ".models", "save_adapter": ".models",
     "QuantizationError": ".quant", "QuantizedTensor": ".quant", "bits_per_parameter": ".quant", "quantize": ".quant",
 }
@@ -27,6 +27,7 @@ __getattr__, __dir__ = lazy_names(__name__, _LAZY, before=_install_fast_paths)
 
 __all__ = [
     "Linear4bit",
+    "Linear16bit",
     "LoraConfig",
     "Nf4tuneError",
     "QuantizationError",

@@ -10,7 +10,14 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-QUANT_TYPES = ("nf4", "fp4")
+# The 4-bit types of nf4tune's core (quant/codes.py). int4 is an ablation: bitsandbytes has no such type, so
+# only nf4 and fp4 can be written as bitsandbytes checkpoints.
+QUANT_TYPES = ("nf4", "fp4", "int4")
+BITSANDBYTES_QUANT_TYPES = ("nf4", "fp4")
+# quant.quant_type (and load_model's quant_type) may also leave the base unquantized: its linear weights are
+# kept in the compute dtype and get LoRA all the same (16-bit LoRA, QLoRA's baseline).
+UNQUANTIZED = "none"
+BASE_QUANT_TYPES = (*QUANT_TYPES, UNQUANTIZED)
 # How several ranks (torchrun) share training: train/parallel.py. `auto` lets the planner choose.
 PARALLEL_STRATEGIES = ("fsdp", "ddp")
 # What `nf4tune estimate --device` sizes a run for: plan/estimate.py.

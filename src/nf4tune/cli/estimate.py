@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..registry import COMPUTE_DTYPES, ESTIMATE_DEVICES, OPTIMIZERS, PARALLEL_STRATEGIES
+from ..registry import BASE_QUANT_TYPES, COMPUTE_DTYPES, ESTIMATE_DEVICES, OPTIMIZERS, PARALLEL_STRATEGIES
 from .checks import count, number, resolve_builtin
 
 
@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
                         "host memory); nothing is run on any device either way")
     p.add_argument("--compute-dtype", choices=list(COMPUTE_DTYPES), default="bfloat16",
                    help="model.compute_dtype: what the embeddings, norms, output head and activations are held in")
+    p.add_argument("--quant-type", choices=BASE_QUANT_TYPES, default="nf4",
+                   help="quant.quant_type: a 4-bit type, or none (16-bit LoRA: the base in the compute dtype)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run)
 
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     model = resolve_builtin(args.model)
     plan = dict(seq_len=args.seq_len, batch=args.batch, r=args.r, target=args.target, optim=args.optim,
-                checkpointing=args.checkpointing, device=args.device, compute_dtype=args.compute_dtype)
+                checkpointing=args.checkpointing, device=args.device, compute_dtype=args.compute_dtype,
+                quant_type=args.quant_type)
     auto, why = pick_strategy(model, (args.gpu_gb or 80) * 1e9, args.gpus, **plan) if args.gpus > 1 else ("ddp", "")
     strategy = args.strategy or auto
     est = estimate(model, gpus=args.gpus, strategy=strategy, **plan)
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**est.as_json(), "strategy": strategy, "auto_strategy": auto, "auto_reason": why}, indent=2))
     else:
         print(format_table(est, f"{args.model}: seq {args.seq_len} x batch {args.batch}, LoRA r={args.r} on {args.target}, "
-                                f"{args.optim}, {args.compute_dtype}, checkpointing {'on' if args.checkpointing else 'off'}, "
+                                f"{args.optim}, {args.quant_type}, {args.compute_dtype}, checkpointing {'on' if args.checkpointing else 'off'}, "
                                 + (f"{args.gpus} GPU(s), {strategy.upper()}, per GPU" if args.device == "cuda"
                                    else f"CPU, {args.gpus} process(es), {strategy.upper()}, per process")))
         if args.gpus > 1:

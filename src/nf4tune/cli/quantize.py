@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import Nf4tuneError
-from ..registry import BLOCKSIZES, COMPUTE_DTYPES, QUANT_TYPES
+from ..registry import BITSANDBYTES_QUANT_TYPES, BLOCKSIZES, COMPUTE_DTYPES
 from .checks import check_model_location, resolve_builtin
 
 
@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("model_dir", nargs="?", help="folder of a Hugging Face checkpoint (config.json + *.safetensors)")
     p.add_argument("out_dir", help="new folder for the 4-bit checkpoint")
-    p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4")
+    p.add_argument("--quant-type", choices=BITSANDBYTES_QUANT_TYPES, default="nf4")  # what bitsandbytes reads
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false", help="keep absmax in float32")
     p.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, metavar="N",
                    help="elements per quantization block (32..4096, powers of two; default 64)")

@@ -148,7 +148,7 @@ class PackedScorer:
         windows = {b.window for b in d.blocks}
         masks = {w: [self._masks(p, rows, w) for (_, p, rows) in layout] for w in windows}
         for block in d.blocks:
-            weights = {name: module.quantized_weight.dequantize(torch.bfloat16) for name, (module, _) in block.proj.items()}
+            weights = {name: module.dequantized_weight(torch.bfloat16) for name, (module, _) in block.proj.items()}
             self._layer(block, weights, x, cos, sin, layout, masks[block.window])
             del weights
         wanted = [(i, start + length - keep[i], keep[i]) for _, _, rows in layout for i, start, length in rows]

@@ -34,6 +34,14 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
 FUSED_MAX_TOKENS = 16
 
 
+def _dense(weight: QuantizedTensor | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen weight in `dtype`: dequantized into a reused buffer, or (an unquantized base,
+    `Linear16bit`) the stored tensor itself."""
+    if isinstance(weight, torch.Tensor):
+        return weight if weight.dtype == dtype else weight.to(dtype)
+    return dispatch.dequantize_scratch(weight, dtype)
+
+
 class _Lora4bitMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, lora_A, lora_B, scaling, bias, weight: QuantizedTensor, kept=None):
@@ -41,7 +49,7 @@ class _Lora4bitMatmul(torch.autograd.Function):
         # the recompute then only redoes the small LoRA product that backward saves.
         y = kept
         if y is None:
-            w = dispatch.dequantize_scratch(weight, x.dtype)  # a reused buffer: w is dropped right after
+            w = _dense(weight, x.dtype)  # a reused buffer: w is dropped right after
             y = x @ w.t()
             del w
             if bias is not None:
@@ -65,7 +73,7 @@ class _Lora4bitMatmul(torch.autograd.Function):
         x_lora, a, b, h = ctx.saved_tensors
         grad_x = grad_x_lora = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ dispatch.dequantize_scratch(ctx.weight, grad_y.dtype)
+            grad_x = grad_y @ _dense(ctx.weight, grad_y.dtype)
         if a is not None:
             g = grad_y.reshape(-1, grad_y.shape[-1])
             if ctx.needs_input_grad[3]:
@@ -131,11 +139,16 @@ class Linear4bit(nn.Module):
         return QuantizedTensor(self.weight_packed, self.weight_absmax, nested_absmax=self.weight_nested_absmax,
                                **self._quant_meta)
 
+    @property
+    def storage_device(self) -> torch.device | None:
+        """Where the base weight lives (None before it is loaded)."""
+        return self.weight_packed.device if self.weight_packed is not None else None
+
     def add_lora(self, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  dtype: torch.dtype = torch.float32) -> None:
         """Attach a LoRA adapter: A Kaiming-uniform (as nn.Linear and PEFT), B zero, so the output is
         unchanged until B learns. scaling = alpha / r (alpha / sqrt(r) with rsLoRA)."""
-        device = self.weight_packed.device if self.weight_packed is not None else None
+        device = self.storage_device
         self.r = r
         self.scaling = lora_scaling(alpha, r, use_rslora)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
@@ -161,18 +174,31 @@ class Linear4bit(nn.Module):
         if self.lora_A is not None:
             x_lora, keep_scale = self.lora_dropout(x)
             scaling *= keep_scale
-        if compiling:  # the same arithmetic as a custom op, which torch.compile traces through
-            y = dispatch.lora_linear_4bit(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.weight_packed,
-                                          self.weight_absmax, self.weight_nested_absmax, self._quant_meta,
-                                          self.weight_offset)
-        else:
-            region = kept_outputs.current()  # inside a gradient-checkpointed region that keeps outputs
-            kept = region.take(self) if region is not None else None
-            y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.quantized_weight,
-                                      kept)
-            if region is not None and kept is None:
-                region.keep(self, y)
+        y = self._compiled_product(x, x_lora, scaling) if compiling else self._product(x, x_lora, scaling)
         return y.to(in_dtype)
+
+    def _compiled_product(self, x: torch.Tensor, x_lora: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """The same arithmetic as `_product`, as a custom op, which torch.compile traces through."""
+        return dispatch.lora_linear_4bit(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.weight_packed,
+                                         self.weight_absmax, self.weight_nested_absmax, self._quant_meta,
+                                         self.weight_offset)
+
+    def _product(self, x: torch.Tensor, x_lora: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """x W^T + b + the adapter's term, through autograd (the eager path of `forward`)."""
+        region = kept_outputs.current()  # inside a gradient-checkpointed region that keeps outputs
+        kept = region.take(self) if region is not None else None
+        y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.frozen_weight(), kept)
+        if region is not None and kept is None:
+            region.keep(self, y)
+        return y
+
+    def frozen_weight(self) -> QuantizedTensor | torch.Tensor:
+        """The base weight as the LoRA product takes it: here the 4-bit `quantized_weight`."""
+        return self.quantized_weight
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight in `dtype`, a fresh tensor (what the decoders batch their projections from)."""
+        return self.quantized_weight.dequantize(dtype)
 
     def fused_matmul(self, x: torch.Tensor):
         """The fused kernel for this weight on x's device (`dispatch.fused_matmul_4bit`), prepared once
@@ -222,3 +248,51 @@ class Linear4bit(nn.Module):
         s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
         s += f", {meta.get('quant_type', '?')}, compute_dtype={self.compute_dtype}"
         return s + (f", lora_r={self.r}" if self.r else "")
+
+
+class Linear16bit(Linear4bit):
+    """A linear layer whose frozen weight is kept unquantized, in the compute dtype: the 16-bit LoRA
+    baseline (quant_type "none"). The weight is the buffer `weight`, the name transformers gives it.
+
+    It is a `Linear4bit` in all but the weight's storage, so the adapter, its autograd product, gradient
+    checkpointing's kept outputs, inference and everything that finds LoRA layers by class are one code
+    path for both; the only difference from QLoRA is how the base is stored.
+    """
+
+    STORAGE = ("weight",)
+
+    def set_weight(self, weight: torch.Tensor | QuantizedTensor) -> None:
+        """Store `weight` in the compute dtype (a 4-bit one, from a pre-quantized checkpoint, dequantized)."""
+        if isinstance(weight, QuantizedTensor):
+            weight = weight.dequantize(self.compute_dtype)
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"a {list(weight.shape)} weight does not fit a {self.in_features}->{self.out_features} layer")
+        # always a copy: a tensor read from a checkpoint is a view of its mmapped shard
+        self.weight = weight.detach().to(self.compute_dtype, copy=True)
+        self._quant_meta = dict(shape=weight.shape, quant_type="none")
+
+    @property
+    def quantized_weight(self) -> QuantizedTensor:
+        raise TypeError("a Linear16bit layer's weight is not quantized; use frozen_weight() or dequantized_weight().")
+
+    @property
+    def storage_device(self) -> torch.device | None:
+        return self.weight.device if self.weight is not None else None
+
+    def frozen_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight.to(dtype, copy=True)
+
+    def _compiled_product(self, x: torch.Tensor, x_lora: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        # no 4-bit custom op to hide: torch.compile traces the eager product as it is
+        return self._product(x, x_lora, scaling)
+
+    def fused_matmul(self, x: torch.Tensor):
+        """For a few tokens without autograd, `infer` with the plain matmul (as Linear4bit with its fused
+        kernel), so both layers round the adapter's term alike."""
+        return self._plain_matmul if x.device == self.weight.device else None
+
+    def _plain_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()

@@ -293,7 +293,7 @@ class AdapterBank:
             _check_fits(model, pairs, config, directory)
             self.vocab[name] = self._add_tokens(name, directory, saved) if saved else self.vocab[None]
             lora = _lora_config(config, pairs)
-            device, dtype = next(iter(self.layers.values())).weight_packed.device, torch.float32
+            device, dtype = next(iter(self.layers.values())).storage_device, torch.float32
             self.adapters[name] = {
                 module: (pair["A"].to(device, dtype), pair["B"].to(device, dtype),
                          lora_scaling(lora.alpha, pair["A"].shape[0], lora.use_rslora))

@@ -4,7 +4,8 @@ The model is built with its parameters on the meta device (no memory), its linea
 swapped for `Linear4bit`, and the safetensors shards are streamed in one tensor at a time: linear
 weights are quantized as they arrive (on the target device), everything else is cast and placed.
 The full 16-bit model never exists in memory. Pre-quantized `*-bnb-4bit` checkpoints are read as
-they are, without bitsandbytes.
+they are, without bitsandbytes. With quant_type "none" the same layers are `Linear16bit`, which keep
+their weights in the compute dtype (16-bit LoRA).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from ..checkpoint.bnb4bit import QuantizedWeightAssembler
 from ..checkpoint.hf import has_tokenizer, iter_tensors, open_checkpoint, resolve
 from ..errors import Nf4tuneError
 from ..layers.head import OutputHead
-from ..layers.linear4bit import Linear4bit
+from ..layers.linear4bit import Linear4bit, Linear16bit
 from ..layers.lora import LoraConfig, inject_lora
 from ..quant import quantize
-from ..registry import FAMILIES
+from ..quant.tensor import QuantizedTensor
+from ..registry import BASE_QUANT_TYPES, FAMILIES, UNQUANTIZED
 from .checkpointing import enable_checkpointing
 from .peft_compat import Nf4tuneState, attach
 
@@ -91,7 +93,7 @@ def _place(model: nn.Module, key: str, tensor: torch.Tensor, device, dtype, fp32
 
 def load_model(
     path: str | Path,
-    quant_type: str = "nf4",
+    quant_type: str | None = "nf4",
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
@@ -108,7 +110,9 @@ def load_model(
         path: a local checkpoint folder or a Hugging Face Hub id; 16-bit or `*-bnb-4bit`; or a
             GGUF file (or a folder holding one), dequantized tensor by tensor.
         quant_type, double_quant, blocksize: how 16-bit weights are quantized (ignored for a
-            pre-quantized checkpoint, which keeps its own).
+            pre-quantized checkpoint, which keeps its own). quant_type None (or "none") keeps them
+            unquantized in `compute_dtype` (16-bit LoRA): the same layers get LoRA, the same adapters
+            load and save; a pre-quantized checkpoint's 4-bit weights are then dequantized.
         compute_dtype: dtype of activations and of the frozen matmuls; default bfloat16 where the
             device supports it, else float16.
         device: default CUDA if available, else CPU.
@@ -126,6 +130,9 @@ def load_model(
     """
     from transformers import AutoTokenizer
 
+    quant_type = UNQUANTIZED if quant_type is None else quant_type
+    if quant_type not in BASE_QUANT_TYPES:
+        raise Nf4tuneError(f"quant_type {quant_type!r} is not one of {', '.join(BASE_QUANT_TYPES)}.")
     path = resolve(path)
     ckpt = open_checkpoint(path)
     device = torch.device(device) if device is not None else default_device()
@@ -150,11 +157,13 @@ def load_model(
     if model_type not in FAMILIES:  # others: "every nn.Linear but the head", with a warning
         log.warning("nf4tune: %r is not a tested family; quantizing every nn.Linear but the output head: %s",
                     model_type, sorted({t.rsplit('.', 1)[-1] for t in targets}))
+    layer_class = Linear16bit if quant_type == UNQUANTIZED else Linear4bit
     for name in targets:
         linear = model.get_submodule(name)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child,
-                Linear4bit(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype))
+                layer_class(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype))
+    store = _weight_store(quant_type, blocksize, double_quant, device)
     weight_keys = {f"{t}.weight": t for t in targets}
     if layer_ready is not None:  # the adapters exist before their layers are handed over
         _attach_adapters(model, path, lora, adapter, device=device)
@@ -163,7 +172,7 @@ def load_model(
     assembler = QuantizedWeightAssembler(set(weight_keys) if qcfg is not None else set())
     unexpected: list[str] = []
     loaded: set[str] = set()
-    with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=f"loading {path.name} (4-bit)", disable=not progress) as bar:
+    with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=f"loading {path.name} ({quant_type})", disable=not progress) as bar:
         for shard in ckpt.shards:
             for key, tensor in iter_tensors(shard):
                 bar.update(tensor.nbytes)
@@ -175,8 +184,7 @@ def load_model(
                         loaded.add(owner)
                         pending.loaded(owner)
                 elif key in weight_keys:
-                    q = quantize(tensor.to(device), quant_type, blocksize, double_quant, name=key)
-                    model.get_submodule(weight_keys[key]).set_weight(q)
+                    model.get_submodule(weight_keys[key]).set_weight(store(tensor, key))
                     loaded.add(key)
                     pending.loaded(key)
                 elif _place(model, key, tensor, device, compute_dtype, fp32_modules):
@@ -213,6 +221,15 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(folder)
             break
     return model, tokenizer
+
+
+def _weight_store(quant_type: str, blocksize: int, double_quant: bool,
+                  device: torch.device) -> Callable[[torch.Tensor, str], torch.Tensor | QuantizedTensor]:
+    """How a linear weight read from the checkpoint is stored: quantized on `device`, or (quant_type
+    "none") as it is, on `device` (the layer casts it to the compute dtype)."""
+    if quant_type == UNQUANTIZED:
+        return lambda tensor, key: tensor.to(device)  # Linear16bit.set_weight copies it off the mmapped shard
+    return lambda tensor, key: quantize(tensor.to(device), quant_type, blocksize, double_quant, name=key)
 
 
 def _attach_adapters(model: nn.Module, path: Path, lora: LoraConfig | None, adapter,

@@ -31,7 +31,8 @@ from ..checkpoint.architecture import build_meta_model, quantizable_linears
 from ..errors import Nf4tuneError
 from ..layers.kept_outputs import DEFAULT_BUDGET_GIB as KEPT_BUDGET_GIB
 from ..quant.codes import bits_per_parameter
-from ..registry import AUTO_COMPUTE_DTYPE_BYTES, COMPUTE_DTYPES, ESTIMATE_DEVICES, OPTIMIZERS, PARALLEL_STRATEGIES
+from ..registry import (AUTO_COMPUTE_DTYPE_BYTES, BASE_QUANT_TYPES, COMPUTE_DTYPES, ESTIMATE_DEVICES, OPTIMIZERS,
+                        PARALLEL_STRATEGIES, UNQUANTIZED)
 
 GIB = 2**30
 GPUS_GB = (24, 40, 48, 80)
@@ -65,6 +66,7 @@ class Estimate:
     total_without_paged_states: float
     device: str = "cuda"
     compute_dtype: str = "bfloat16"
+    quant_type: str = "nf4"
 
     def fits(self) -> dict[int, bool]:
         """For 24/40/48/80 GB cards: whether the run fits (paged states may live on the host); a CPU run: {}."""
@@ -114,19 +116,21 @@ def compute_dtype_bytes(name: str) -> int:
 def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, target: str = "all-linear",
              optim: str = "paged_adamw_32bit", checkpointing: bool = True, gpus: int = 1,
              double_quant: bool = True, blocksize: int = 64, strategy: str = "fsdp", device: str = "cuda",
-             compute_dtype: str = "bfloat16") -> Estimate:
+             compute_dtype: str = "bfloat16", quant_type: str = "nf4") -> Estimate:
     """Estimate the GPU memory of fine-tuning `model` (folder, config.json or Hub id) with nf4tune, per
     GPU: with `strategy="fsdp"` weights, adapters, gradients and optimizer states are split across
     `gpus`; with "ddp" every GPU holds all of them. `device="cpu"` sizes a CPU run (per process): no
     CUDA context, and no optimizer states paged out. `compute_dtype` sizes the unquantized weights and
-    the activations (LoRA's float32 masters and the float32 logits do not depend on it). Nothing here
-    touches a device."""
+    the activations (LoRA's float32 masters and the float32 logits do not depend on it). quant_type "none"
+    (16-bit LoRA) keeps the linear weights in the compute dtype as well. Nothing here touches a device."""
     if seq_len <= 0 or batch <= 0 or r <= 0 or gpus <= 0:
         raise Nf4tuneError(f"--seq-len, --batch, --r and --gpus must be positive (got {seq_len}, {batch}, {r}, {gpus}).")
     if strategy not in PARALLEL_STRATEGIES:
         raise Nf4tuneError(f"--strategy {strategy!r}: use one of {', '.join(PARALLEL_STRATEGIES)}.")
     if device not in ESTIMATE_DEVICES:
         raise Nf4tuneError(f"--device {device!r}: use one of {', '.join(ESTIMATE_DEVICES)}.")
+    if quant_type not in BASE_QUANT_TYPES:
+        raise Nf4tuneError(f"--quant-type {quant_type!r}: use one of {', '.join(BASE_QUANT_TYPES)}.")
     if optim not in OPTIMIZERS:
         raise Nf4tuneError(f"--optim {optim!r}: use one of {', '.join(OPTIMIZERS)}.")
     width = compute_dtype_bytes(compute_dtype)
@@ -143,7 +147,8 @@ def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, targe
 
     linears = quantizable_linears(meta)
     modules = dict(meta.named_modules())
-    quantized = sum(modules[n].weight.numel() for n in linears)
+    # 16-bit LoRA quantizes nothing: its linear weights are sized with the other compute-dtype weights
+    quantized = 0 if quant_type == UNQUANTIZED else sum(modules[n].weight.numel() for n in linears)
     total_params = sum(p.numel() for p in meta.parameters())
     wanted = None if target == "all-linear" else {t.strip() for t in target.split(",")}
     lora = sum(r * (modules[n].in_features + modules[n].out_features) for n in linears
@@ -171,6 +176,7 @@ def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, targe
         activations_without_checkpointing=full, activations_with_checkpointing=checkpointed, kept_outputs=kept,
         logits=logits, overhead=CUDA_OVERHEAD if device == "cuda" else 0.0, total=0.0, total_without_paged_states=0.0,
         device=device, compute_dtype="bfloat16 or float16" if compute_dtype == "auto" else compute_dtype,
+        quant_type=quant_type,
     )
     base = (est.weights_4bit + est.quant_constants + est.weights_16bit + est.lora + est.gradients
             + est.activations + est.kept_outputs + est.logits + est.overhead)
@@ -193,7 +199,8 @@ def format_table(est: Estimate, args_line: str) -> str:
     rows = [
         ("4-bit weights", est.weights_4bit, f"{format_count(est.quantized_parameters)} quantized parameters"),
         ("quantization constants", est.quant_constants, "absmax, double-quantized"),
-        ("16-bit parts", est.weights_16bit, f"embeddings, norms, output head ({est.compute_dtype})"),
+        ("16-bit parts", est.weights_16bit, f"embeddings, norms, output head ({est.compute_dtype})"
+         if est.quant_type != UNQUANTIZED else f"the whole base, unquantized ({est.compute_dtype})"),
         ("LoRA parameters", est.lora, f"{format_count(est.lora_parameters)} in float32"),
         ("gradients", est.gradients, "LoRA only, float32"),
         ("optimizer states", est.optimizer_states, "pageable to host memory" if est.optimizer_pageable

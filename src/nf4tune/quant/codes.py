@@ -1,10 +1,11 @@
-"""The code tables of the 4-bit (NF4, FP4) and 8-bit (dynamic) data types.
+"""The code tables of the 4-bit (NF4, FP4, INT4) and 8-bit (dynamic) data types.
 
 A code table maps a k-bit index to a value in [-1, 1]; blockwise quantization stores, for each
 element, the index of the table value nearest to element / absmax(block).
 
 Every table here is *derived*, not pasted, and reproduces bitsandbytes' float32 values bit for bit
-(the tests compare against both the published NF4 values and bitsandbytes itself).
+(the tests compare against both the published NF4 values and bitsandbytes itself). INT4 has no
+bitsandbytes counterpart: it is here for ablations against NF4.
 """
 
 from __future__ import annotations
@@ -56,13 +57,27 @@ def fp4_code() -> torch.Tensor:
     return values / values.abs().max()
 
 
+@functools.cache
+def int4_code() -> torch.Tensor:
+    """Symmetric 4-bit integers: k / 7 for k = -7..7, index = k + 7, and index 15 a second 0.
+
+    The plain absmax integer quantizer (round(x * 7 / absmax), scale absmax / 7), kept symmetric so that 0
+    is exact and +-absmax both representable, as NF4 is; that leaves one of the 16 codes spare, which holds
+    0 too (values just above 0 land on it; both decode to 0). The 16-level code (2k - 15) / 15 would use
+    every code but has no 0, so a zero weight would not survive the round trip.
+    """
+    levels = torch.arange(-7, 8, dtype=torch.float32) / 7
+    return torch.cat([levels, torch.zeros(1)])
+
+
+_CODES_4BIT = {"nf4": nf4_code, "fp4": fp4_code, "int4": int4_code}  # QUANT_TYPES -> its table
+
+
 def code_4bit(quant_type: str) -> torch.Tensor:
-    """The 16-entry table of `quant_type` ("nf4" or "fp4"), float32 on CPU."""
-    if quant_type == "nf4":
-        return nf4_code()
-    if quant_type == "fp4":
-        return fp4_code()
-    raise ValueError(f"unknown quant_type {quant_type!r}: use 'nf4' or 'fp4'.")
+    """The 16-entry table of `quant_type` (a name in QUANT_TYPES), float32 on CPU."""
+    if quant_type not in _CODES_4BIT:
+        raise ValueError(f"unknown quant_type {quant_type!r}: use one of {', '.join(QUANT_TYPES)}.")
+    return _CODES_4BIT[quant_type]()
 
 
 @functools.cache

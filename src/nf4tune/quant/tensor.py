@@ -11,6 +11,7 @@ import torch
 from ..errors import Nf4tuneError
 from ..registry import BLOCKSIZES as SUPPORTED_BLOCKSIZES  # noqa: E402
 from . import blockwise
+from ..registry import BITSANDBYTES_QUANT_TYPES
 from .codes import QUANT_TYPES, bits_per_parameter, code_4bit, dynamic_code, on_device
 
 NESTED_BLOCKSIZE = 256
@@ -46,7 +47,7 @@ class QuantizedTensor:
         absmax: float32 per block, or uint8 codes when double-quantized.
         shape: the original tensor's shape.
         dtype: the original tensor's dtype (the default dequantization dtype).
-        quant_type: "nf4" or "fp4".
+        quant_type: "nf4", "fp4" or "int4" (quant.codes.QUANT_TYPES).
         blocksize: elements per absmax block.
         offset: mean subtracted from absmax before double quantization (None without it).
         nested_absmax: float32 scale per NESTED_BLOCKSIZE absmax codes (None without it).
@@ -148,7 +149,7 @@ class QuantizedTensor:
     def from_bnb_state_dict(cls, tensors: dict[str, torch.Tensor], key: str) -> "QuantizedTensor":
         """Read the weight stored under `key` in a bitsandbytes 4-bit state dict (inverse of
         `bnb_state_dict`). Extra keys in `tensors` are ignored."""
-        state_keys = [k for k in (f"{key}.quant_state.bitsandbytes__{t}" for t in QUANT_TYPES) if k in tensors]
+        state_keys = [k for k in (f"{key}.quant_state.bitsandbytes__{t}" for t in BITSANDBYTES_QUANT_TYPES) if k in tensors]
         if key not in tensors or f"{key}.absmax" not in tensors or not state_keys:
             raise QuantizationError(
                 f"{key}: not a bitsandbytes 4-bit weight (expected {key}, {key}.absmax and "
@@ -182,7 +183,7 @@ class QuantizedTensor:
 
 def _check_input(w: torch.Tensor, name: str, quant_type: str, blocksize: int) -> None:
     if quant_type not in QUANT_TYPES:
-        raise QuantizationError(f"cannot quantize {name}: unknown quant_type {quant_type!r}; use 'nf4' or 'fp4'.")
+        raise QuantizationError(f"cannot quantize {name}: unknown quant_type {quant_type!r}; use one of {', '.join(QUANT_TYPES)}.")
     if blocksize not in SUPPORTED_BLOCKSIZES:
         raise QuantizationError(
             f"cannot quantize {name}: blocksize {blocksize} is not supported; use a power of two from 32 to 4096."
@@ -208,7 +209,7 @@ def quantize(
 
     Args:
         w: float32, float16 or bfloat16 tensor of any shape, on any device.
-        quant_type: "nf4" (NormalFloat, the QLoRA default) or "fp4".
+        quant_type: "nf4" (NormalFloat, the QLoRA default), "fp4" or "int4" (an ablation; see codes.int4_code).
         blocksize: elements per absmax block, a power of two from 32 to 4096.
         double_quant: also quantize the absmax values (8-bit, blocks of 256): 4.127 instead of 4.5
             bits per parameter at block 64.

@@ -190,7 +190,7 @@ class Decoder:
         rows = [embed(ids).float() for _, ids in prompts]  # (T_b, hidden)
         ropes = [self._rope(torch.arange(len(ids))) for _, ids in prompts]
         for i, block in enumerate(self.blocks):
-            weights = {name: module.quantized_weight.dequantize(torch.bfloat16) for name, (module, _) in block.proj.items()}
+            weights = {name: module.dequantized_weight(torch.bfloat16) for name, (module, _) in block.proj.items()}
             for (row, _), x, rope in zip(prompts, rows, ropes):
                 self._prefill_layer(i, block, weights, row, x, *rope, end)
             del weights

@@ -155,6 +155,8 @@ class StaticDecoder:
     def _linear(self, module: Linear4bit, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, in) bf16 through the 4-bit layer, bias and unmerged adapter added in float32: the fused
         few-token kernel, or (`weight`, the layer's weight dequantized for a prefill) one GEMM."""
+        if weight is None and isinstance(module.frozen_weight(), torch.Tensor):  # an unquantized (16-bit) base
+            weight = module.frozen_weight()
         if weight is None:
             y = dispatch.decode_matmul_4bit(x, module.weight_packed, module.weight_absmax,
                                             module.weight_nested_absmax, module._quant_meta).float()
@@ -256,7 +258,7 @@ class StaticDecoder:
         embed = self.model.get_input_embeddings()
         states = [embed(ids.to(self.device)).float() for _, ids in prompts]  # (T, hidden) each
         for i, layer in enumerate(self.layers):
-            weights = {name: module.quantized_weight.dequantize(torch.bfloat16) for name, module in layer["proj"].items()}
+            weights = {name: module.dequantized_weight(torch.bfloat16) for name, module in layer["proj"].items()}
             states = [self._prefill_layer(i, layer, weights, row, x) for (row, _), x in zip(prompts, states)]
             del weights
         return self._logits(torch.stack([x[-1] for x in states]))

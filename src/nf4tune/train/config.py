@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import Nf4tuneError
 from ..layers.lora import LoraConfig
-from ..registry import COMPUTE_DTYPES, OPTIMIZERS, PARALLEL_STRATEGIES, QUANT_TYPES
+from ..registry import BASE_QUANT_TYPES, COMPUTE_DTYPES, OPTIMIZERS, PARALLEL_STRATEGIES
 
 REQUIRED = object()  # marks fields a recipe must set
 
@@ -33,7 +33,7 @@ class ModelSection:
 
 @dataclass
 class QuantSection:
-    quant_type: str = "nf4"  # a name in quant.codes.QUANT_TYPES
+    quant_type: str = "nf4"  # a name in registry.BASE_QUANT_TYPES: a 4-bit type, or "none" (16-bit LoRA)
     double_quant: bool = True
     blocksize: int = 64
 
@@ -225,7 +225,7 @@ def _check_values(r: Recipe) -> None:
             names = [str(o).lower() if isinstance(o, bool) else o for o in options]
             raise Nf4tuneError(f"{where} is {value!r}; use one of {', '.join(names)}.")
 
-    one_of("quant.quant_type", r.quant.quant_type, QUANT_TYPES)
+    one_of("quant.quant_type", r.quant.quant_type, BASE_QUANT_TYPES)
     one_of("data.on_bad_row", r.data.on_bad_row, ["error", "skip"])
     one_of("training.lr_scheduler_type", r.training.lr_scheduler_type, ["constant", "linear", "cosine"])
     one_of("training.optim", r.training.optim, list(OPTIMIZERS))

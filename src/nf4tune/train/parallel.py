@@ -487,7 +487,8 @@ def plan_arguments(recipe) -> dict:
                 batch=recipe.training.per_device_train_batch_size, r=recipe.lora.r,
                 target=target if isinstance(target, str) else ",".join(target), optim=recipe.training.optim,
                 checkpointing=recipe.model.gradient_checkpointing, double_quant=recipe.quant.double_quant,
-                blocksize=recipe.quant.blocksize, compute_dtype=recipe.model.compute_dtype)
+                blocksize=recipe.quant.blocksize, compute_dtype=recipe.model.compute_dtype,
+                quant_type=recipe.quant.quant_type)
 
 
 def _device_bytes(device: torch.device) -> int:
@@ -560,7 +561,7 @@ def frozen_buffers_as_parameters(model: nn.Module) -> None:
     from ..layers.linear4bit import Linear4bit
 
     for module in model.modules():
-        for name in Linear4bit.STORAGE if isinstance(module, Linear4bit) else ():
+        for name in module.STORAGE if isinstance(module, Linear4bit) else ():
             tensor = module._buffers.get(name) if name in module._buffers else None
             if tensor is not None:
                 del module._buffers[name]

@@ -1,0 +1,200 @@
+"""16-bit LoRA (quant_type "none") beside QLoRA, and the int4 ablation type.
+
+Oracles: PEFT on the plain transformers model (adapters, logits, merge), an uninterrupted run (resume),
+a float64 nearest-code reconstruction (int4)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import nf4tune
+from nf4tune import Nf4tuneError
+from nf4tune.checkpoint.tiny import build_tiny_checkpoint
+from nf4tune.layers.linear4bit import Linear4bit, Linear16bit
+from nf4tune.layers.lora import lora_layers
+from nf4tune.models.merge import merge_adapter
+from nf4tune.plan.estimate import estimate
+from nf4tune.quant import quantize
+from nf4tune.quant.codes import int4_code
+from nf4tune.train.config import recipe_from_dict
+from nf4tune.train.loop import train
+
+peft = pytest.importorskip("peft", reason="peft is the oracle for these tests")
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+IDS = torch.tensor([[1, 40, 41, 42, 15, 77, 90, 3, 60]])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora16")
+    model = build_tiny_checkpoint(root / "model", dtype=torch.float32)
+    rows = [{"prompt": f"Is {n} even or odd? ", "completion": "even" if n % 2 == 0 else "odd"} for n in range(100, 200)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root, model
+
+
+def _recipe(root, model, out, quant_type="none"):
+    return recipe_from_dict({
+        "model": {"name_or_path": str(model), "compute_dtype": "float32"},
+        "quant": {"quant_type": quant_type},
+        "lora": {"r": 4, "alpha": 16, "dropout": 0.1},
+        "data": {"path": str(root / "train.jsonl"), "source_max_len": 32, "target_max_len": 8},
+        "eval": {"size": 8, "per_device_eval_batch_size": 8},
+        "training": {"output_dir": str(out), "max_steps": 4, "per_device_train_batch_size": 4,
+                     "gradient_accumulation_steps": 1, "learning_rate": 5e-3, "lr_scheduler_type": "linear",
+                     "logging_steps": 1, "save_steps": 2, "eval_steps": 2, "seed": 5},
+    })
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _random_adapter(model, folder, seed=0):
+    """Give every adapter a nonzero B (a fresh one is the identity) and save it."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.05)
+    nf4tune.save_adapter(model, folder)
+
+
+def _load(model, quant_type, **kwargs):
+    return nf4tune.load_model(model, quant_type=quant_type, device="cpu", compute_dtype=torch.float32,
+                              progress=False, **kwargs)[0]
+
+
+def _peft_logits(base_path, adapter, dtype=torch.float32):
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    with torch.no_grad():
+        return peft.PeftModel.from_pretrained(base, adapter)(IDS).logits.float()
+
+
+def test_none_trains_resumes_exactly_and_its_adapter_is_peft_s(setup):
+    root, model = setup
+    out = root / "run"
+    train(_recipe(root, model, out), progress=False)
+    uninterrupted = _losses(out)
+    assert len(uninterrupted) == 4 and len(set(uninterrupted.values())) == 4  # it learns: losses move
+
+    shutil.rmtree(out / "checkpoint-4")
+    shutil.rmtree(out / "adapter")
+    train(_recipe(root, model, out), resume=True, progress=False)
+    assert _losses(out) == uninterrupted  # steps 3-4 recomputed from checkpoint-2, exactly
+
+    trained = _load(model, "none", adapter=out / "adapter")
+    assert all(type(m) is Linear16bit for m in lora_layers(trained).values())
+    with torch.no_grad():
+        ours = trained(IDS).logits.float()
+    reference = _peft_logits(model, out / "adapter")
+    assert torch.equal(ours, reference)  # same base weights, same float32 arithmetic as PEFT's Linear
+
+
+@pytest.mark.parametrize("quant_type", [None, "none"])
+def test_none_puts_lora_on_the_layers_qlora_quantizes(setup, quant_type):
+    _, model = setup
+    qlora, lora16 = _load(model, "nf4", lora=nf4tune.LoraConfig(r=4)), _load(model, quant_type, lora=nf4tune.LoraConfig(r=4))
+    assert sorted(lora_layers(qlora)) == sorted(lora_layers(lora16))
+    assert not any(isinstance(m, Linear4bit) and not isinstance(m, Linear16bit) for m in lora16.modules())
+    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).state_dict()
+    for name, layer in lora_layers(lora16).items():
+        assert torch.equal(layer.weight, reference[f"{name}.weight"]), name  # the base, untouched
+
+
+def test_none_merge_equals_peft_merge_and_unload(setup, tmp_path):
+    _, model = setup
+    _random_adapter(_load(model, "none", lora=nf4tune.LoraConfig(r=4, dropout=0.0)), tmp_path / "adapter")
+    merge_adapter(model, tmp_path / "adapter", tmp_path / "merged", progress=False)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    reference = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).state_dict()
+    assert merged.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(merged[key], reference[key]), key
+
+
+@pytest.mark.parametrize("trained_on, loaded_on", [("nf4", "none"), ("none", "nf4")])
+def test_adapters_move_between_the_4bit_and_the_16bit_base(setup, tmp_path, trained_on, loaded_on):
+    _, model = setup
+    source = _load(model, trained_on, lora=nf4tune.LoraConfig(r=4, dropout=0.0))
+    _random_adapter(source, tmp_path / "adapter")
+    target = _load(model, loaded_on, adapter=tmp_path / "adapter")
+    for name, layer in lora_layers(source).items():  # the same tensors under the same PEFT keys
+        other = lora_layers(target)[name]
+        assert torch.equal(layer.lora_A, other.lora_A) and torch.equal(layer.lora_B, other.lora_B), name
+    nf4tune.save_adapter(target, tmp_path / "again")
+    with torch.no_grad():
+        ours = target(IDS).logits.float()
+    if loaded_on == "none":  # on the 16-bit base nf4tune is PEFT exactly
+        assert torch.equal(ours, _peft_logits(model, tmp_path / "adapter"))
+    from safetensors.torch import load_file
+    saved, again = load_file(tmp_path / "adapter" / "adapter_model.safetensors"), \
+        load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+def test_a_wrong_quant_type_is_one_sentence(setup):
+    _, model = setup
+    with pytest.raises(Nf4tuneError, match="quant_type 'int8' is not one of nf4, fp4, int4, none"):
+        _load(model, "int8")
+    with pytest.raises(Nf4tuneError, match="quant.quant_type is 'int8'"):
+        _recipe(*setup, "out", quant_type="int8")
+
+
+def test_estimate_sizes_the_16bit_base_at_2_bytes_a_parameter(setup):
+    _, model = setup
+    qlora = estimate(str(model), device="cpu", compute_dtype="bfloat16")
+    lora16 = estimate(str(model), device="cpu", compute_dtype="bfloat16", quant_type="none")
+    assert lora16.weights_4bit == lora16.quant_constants == 0
+    assert lora16.weights_16bit == 2 * lora16.parameters
+    assert qlora.weights_16bit + qlora.quantized_parameters * 2 == lora16.weights_16bit
+    assert lora16.total - qlora.total == pytest.approx(lora16.weights_16bit - qlora.weights_16bit
+                                                      - qlora.weights_4bit - qlora.quant_constants)
+
+
+# --- int4 ----------------------------------------------------------------------------------------------
+
+
+def _int4_reference(w: torch.Tensor, blocksize: int, absmax: torch.Tensor) -> torch.Tensor:
+    """Float64 nearest-code reconstruction: each element's nearest level k / 7 of w / absmax(block) (the
+    true absmax, ties to the lower level), times the absmax the quantized tensor stores (`absmax`, float32;
+    double-quantized or not), rounded once to float32."""
+    flat = w.reshape(-1).double()
+    blocks = flat.view(-1, blocksize)
+    scaled = blocks / blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-38)
+    levels = torch.arange(-7, 8, dtype=torch.float32).div(7).double()  # the float32 table, exactly
+    distance = (scaled.unsqueeze(-1) - levels).abs()
+    nearest = levels[distance.argmin(dim=-1)]  # argmin takes the first: ties go to the lower level
+    return (nearest * absmax.double().unsqueeze(1)).float().view(w.shape)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("blocksize", [64, 256])
+def test_int4_round_trip_is_the_float64_nearest_code(double_quant, blocksize):
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(1)) * 0.02
+    w[0, :blocksize] = 0.0  # an all-zero block survives
+    w[1, 3] = 0.0  # and so does a zero weight inside a block
+    q = quantize(w, "int4", blocksize, double_quant)
+    assert q.quant_type == "int4" and q.double_quant == double_quant and q.blocksize == blocksize
+    absmax = q.float_absmax()
+    true_absmax = w.view(-1, blocksize).abs().amax(dim=1)
+    if double_quant:  # the stored scale is the 8-bit dynamic code's of (absmax - mean): within one step of
+        # its coarsest decade (64 levels over [0.1, 1] of the nested scale)
+        assert (absmax - true_absmax).abs().max() <= q.nested_absmax.max() * 0.9 / 64
+        assert q.absmax.dtype == torch.uint8 and not torch.equal(absmax, true_absmax)
+    else:
+        assert torch.equal(absmax, true_absmax)
+    got = q.dequantize(torch.float32)
+    assert torch.equal(got, _int4_reference(w, blocksize, absmax))
+    assert torch.equal(got[0, :blocksize], torch.zeros(blocksize)) and got[1, 3] == 0
+
+
+def test_int4_code_is_symmetric_with_an_exact_zero():
+    code = int4_code()
+    assert torch.equal(code[:15], -code[:15].flip(0)) and code[7] == 0 and code[15] == 0
+    assert code.max() == 1 and code.min() == -1 and len(set(code.tolist())) == 15
