@@ -172,7 +172,8 @@ def load_model(
     assembler = QuantizedWeightAssembler(set(weight_keys) if qcfg is not None else set())
     unexpected: list[str] = []
     loaded: set[str] = set()
-    with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=f"loading {path.name} ({quant_type})", disable=not progress) as bar:
+    storage = str(compute_dtype).removeprefix("torch.") if quant_type == UNQUANTIZED else "4-bit"
+    with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=f"loading {path.name} ({storage})", disable=not progress) as bar:
         for shard in ckpt.shards:
             for key, tensor in iter_tensors(shard):
                 bar.update(tensor.nbytes)
