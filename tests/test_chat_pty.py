@@ -17,8 +17,11 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 @pytest.fixture(scope="module")
 def endless_model(tmp_path_factory):
-    """A tiny model whose end-of-sequence id it can never produce: every reply runs to max_new_tokens."""
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("chat") / "m", eos_token_id=10_000)
+    """A tiny model whose end-of-sequence id it can never produce: every reply runs to max_new_tokens. Its
+    context is long enough for those: with the default 2048 the engine cuts a reply at about 2000 tokens,
+    which the CPU decoder can produce within the second the test waits before its Ctrl-C."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("chat") / "m", eos_token_id=10_000,
+                                 max_position_embeddings=32_768)
 
 
 class Terminal:
