@@ -19,8 +19,11 @@ ARGS = ["--max-new-tokens", "32", "--temperature", "0", "--batch-size", "1", "--
 
 def _cli(*argv, **kw):
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # SIGINT at its default, so Python in the child turns it into KeyboardInterrupt even when the suite runs
+    # as a background job (a shell starts those with SIGINT ignored, and children inherit that)
     return subprocess.Popen([sys.executable, "-m", "nf4tune.cli.main", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 @pytest.mark.slow
