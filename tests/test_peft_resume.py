@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, Trai
 
 BNB = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                          bnb_4bit_compute_dtype=torch.float32)
-TEXTS = [f"{a} plus {b} is {a + b}." for a in range(6) for b in range(6)]
+from test_trainer_compat import _rows  # noqa: E402  (the Trainer tests' batches, shared)
 
 
 @pytest.fixture(scope="module")
@@ -197,17 +197,6 @@ def test_other_peft_habits_still_stop_with_one_sentence(tiny, tmp_path):
     (tmp_path / "tokens" / weights).write_bytes((tmp_path / "adapter" / weights).read_bytes())
     with pytest.raises(nf4tune.Nf4tuneError, match=r"load it with nf4tune.load_model\(base, adapter=DIR\)"):
         peft.PeftModel.from_pretrained(_load(tiny), tmp_path / "tokens")
-
-
-def _rows(tokenizer, width=24):
-    rows = []
-    for text in TEXTS:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: width - 1] + [tokenizer.eos_token_id]
-        pad = width - len(ids)
-        rows.append({"input_ids": torch.tensor(ids + [tokenizer.pad_token_id] * pad),
-                     "attention_mask": torch.tensor([1] * len(ids) + [0] * pad),
-                     "labels": torch.tensor(ids + [-100] * pad)})
-    return rows
 
 
 def _args(out, max_steps):
