@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**est.as_json(), "strategy": strategy, "auto_strategy": auto, "auto_reason": why}, indent=2))
     else:
         print(format_table(est, f"{args.model}: seq {args.seq_len} x batch {args.batch}, LoRA r={args.r} on {args.target}, "
-                                f"{args.optim}, {args.quant_type}, {args.compute_dtype}, checkpointing {'on' if args.checkpointing else 'off'}, "
+                                f"{args.optim}, {args.quant_type}, {args.compute_dtype}, "
+                                f"checkpointing {'on' if args.checkpointing else 'off'}, "
                                 + (f"{args.gpus} GPU(s), {strategy.upper()}, per GPU" if args.device == "cuda"
                                    else f"CPU, {args.gpus} process(es), {strategy.upper()}, per process")))
         if args.gpus > 1:

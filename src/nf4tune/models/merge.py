@@ -26,8 +26,8 @@ from ..checkpoint.gguf import companion_files
 from ..checkpoint.hf import iter_tensors, open_checkpoint, resolve
 from ..checkpoint.writer import CheckpointWriter
 from ..errors import Nf4tuneError
-from ..outputs import check_output
 from ..layers.linear4bit import lora_scaling
+from ..outputs import check_output
 from ..quant import quantize
 from .adapters import VocabRows, read_adapter
 

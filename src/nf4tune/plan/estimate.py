@@ -31,8 +31,15 @@ from ..checkpoint.architecture import build_meta_model, quantizable_linears
 from ..errors import Nf4tuneError
 from ..layers.kept_outputs import DEFAULT_BUDGET_GIB as KEPT_BUDGET_GIB
 from ..quant.codes import bits_per_parameter
-from ..registry import (AUTO_COMPUTE_DTYPE_BYTES, BASE_QUANT_TYPES, COMPUTE_DTYPES, ESTIMATE_DEVICES, OPTIMIZERS,
-                        PARALLEL_STRATEGIES, UNQUANTIZED)
+from ..registry import (
+    AUTO_COMPUTE_DTYPE_BYTES,
+    BASE_QUANT_TYPES,
+    COMPUTE_DTYPES,
+    ESTIMATE_DEVICES,
+    OPTIMIZERS,
+    PARALLEL_STRATEGIES,
+    UNQUANTIZED,
+)
 
 GIB = 2**30
 GPUS_GB = (24, 40, 48, 80)

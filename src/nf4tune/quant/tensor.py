@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import Nf4tuneError
+from ..registry import BITSANDBYTES_QUANT_TYPES
 from ..registry import BLOCKSIZES as SUPPORTED_BLOCKSIZES  # noqa: E402
 from . import blockwise
-from ..registry import BITSANDBYTES_QUANT_TYPES
 from .codes import QUANT_TYPES, bits_per_parameter, code_4bit, dynamic_code, on_device
 
 NESTED_BLOCKSIZE = 256
@@ -183,7 +183,8 @@ class QuantizedTensor:
 
 def _check_input(w: torch.Tensor, name: str, quant_type: str, blocksize: int) -> None:
     if quant_type not in QUANT_TYPES:
-        raise QuantizationError(f"cannot quantize {name}: unknown quant_type {quant_type!r}; use one of {', '.join(QUANT_TYPES)}.")
+        raise QuantizationError(f"cannot quantize {name}: unknown quant_type {quant_type!r}; "
+                                f"use one of {', '.join(QUANT_TYPES)}.")
     if blocksize not in SUPPORTED_BLOCKSIZES:
         raise QuantizationError(
             f"cannot quantize {name}: blocksize {blocksize} is not supported; use a power of two from 32 to 4096."
