@@ -99,6 +99,15 @@ class FamilySpec:
             the arch does not have.
         gguf_required_fields: config fields that must be set (not None): what llama.cpp's graph for the arch
             always applies (Gemma 2's soft-capping), so a model without it cannot be exported.
+        gguf_required_flags: config fields that must be on (true): what llama.cpp's graph for the arch always does
+            (Qwen3-MoE's renormalized top-k expert weights, norm_topk_prob).
+        gguf_expert_count: the config field holding a mixture-of-experts model's number of routed experts; set,
+            the exporter stacks each layer's experts into llama.cpp's 3-D ffn_{gate,up,down}_exps tensors and
+            writes expert_count and expert_used_count (num_experts_per_tok).
+        gguf_expert_ffn: the config field of one routed expert's intermediate size, written as
+            expert_feed_forward_length (None: llama.cpp's graph takes feed_forward_length).
+        gguf_shared_expert_ffn: the config field of the shared expert's intermediate size, written as
+            expert_shared_feed_forward_length (Qwen2-MoE's shared expert).
         gguf_fused_qkv: its attention input projection is one fused matrix (llama.cpp's attn_qkv), which
             llama.cpp's Q4_K_M mix puts in Q5_K.
         gguf_rope_types: the rope scaling types (transformers' `rope_type`) the exporter writes for it: "linear"
@@ -118,6 +127,10 @@ class FamilySpec:
     gguf_activation: str = "silu"
     gguf_refused_flags: tuple[str, ...] = ()
     gguf_required_fields: tuple[str, ...] = ()
+    gguf_required_flags: tuple[str, ...] = ()
+    gguf_expert_count: str | None = None
+    gguf_expert_ffn: str | None = None
+    gguf_shared_expert_ffn: str | None = None
     gguf_fused_qkv: bool = False
     gguf_rope_types: tuple[str, ...] = ("default",)
 
@@ -153,6 +166,23 @@ FAMILIES: dict[str, FamilySpec] = {
     "granite": FamilySpec(chunked_loss=True, logits_divisor="logits_scaling", gguf_arch="granite", gguf_permute_qk=True),
     # llama.cpp's olmo2 requires a separate output head.
     "olmo2": FamilySpec(chunked_loss=True, gguf_arch="olmo2", gguf_refused_flags=("tie_word_embeddings",)),
+    # Mixture-of-experts families. llama.cpp's graphs fix what transformers reads from the config: whether the
+    # chosen experts' weights are renormalized (norm_topk_prob: always in qwen3moe and Mixtral's llama, never in
+    # qwen2moe and olmoe), every layer sparse (mlp_only_layers empty; decoder_sparse_step 1, checked in gguf_arch).
+    "qwen3_moe": FamilySpec(gguf_arch="qwen3moe", gguf_rope_types=_SCALED_ROPE, gguf_expert_count="num_experts",
+                            gguf_expert_ffn="moe_intermediate_size", gguf_required_flags=("norm_topk_prob",),
+                            gguf_refused_flags=("attention_bias", "use_sliding_window", "mlp_only_layers")),
+    # the shared expert and its sigmoid gate map to ffn_{gate,up,down}_shexp and ffn_gate_inp_shexp
+    "qwen2_moe": FamilySpec(gguf_arch="qwen2moe", gguf_rope_types=_SCALED_ROPE, gguf_expert_count="num_experts",
+                            gguf_expert_ffn="moe_intermediate_size", gguf_shared_expert_ffn="shared_expert_intermediate_size",
+                            gguf_refused_flags=("norm_topk_prob", "use_sliding_window", "mlp_only_layers",
+                                                "tie_word_embeddings")),
+    # q_norm / k_norm over the whole projection, as OLMo 2's; llama.cpp's olmoe requires a separate output head.
+    "olmoe": FamilySpec(gguf_arch="olmoe", gguf_expert_count="num_experts",
+                        gguf_refused_flags=("norm_topk_prob", "attention_bias", "clip_qkv", "tie_word_embeddings")),
+    # llama.cpp's converter writes Mixtral as llama with expert tensors (Q/K rows permuted as Llama's)
+    "mixtral": FamilySpec(gguf_arch="llama", gguf_permute_qk=True, gguf_rope_types=_SCALED_ROPE,
+                          gguf_expert_count="num_local_experts"),
     "t5": FamilySpec(),
     "mt5": FamilySpec(),
 }

@@ -6,6 +6,7 @@ tensors for llama.cpp."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,10 @@ def _refusal(model_type: str, config: dict) -> str | None:
     if unset:
         return (f"llama.cpp's {spec.gguf_arch} models always apply {', '.join(unset)}, which this model leaves unset, "
                 "so it cannot be exported.")
+    off = [name for name in spec.gguf_required_flags if not getattr(cfg, name, None)]
+    if off:
+        return (f"llama.cpp's {spec.gguf_arch} models always apply {', '.join(off)}, which this model turns off, so it "
+                "cannot be exported.")
     arch_refusal = _ARCH_REFUSALS.get(spec.gguf_arch)
     return arch_refusal(cfg, spec.gguf_arch) if arch_refusal else None
 
@@ -97,10 +102,29 @@ def _olmo2_refusal(cfg, arch: str) -> str | None:
     return None
 
 
+def _olmoe_refusal(cfg, arch: str) -> str | None:
+    # llama.cpp's olmoe sizes its k_norm as the whole hidden size: keys as many heads as queries, with no key for fewer
+    if (cfg.num_key_value_heads or cfg.num_attention_heads) != cfg.num_attention_heads:
+        return (f"the model has {cfg.num_key_value_heads} key/value heads for {cfg.num_attention_heads} query heads "
+                f"(grouped-query attention), which llama.cpp's {arch} models do not have, so it cannot be exported.")
+    return _olmo2_refusal(cfg, arch)
+
+
+def _sparse_step_refusal(cfg, arch: str) -> str | None:
+    # llama.cpp's qwen2moe / qwen3moe give every layer experts; transformers makes only every decoder_sparse_step-th
+    # layer sparse (the others dense MLPs, as mlp_only_layers does, refused from the registry)
+    step = getattr(cfg, "decoder_sparse_step", 1)
+    if step != 1:
+        return (f"the model has experts on every {step}th layer only (decoder_sparse_step), but llama.cpp's {arch} models "
+                "have them on every layer, so it cannot be exported.")
+    return None
+
+
 # Refusals one llama.cpp architecture needs beyond the FamilySpec's declared ones: what its graph computes from
 # the shape or fixes, where transformers reads a config field.
 _ARCH_REFUSALS = {"gemma2": _gemma_refusal, "gemma3": _gemma_refusal, "smollm3": _smollm3_refusal,
-                  "olmo2": _olmo2_refusal}
+                  "olmo2": _olmo2_refusal, "olmoe": _olmoe_refusal,
+                  "qwen2moe": _sparse_step_refusal, "qwen3moe": _sparse_step_refusal}
 
 
 # YaRN settings transformers and llama.cpp agree on only at their defaults: llama.cpp always scales attention by
@@ -256,6 +280,24 @@ class ExportPlan:
         """Whether the file holds a separate output.weight (else llama.cpp uses token_embd as the head)."""
         return not (self.config.get("tie_word_embeddings") or self.spec.gguf_tied_output)
 
+    @property
+    def n_experts(self) -> int:
+        """Routed experts per layer of a mixture-of-experts family (FamilySpec.gguf_expert_count), else 0."""
+        field = self.spec.gguf_expert_count
+        return int(getattr(to_config(self.config), field)) if field else 0
+
+    def named_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(llama.cpp's name, tensor) of each of `tensors` (transformers keys, in checkpoint order) llama.cpp stores:
+        a mixture-of-experts layer's experts stacked into one tensor per projection first (gguf_experts.py)."""
+        if self.n_experts:
+            from .gguf_experts import stack_experts
+
+            tensors = stack_experts(tensors, self.n_experts)
+        for key, w in tensors:
+            name = self.gguf_name(key)
+            if name is not None:
+                yield name, w
+
     def gguf_name(self, key: str) -> str | None:
         """llama.cpp's name for a transformers key, or None for a tensor llama.cpp does not store."""
         if key == "lm_head.weight" and not self.has_output:
@@ -274,6 +316,8 @@ class ExportPlan:
             return permute_for_llama_cpp(w, heads)
         if self.spec.gguf_norm_shift and gguf_name.endswith("norm.weight"):
             return w.float() + self.spec.gguf_norm_shift
+        if gguf_name.endswith("ffn_gate_inp_shexp.weight"):  # the shared expert's gate [1, H]: llama.cpp's is 1-D
+            return w.reshape(-1)
         return w
 
     def extra_tensors(self) -> list[tuple[str, torch.Tensor]]:
@@ -288,6 +332,17 @@ class ExportPlan:
             return [(names[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight", torch.tensor(cfg.rope_parameters["long_factor"])),
                     (names[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight", torch.tensor(cfg.rope_parameters["short_factor"]))]
         return []
+
+    def _add_expert_metadata(self, writer) -> None:
+        # As llama.cpp's converter: the routed experts and how many each token uses; each expert's intermediate size
+        # and the shared expert's where the family has their own fields (else llama.cpp takes feed_forward_length).
+        cfg, spec = to_config(self.config), self.spec
+        writer.add_expert_count(self.n_experts)
+        writer.add_expert_used_count(int(cfg.num_experts_per_tok))
+        if spec.gguf_expert_ffn:
+            writer.add_expert_feed_forward_length(int(getattr(cfg, spec.gguf_expert_ffn)))
+        if spec.gguf_shared_expert_ffn:
+            writer.add_expert_shared_feed_forward_length(int(getattr(cfg, spec.gguf_shared_expert_ffn)))
 
     def add_metadata(self, writer, name: str, kind: str) -> None:
         gguf = require_gguf()
@@ -312,6 +367,8 @@ class ExportPlan:
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
         _rope_scaling_metadata(writer, c)
+        if self.n_experts:
+            self._add_expert_metadata(writer)
         if self.arch in _ARCH_METADATA:
             _ARCH_METADATA[self.arch](writer, c)
         writer.add_vocab_size(c["vocab_size"])

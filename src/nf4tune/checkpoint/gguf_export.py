@@ -41,13 +41,18 @@ def check_export_type(kind: str) -> None:
     raise Nf4tuneError(f"unknown --type {kind!r}; supported: {', '.join(EXPORT_TYPES)}.")
 
 
+# Matrices llama.cpp's converter (and llama-quantize) keeps in float32 at every --type: the expert routers, whose
+# small differences would change which experts a token goes to.
+_FLOAT32_WEIGHTS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
+
+
 def tensor_type(gguf_name: str, w: torch.Tensor, kind: str, n_layers: int, has_output: bool) -> str:
     """The ggml type of one tensor for --type `kind`: 1-D tensors F32 (llama.cpp keeps norms and biases so),
     Q4_K_M's per-tensor mix (gguf_quants.q4_k_m_type), else `kind`'s type; a k-quant whose rows do not fill
     256-weight super-blocks falls back as llama.cpp's does (Q6_K -> Q8_0)."""
     from .gguf_quants import QK_K, q4_k_m_type
 
-    if w.dim() < 2:
+    if w.dim() < 2 or gguf_name.endswith(_FLOAT32_WEIGHTS):
         return "F32"
     qtype = EXPORT_TYPES[kind][0]
     if qtype == "Q4_K_M":
@@ -84,6 +89,10 @@ def check_exportable(config: dict, kind: str) -> "ExportPlan":
     if EXPORT_TYPES[kind][0] == "Q4_K_M" and plan.spec.gguf_fused_qkv:
         raise Nf4tuneError(f"llama.cpp's Q4_K_M puts {config['model_type']}'s fused attn_qkv matrices in Q5_K, which nf4tune "
                            "cannot make; export --type f16 and run llama.cpp's `llama-quantize OUT.gguf OUT-q4_k_m.gguf Q4_K_M`.")
+    if EXPORT_TYPES[kind][0] == "Q4_K_M" and plan.n_experts:
+        raise Nf4tuneError("llama.cpp's Q4_K_M chooses the types of a mixture-of-experts model's tensors by rules nf4tune "
+                           "does not follow yet; export --type f16 and run llama.cpp's `llama-quantize OUT.gguf "
+                           "OUT-q4_k_m.gguf Q4_K_M`.")
     return plan
 
 
@@ -156,10 +165,7 @@ def write_gguf(
         count = 0
         has_output = plan.has_output  # llama.cpp's has_output: a separate output.weight
         rows = {}
-        for key, w in tensors:
-            gguf_name = plan.gguf_name(key)
-            if gguf_name is None:
-                continue
+        for gguf_name, w in plan.named_tensors(tensors):
             if gguf_name in _VOCABULARY_TENSORS:
                 rows[gguf_name] = w.shape[0]
             qtype = tensor_type(gguf_name, w, kind, config["num_hidden_layers"], has_output)

@@ -3,6 +3,7 @@ adapter alone, as llama.cpp's LoRA GGUF applied at run time on the base's own ex
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ def export_gguf(
     out_path = _gguf_path(out_path)
     ckpt = open_checkpoint(resolve(base))
     check_exportable(_unquantized(ckpt.config), kind)  # a refusal before any tokenizer, adapter or weight is read
+    _check_no_expert_lora(adapter)
     tokenizer = _tokenizer(ckpt, adapter)
     adapter_has_tokenizer = adapter is not None and tokenizer is not None and (Path(adapter) / "tokenizer_config.json").is_file()
     source_gguf = ckpt.gguf if ckpt.gguf is not None and not adapter_has_tokenizer else None
@@ -103,6 +105,7 @@ def export_adapter_gguf(
     ckpt = open_checkpoint(resolve(base))
     config = _unquantized(ckpt.config)
     check_exportable(config, kind)
+    _check_no_expert_lora(adapter)
     lora, pairs, saved = read_adapter(adapter)
     if saved:
         raise Nf4tuneError(f"the adapter in {adapter} trains rows of {', '.join(sorted(saved))}, which a llama.cpp LoRA "
@@ -114,6 +117,22 @@ def export_adapter_gguf(
     scaled = {module: (pair["A"], pair["B"], lora_scaling(alpha, pair["A"].shape[0], rslora)) for module, pair in pairs.items()}
     count = write_lora_gguf(out_path, config, scaled, kind, name or Path(str(adapter).rstrip("/")).name)
     return ExportReport(out_path, count, kind, None)
+
+
+def _check_no_expert_lora(adapter) -> None:
+    """Refuse an adapter with LoRA on a mixture-of-experts model's experts (PEFT's target_parameters: LoRA on 3-D
+    parameters, not on nn.Linear modules), which the export cannot merge or write yet."""
+    config = Path(adapter) / "adapter_config.json" if adapter is not None else None
+    if config is None or not config.is_file():
+        return  # no adapter, or read_adapter's sentence about the folder
+    try:
+        params = json.loads(config.read_text()).get("target_parameters")
+    except (OSError, ValueError, AttributeError):
+        return  # read_adapter says what is wrong with the file
+    if params:
+        raise Nf4tuneError(f"the adapter in {adapter} puts LoRA on {', '.join(params)} (PEFT's target_parameters), which "
+                           "nf4tune export cannot merge or write yet; merge it with PEFT (merge_and_unload, then "
+                           "save_pretrained) and export that folder.")
 
 
 def _check_fits_base(config: dict, pairs: dict, adapter, base_path) -> None:
