@@ -22,7 +22,7 @@ import torch
 
 import nf4tune
 from nf4tune.checkpoint.architecture import model_class
-from nf4tune.checkpoint.tiny import build_tiny_checkpoint, byte_level_tokenizer
+from nf4tune.checkpoint.tiny import build_tiny_checkpoint, byte_level_tokenizer, tiny_archs
 from nf4tune.cli.main import main
 from nf4tune.layers.linear4bit import Linear4bit
 from nf4tune.models.loss import IGNORE_INDEX, loss_sum
@@ -37,6 +37,9 @@ gguf = pytest.importorskip("gguf", reason="the gguf package reads the exported f
 from transformers import BitsAndBytesConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# The families the matrix runs: those checkpoint/tiny.py builds a tiny checkpoint of (a family registered before it
+# can, as the mixture-of-experts families registered for their GGUF export, is listed as skipped).
+MATRIX_FAMILIES = tuple(name for name in FAMILIES if name in tiny_archs())
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ def _transformers_model(path: Path, **kwargs):
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request) -> str:
+    if request.param not in MATRIX_FAMILIES:
+        pytest.skip(f"checkpoint/tiny.py builds no tiny {request.param} checkpoint yet: not in the matrix")
     return request.param
 
 
@@ -401,14 +406,14 @@ def test_nf4tune_decoder(family, served):
 # --- the README's table -----------------------------------------------------------------------------
 
 def family_table() -> str:
-    """The README's family matrix, from the registry: a row per family, a column per step."""
+    """The README's family matrix, from the registry: a row per family the matrix runs, a column per step."""
     def cell(spec, step: Step) -> str:
         value = getattr(spec, step.capability) if step.capability else True
         return step.cell.format(**vars(spec)) if value else "-"
 
     lines = ["| Family (`model_type`) | " + " | ".join(s.name for s in STEPS) + " |",
              "| --- | " + " | ".join("---" for _ in STEPS) + " |"]
-    lines += [f"| `{name}` | " + " | ".join(cell(spec, s) for s in STEPS) + " |" for name, spec in FAMILIES.items()]
+    lines += [f"| `{name}` | " + " | ".join(cell(FAMILIES[name], s) for s in STEPS) + " |" for name in MATRIX_FAMILIES]
     return "\n".join(lines) + "\n"
 
 

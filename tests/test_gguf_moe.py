@@ -275,6 +275,27 @@ def test_an_attention_adapter_merges_into_the_moe_export(tmp_path):
     assert_llama_cpp_agrees(tmp_path / "m.gguf", peft_model.eval(), tok, _ids(tok))
 
 
+def test_llama_cpp_applies_an_attention_adapter_only_gguf_on_the_moe_export(tmp_path):
+    """`--adapter-only` for a Qwen2-MoE's attention adapter: llama.cpp's --lora on the base's own export gives the
+    merged export's logits within 1% (and without it they are far apart)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason=_LLAMA_CPP_MISSING)
+    pytest.importorskip("peft", reason="PEFT makes the adapter")
+    from test_gguf_families import _llama_cpp_logits
+
+    src, tok, _ = build_moe(tmp_path, "qwen2_moe")
+    adapter, _ = _attention_adapter(src, tmp_path, dict(target_modules=["q_proj", "k_proj", "o_proj"]))
+    export_gguf(src, tmp_path / "base.gguf", progress=False)
+    export_gguf(src, tmp_path / "merged.gguf", adapter, progress=False)
+    assert main(["export", str(src), str(tmp_path / "lora.gguf"), "--adapter", str(adapter), "--adapter-only"]) == 0
+    ids = _ids(tok)
+    merged, _ = _llama_cpp_logits(llama_cpp, tmp_path / "merged.gguf", ids)
+    applied, _ = _llama_cpp_logits(llama_cpp, tmp_path / "base.gguf", ids, lora_path=str(tmp_path / "lora.gguf"))
+    base, _ = _llama_cpp_logits(llama_cpp, tmp_path / "base.gguf", ids)
+    scale = merged.abs().max()
+    assert (applied - merged).abs().max() < 0.01 * scale, (applied - merged).abs().max() / scale
+    assert (base - merged).abs().max() > 0.05 * scale
+
+
 def test_an_adapter_on_the_experts_is_refused_with_a_sentence(tmp_path, capsys):
     """An adapter with LoRA on the experts (PEFT's target_parameters) merged or adapter-only: one sentence, no file."""
     pytest.importorskip("peft", reason="PEFT makes the adapter")

@@ -109,6 +109,11 @@ def build_tiny_checkpoint(
     return path
 
 
+def tiny_archs() -> tuple[str, ...]:
+    """The model types build_tiny_checkpoint can build."""
+    return tuple(_TINY_CONFIGS)
+
+
 # Built-in tiny models, addressed as "tiny-random:<name>" wherever a model path is taken: built
 # deterministically on first use into the cache folder, for offline demos and tests.
 BUILTIN = {
