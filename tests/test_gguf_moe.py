@@ -228,6 +228,18 @@ def test_variants_llama_cpp_lacks_are_refused_with_a_sentence(variant, tmp_path,
     assert not list(tmp_path.glob("*.gguf"))
 
 
+def test_a_moe_gguf_base_is_refused_with_a_sentence(tmp_path, capsys):
+    """A mixture-of-experts GGUF file as the base (transformers' GGUF reader, nf4tune's way in, loses its experts):
+    one sentence, no file."""
+    src, _, _ = build_moe(tmp_path, "qwen3_moe")
+    export_gguf(src, tmp_path / "m.gguf", progress=False)
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "m.gguf"), str(tmp_path / "again.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "mixture-of-experts" in err and "Hugging Face checkpoint" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "again.gguf").exists()
+
+
 def test_gpt_oss_and_q4_k_m_are_refused_with_a_sentence(tmp_path, capsys):
     """gpt-oss (not exported yet) and Q4_K_M for a mixture of experts (llama.cpp's mix has rules of its own there):
     one sentence each, from the config alone."""

@@ -69,6 +69,8 @@ def export_gguf(
     out_path = _gguf_path(out_path)
     ckpt = open_checkpoint(resolve(base))
     check_exportable(_unquantized(ckpt.config), kind)  # a refusal before any tokenizer, adapter or weight is read
+    if ckpt.gguf is not None:
+        _check_gguf_has_no_experts(ckpt.gguf)
     _check_no_expert_lora(adapter)
     tokenizer = _tokenizer(ckpt, adapter)
     adapter_has_tokenizer = adapter is not None and tokenizer is not None and (Path(adapter) / "tokenizer_config.json").is_file()
@@ -117,6 +119,17 @@ def export_adapter_gguf(
     scaled = {module: (pair["A"], pair["B"], lora_scaling(alpha, pair["A"].shape[0], rslora)) for module, pair in pairs.items()}
     count = write_lora_gguf(out_path, config, scaled, kind, name or Path(str(adapter).rstrip("/")).name)
     return ExportReport(out_path, count, kind, None)
+
+
+def _check_gguf_has_no_experts(path: Path) -> None:
+    """Refuse a mixture-of-experts GGUF base: transformers' GGUF reader, which nf4tune reads GGUF files through, loses
+    its experts (Mixtral comes back as a dense Llama, Qwen-MoE without its experts' size), so the export would be wrong."""
+    from ..checkpoint.gguf import field
+
+    arch = field(path, "general.architecture")
+    if field(path, f"{arch}.expert_count"):
+        raise Nf4tuneError(f"{path} is a mixture-of-experts model, whose experts nf4tune cannot read back from a GGUF file "
+                           "yet; export it from its Hugging Face checkpoint.")
 
 
 def _check_no_expert_lora(adapter) -> None:
