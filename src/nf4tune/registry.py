@@ -105,6 +105,9 @@ class FamilySpec:
             and "yarn" as rope.scaling metadata, "llama3" as the rope_freqs tensor only llama.cpp's llama graph
             reads, "longrope" as the rope_factors_long / _short tensors llama.cpp's phi3 graph reads; a model
             with another is refused.
+        moe_experts: a mixture of experts whose experts are a transformers experts module (fused 3-D
+            parameters): they are held in 4-bit and get per-expert LoRA (layers/experts4bit.py). Their
+            checkpoints' per-expert keys are fused by transformers' own conversion mapping, so no table here.
     """
 
     chunked_loss: bool = False
@@ -120,6 +123,7 @@ class FamilySpec:
     gguf_required_fields: tuple[str, ...] = ()
     gguf_fused_qkv: bool = False
     gguf_rope_types: tuple[str, ...] = ("default",)
+    moe_experts: bool = False
 
 
 _LLAMA_LIKE = FamilySpec(chunked_loss=True, decoder=True, gguf_arch="llama", gguf_permute_qk=True,
@@ -153,6 +157,12 @@ FAMILIES: dict[str, FamilySpec] = {
     "granite": FamilySpec(chunked_loss=True, logits_divisor="logits_scaling", gguf_arch="granite", gguf_permute_qk=True),
     # llama.cpp's olmo2 requires a separate output head.
     "olmo2": FamilySpec(chunked_loss=True, gguf_arch="olmo2", gguf_refused_flags=("tie_word_embeddings",)),
+    # Mixtures of experts (transformers' experts modules); not exported to GGUF.
+    "qwen3_moe": FamilySpec(chunked_loss=True, moe_experts=True),
+    "mixtral": FamilySpec(chunked_loss=True, moe_experts=True),
+    "olmoe": FamilySpec(chunked_loss=True, moe_experts=True),
+    "qwen2_moe": FamilySpec(chunked_loss=True, moe_experts=True),
+    "gpt_oss": FamilySpec(chunked_loss=True, moe_experts=True),
     "t5": FamilySpec(),
     "mt5": FamilySpec(),
 }
