@@ -24,8 +24,8 @@ from ..checkpoint.bnb4bit import QuantizedWeightAssembler
 from ..checkpoint.expert_keys import KeyConverter
 from ..checkpoint.hf import has_tokenizer, iter_tensors, open_checkpoint, resolve
 from ..errors import Nf4tuneError
-from ..layers.head import OutputHead
 from ..layers.experts4bit import swap_experts
+from ..layers.head import OutputHead
 from ..layers.linear4bit import Linear4bit, Linear16bit
 from ..layers.lora import LoraConfig, inject_lora
 from ..quant import quantize
