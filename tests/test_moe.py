@@ -175,3 +175,31 @@ def test_unknown_expert_layout_is_refused_before_loading(tmp_path, monkeypatch):
     with pytest.raises(Nf4tuneError, match=r"model\.layers\.0\.mlp\.experts \(Experts\) is a mixture-of-experts "
                                            r"module whose layout nf4tune does not know: it lacks the has_gate flag"):
         _load(path)
+
+
+def test_quantized_checkpoint_holds_4bit_experts_and_loads_as_quantize_on_load(checkpoint, tmp_path):
+    from nf4tune.checkpoint.quantize import quantize_checkpoint
+
+    family, path = checkpoint
+    report = quantize_checkpoint(path, tmp_path / "bnb", progress=False)
+    keys = set()
+    for shard in (tmp_path / "bnb").glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            keys |= set(f.keys())
+    fused = [n for n, p in _transformers(path).named_parameters() if p.dim() == 3]
+    assert fused and all(f"{n}.absmax" in keys and f"{n}.quant_state.bitsandbytes__nf4" in keys for n in fused)
+    assert not any(".experts.0." in k for k in keys)  # no per-expert 16-bit tensor left
+    loaded, streamed = _load(tmp_path / "bnb"), _load(path)
+    ours, theirs = expert_weights(loaded), expert_weights(streamed)
+    assert ours.keys() == theirs.keys()
+    for name, weight in ours.items():
+        a, b = weight.quantized_weight, theirs[name].quantized_weight
+        assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax, b.absmax) and a.offset == b.offset, name
+    _close(_logits(loaded), _logits(streamed), rel=1e-6)
+
+
+def test_unquantized_base_keeps_the_experts_in_the_compute_dtype(checkpoint):
+    family, path = checkpoint
+    model = _load(path, quant_type="none")
+    assert all(w.dense is not None and w.packed is None for w in expert_weights(model).values())
+    _close(_logits(model), _logits(_transformers(path)))

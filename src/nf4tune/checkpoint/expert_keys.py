@@ -60,11 +60,14 @@ class KeyConverter:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter
 
-        transforms = get_model_conversion_mapping(model, add_legacy=False)
-        self.renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
-        self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
         self.shapes = {name: p.shape for name, p in model.named_parameters()}
         self.pending: dict[str, _Pending] = {}
+        # Only a model with fused expert parameters has its keys converted: dense checkpoints load by their
+        # names as they always have.
+        self.converts_experts = any(len(shape) == 3 for shape in self.shapes.values())
+        transforms = get_model_conversion_mapping(model, add_legacy=False) if self.converts_experts else []
+        self.renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
 
     def _rename(self, key: str):
         for renaming in self.renamings:
