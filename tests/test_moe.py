@@ -182,6 +182,7 @@ def test_quantized_checkpoint_holds_4bit_experts_and_loads_as_quantize_on_load(c
 
     family, path = checkpoint
     report = quantize_checkpoint(path, tmp_path / "bnb", progress=False)
+    assert report.quantized_params > 0
     keys = set()
     for shard in (tmp_path / "bnb").glob("*.safetensors"):
         with safe_open(shard, "pt") as f:
