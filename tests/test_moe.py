@@ -204,3 +204,19 @@ def test_unquantized_base_keeps_the_experts_in_the_compute_dtype(checkpoint):
     model = _load(path, quant_type="none")
     assert all(w.dense is not None and w.packed is None for w in expert_weights(model).values())
     _close(_logits(model), _logits(_transformers(path)))
+
+
+def test_trainer_resume_restores_the_expert_adapters(tmp_path):
+    """What Trainer's resume_from_checkpoint does: save_pretrained, then load_state_dict of the adapter file."""
+    from safetensors.torch import load_file
+
+    path = build_tiny_checkpoint(tmp_path / "model", "qwen3_moe")
+    model = _load(path, lora=LoraConfig(r=2, alpha=4, dropout=0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "checkpoint-1")
+    fresh = _load(path, lora=LoraConfig(r=2, alpha=4, dropout=0.0))
+    fresh.load_state_dict(load_file(tmp_path / "checkpoint-1" / "adapter_model.safetensors"))
+    _close(_logits(fresh), _logits(model), rel=1e-6)
