@@ -220,3 +220,21 @@ def test_trainer_resume_restores_the_expert_adapters(tmp_path):
     fresh = _load(path, lora=LoraConfig(r=2, alpha=4, dropout=0.0))
     fresh.load_state_dict(load_file(tmp_path / "checkpoint-1" / "adapter_model.safetensors"))
     _close(_logits(fresh), _logits(model), rel=1e-6)
+
+
+def test_experts_that_straddle_blocks_compute_the_same_function(tmp_path):
+    """An expert whose weights do not fill whole 64-element blocks (48 x 10 = 7.5 blocks) is decoded from the
+    blocks around it: the logits are still transformers' on the decoded weights, the bytes bitsandbytes'."""
+    path = build_tiny_checkpoint(tmp_path / "model", "qwen3_moe", hidden_size=48, moe_intermediate_size=10)
+    model = _load(path)
+    down = expert_weights(model)["model.layers.0.mlp.experts.down_proj"]
+    assert down.shape[1] * down.shape[2] % 64
+    reference = _transformers(path, torch.bfloat16).get_parameter("model.layers.0.mlp.experts.down_proj")
+    packed, state = bnb_F.quantize_4bit(reference.detach().reshape(-1), blocksize=64, compress_statistics=True,
+                                       quant_type="nf4")
+    assert torch.equal(down.quantized_weight.packed.view(-1), packed.view(-1))
+    for e in range(down.num_experts):
+        assert torch.equal(down.expert(e, torch.float32), down.dequantized(torch.float32)[e])
+    reference = _decoded_reference(path, model)
+    reference.set_experts_implementation("eager")  # transformers' grouped_mm needs 16-byte strides
+    _close(_logits(model), _logits(reference))
