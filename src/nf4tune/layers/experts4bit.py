@@ -24,6 +24,7 @@ from .. import dispatch
 from ..errors import Nf4tuneError
 from ..quant import QuantizedTensor
 from ..quant.codes import dynamic_code, on_device
+from . import kept_outputs
 from .linear4bit import lora_scaling
 
 EXPERTS_IMPLEMENTATION = "nf4tune"
@@ -135,7 +136,13 @@ class ExpertWeight4bit(nn.Module):
 
     def forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """x @ W_e^T (+ expert e's adapter term), x of shape (tokens, in)."""
-        y = _FrozenExpertMatmul.apply(x, self, e)
+        # Inside a gradient-checkpointed region that keeps outputs (layers/kept_outputs.py, in call order: the
+        # recompute routes the same tokens to the same experts), the recompute reuses the first run's product.
+        region = kept_outputs.current()
+        kept = region.take(self) if region is not None else None
+        y = _FrozenExpertMatmul.apply(x, self, e, kept)
+        if region is not None and kept is None:
+            region.keep(self, y)
         if self.lora_A is not None:
             a = self.lora_A.view(self.num_experts, self.r, self.in_features)[e].to(x.dtype)
             b = self.lora_B.view(self.out_features, self.r, self.num_experts)[:, :, e].to(x.dtype)
@@ -151,8 +158,10 @@ class _FrozenExpertMatmul(torch.autograd.Function):
     """x @ W_e^T with W_e dequantized in forward and again in backward: no copy of it outlives a call."""
 
     @staticmethod
-    def forward(ctx, x, weight: ExpertWeight4bit, e: int):
+    def forward(ctx, x, weight: ExpertWeight4bit, e: int, kept: torch.Tensor | None = None):
         ctx.weight, ctx.e = weight, e
+        if kept is not None:  # the first run's output, handed back in a checkpointed recompute
+            return kept
         w = weight.expert(e, x.dtype)
         return x @ w if weight.transposed else x @ w.t()
 
@@ -162,7 +171,7 @@ class _FrozenExpertMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             w = ctx.weight.expert(ctx.e, grad_y.dtype)
             grad_x = grad_y @ w.t() if ctx.weight.transposed else grad_y @ w
-        return grad_x, None, None
+        return grad_x, None, None, None
 
 
 def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
