@@ -5,7 +5,9 @@ swapped for `Linear4bit`, and the safetensors shards are streamed in one tensor 
 weights are quantized as they arrive (on the target device), everything else is cast and placed.
 The full 16-bit model never exists in memory. Pre-quantized `*-bnb-4bit` checkpoints are read as
 they are, without bitsandbytes. With quant_type "none" the same layers are `Linear16bit`, which keep
-their weights in the compute dtype (16-bit LoRA).
+their weights in the compute dtype (16-bit LoRA). A mixture of experts' fused expert parameters become
+`ExpertWeight4bit`s (layers/experts4bit.py), quantized whole as they arrive; its checkpoint's per-expert
+tensors are fused on the way in by transformers' own conversion rules (checkpoint/expert_keys.py).
 """
 
 from __future__ import annotations
