@@ -24,6 +24,7 @@ import nf4tune
 from nf4tune.checkpoint.architecture import model_class
 from nf4tune.checkpoint.tiny import build_tiny_checkpoint, byte_level_tokenizer, tiny_archs
 from nf4tune.cli.main import main
+from nf4tune.layers.experts4bit import ExpertWeight4bit
 from nf4tune.layers.linear4bit import Linear4bit
 from nf4tune.models.loss import IGNORE_INDEX, loss_sum
 from nf4tune.quant.codes import bits_per_parameter
@@ -183,6 +184,8 @@ def dequantized_base_path(root, checkpoint, plain) -> Path:
         for name, module in plain[0].named_modules():
             if isinstance(module, Linear4bit):
                 model.get_submodule(name).weight.copy_(module.quantized_weight.dequantize(torch.float32))
+            elif isinstance(module, ExpertWeight4bit):  # a mixture of experts' fused expert weights
+                model.get_parameter(name).copy_(module.dequantized(torch.float32))
     model.save_pretrained(root / "dequantized")
     return root / "dequantized"
 

@@ -162,3 +162,49 @@ def test_gguf_reader_and_rope_helpers_are_where_nf4tune_imports_them():
     assert {"llama3", "longrope"} <= set(ROPE_INIT_FUNCTIONS), (
         "transformers renamed its rope initialisers: GGUF export of llama3 / longrope scaled models fails.")
     assert callable(ROPE_INIT_FUNCTIONS["llama3"]) and callable(ROPE_INIT_FUNCTIONS["longrope"])
+
+
+def test_transformers_conversion_mapping_streams_one_tensor_at_a_time():
+    """transformers' checkpoint conversion (`conversion_mapping.get_model_conversion_mapping`, and of
+    `core_model_loading`: `WeightConverter` with `.operations`, `.source_patterns`, `.target_patterns`,
+    `WeightTransform.rename_source_key`, `ConversionOps.convert(dict, source_patterns=, target_patterns=)`):
+    nf4tune's KeyConverter (checkpoint/expert_keys.py) applies them one tensor at a time, so MoE checkpoints
+    (per-expert keys) load fused and streamed; if these change, every MoE checkpoint fails to load
+    (behaviour: tests/test_moe.py)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    config = AutoConfig.for_model("qwen3_moe", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=1, head_dim=8, num_experts=2, moe_intermediate_size=8)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    converters = [t for t in get_model_conversion_mapping(model, add_legacy=False) if isinstance(t, WeightConverter)]
+    key = "model.layers.0.mlp.experts.1.up_proj.weight"
+    found = [(c, *c.rename_source_key(key)) for c in converters]
+    matched = [(c, target, pattern) for c, target, pattern in found if pattern is not None]
+    assert matched and matched[0][1] == "model.layers.0.mlp.experts.gate_up_proj", (
+        "transformers' conversion mapping no longer renames per-expert keys to the fused parameter this way: "
+        "nf4tune's KeyConverter cannot fuse MoE checkpoints.")
+    converter = matched[0][0]
+    collected = {p: [torch.zeros(8, 16), torch.ones(8, 16)] for p in converter.source_patterns}
+    for op in converter.operations:
+        collected = op.convert(collected, source_patterns=converter.source_patterns,
+                               target_patterns=converter.target_patterns, full_layer_name=matched[0][1])
+    (fused,) = collected.values()
+    assert fused.shape == (2, 16, 16), "transformers' expert fusing operations changed their arguments or results."
+
+
+def test_experts_interface_takes_a_registered_forward():
+    """`transformers.integrations.moe.ExpertsInterface.register(name, forward)` and
+    `PreTrainedModel.set_experts_implementation(name)`: the MoE experts modules compute nf4tune's 4-bit
+    forward (layers/experts4bit.py) through them; if they change, MoE models compute with missing
+    weights (behaviour: tests/test_moe.py)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from nf4tune.layers.experts4bit import EXPERTS_IMPLEMENTATION, experts_forward, register
+
+    register()
+    assert ALL_EXPERTS_FUNCTIONS.get_interface(EXPERTS_IMPLEMENTATION, None) is experts_forward, (
+        "transformers' ExpertsInterface no longer returns a registered experts forward: nf4tune's 4-bit experts "
+        "are not called.")

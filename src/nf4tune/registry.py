@@ -114,6 +114,9 @@ class FamilySpec:
             and "yarn" as rope.scaling metadata, "llama3" as the rope_freqs tensor only llama.cpp's llama graph
             reads, "longrope" as the rope_factors_long / _short tensors llama.cpp's phi3 graph reads; a model
             with another is refused.
+        moe_experts: a mixture of experts whose experts are a transformers experts module (fused 3-D
+            parameters): they are held in 4-bit and get per-expert LoRA (layers/experts4bit.py). Their
+            checkpoints' per-expert keys are fused by transformers' own conversion mapping, so no table here.
     """
 
     chunked_loss: bool = False
@@ -133,6 +136,7 @@ class FamilySpec:
     gguf_shared_expert_ffn: str | None = None
     gguf_fused_qkv: bool = False
     gguf_rope_types: tuple[str, ...] = ("default",)
+    moe_experts: bool = False
 
 
 _LLAMA_LIKE = FamilySpec(chunked_loss=True, decoder=True, gguf_arch="llama", gguf_permute_qk=True,
@@ -166,23 +170,30 @@ FAMILIES: dict[str, FamilySpec] = {
     "granite": FamilySpec(chunked_loss=True, logits_divisor="logits_scaling", gguf_arch="granite", gguf_permute_qk=True),
     # llama.cpp's olmo2 requires a separate output head.
     "olmo2": FamilySpec(chunked_loss=True, gguf_arch="olmo2", gguf_refused_flags=("tie_word_embeddings",)),
-    # Mixture-of-experts families. llama.cpp's graphs fix what transformers reads from the config: whether the
-    # chosen experts' weights are renormalized (norm_topk_prob: always in qwen3moe and Mixtral's llama, never in
-    # qwen2moe and olmoe), every layer sparse (mlp_only_layers empty; decoder_sparse_step 1, checked in gguf_arch).
-    "qwen3_moe": FamilySpec(gguf_arch="qwen3moe", gguf_rope_types=_SCALED_ROPE, gguf_expert_count="num_experts",
+    # Mixtures of experts (transformers' experts modules, experts in 4-bit: layers/experts4bit.py). llama.cpp's
+    # graphs fix what transformers reads from the config: whether the chosen experts' weights are renormalized
+    # (norm_topk_prob: always in qwen3moe and Mixtral's llama, never in qwen2moe and olmoe), every layer sparse
+    # (mlp_only_layers empty; decoder_sparse_step 1, checked in gguf_arch).
+    "qwen3_moe": FamilySpec(chunked_loss=True, moe_experts=True,
+                            gguf_arch="qwen3moe", gguf_rope_types=_SCALED_ROPE, gguf_expert_count="num_experts",
                             gguf_expert_ffn="moe_intermediate_size", gguf_required_flags=("norm_topk_prob",),
                             gguf_refused_flags=("attention_bias", "use_sliding_window", "mlp_only_layers")),
+    # llama.cpp's converter writes Mixtral as llama with expert tensors (Q/K rows permuted as Llama's)
+    "mixtral": FamilySpec(chunked_loss=True, moe_experts=True,
+                          gguf_arch="llama", gguf_permute_qk=True, gguf_rope_types=_SCALED_ROPE,
+                          gguf_expert_count="num_local_experts"),
+    # q_norm / k_norm over the whole projection, as OLMo 2's; llama.cpp's olmoe requires a separate output head.
+    "olmoe": FamilySpec(chunked_loss=True, moe_experts=True,
+                        gguf_arch="olmoe", gguf_expert_count="num_experts",
+                        gguf_refused_flags=("norm_topk_prob", "attention_bias", "clip_qkv", "tie_word_embeddings")),
     # the shared expert and its sigmoid gate map to ffn_{gate,up,down}_shexp and ffn_gate_inp_shexp
-    "qwen2_moe": FamilySpec(gguf_arch="qwen2moe", gguf_rope_types=_SCALED_ROPE, gguf_expert_count="num_experts",
+    "qwen2_moe": FamilySpec(chunked_loss=True, moe_experts=True,
+                            gguf_arch="qwen2moe", gguf_rope_types=_SCALED_ROPE, gguf_expert_count="num_experts",
                             gguf_expert_ffn="moe_intermediate_size", gguf_shared_expert_ffn="shared_expert_intermediate_size",
                             gguf_refused_flags=("norm_topk_prob", "use_sliding_window", "mlp_only_layers",
                                                 "tie_word_embeddings")),
-    # q_norm / k_norm over the whole projection, as OLMo 2's; llama.cpp's olmoe requires a separate output head.
-    "olmoe": FamilySpec(gguf_arch="olmoe", gguf_expert_count="num_experts",
-                        gguf_refused_flags=("norm_topk_prob", "attention_bias", "clip_qkv", "tie_word_embeddings")),
-    # llama.cpp's converter writes Mixtral as llama with expert tensors (Q/K rows permuted as Llama's)
-    "mixtral": FamilySpec(gguf_arch="llama", gguf_permute_qk=True, gguf_rope_types=_SCALED_ROPE,
-                          gguf_expert_count="num_local_experts"),
+    # experts fused and transposed, with biases; not exported (llama.cpp's gpt-oss needs MXFP4 experts).
+    "gpt_oss": FamilySpec(chunked_loss=True, moe_experts=True),
     "t5": FamilySpec(),
     "mt5": FamilySpec(),
 }

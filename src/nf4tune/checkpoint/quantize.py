@@ -17,7 +17,8 @@ from .. import dispatch  # noqa: F401  (installs the fast 4-bit paths into quant
 from ..errors import Nf4tuneError
 from ..outputs import check_output
 from ..quant import quantize
-from .architecture import linear_weight_keys
+from .architecture import build_meta_model, quantizable_linears
+from .expert_keys import KeyConverter
 from .gguf import companion_files
 from .hf import iter_tensors, open_checkpoint
 from .writer import CheckpointWriter
@@ -60,6 +61,11 @@ def quantize_checkpoint(
 ) -> QuantizeReport:
     """Quantize every linear weight of the decoder in `model_dir` and write a 4-bit checkpoint to `out_dir`.
 
+    A mixture of experts' fused expert parameters (transformers' names: per-expert checkpoint tensors are
+    fused as transformers fuses them) are quantized too, each whole, flattened row-major, in the same
+    bitsandbytes layout. transformers + bitsandbytes keep experts in 16-bit and cannot read these; nf4tune
+    loads them.
+
     Streams: each source tensor is read, quantized and dropped before the next is read, and each
     output shard is written before the next source shard is opened. `out_dir` appears only once
     complete. `compute_dtype` is only recorded in the config, as the dtype transformers +
@@ -73,22 +79,33 @@ def quantize_checkpoint(
         raise Nf4tuneError(f"{ckpt.path} is already quantized ({method}); give the original 16-bit checkpoint.")
     with companion_files(ckpt) as source, CheckpointWriter(out_dir, source, len(ckpt.shards), overwrite,
                                                                  ckpt.nbytes // 3) as writer:
-        targets = linear_weight_keys(ckpt.config)
+        meta = build_meta_model(ckpt.config)
+        targets = {f"{name}.weight" for name in quantizable_linears(meta)}
+        keys = KeyConverter(meta)
+        targets |= {name for name, p in meta.named_parameters() if p.dim() == 3 and keys.converts_experts}
+        del meta
         report = QuantizeReport(Path(out_dir), 0, 0, ckpt.nbytes, 0, 0)
         with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=f"quantizing {ckpt.path.name}", disable=not progress) as bar:
             shards_read = 0
             for shard in ckpt.shards:
                 out: dict[str, torch.Tensor] = {}
-                for key, tensor in iter_tensors(shard):
-                    bar.update(tensor.nbytes)
-                    if key in targets:
-                        out.update(quantize(tensor, quant_type, blocksize, double_quant, name=key).bnb_state_dict(key))
-                        report.quantized += 1
-                        report.quantized_params += tensor.numel()
-                    else:
+                for source_key, source in iter_tensors(shard):
+                    bar.update(source.nbytes)
+                    for key, tensor in keys.feed(source_key, source):
+                        if key in targets:
+                            q = quantize(tensor, quant_type, blocksize, double_quant, name=key)
+                            out.update(q.bnb_state_dict(key))
+                            report.quantized += 1
+                            report.quantized_params += tensor.numel()
+                        else:
+                            out[key] = tensor
+                            report.kept += 1
+                        del tensor
+                    del source
+                if shard == ckpt.shards[-1]:
+                    for key, tensor in keys.finish(ckpt.path):
                         out[key] = tensor
                         report.kept += 1
-                    del tensor
                 writer.write_shard(out)
                 del out
                 shards_read += shard.stat().st_size

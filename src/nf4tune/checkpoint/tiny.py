@@ -33,6 +33,16 @@ _TINY_CONFIGS = {
     "olmo2": _DECODER,
     "t5": _T5,
     "mt5": _T5,
+    # Mixture-of-experts families: four experts, two per token, every layer sparse; each expert's weights fill
+    # whole 64-element blocks, as in real models. Qwen2-MoE adds its shared expert; gpt-oss its transposed,
+    # biased experts with interleaved gate / up columns.
+    "qwen3_moe": dict(_DECODER, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2),
+    "mixtral": dict(_DECODER, num_local_experts=4, num_experts_per_tok=2),
+    "olmoe": dict(_DECODER, num_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(_DECODER, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
+                      num_experts_per_tok=2),
+    "gpt_oss": dict(_DECODER, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                    layer_types=["sliding_attention", "full_attention"]),
     "opt": dict(hidden_size=64, ffn_dim=192, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64),
 }
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import Nf4tuneError
+from .experts4bit import ExpertWeight4bit
 from .linear4bit import Linear4bit
 
 
@@ -20,9 +21,11 @@ class LoraConfig:
         r: rank of the update B @ A.
         alpha: scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).
         dropout: dropout on the adapter's input while training.
-        target_modules: "all-linear" (every quantized linear layer of the blocks, not lm_head), a list
-            of module names matched as PEFT does (the full name or its last parts, e.g. "q_proj"),
-            or a regular expression matched against full module names.
+        target_modules: "all-linear" (every quantized linear layer of the blocks, not lm_head, and the
+            experts of a mixture-of-experts model), a list of module names matched as PEFT does (the full
+            name or its last parts, e.g. "q_proj", or "experts.gate_up_proj" for the fused expert weights),
+            or a regular expression matched against full module names. Expert adapters take no dropout
+            (PEFT's per-expert LoRA, `target_parameters`, has none).
         use_rslora: rank-stabilized scaling alpha / sqrt(r).
     """
 
@@ -59,14 +62,19 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    chosen = [n for n, m in model.named_modules() if isinstance(m, Linear4bit) and config.matches(n)]
+    kinds = (Linear4bit, ExpertWeight4bit)
+    chosen = [n for n, m in model.named_modules() if isinstance(m, kinds) and config.matches(n)]
     if not chosen:
-        available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, Linear4bit)})
+        available = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)})
         raise Nf4tuneError(
             f"LoRA target_modules {config.target_modules!r} matches no 4-bit linear layer; this model has {available}."
         )
     for name in chosen:
-        model.get_submodule(name).add_lora(config.r, config.alpha, config.dropout, config.use_rslora)
+        layer = model.get_submodule(name)
+        if isinstance(layer, ExpertWeight4bit):
+            layer.add_lora(config.r, config.alpha, config.use_rslora)
+        else:
+            layer.add_lora(config.r, config.alpha, config.dropout, config.use_rslora)
     return chosen
 
 
@@ -74,10 +82,12 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as their number of elements, whether
     their storage is held as buffers or (for sharding) as frozen parameters. A sharded parameter counts
     whole (a DTensor's numel is its global one), so every rank gives one process's figures."""
-    storage = {id(getattr(m, name)) for m in model.modules() if isinstance(m, Linear4bit) for name in m.STORAGE}
+    storage = {id(getattr(m, name)) for m in model.modules() if isinstance(m, (Linear4bit, ExpertWeight4bit))
+               for name in m.STORAGE}
     params = [p for p in model.parameters() if id(p) not in storage]
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
     total += sum(int(torch.Size(m._quant_meta["shape"]).numel()) for m in model.modules()
                  if isinstance(m, Linear4bit) and m._quant_meta)
+    total += sum(m.shape.numel() for m in model.modules() if isinstance(m, ExpertWeight4bit))
     return trainable, total

@@ -9,6 +9,11 @@ layer): only their rows, `<module>.token_adapter.trainable_tokens_delta` (the ro
 difference), for the input embedding and, when untied, the output head; PEFT loads them onto a base
 resized to the adapter's tokenizer (`base.resize_token_embeddings(len(tokenizer))`). Older nf4tune
 adapters saved the whole matrices as `modules_to_save`; they still load.
+
+Adapters on a mixture-of-experts model's fused expert weights are PEFT's `target_parameters` LoRA
+(its ParamWrapper): `<experts module>.lora_A.weight` of shape (r * experts, in), where several targeted
+parameters of one experts module nest, the module's first parameter innermost
+(`<experts module>.base_layer.lora_A.weight`), as PEFT wraps them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from torch import nn
 from .. import dispatch
 from ..atomic import atomic_write
 from ..errors import Nf4tuneError
+from ..layers.experts4bit import EXPERT_PARAMETERS, ExpertWeight4bit
 from ..layers.linear4bit import Linear4bit, lora_scaling
 from ..layers.lora import LoraConfig, lora_layers
 
@@ -96,18 +102,40 @@ def _trainable_token_indices(model) -> dict[str, list[int]] | None:
     return {name.rsplit(".", 1)[-1]: rows for name in _vocab_module_names(model)}
 
 
-def adapter_config(model, layers: list[str]) -> dict:
-    """PEFT's adapter_config.json for the adapters of `model` on `layers`."""
+def expert_adapters(model) -> dict[str, tuple[str, ExpertWeight4bit]]:
+    """The expert weights of `model` that carry an adapter, by the module name PEFT saves that adapter under:
+    {"model.layers.0.mlp.experts.base_layer": ("model.layers.0.mlp.experts.gate_up_proj", weight), ...}."""
+    found = {}
+    for owner_name, owner in model.named_modules():
+        targeted = [(attr, w) for attr in EXPERT_PARAMETERS
+                    if isinstance(w := getattr(owner, attr, None), ExpertWeight4bit) and w.lora_A is not None]
+        for depth, (attr, weight) in enumerate(reversed(targeted)):  # the last parameter wraps the others
+            found[owner_name + ".base_layer" * depth] = (f"{owner_name}.{attr}", weight)
+    return found
+
+
+def _target_parameter(name: str) -> str:
+    """PEFT's `target_parameters` entry for an expert weight: its name within its decoder layer
+    ("mlp.experts.gate_up_proj"), or the whole name outside one."""
+    match = re.match(r"^.*?\.\d+\.(.+)$", name)
+    return match[1] if match else name
+
+
+def adapter_config(model, layers: list[str], expert_names: list[str] = ()) -> dict:
+    """PEFT's adapter_config.json for the adapters of `model` on `layers` and the expert weights `expert_names`."""
     cfg: LoraConfig = getattr(model, "nf4tune_lora_config", None) or LoraConfig()
     encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
+    experts = sorted({_target_parameter(n) for n in expert_names})
     return {
         "peft_type": "LORA",
         "task_type": "SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM",
         "base_model_name_or_path": getattr(model, "nf4tune_base", None) or getattr(model.config, "name_or_path", None),
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": sorted(layers),
+        # PEFT refuses dropout on expert adapters (it has none there); nf4tune's linear layers had it in training
+        "lora_dropout": 0.0 if experts else cfg.dropout,
+        "target_modules": sorted(layers) if layers or not experts else None,
+        **({"target_parameters": experts} if experts else {}),
         "use_rslora": cfg.use_rslora,
         "use_dora": False,
         "bias": "none",
@@ -125,7 +153,8 @@ def adapter_config(model, layers: list[str]) -> dict:
 def save_adapter(model, directory: str | Path) -> Path:
     """Write the model's LoRA adapters to `directory` in PEFT's format (each file replaced atomically)."""
     layers = lora_layers(model)
-    if not layers:
+    experts = expert_adapters(model)
+    if not layers and not experts:
         raise Nf4tuneError("this model has no LoRA adapters to save; load it with lora=LoraConfig(...) or adapter=DIR.")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -133,11 +162,14 @@ def save_adapter(model, directory: str | Path) -> Path:
     for name, layer in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+    for name, (_, weight) in experts.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = weight.lora_A.detach().contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = weight.lora_B.detach().contiguous().cpu()
     rows = _new_rows(model)
     if rows:  # only the added tokens' rows travel with the adapter
         for name, module in _token_modules(model).items():
             tensors[f"{PREFIX}{name}.{TOKEN_DELTA}"] = module.weight[rows[0]:].detach().float().cpu().clone()
-    config = adapter_config(model, list(layers))
+    config = adapter_config(model, list(layers), [name for name, _ in experts.values()])
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
     return directory
@@ -252,6 +284,7 @@ def load_adapter(model, directory: str | Path) -> list[str]:
     config, pairs, saved = read_adapter(directory)
     if saved:
         _load_saved_modules(model, saved, directory)
+    experts = _expert_pairs(model, pairs, config, directory)  # taken out of `pairs`
     _check_fits(model, pairs, config, directory)
     modules = dict(model.named_modules())
     for p in model.parameters():
@@ -259,15 +292,53 @@ def load_adapter(model, directory: str | Path) -> list[str]:
     for name, layer in lora_layers(model).items():
         if name not in pairs:
             layer.remove_lora()
-    lora = _lora_config(config, pairs)
+    for weight in modules.values():
+        if isinstance(weight, ExpertWeight4bit):
+            weight.remove_lora()
+    lora = _lora_config(config, {**pairs, **{name: pair for name, (_, pair) in experts.items()}})
     for name, pair in pairs.items():
         layer = modules[name]
         layer.add_lora(pair["A"].shape[0], lora.alpha, lora.dropout, lora.use_rslora)  # rank from the tensors
         with torch.no_grad():
             layer.lora_A.copy_(pair["A"])
             layer.lora_B.copy_(pair["B"])
+    for weight, pair in experts.values():
+        weight.add_lora(pair["A"].shape[0] // weight.num_experts, lora.alpha, lora.use_rslora)
+        with torch.no_grad():
+            weight.lora_A.copy_(pair["A"])
+            weight.lora_B.copy_(pair["B"])
     model.nf4tune_lora_config = lora
-    return sorted(pairs)
+    return sorted(pairs) + sorted(experts)
+
+
+def _expert_pairs(model, pairs: dict, config: dict, directory) -> dict[str, tuple[ExpertWeight4bit, dict]]:
+    """The adapter's per-expert pairs (PEFT `target_parameters`), by expert weight name, removed from `pairs`;
+    each checked to fit its weight."""
+    targets = config.get("target_parameters") or []
+    if not targets:
+        return {}
+    modules = dict(model.named_modules())
+    found = {}
+    for owner_name in {n.split(".base_layer")[0] for n in pairs}:
+        owner = modules.get(owner_name)
+        targeted = [(f"{owner_name}.{attr}", w) for attr in EXPERT_PARAMETERS
+                    if isinstance(w := getattr(owner, attr, None), ExpertWeight4bit)
+                    and any(f"{owner_name}.{attr}" == t or f"{owner_name}.{attr}".endswith(f".{t}") for t in targets)]
+        for depth, (name, weight) in enumerate(reversed(targeted)):  # as `expert_adapters` names them
+            pair = pairs.pop(owner_name + ".base_layer" * depth, None)
+            if pair is None:
+                continue
+            a, b = pair["A"], pair["B"]
+            if (a.shape[0] % weight.num_experts or a.shape[1] != weight.in_features
+                    or b.shape != (weight.out_features, a.shape[0])):
+                raise Nf4tuneError(
+                    f"the adapter in {directory} does not fit this model: {name} is {weight.num_experts} experts of "
+                    f"{weight.in_features}->{weight.out_features} but the adapter has A {list(a.shape)}, B "
+                    f"{list(b.shape)}; it was trained on another base model (its base: "
+                    f"{config.get('base_model_name_or_path')})."
+                )
+            found[name] = (weight, pair)
+    return found
 
 
 class AdapterBank:

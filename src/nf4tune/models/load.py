@@ -5,7 +5,9 @@ swapped for `Linear4bit`, and the safetensors shards are streamed in one tensor 
 weights are quantized as they arrive (on the target device), everything else is cast and placed.
 The full 16-bit model never exists in memory. Pre-quantized `*-bnb-4bit` checkpoints are read as
 they are, without bitsandbytes. With quant_type "none" the same layers are `Linear16bit`, which keep
-their weights in the compute dtype (16-bit LoRA).
+their weights in the compute dtype (16-bit LoRA). A mixture of experts' fused expert parameters become
+`ExpertWeight4bit`s (layers/experts4bit.py), quantized whole as they arrive; its checkpoint's per-expert
+tensors are fused on the way in by transformers' own conversion rules (checkpoint/expert_keys.py).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from tqdm.auto import tqdm
 
 from ..checkpoint.architecture import matches_module, model_class, quantizable_linears, to_config
 from ..checkpoint.bnb4bit import QuantizedWeightAssembler
+from ..checkpoint.expert_keys import KeyConverter
 from ..checkpoint.hf import has_tokenizer, iter_tensors, open_checkpoint, resolve
 from ..errors import Nf4tuneError
+from ..layers.experts4bit import swap_experts
 from ..layers.head import OutputHead
 from ..layers.linear4bit import Linear4bit, Linear16bit
 from ..layers.lora import LoraConfig, inject_lora
@@ -154,6 +158,7 @@ def load_model(
     fp32_modules = set(getattr(model, "_keep_in_fp32_modules", None) or [])
 
     targets = quantizable_linears(model)
+    keys = KeyConverter(model)  # before any swap: it reads the fused expert parameters' shapes
     if model_type not in FAMILIES:  # others: "every nn.Linear but the head", with a warning
         log.warning("nf4tune: %r is not a tested family; quantizing every nn.Linear but the output head: %s",
                     model_type, sorted({t.rsplit('.', 1)[-1] for t in targets}))
@@ -163,42 +168,55 @@ def load_model(
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child,
                 layer_class(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype))
+    experts = swap_experts(model, compute_dtype)  # MoE: each fused expert parameter -> ExpertWeight4bit
     store = _weight_store(quant_type, blocksize, double_quant, device)
     weight_keys = {f"{t}.weight": t for t in targets}
     if layer_ready is not None:  # the adapters exist before their layers are handed over
         _attach_adapters(model, path, lora, adapter, device=device)
-    pending = _LayersPending(model, weight_keys, layer_ready)
+    pending = _LayersPending(model, {**weight_keys, **dict.fromkeys(experts)}, layer_ready)
 
-    assembler = QuantizedWeightAssembler(set(weight_keys) if qcfg is not None else set())
+    assembler = QuantizedWeightAssembler(set(weight_keys) | set(experts) if qcfg is not None else set())
     unexpected: list[str] = []
     loaded: set[str] = set()
     storage = str(compute_dtype).removeprefix("torch.") if quant_type == UNQUANTIZED else "4-bit"
     with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=f"loading {path.name} ({storage})", disable=not progress) as bar:
+        def take(key: str, tensor: torch.Tensor) -> None:
+            if assembler.owner(key):
+                done = assembler.add(key, tensor)
+                if done:
+                    owner, q = done
+                    target = experts.get(owner) or model.get_submodule(weight_keys[owner])
+                    target.set_weight(q.to(device) if quant_type != UNQUANTIZED or owner not in experts
+                                      else q.to(device).dequantize(compute_dtype))
+                    loaded.add(owner)
+                    pending.loaded(owner)
+            elif key in weight_keys:
+                model.get_submodule(weight_keys[key]).set_weight(store(tensor, key))
+                loaded.add(key)
+                pending.loaded(key)
+            elif key in experts:
+                experts[key].set_weight(store(tensor, key))
+                loaded.add(key)
+                pending.loaded(key)
+            elif _place(model, key, tensor, device, compute_dtype, fp32_modules):
+                loaded.add(key)
+                pending.loaded(key)
+            else:
+                unexpected.append(key)
+
         for shard in ckpt.shards:
             for key, tensor in iter_tensors(shard):
                 bar.update(tensor.nbytes)
-                if assembler.owner(key):
-                    done = assembler.add(key, tensor)
-                    if done:
-                        owner, q = done
-                        model.get_submodule(weight_keys[owner]).set_weight(q.to(device))
-                        loaded.add(owner)
-                        pending.loaded(owner)
-                elif key in weight_keys:
-                    model.get_submodule(weight_keys[key]).set_weight(store(tensor, key))
-                    loaded.add(key)
-                    pending.loaded(key)
-                elif _place(model, key, tensor, device, compute_dtype, fp32_modules):
-                    loaded.add(key)
-                    pending.loaded(key)
-                else:
-                    unexpected.append(key)
+                for name, converted in keys.feed(key, tensor):
+                    take(name, converted)
                 del tensor
+        for name, converted in keys.finish(path):
+            take(name, converted)
         bar.update(bar.total - bar.n)  # sizes counted by tensor miss the files' headers: reach the total
     if unexpected:
         log.warning("nf4tune: %d checkpoint tensor(s) have no place in the model and were skipped: %s",
                     len(unexpected), ", ".join(unexpected[:5]))
-    _finish(model, weight_keys, loaded, device, path)
+    _finish(model, {**weight_keys, **dict.fromkeys(experts)}, loaded, device, path)
 
     if layer_ready is None:
         _attach_adapters(model, path, lora, adapter)

@@ -4,6 +4,10 @@ By default the adapter is merged into the base checkpoint's original 16-bit weig
 what PEFT's `merge_and_unload` gives on a 16-bit model). With `dequantized=True` it is merged into
 the 4-bit weights it was trained against, dequantized: the exact function the adapter learned.
 A 4-bit (`*-bnb-4bit`) base has no original weights, so it is always merged dequantized.
+
+A mixture of experts' per-expert checkpoint tensors are fused as transformers fuses them on load
+(checkpoint/expert_keys.py) and written fused, 16-bit, with the per-expert adapters merged in: the
+tensors transformers' model holds, under its names, which it loads as they are.
 """
 
 from __future__ import annotations
@@ -45,6 +49,35 @@ def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: fl
     """w + (B @ A) * scaling, computed in float32 and rounded once to w's dtype (as PEFT merges)."""
     delta = (b.float() @ a.float()) * scaling
     return (w.float() + delta).to(w.dtype)
+
+
+def merged_experts(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, transposed: bool) -> torch.Tensor:
+    """A fused (experts, ...) parameter plus its per-expert adapter (PEFT's ParamWrapper layout), with PEFT's
+    delta (its einsum) computed in float32 and rounded once to w's dtype."""
+    experts = w.shape[0]
+    a = a.float().reshape(experts, -1, a.shape[-1])  # (experts, r, in)
+    b = b.float().reshape(b.shape[0], -1, experts)  # (out, r, experts)
+    delta = torch.einsum("o r e, e r i -> e i o" if transposed else "o r e, e r i -> e o i", b, a) * scaling
+    return (w.float() + delta).to(w.dtype)
+
+
+def _expert_targets(ckpt, pairs: dict, config: dict, adapter) -> tuple[object | None, dict]:
+    """(a KeyConverter fusing `ckpt`'s per-expert tensors, {fused key: (pair, transposed)}) for a MoE base;
+    (None, {}) for a dense one. The adapter's expert pairs are taken out of `pairs`."""
+    if ckpt.gguf is not None:
+        return None, {}
+    from ..checkpoint.architecture import build_meta_model
+    from ..checkpoint.expert_keys import KeyConverter
+    from ..layers.experts4bit import swap_experts
+    from .adapters import _expert_pairs
+
+    meta = build_meta_model(ckpt.config)
+    keys = KeyConverter(meta)
+    if not keys.converts_experts:
+        return None, {}
+    swap_experts(meta, torch.float32)
+    found = _expert_pairs(meta, pairs, config, adapter) if pairs else {}
+    return keys, {name: (pair, weight.transposed) for name, (weight, pair) in found.items()}
 
 
 def _header_shapes(ckpt) -> dict[str, list[int]]:
@@ -142,6 +175,7 @@ def merged_tensors(
     else:
         shapes = _header_shapes(ckpt)
     quantized = {k for k in shapes if f"{k}.absmax" in shapes}  # 4-bit weights of a bnb checkpoint
+    keys, expert_targets = _expert_targets(ckpt, pairs, config, adapter)
     if prequantized:
         log.info("nf4tune: %s is 4-bit; merging into its dequantized weights.", ckpt.path)
         dequantized = True
@@ -152,17 +186,30 @@ def merged_tensors(
 
     merged = 0
     assembler = QuantizedWeightAssembler(quantized)
+
+    def converted(shard, last: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        for key, tensor in iter_tensors(shard):
+            bar.update(tensor.nbytes)
+            yield from keys.feed(key, tensor) if keys is not None else [(key, tensor)]
+        if last and keys is not None:
+            yield from keys.finish(ckpt.path)
+
     with tqdm(total=ckpt.nbytes, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
         for index, shard in enumerate(ckpt.shards):
-            for key, tensor in iter_tensors(shard):
-                bar.update(tensor.nbytes)
+            for key, tensor in converted(shard, index == len(ckpt.shards) - 1):
                 if assembler.owner(key):
                     done = assembler.add(key, tensor)
                     if done is None:
                         continue
                     key, tensor = done[0], done[1].dequantize()
-                elif key in targets and dequantized:
+                elif (key in targets or key in expert_targets) and dequantized:
                     tensor = quantize(tensor, quant_type, blocksize, double_quant, name=key).dequantize()
+                if key in expert_targets:
+                    pair, transposed = expert_targets[key]
+                    tensor = merged_experts(tensor, pair["A"], pair["B"],
+                                            lora_scaling(config.get("lora_alpha", 8), pair["A"].shape[0] // tensor.shape[0],
+                                                         bool(config.get("use_rslora"))), transposed)
+                    merged += 1
                 if key in targets:
                     pair = targets[key]
                     if list(tensor.shape) != [pair["B"].shape[0], pair["A"].shape[1]]:
@@ -179,8 +226,8 @@ def merged_tensors(
     if assembler.pending:
         raise Nf4tuneError(f"{ckpt.path} has incomplete 4-bit weights ({next(iter(assembler.pending))}); "
                            "the checkpoint is damaged.")
-    if merged != len(targets):
-        raise Nf4tuneError(f"{ckpt.path} lacks {len(targets) - merged} weight(s) the adapter targets; "
+    if merged != len(targets) + len(expert_targets):
+        raise Nf4tuneError(f"{ckpt.path} lacks {len(targets) + len(expert_targets) - merged} weight(s) the adapter targets; "
                            "it was trained on another base model.")
 
 

@@ -37,7 +37,7 @@ from ..errors import Nf4tuneError
 from ..layers.kept_outputs import DEFAULT_BUDGET_GIB, KeepOutputsCheckpoint
 from ..layers.lora import LoraConfig, lora_layers, trainable_parameters
 from ..registry import families
-from .adapters import _KEY, _TOKEN_KEY, PREFIX, WEIGHTS_NAME, save_adapter
+from .adapters import _KEY, _TOKEN_KEY, PREFIX, WEIGHTS_NAME, expert_adapters, save_adapter
 from .loss import LogitTransform, chunked_loss_sum, shifted_targets
 
 # Trainer's resume reads `model.safetensors.index.json` when a checkpoint has no full weights and the
@@ -204,6 +204,7 @@ class Nf4tuneModelMixin:
         if not any(_KEY.match(k) for k in state_dict):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         layers = lora_layers(self)
+        layers |= {peft_name: weight for peft_name, (_, weight) in expert_adapters(self).items()}  # MoE experts
         vocab = {name: m for name, m in self.named_modules() if isinstance(m, (nn.Embedding, nn.Linear))
                  and not hasattr(m, "weight_packed")}
         loaded, unexpected = set(), []
