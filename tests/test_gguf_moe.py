@@ -200,7 +200,9 @@ def test_a_checkpoint_missing_an_expert_is_refused(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(src), str(tmp_path / "m.gguf")]) == 2
     err = capsys.readouterr().err.splitlines()[-1]
-    assert err.startswith("error: ") and "holds 3 of the 4 experts" in err and "incomplete" in err, err
+    # one sentence naming the missing expert tensor (the loader's key conversion or the exporter's stacking,
+    # whichever meets it first)
+    assert err.startswith("error: ") and "experts" in err and "up_proj" in err and "incomplete" in err, err
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*partial"))
 
 
