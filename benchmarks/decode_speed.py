@@ -23,6 +23,11 @@ With --lora-r R, both sides decode through an unmerged LoRA adapter of rank R on
 (nf4tune's own; peft's on the bitsandbytes model). Each side in its own process, the two alternating
 for --rounds rounds (this machine's speed drifts); the medians are reported. Decode tokens/s
 excludes the prefill (first token).
+
+--paired N: on a busy machine, one process instead: nf4tune's model loaded once, then N pairs of
+calls, each `nf4tune.generate` against transformers' `generate` on that same model (the order
+alternating A B, B A), each call --new-tokens greedy tokens for --batch prompts of --prompt tokens, prefill
+included; the ratio of each pair's times and their median are printed.
 """
 
 from __future__ import annotations
@@ -189,6 +194,44 @@ def run_side(side: str, path: Path, args) -> dict:
     return result
 
 
+def paired(args, path: Path) -> None:
+    """`--paired`: nf4tune.generate vs transformers' generate on the same loaded model, pair by pair."""
+    import nf4tune
+
+    model, _ = nf4tune.load_model(path, device=args.device, progress=False)
+    model.eval().generation_config.eos_token_id = -1  # no end of sequence: exactly n tokens on both sides
+    tokenizer = word_tokenizer(model.config.vocab_size)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
+    prompts = [" ".join(f"t{i}" for i in row) for row in ids.tolist()]
+
+    def ours() -> float:
+        start = time.perf_counter()
+        nf4tune.generate(model, tokenizer, prompts, max_new_tokens=args.new_tokens, batch_size=args.batch)
+        return time.perf_counter() - start
+
+    def theirs() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                           min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - start
+
+    ours(), theirs()  # warm-up
+    pairs = []
+    for i in range(args.paired):
+        a, b = (ours(), theirs()) if i % 2 == 0 else tuple(reversed((theirs(), ours())))
+        pairs.append((a, b))
+    print(f"# {args.family} {args.shape}, {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"prompt {args.prompt}, {args.new_tokens} new tokens, batch {args.batch}, {args.paired} pairs in one process")
+    print("| pair | nf4tune.generate s | transformers generate s | speed-up |")
+    print("|---|---|---|---|")
+    for i, (a, b) in enumerate(pairs):
+        print(f"| {i + 1} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
+    ratios = sorted(b / a for a, b in pairs)
+    print(f"\nmedian speed-up of nf4tune.generate over transformers' generate on the same model: "
+          f"{statistics.median(ratios):.2f}x (min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -202,6 +245,8 @@ def main() -> None:
     parser.add_argument("--sides", default="nf4tune,nf4tune.generate,nf4tune-generate,transformers+bnb",
                         help="nf4tune: its decoder; nf4tune.generate: the public API (the serving engine); "
                         "nf4tune-generate: transformers' generate on nf4tune's model; transformers+bnb: the peer")
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="N pairs of nf4tune.generate vs transformers' generate on one model in one process")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -217,6 +262,8 @@ def main() -> None:
             build_family(Path(tmp), args.family, CONFIG if args.shape == "small" else SHAPE_MINI)
         else:
             build_random(Path(tmp), SHAPE_7B)
+        if args.paired:
+            return paired(args, Path(tmp))
         rounds = {side: [] for side in args.sides.split(",")}
         for _ in range(args.rounds):
             for side in rounds:

@@ -139,3 +139,23 @@ def test_sampling_draw_is_the_one_token_choice():
     row.logits = torch.tensor([0.0, 1.0, 3.0, 2.0])
     assert draw(row, eos_ids={9}) == 2 and not row.done
     assert draw(row, eos_ids={2}) == 2 and row.done and row.out == [2, 2]
+
+
+@needs_kernels
+def test_real_smollm2_replies_with_transformers_greedy_tokens(smollm2_gguf):
+    """The real model (SmolLM2-135M-Instruct, a llama, from its GGUF), 4-bit: `nf4tune.generate` gives
+    transformers' greedy generate's reply on the same model, token for token."""
+    model, tokenizer = nf4tune.load_model(smollm2_gguf, device="cpu", progress=False)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ("What is the capital of France?", "Write a haiku about the sea.")]
+    replies = nf4tune.generate(model, tokenizer, prompts, max_new_tokens=24, records=True)
+    for prompt, reply in zip(prompts, replies):
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24)
+        new = out[0, ids.shape[1]:].tolist()
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        ended = next((i for i, t in enumerate(new) if t in eos), None)
+        assert reply.text == tokenizer.decode(new[:ended], skip_special_tokens=True)
+        assert reply.tokens == (len(new) if ended is None else ended)
