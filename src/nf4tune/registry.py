@@ -156,7 +156,8 @@ FAMILIES: dict[str, FamilySpec] = {
     # q_norm / k_norm map to attn_q_norm / attn_k_norm; llama.cpp's qwen3 has no q/k/v biases.
     "qwen3": FamilySpec(chunked_loss=True, decoder=True, qk_norm=True, gguf_arch="qwen3", gguf_rope_types=_SCALED_ROPE,
                         gguf_refused_flags=("attention_bias", "use_sliding_window")),
-    "gemma": FamilySpec(chunked_loss=True, decoder=True, norm_offset=1.0, gguf_arch="gemma", gguf_norm_shift=1.0, gguf_tied_output=True,
+    "gemma": FamilySpec(chunked_loss=True, decoder=True, norm_offset=1.0, gguf_arch="gemma", gguf_norm_shift=1.0,
+                        gguf_tied_output=True,
                         gguf_activation="gelu_pytorch_tanh", gguf_refused_flags=("use_bidirectional_attention",)),
     # llama.cpp's gemma2 always soft-caps attention and output logits and reads the head from the embedding;
     # norms as Gemma's.
@@ -174,11 +175,14 @@ FAMILIES: dict[str, FamilySpec] = {
                               gguf_refused_flags=("attn_logit_softcapping", "use_bidirectional_attention"),
                               gguf_rope_types=("default", "linear")),
     # fused qkv_proj / gate_up_proj map as they are to attn_qkv / ffn_up (twice intermediate_size wide).
-    "phi3": FamilySpec(chunked_loss=True, decoder=True, fused_projections=True, sliding_window=True, gguf_arch="phi3", gguf_fused_qkv=True, gguf_rope_types=("default", "longrope")),
-    "smollm3": FamilySpec(chunked_loss=True, decoder=True, rope_layers="no_rope_layers", gguf_arch="smollm3", gguf_permute_qk=True,
+    "phi3": FamilySpec(chunked_loss=True, decoder=True, fused_projections=True, sliding_window=True, gguf_arch="phi3",
+                       gguf_fused_qkv=True, gguf_rope_types=("default", "longrope")),
+    "smollm3": FamilySpec(chunked_loss=True, decoder=True, rope_layers="no_rope_layers", gguf_arch="smollm3",
+                          gguf_permute_qk=True,
                           gguf_refused_flags=("use_sliding_window",)),
     "granite": FamilySpec(chunked_loss=True, logits_divisor="logits_scaling", decoder=True,
-                          embedding_multiplier="embedding_multiplier", residual_multiplier="residual_multiplier", gguf_arch="granite", gguf_permute_qk=True),
+                          embedding_multiplier="embedding_multiplier", residual_multiplier="residual_multiplier",
+                          gguf_arch="granite", gguf_permute_qk=True),
     # llama.cpp's olmo2 requires a separate output head.
     "olmo2": FamilySpec(chunked_loss=True, gguf_arch="olmo2", gguf_refused_flags=("tie_word_embeddings",)),
     "t5": FamilySpec(),
