@@ -4,11 +4,11 @@ shared prefixes run once and many sequences packed into one pass.
 Multiple-choice prompts of one subject share their description and few-shot examples (some 200 of
 230 tokens in 5-shot MMLU). Here sequences are grouped by the tokens they start with; a pass holds
 several groups, each as its prefix's tokens once followed by every member's own tail. The pass goes
-layer by layer as the decoders prefill (only the cache, `_PackedCache`, is this module's): each
-4-bit weight dequantized once for the whole pass and multiplied with all of its rows by one GEMM (bf16), the residual stream in float32, rotary in
-float32. Attention is per group: the prefix causally, then each tail (padded into a batch, shortest
-neighbours together) to the prefix's keys and to its own earlier tokens. Only the positions whose
-logits are asked for reach the output head.
+layer by layer as the decoders prefill (only the cache, `_PackedCache`, is this module's): each 4-bit
+weight dequantized once for the whole pass and multiplied with all of its rows by one GEMM (bf16), the
+residual stream in float32, rotary in float32. Attention is per group: the prefix causally, then each
+tail (padded into a batch, shortest neighbours together) to the prefix's keys and to its own earlier
+tokens. Only the positions whose logits are asked for reach the output head.
 """
 
 from __future__ import annotations
