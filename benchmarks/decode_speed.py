@@ -86,6 +86,8 @@ def build_family(path: Path, family: str, shape: dict) -> None:
     torch.manual_seed(0)
     heads = shape["num_attention_heads"]
     config = AutoConfig.for_model(family, **shape, head_dim=shape["hidden_size"] // heads)
+    if (getattr(config, "pad_token_id", None) or 0) >= config.vocab_size:  # Phi-3's default is 32000
+        config.pad_token_id = 0
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path)
 
 
