@@ -14,7 +14,8 @@ from nf4tune.serve import Engine, Request
 from nf4tune.serve.decoder import Decoder
 from nf4tune.serve.sampling import Sampling, next_token, process_logits
 
-needs_kernels = pytest.mark.skipif(not dispatch.path("decode_attention", torch.zeros(1)).fast, reason="the decoder needs the AVX-512 CPU kernels")
+needs_kernels = pytest.mark.skipif(not dispatch.path("decode_attention", torch.zeros(1)).fast,
+                                   reason="the decoder needs the AVX-512 CPU kernels")
 # multiples of 128, so the projections take the bf16 dot-product path where the CPU has it
 SHAPE = dict(hidden_size=128, intermediate_size=256)
 
