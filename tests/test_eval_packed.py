@@ -161,6 +161,6 @@ def test_sliding_window_layers_attend_only_within_the_window(bf16_model, tmp_pat
     scorer = PackedScorer(model)
     for p, e in zip(scorer.tail_logits(seqs, keep, batch_size=2), exact):
         assert (p - e).abs().max() < 0.02 * e.abs().max()
-    for block in scorer.decoder.blocks:
-        block.window = None
+    for layer in scorer.step.layers:
+        layer.window = None
     assert all((p - e).abs().max() > 0.2 * e.abs().max() for p, e in zip(scorer.tail_logits(seqs, keep, 2), exact))

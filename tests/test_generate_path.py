@@ -21,12 +21,10 @@ from nf4tune.serve.server import Server
 PROMPTS = ["Hello there, how", "Once upon"]  # different lengths: the batch is left-padded
 NEW = 8
 
-# Each is sent to transformers' generate: a family the CPU decoder does not decode (serve/decoder.py
-# FAMILIES), or a Llama whose down_proj rows (160 wide) are not whole 64-blocks (no fused kernel).
+# Each is sent to transformers' generate: a family nf4tune's decoding step does not cover (registry
+# FamilySpec.decoder), or a Llama whose down_proj rows (160 wide) are not whole 64-blocks (no fused kernel).
 GENERATE_FAMILIES = {
-    "qwen3": ("qwen3", {}),
-    "phi3": ("phi3", {}),
-    "gemma": ("gemma", {}),
+    "olmo2": ("olmo2", {}),
     "llama-160": ("llama", {"intermediate_size": 160}),
 }
 
@@ -124,11 +122,11 @@ def test_t5_prompt_reaches_the_encoder_as_in_training(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
-    """A qwen3 checkpoint (served by generate) and a server over it."""
-    path = build_tiny_checkpoint(tmp_path_factory.mktemp("qwen3") / "qwen3", "qwen3")
+def olmo2(tmp_path_factory):
+    """A olmo2 checkpoint (served by generate) and a server over it."""
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("olmo2") / "olmo2", "olmo2")
     model, tokenizer = _load(path)
-    server = Server(_engine_on_generate(model, tokenizer), base_name="qwen3", port=0)
+    server = Server(_engine_on_generate(model, tokenizer), base_name="olmo2", port=0)
     server.start()
     yield path, model, tokenizer, server
     server.stop()
@@ -145,8 +143,8 @@ def _post(server: Server, body: dict) -> tuple[int, dict, str]:
         conn.close()
 
 
-def test_the_server_and_the_generate_command_answer_as_transformers_generate_does(qwen3, tmp_path):
-    path, model, tokenizer, server = qwen3
+def test_the_server_and_the_generate_command_answer_as_transformers_generate_does(olmo2, tmp_path):
+    path, model, tokenizer, server = olmo2
     [(text, tokens)] = _reference(model, tokenizer, PROMPTS[:1], NEW)
     status, request_id, body = _post(server, {"prompt": PROMPTS[0], "max_tokens": NEW, "temperature": 0})
     reply = json.loads(body)
@@ -166,8 +164,8 @@ def _records(caplog, request_id: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if request_id in r.getMessage()]
 
 
-def test_a_failed_generation_is_logged_with_its_traceback_under_the_answers_request_id(qwen3, caplog, monkeypatch):
-    path, model, tokenizer, server = qwen3
+def test_a_failed_generation_is_logged_with_its_traceback_under_the_answers_request_id(olmo2, caplog, monkeypatch):
+    path, model, tokenizer, server = olmo2
     caplog.set_level(logging.INFO, logger="nf4tune")
 
     def broken(*args, **kwargs):
@@ -188,8 +186,8 @@ def test_a_failed_generation_is_logged_with_its_traceback_under_the_answers_requ
     assert [bool(r.exc_info) for r in _records(caplog, request_id)].count(True) == 1
 
 
-def test_a_bug_in_the_server_is_logged_with_its_traceback_under_the_answers_request_id(qwen3, caplog, monkeypatch):
-    path, model, tokenizer, server = qwen3
+def test_a_bug_in_the_server_is_logged_with_its_traceback_under_the_answers_request_id(olmo2, caplog, monkeypatch):
+    path, model, tokenizer, server = olmo2
     caplog.set_level(logging.INFO, logger="nf4tune")
 
     def broken(request):

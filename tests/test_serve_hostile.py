@@ -1,7 +1,7 @@
 """Hostile input: one client cannot fail the others.
 
 A row whose sampling, prefill or generate() call fails ends alone while the rows beside it finish with
-the text each gets alone (the nf4tune decoder on the tiny Llama; transformers' generate on qwen3,
+the text each gets alone (the nf4tune decoder on the tiny Llama; transformers' generate on olmo2,
 which that decoder does not take); the server takes a burst of 128 connections, drops idle and
 slowloris connections, caps its connections with a 503, refuses foreign Hosts and non-JSON POSTs
 without an API key, and answers hostile JSON with a 400 that says why."""
@@ -58,9 +58,9 @@ def llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def qwen3(tmp_path_factory):
-    """The tiny qwen3, served by transformers' generate (the CPU decoder does not take the family)."""
-    model, tokenizer = _load(build_tiny_checkpoint(tmp_path_factory.mktemp("hostile") / "qwen3", "qwen3"))
+def olmo2(tmp_path_factory):
+    """The tiny olmo2, served by transformers' generate (the CPU decoder does not take the family)."""
+    model, tokenizer = _load(build_tiny_checkpoint(tmp_path_factory.mktemp("hostile") / "olmo2", "olmo2"))
     engine = Engine(model, tokenizer, max_batch=8)
     assert engine.decoder is None, engine.decode_path
     engine.eos_ids = set()
@@ -146,27 +146,27 @@ def test_a_degenerate_temperature_decodes_greedily_beside_greedy_rows_on_the_ser
     assert [body["choices"][0]["text"] for _, _, body in answers] == expected + expected  # greedy, as documented
 
 
-def test_on_generate_a_degenerate_row_joins_greedy_rows_and_all_answer_as_alone(qwen3, monkeypatch):
-    expected = [_alone(qwen3, p, max_new_tokens=12).text for p in PROMPTS]
+def test_on_generate_a_degenerate_row_joins_greedy_rows_and_all_answer_as_alone(olmo2, monkeypatch):
+    expected = [_alone(olmo2, p, max_new_tokens=12).text for p in PROMPTS]
     rows = [Request(p, sampling=Sampling(max_new_tokens=12)) for p in PROMPTS]
     degenerate = Request(PROMPTS[0], sampling=Sampling(max_new_tokens=12, temperature=1e-40, top_p=0.5, seed=3))
     calls = []
-    real = qwen3.model.generate
-    monkeypatch.setattr(qwen3.model, "generate", lambda *a, **k: calls.append(k["input_ids"].shape[0]) or real(*a, **k))
-    replies = _together(qwen3, rows + [degenerate])
+    real = olmo2.model.generate
+    monkeypatch.setattr(olmo2.model, "generate", lambda *a, **k: calls.append(k["input_ids"].shape[0]) or real(*a, **k))
+    replies = _together(olmo2, rows + [degenerate])
     assert calls[-1] == 3  # checked and normalized before joining, it shared the greedy rows' call
     assert degenerate.sampling == rows[0].sampling
     assert [r.text for r in replies] == expected + expected[:1] and not any(r.error for r in replies)
 
 
-def test_when_generate_fails_for_a_batch_each_row_goes_on_alone_and_only_the_culprit_fails(qwen3, caplog, monkeypatch):
+def test_when_generate_fails_for_a_batch_each_row_goes_on_alone_and_only_the_culprit_fails(olmo2, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="nf4tune")
     poison = "@@@@" + "x" * (len(PROMPTS[0]) - 4)
-    expected = [_alone(qwen3, p, max_new_tokens=12) for p in PROMPTS]
-    real = qwen3.model.generate
+    expected = [_alone(olmo2, p, max_new_tokens=12) for p in PROMPTS]
+    real = olmo2.model.generate
 
     def flaky(*args, **kwargs):  # any call holding the poisoned prompt breaks after 3 tokens
-        texts = [qwen3.tokenizer.decode(row) for row in kwargs["input_ids"].tolist()]
+        texts = [olmo2.tokenizer.decode(row) for row in kwargs["input_ids"].tolist()]
         if any("@@@@" in t for t in texts):
             streamer, puts = kwargs["streamer"], []
             real_put = streamer.put
@@ -180,12 +180,12 @@ def test_when_generate_fails_for_a_batch_each_row_goes_on_alone_and_only_the_cul
             streamer.put = put
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(qwen3.model, "generate", flaky)
+    monkeypatch.setattr(olmo2.model, "generate", flaky)
     good = [Request(p, sampling=Sampling(max_new_tokens=12)) for p in PROMPTS]
     bad = Request(poison, sampling=Sampling(max_new_tokens=12))
     pieces = []
     good[0].deltas = type("Spy", (), {"put": lambda self, piece: pieces.append(piece)})()
-    _together(qwen3, good + [bad])
+    _together(olmo2, good + [bad])
     # they resumed alone from their 3 tokens: the same text as alone, none of it sent twice
     assert [(r.text, r.completion_tokens, r.error) for r in good] == [(e.text, e.completion_tokens, None) for e in expected]
     assert "".join(p for p in pieces if p is not None) == expected[0].text

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Linear4bit": ".layers", "Linear16bit": ".layers", "LoraConfig": ".layers",
     "load_adapter": ".models", "load_model": ".models", "save_adapter": ".models",
+    "generate": ".serve.generation", "Completion": ".serve.generation",
     "QuantizationError": ".quant", "QuantizedTensor": ".quant", "bits_per_parameter": ".quant", "quantize": ".quant",
 }
 
@@ -26,6 +27,7 @@ def _install_fast_paths() -> None:
 __getattr__, __dir__ = lazy_names(__name__, _LAZY, before=_install_fast_paths)
 
 __all__ = [
+    "Completion",
     "Linear4bit",
     "Linear16bit",
     "LoraConfig",
@@ -33,6 +35,7 @@ __all__ = [
     "QuantizationError",
     "QuantizedTensor",
     "bits_per_parameter",
+    "generate",
     "load_adapter",
     "load_model",
     "quantize",

@@ -7,6 +7,7 @@ answer) at once; what a name builds is imported only when it is built.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 
@@ -86,7 +87,20 @@ class FamilySpec:
         logits_softcap: the config field of the soft cap transformers puts on the logits, cap * tanh(logits /
             cap) (Gemma 2's final_logit_softcapping; a config that leaves it None has none); the chunked
             loss caps them likewise.
-        decoder: nf4tune's own decoders serve it (serve/decoder.py, serve/static_decoder.py).
+        decoder: nf4tune's own decoding step serves it (runtime/step.py: serve/decoder.py,
+            serve/static_decoder.py, evaluate/packed.py); the fields below say how its layers differ.
+        norm_offset: its RMSNorms scale by (norm_offset + w) (Gemma's 1 + w).
+        sandwich_norms: its layers normalize the attention and MLP outputs too (Gemma 2 / 3's
+            post_attention_layernorm on the attention output, pre_ / post_feedforward_layernorm around the MLP).
+        qk_norm: per-head RMSNorms on the queries and keys before rotary (Qwen3, Gemma 3's q_norm / k_norm).
+        fused_projections: one qkv_proj and one gate_up_proj (Phi-3) instead of q/k/v and gate/up.
+        sliding_window: config.sliding_window applies to every layer where the config has no layer_types
+            (Mistral, Phi-3); with layer_types, their "sliding_attention" layers slide.
+        attention_softcap: the config field of the soft cap on attention scores (Gemma 2's attn_logit_softcapping).
+        rope_per_layer_type: its rotary embedding has one base per layer type (Gemma 3's local / global).
+        rope_layers: the config field listing, per layer, whether it applies rotary (SmolLM3's no_rope_layers).
+        embedding_multiplier / residual_multiplier: config fields scaling the embeddings and each layer's
+            outputs (Granite).
         gguf_arch: the llama.cpp architecture `nf4tune export` writes it as; None: not exported.
         gguf_permute_qk: whether Q/K rows are permuted into llama.cpp's rotary order on export.
         gguf_norm_shift: added to every RMSNorm weight on export (Gemma's norms scale by 1 + w, llama.cpp's
@@ -123,6 +137,16 @@ class FamilySpec:
     logits_divisor: str | None = None
     logits_softcap: str | None = None
     decoder: bool = False
+    norm_offset: float = 0.0
+    sandwich_norms: bool = False
+    qk_norm: bool = False
+    fused_projections: bool = False
+    sliding_window: bool = False
+    attention_softcap: str | None = None
+    rope_per_layer_type: bool = False
+    rope_layers: str | None = None
+    embedding_multiplier: str | None = None
+    residual_multiplier: str | None = None
     gguf_arch: str | None = None
     gguf_permute_qk: bool = False
     gguf_norm_shift: float = 0.0
@@ -144,30 +168,38 @@ _LLAMA_LIKE = FamilySpec(chunked_loss=True, decoder=True, gguf_arch="llama", ggu
 _SCALED_ROPE = ("default", "linear", "yarn")
 FAMILIES: dict[str, FamilySpec] = {
     "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
+    "mistral": dataclasses.replace(_LLAMA_LIKE, sliding_window=True),
     "qwen2": FamilySpec(chunked_loss=True, decoder=True, gguf_arch="qwen2", gguf_rope_types=_SCALED_ROPE),
     # q_norm / k_norm map to attn_q_norm / attn_k_norm; llama.cpp's qwen3 has no q/k/v biases.
-    "qwen3": FamilySpec(chunked_loss=True, gguf_arch="qwen3", gguf_rope_types=_SCALED_ROPE,
+    "qwen3": FamilySpec(chunked_loss=True, decoder=True, qk_norm=True, gguf_arch="qwen3", gguf_rope_types=_SCALED_ROPE,
                         gguf_refused_flags=("attention_bias", "use_sliding_window")),
-    "gemma": FamilySpec(chunked_loss=True, gguf_arch="gemma", gguf_norm_shift=1.0, gguf_tied_output=True,
+    "gemma": FamilySpec(chunked_loss=True, decoder=True, norm_offset=1.0, gguf_arch="gemma", gguf_norm_shift=1.0,
+                        gguf_tied_output=True,
                         gguf_activation="gelu_pytorch_tanh", gguf_refused_flags=("use_bidirectional_attention",)),
     # llama.cpp's gemma2 always soft-caps attention and output logits and reads the head from the embedding;
     # norms as Gemma's.
-    "gemma2": FamilySpec(chunked_loss=True, logits_softcap="final_logit_softcapping",
+    "gemma2": FamilySpec(chunked_loss=True, logits_softcap="final_logit_softcapping", decoder=True, norm_offset=1.0,
+                         sandwich_norms=True, attention_softcap="attn_logit_softcapping",
                          gguf_arch="gemma2", gguf_norm_shift=1.0, gguf_tied_output=True,
                          gguf_activation="gelu_pytorch_tanh", gguf_refused_flags=("use_bidirectional_attention",),
                          gguf_required_fields=("attn_logit_softcapping", "final_logit_softcapping", "sliding_window")),
     # Gemma 3's text model (q_norm / k_norm, local and global rope bases): llama.cpp's gemma3 has no attention
     # soft-capping; linear rope scaling only on the global layers (transformers' "full_attention" parameters).
-    "gemma3_text": FamilySpec(chunked_loss=True, logits_softcap="final_logit_softcapping",
+    "gemma3_text": FamilySpec(chunked_loss=True, logits_softcap="final_logit_softcapping", decoder=True,
+                              norm_offset=1.0, sandwich_norms=True, qk_norm=True, rope_per_layer_type=True,
+                              attention_softcap="attn_logit_softcapping",
                               gguf_arch="gemma3", gguf_norm_shift=1.0, gguf_activation="gelu_pytorch_tanh",
                               gguf_refused_flags=("attn_logit_softcapping", "use_bidirectional_attention"),
                               gguf_rope_types=("default", "linear")),
     # fused qkv_proj / gate_up_proj map as they are to attn_qkv / ffn_up (twice intermediate_size wide).
-    "phi3": FamilySpec(chunked_loss=True, gguf_arch="phi3", gguf_fused_qkv=True, gguf_rope_types=("default", "longrope")),
-    "smollm3": FamilySpec(chunked_loss=True, gguf_arch="smollm3", gguf_permute_qk=True,
+    "phi3": FamilySpec(chunked_loss=True, decoder=True, fused_projections=True, sliding_window=True, gguf_arch="phi3",
+                       gguf_fused_qkv=True, gguf_rope_types=("default", "longrope")),
+    "smollm3": FamilySpec(chunked_loss=True, decoder=True, rope_layers="no_rope_layers", gguf_arch="smollm3",
+                          gguf_permute_qk=True,
                           gguf_refused_flags=("use_sliding_window",)),
-    "granite": FamilySpec(chunked_loss=True, logits_divisor="logits_scaling", gguf_arch="granite", gguf_permute_qk=True),
+    "granite": FamilySpec(chunked_loss=True, logits_divisor="logits_scaling", decoder=True,
+                          embedding_multiplier="embedding_multiplier", residual_multiplier="residual_multiplier",
+                          gguf_arch="granite", gguf_permute_qk=True),
     # llama.cpp's olmo2 requires a separate output head.
     "olmo2": FamilySpec(chunked_loss=True, gguf_arch="olmo2", gguf_refused_flags=("tie_word_embeddings",)),
     # Mixtures of experts (transformers' experts modules, experts in 4-bit: layers/experts4bit.py). llama.cpp's

@@ -90,15 +90,20 @@ def _prepare_model(args) -> None:
     args.style = style
 
 
-def _engine(args, adapters: dict[str, str] | None = None, **kw):
+def _load(args):
     from ..models.load import load_model
-    from ..serve.engine import Engine
 
     single = args.adapter if isinstance(args.adapter, str) else None
     model, tokenizer = load_model(args.model_path, device=args.device, adapter=single)
     if tokenizer is None:
         raise Nf4tuneError(f"{args.model} has no tokenizer files.")
-    return Engine(model, tokenizer, adapters, **kw)
+    return model, tokenizer
+
+
+def _engine(args, adapters: dict[str, str] | None = None, **kw):
+    from ..serve.engine import Engine
+
+    return Engine(*_load(args), adapters, **kw)
 
 
 def render(tokenizer, messages: list[dict], style: str) -> str:
@@ -328,23 +333,22 @@ def _generate_into(args, rows: list[dict], sampling, partial: Path, done: int, t
     """Generate `rows` and append their lines to `partial`; on interruption say what is kept."""
     from tqdm.auto import tqdm
 
-    from ..serve.request import Request
+    from ..serve.generation import iter_completions
 
-    written = done
-    engine = None
+    written, completions = done, None
     try:
-        engine = _engine(args, max_batch=args.batch_size, max_queue=len(rows))
-        prompts = [render(engine.tokenizer, row["messages"], args.style) if "prompt" not in row
-                   else render(engine.tokenizer, [{"role": "user", "content": row["prompt"]}], args.style)
+        model, tokenizer = _load(args)
+        prompts = [render(tokenizer, row["messages"], args.style) if "prompt" not in row
+                   else render(tokenizer, [{"role": "user", "content": row["prompt"]}], args.style)
                    if args.wrap_prompts else row["prompt"] for row in rows]
-        requests = [engine.submit(Request(p, sampling=sampling)) for p in prompts]
+        completions = iter_completions(model, tokenizer, prompts, max_new_tokens=sampling.max_new_tokens,
+                                       temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                                       repetition_penalty=sampling.repetition_penalty, seed=sampling.seed,
+                                       batch_size=args.batch_size)
         with open(partial, "a", encoding="utf-8") as f, \
                 tqdm(total=total, initial=done, desc="generating", unit="prompt") as bar:
-            for row, request in zip(rows, requests):
-                request.wait()
-                if request.error:
-                    raise Nf4tuneError(request.error)
-                f.write(json.dumps({**row, "completion": request.text, "finish_reason": request.finish_reason}) + "\n")
+            for row, completion in zip(rows, completions):
+                f.write(json.dumps({**row, "completion": completion.text, "finish_reason": completion.finish_reason}) + "\n")
                 f.flush()
                 written += 1
                 bar.update(1)
@@ -357,8 +361,8 @@ def _generate_into(args, rows: list[dict], sampling, partial: Path, done: int, t
             raise KeyboardInterrupt(kept) from None
         raise Nf4tuneError(f"{str(e).rstrip('.')}; {kept}.") from e
     finally:
-        if engine is not None:
-            engine.close()
+        if completions is not None:
+            completions.close()  # the engine stops at once, not when the generator is collected
     return written
 
 

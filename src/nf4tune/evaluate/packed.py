@@ -1,14 +1,14 @@
-"""Tail logits through nf4tune's CPU prefill (`serve.decoder.Decoder`'s layer arithmetic), with
+"""Tail logits through nf4tune's model step (`runtime.step.ModelStep`, as the decoders prefill), with
 shared prefixes run once and many sequences packed into one pass.
 
 Multiple-choice prompts of one subject share their description and few-shot examples (some 200 of
 230 tokens in 5-shot MMLU). Here sequences are grouped by the tokens they start with; a pass holds
 several groups, each as its prefix's tokens once followed by every member's own tail. The pass goes
-layer by layer as `Decoder` prefills: each 4-bit weight dequantized once for the whole pass and
-multiplied with all of its rows by one GEMM (bf16), the residual stream in float32, rotary in
-float32. Attention is per group: the prefix causally, then each tail (padded into a batch, shortest
-neighbours together) to the prefix's keys and to its own earlier tokens. Only the positions whose
-logits are asked for reach the output head.
+layer by layer as the decoders prefill (only the cache, `_PackedCache`, is this module's): each 4-bit
+weight dequantized once for the whole pass and multiplied with all of its rows by one GEMM (bf16), the
+residual stream in float32, rotary in float32. Attention is per group: the prefix causally, then each
+tail (padded into a batch, shortest neighbours together) to the prefix's keys and to its own earlier
+tokens. Only the positions whose logits are asked for reach the output head.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from .. import dispatch
+from ..runtime.step import ModelStep, attention, causal_mask, dequantized, gemm, rotate
 from .scoring import MIN_SHARED, common_prefix  # one threshold and one prefix rule for both scorers
 
 
@@ -101,19 +100,51 @@ def plan_passes(seqs: Sequence[Sequence[int]], keep: Sequence[int], budget: int,
     return [p for p in passes if p]
 
 
-def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary of t (N, heads, D) with per-row cos/sin (N, D), in float32 (as Decoder's prefill)."""
-    t, half = t.float(), t.shape[-1] // 2
-    return (t * cos[:, None] + torch.cat((-t[..., half:], t[..., :half]), -1) * sin[:, None]).to(torch.bfloat16)
+class _PackedCache:
+    """Attention for a packed pass (see the module doc): per part, the prefix causally, then each tail to
+    the prefix's keys and its own earlier tokens. `layout`: per part (prefix start, prefix length,
+    [(sequence index, tail start, tail length)]); `masks`: per window, per part (prefix mask, tails' mask)."""
+
+    def __init__(self, head_dim: int, layout, masks: dict):
+        self.head_dim, self.layout, self.masks = head_dim, layout, masks
+
+    def attend(self, layer, q, k, v, rope) -> torch.Tensor:
+        n = q.shape[0]
+        q, k, v = (t.view(n, -1, self.head_dim) for t in (q, k, v))
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        attended = torch.empty_like(q)
+        for (start, p, rows), (prefix_mask, tail_mask) in zip(self.layout, self.masks[layer.window]):
+            pk, pv = k[start:start + p].transpose(0, 1), v[start:start + p].transpose(0, 1)  # (kv, p, D)
+            if p:
+                pq = q[start:start + p].transpose(0, 1)[None]
+                if prefix_mask is None and layer.softcap is not None:
+                    prefix_mask = causal_mask(torch.arange(p), torch.arange(p), None)
+                a = attention(pq, pk[None], pv[None], prefix_mask, layer.scale, layer.softcap)
+                attended[start:start + p] = a[0].transpose(0, 1)
+            t = tail_mask.shape[2]
+            lengths = torch.tensor([length for _, _, length in rows])
+            firsts = torch.tensor([first for _, first, _ in rows])
+            index = firsts[:, None] + torch.minimum(torch.arange(t)[None], lengths[:, None] - 1)  # (B, T)
+            tq = q[index].transpose(1, 2)  # (B, heads, T, D)
+            tk, tv = (torch.cat([pt[None].expand(len(rows), -1, -1, -1), s[index].transpose(1, 2)], 2)
+                      for pt, s in ((pk, k), (pv, v)))
+            a = attention(tq, tk, tv, tail_mask, layer.scale, layer.softcap).transpose(1, 2)
+            valid = torch.arange(t)[None] < lengths[:, None]
+            attended[index[valid]] = a[valid]
+        return attended.view(n, -1)
 
 
 class PackedScorer:
-    """Runs passes of packed parts through a model `Decoder` supports (bf16 4-bit Llama family on CPU)."""
+    """Runs passes of packed parts through a model `Decoder` supports (a bf16 4-bit decoder family on CPU)."""
 
     def __init__(self, model):
         from ..serve.decoder import Decoder
 
-        self.decoder = Decoder(model)  # its checks, and each layer's norms and projections
+        reason = Decoder.unsupported(model)  # where the decoder runs, its prefill arithmetic does too
+        if reason:
+            raise ValueError(f"PackedScorer cannot run this model: {reason}.")
+        self.step = ModelStep(model)
         self.model = model
 
     def tail_logits(self, seqs: Sequence[Sequence[int]], keep: Sequence[int], batch_size: int,
@@ -131,7 +162,7 @@ class PackedScorer:
         return out  # type: ignore[return-value]
 
     def _run(self, parts: list[_Part], keep: Sequence[int]) -> dict[int, torch.Tensor]:
-        d = self.decoder
+        step = self.step
         ids, positions, layout = [], [], []  # layout: per part (prefix start, [(index, start, length)])
         for part in parts:
             start = len(ids)
@@ -143,18 +174,15 @@ class PackedScorer:
                 ids += tail
                 positions += range(len(part.prefix), len(part.prefix) + len(tail))
             layout.append((start, len(part.prefix), rows))
-        x = self.model.get_input_embeddings()(torch.tensor(ids)).float()  # (N, hidden), updated in place
-        cos, sin = (t[0].float() for t in self.model.model.rotary_emb(torch.zeros(1), torch.tensor(positions)[None]))
-        windows = {b.window for b in d.blocks}
-        masks = {w: [self._masks(p, rows, w) for (_, p, rows) in layout] for w in windows}
-        for block in d.blocks:
-            weights = {name: module.dequantized_weight(torch.bfloat16) for name, (module, _) in block.proj.items()}
-            self._layer(block, weights, x, cos, sin, layout, masks[block.window])
-            del weights
+        x = step.embed(torch.tensor(ids))  # (N, hidden), updated in place
+        ropes = step.ropes(torch.tensor(positions))
+        masks = {w: [self._masks(p, rows, w) for (_, p, rows) in layout] for w in {layer.window for layer in step.layers}}
+        cache = _PackedCache(step.head_dim, layout, masks)
+        for layer in step.layers:
+            step.block(x, layer, ropes, cache, gemm(dequantized(layer)))
         wanted = [(i, start + length - keep[i], keep[i]) for _, _, rows in layout for i, start, length in rows]
         index = torch.tensor([r for _, first, k in wanted for r in range(first, first + k)])
-        h = dispatch.rms_norm(x[index], d.final_norm, d.final_eps)
-        logits = self.model.get_output_embeddings()(h).float()
+        logits = step.logits(step.final(x[index]))
         out, at = {}, 0
         for i, _, k in wanted:
             out[i] = logits[at:at + k]
@@ -174,44 +202,5 @@ class PackedScorer:
         if window is not None:
             mask &= (q - k < window)[None]
             if p > window:
-                offset = torch.arange(p)[:, None] - torch.arange(p)[None]
-                prefix_mask = (offset >= 0) & (offset < window)
+                prefix_mask = causal_mask(torch.arange(p), torch.arange(p), window)
         return prefix_mask, mask[:, None]
-
-    def _layer(self, block, weights: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               layout, masks) -> None:
-        """One decoder layer for all packed rows x (N, hidden; updated in place)."""
-        d = self.decoder
-        n = x.shape[0]
-
-        def project(name: str, inputs: torch.Tensor) -> torch.Tensor:
-            module, w = block.proj[name][0], weights[name]
-            return module.infer(inputs, lambda t: t @ w.t())
-
-        h = dispatch.rms_norm(x, block.norm1, block.eps1)
-        q = _rotate(project("q_proj", h).view(n, d.heads, d.head_dim), cos, sin)
-        k = _rotate(project("k_proj", h).view(n, d.kv_heads, d.head_dim), cos, sin)
-        v = project("v_proj", h).view(n, d.kv_heads, d.head_dim)
-        attended = torch.empty(n, d.heads, d.head_dim, dtype=torch.bfloat16)
-        gqa = d.heads != d.kv_heads  # SDPA shares each key/value head among its query heads
-        for (start, p, rows), (prefix_mask, tail_mask) in zip(layout, masks):
-            pk, pv = k[start:start + p].transpose(0, 1), v[start:start + p].transpose(0, 1)  # (kv, p, D)
-            if p:
-                pq = q[start:start + p].transpose(0, 1)[None]
-                a = F.scaled_dot_product_attention(pq, pk[None], pv[None], attn_mask=prefix_mask,
-                                                   is_causal=prefix_mask is None, scale=block.scale, enable_gqa=gqa)
-                attended[start:start + p] = a[0].transpose(0, 1)
-            t = tail_mask.shape[2]
-            lengths = torch.tensor([length for _, _, length in rows])
-            firsts = torch.tensor([first for _, first, _ in rows])
-            index = firsts[:, None] + torch.minimum(torch.arange(t)[None], lengths[:, None] - 1)  # (B, T)
-            tq = q[index].transpose(1, 2)  # (B, heads, T, D)
-            tk, tv = (torch.cat([pt[None].expand(len(rows), -1, -1, -1), s[index].transpose(1, 2)], 2)
-                      for pt, s in ((pk, k), (pv, v)))
-            a = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=tail_mask, scale=block.scale,
-                                               enable_gqa=gqa).transpose(1, 2)
-            valid = torch.arange(t)[None] < lengths[:, None]
-            attended[index[valid]] = a[valid]
-        x += project("o_proj", attended.view(n, -1))
-        dispatch.rms_norm(x, block.norm2, block.eps2, out=h)
-        x += project("down_proj", F.silu(project("gate_proj", h)) * project("up_proj", h))

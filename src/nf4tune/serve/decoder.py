@@ -1,23 +1,21 @@
-"""`Decoder`: decoding of a 4-bit Llama-family model on CPU, one or a few sequences at a time,
-without transformers' forward.
+"""`Decoder`: decoding of a 4-bit decoder-family model on CPU, one or a few sequences at a time,
+without transformers' forward: `runtime.step.ModelStep`'s block over a right-aligned KV cache.
 
 A decoded token is a few dozen small operations per layer. Through transformers each is a PyTorch
 op with microseconds of fixed cost, and its bf16 attention for one query costs 100-400 us per layer
-on CPU; together they took longer than reading the weights (BENCHMARKS.md). Here a step is, per
-layer: RMSNorm, the q/k/v projections, one native call for rotary + KV-cache write + attention,
-the output projection, RMSNorm, gate/up, SiLU times up, the down projection. The projections
-go through each `Linear4bit`'s fused kernel and `infer` (bias and unmerged LoRA included, so
-`AdapterBank` switches apply); norms, rotary and attention are `kernels/cpu_kernels.cpp`. The
-residual stream stays in float32, the KV cache in bfloat16.
+on CPU; together they took longer than reading the weights (BENCHMARKS.md). Here a step is the
+model step (`runtime/step.py`) with each projection through its `Linear4bit`'s fused kernel and
+`infer` (bias and unmerged LoRA included, so `AdapterBank` switches apply), and attention as one
+native call for rotary + KV-cache write + attention (`dispatch.decode_attention`; Gemma 2's
+soft-capped layers in PyTorch). The residual stream stays in float32, the KV cache in bfloat16.
 
-Prompts are prefilled layer by layer, each weight dequantized once for all of them and multiplied
-by BLAS (compute-bound: GEMMs), each prompt apart so that batching never changes its tokens; each
-row's cache is right-aligned and it attends from its first token on. `Decoder.run` batches
-continuously: sequences join a running batch between steps, each prefilled into the place a finished
-one left, with its own sampling settings and (through `AdapterBank.rows`) its own adapter.
-`Decoder.unsupported(model)`
-says why a model cannot use it (another family or device, no decode-attention kernel: `nf4tune.dispatch`);
-callers then keep `generate`.
+Prompts are prefilled layer by layer (`runtime.step.prefill`), each weight dequantized once for all of
+them and multiplied by BLAS, each prompt apart so that batching never changes its tokens; each row's
+cache is right-aligned and it attends from its first token on. `Decoder.run` batches continuously:
+sequences join a running batch between steps, each prefilled into the place a finished one left,
+with its own sampling settings and (through `AdapterBank.rows`) its own adapter; `generate` is `run`
+over a fixed batch. `Decoder.unsupported(model)` says why a model cannot use it (another family or
+device, no decode-attention kernel: `nf4tune.dispatch`); callers then keep `generate`.
 """
 
 from __future__ import annotations
@@ -27,45 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .. import dispatch
-from ..layers.linear4bit import Linear4bit
-from ..registry import families
+from ..runtime.step import ModelStep, attention, prefill, rotate
 from .sampling import Sampling, next_token
-
-FAMILIES = families("decoder")
-# rope types whose angles do not depend on the sequence length (not "dynamic", "longrope")
-STATIC_ROPE = ("default", "linear", "llama3", "yarn")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _window(config, layer: int) -> int | None:
-    """How many past positions (itself included) layer `layer` attends to; None: all."""
-    types = getattr(config, "layer_types", None)
-    if types is not None:
-        return config.sliding_window if types[layer] == "sliding_attention" else None
-    return getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
-
-
-def _projection(layer, name: str):
-    """One of a decoder layer's seven linear layers, by its transformers name."""
-    return getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
-
-
-class _Block:
-    """One decoder layer's parts, as the step uses them: each projection with its fused CPU kernel."""
-
-    def __init__(self, layer, config, index: int):
-        self.norm1 = layer.input_layernorm.weight.detach().float().contiguous()
-        self.norm2 = layer.post_attention_layernorm.weight.detach().float().contiguous()
-        self.eps1, self.eps2 = layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon
-        self.scale = float(layer.self_attn.scaling)
-        self.window = _window(config, index)
-        self.proj = {}
-        for name in PROJECTIONS:
-            module = _projection(layer, name)
-            self.proj[name] = (module, module.fused_matmul(torch.zeros(1, module.in_features, dtype=torch.bfloat16)))
 
 
 @dataclass(eq=False)
@@ -90,6 +53,48 @@ class Row:
         return self.sampling.max_new_tokens - len(self.out)
 
 
+def draw(row: Row, eos_ids: set[int]) -> int:
+    """Row `row`'s next token from its logits under its own settings and generator (the one place a
+    token is chosen: both decoders' `run`)."""
+    s = row.sampling
+    penalized = torch.tensor(row.seen) if s.repetition_penalty != 1.0 else None
+    token = next_token(row.logits, s, penalized, row.generator, row.out)
+    row.out.append(token)
+    row.seen.append(token)
+    row.done = token in eos_ids or len(row.out) >= s.max_new_tokens
+    return token
+
+
+def generate_rows(decoder, input_ids: torch.Tensor, sampling: Sampling | Sequence[Sampling], eos_ids: set[int],
+                  attention_mask: torch.Tensor | None, on_step: Callable[[list[int]], Iterable[int] | None] | None,
+                  adapters=None) -> list[list[int]]:
+    """`decoder.run` over the fixed batch of `input_ids` (B, T; left-padded where `attention_mask` has
+    zeros): each row's tokens. `on_step` sees each step's tokens, one per row (rows that have stopped
+    repeat their last token); the rows it returns stop there."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length); got shape {list(input_ids.shape)}")
+    samplings = [sampling] * input_ids.shape[0] if isinstance(sampling, Sampling) else list(sampling)
+    if len(samplings) != input_ids.shape[0]:
+        raise ValueError(f"{len(samplings)} sampling settings for {input_ids.shape[0]} rows")
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    names = adapters.names if adapters is not None else [None] * len(samplings)
+    rows = [Row(ids[m.bool()].tolist(), s, name) for ids, m, s, name in zip(input_ids, mask, samplings, names)]
+    pending = list(rows)
+
+    def admit(live: int) -> list[Row]:
+        new, pending[:] = list(pending), []
+        return new
+
+    def step(live: list[Row | None], tokens: list[int]) -> list[int]:
+        if on_step is None:
+            return []
+        ended = {id(rows[i]) for i in on_step([r.out[-1] if r.out else 0 for r in rows]) or ()}
+        return [place for place, r in enumerate(live) if r is not None and id(r) in ended]
+
+    decoder.run(admit, step, eos_ids, None if adapters is None else adapters.bank.rows([]))
+    return [r.out for r in rows]
+
+
 class Decoder:
     """Greedy or sampled decoding with a KV cache for a 4-bit model, one or a few sequences at a
     time (see the module doc).
@@ -103,168 +108,95 @@ class Decoder:
         if reason:
             raise ValueError(f"Decoder cannot run this model: {reason}.")
         self.model, self.config = model, model.config
-        config, inner = model.config, model.model
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.hidden = config.hidden_size
-        self.blocks = [_Block(layer, config, i) for i, layer in enumerate(inner.layers)]
-        self.final_norm = inner.norm.weight.detach().float().contiguous()
-        self.final_eps = inner.norm.variance_epsilon
-        self.adapters = None  # per-row adapters while `generate` runs (see there)
-        self.last_logits: torch.Tensor | None = None
+        self.runtime = ModelStep(model)
+        self.heads, self.kv_heads, self.head_dim = self.runtime.heads, self.runtime.kv_heads, self.runtime.head_dim
+        self.hidden = self.runtime.hidden
+        self.kernels = {id(m): m.fused_matmul(torch.zeros(1, m.in_features, dtype=torch.bfloat16))
+                        for layer in self.runtime.layers for m in layer.proj.values()}
+        self.adapters = None  # per-row adapters (`AdapterBank.rows`) while `run` runs, or a caller's
+        self.keys = self.values = None
 
     @staticmethod
     def unsupported(model) -> str | None:
         """Why `Decoder` cannot decode `model`, or None when it can."""
-        config = getattr(model, "config", None)
-        if getattr(config, "model_type", None) not in FAMILIES:
-            return f"it decodes {', '.join(FAMILIES)} models"
+        reason = ModelStep.unsupported(model)
+        if reason:
+            return reason
         if any(p.device.type != "cpu" for p in model.parameters()) or any(b.device.type != "cpu" for b in model.buffers()):
             return "the model is not on the CPU"
-        attention = dispatch.path("decode_attention", torch.zeros(1))
-        if not attention.fast:
-            return f"it needs the AVX-512 CPU kernels ({attention.reason})"
-        if config.hidden_act != "silu":
-            return f"it needs SiLU MLPs, not {config.hidden_act}"
-        layers = model.model.layers
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        if head_dim % 16 or head_dim > 512 or config.hidden_size % 16:
-            return "its head size and hidden size must be multiples of 16 (head size at most 512)"
-        for layer in layers:
-            for name in PROJECTIONS:
-                module = _projection(layer, name)
-                if not isinstance(module, Linear4bit):
-                    return f"its {name} layers are not 4-bit"
-                if module.compute_dtype != torch.bfloat16:
-                    return "it computes in bfloat16 (the model computes in another dtype)"
-                if module.fused_matmul(torch.zeros(1, module.in_features, dtype=module.compute_dtype)) is None:
-                    return f"its {name} layers have no fused CPU kernel"
+        attention_path = dispatch.path("decode_attention", torch.zeros(1))
+        if not attention_path.fast:
+            return f"it needs the AVX-512 CPU kernels ({attention_path.reason})"
+        for layer in model.model.layers:
+            for module in list(layer.self_attn.children()) + list(layer.mlp.children()):
+                if hasattr(module, "fused_matmul") and module.fused_matmul(
+                        torch.zeros(1, module.in_features, dtype=module.compute_dtype)) is None:
+                    return "its 4-bit layers have no fused CPU kernel"
         return None
 
-    def _project(self, block: _Block, name: str, x: torch.Tensor) -> torch.Tensor:
-        module, matmul = block.proj[name]
-        return module.infer(x, matmul) if self.adapters is None else self.adapters.infer(module, x, matmul)
+    def _linear(self, module, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.kernels[id(module)]
+        return module.infer(x, kernel) if self.adapters is None else self.adapters.infer(module, x, kernel)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, capacity: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the prompts (B, T; left-padded where `attention_mask` has zeros) through the model, keep
         their keys and values in a cache with room for `capacity` positions (each row's right-aligned
-        at slot T), and return each row's last logits (B, vocab) in float32.
-
-        Layer by layer, each 4-bit weight is dequantized once and multiplied with every prompt apart:
-        a row is computed exactly as it would be alone (a padded batch's GEMMs round differently, so
-        batching could flip a near-tie), and no padding is computed."""
+        at slot T), and return each row's last logits (B, vocab) in float32."""
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         lengths = attention_mask.sum(-1)
         if int(lengths.min()) == 0:
             raise ValueError("a prompt is empty")
-        shape = (len(self.blocks), batch, self.kv_heads, capacity, self.head_dim)
+        shape = (len(self.runtime.layers), batch, self.kv_heads, capacity, self.head_dim)
         self.keys = torch.empty(shape, dtype=torch.bfloat16)  # slots before a row's first are never read
         self.values = torch.empty(shape, dtype=torch.bfloat16)
-        self.rope_table = None
-        self._ensure_rope(capacity)
+        self.runtime.reserve_rope(capacity)
         self.slot = length  # where the next token's keys go, the same for every row
         self.padding = length - lengths  # rows' first slots
         self.positions = lengths.clone()  # rows' next rotary positions
         return self._prefill_into([(b, input_ids[b, attention_mask[b].bool()]) for b in range(batch)], length)
 
-    def _ensure_rope(self, positions: int) -> None:
-        """A table of rotary angles for positions 0..positions-1, where they do not depend on the length."""
-        rotary = self.model.model.rotary_emb
-        if getattr(rotary, "rope_type", "default") not in STATIC_ROPE:
-            self.rope_table = None
-            return
-        if self.rope_table is None or self.rope_table[0].shape[0] < positions:
-            cos, sin = rotary(torch.zeros(1), torch.arange(positions)[None])
-            self.rope_table = (cos[0], sin[0])
-
     def _prefill_into(self, prompts: list[tuple[int, torch.Tensor]], end: int) -> torch.Tensor:
-        """Run each prompt (cache row, ids (T,)) through the model layer by layer, each 4-bit weight
-        dequantized once for all of them; write their keys and values to their rows, ending before slot
-        `end`; return their last logits (P, vocab) in float32."""
-        embed = self.model.get_input_embeddings()
-        rows = [embed(ids).float() for _, ids in prompts]  # (T_b, hidden)
-        ropes = [self._rope(torch.arange(len(ids))) for _, ids in prompts]
-        for i, block in enumerate(self.blocks):
-            weights = {name: module.dequantized_weight(torch.bfloat16) for name, (module, _) in block.proj.items()}
-            for (row, _), x, rope in zip(prompts, rows, ropes):
-                self._prefill_layer(i, block, weights, row, x, *rope, end)
-            del weights
-        last = torch.stack([x[-1] for x in rows])
-        h = dispatch.rms_norm(last, self.final_norm, self.final_eps)
-        return self.model.get_output_embeddings()(h).float()
-
-    def _prefill_layer(self, i: int, block: _Block, weights: dict, row: int, x: torch.Tensor, cos: torch.Tensor,
-                       sin: torch.Tensor, length: int) -> None:
-        """Layer i for one prompt's hidden states x (T, hidden; updated in place), its cache written."""
-        tokens = x.shape[0]
-
-        def project(name: str, inputs: torch.Tensor) -> torch.Tensor:
-            module, w = block.proj[name][0], weights[name]
-            if self.adapters is not None:  # this prompt's own adapter
-                return self.adapters.infer(module, inputs, lambda t: t @ w.t(), rows=[row])
-            return module.infer(inputs, lambda t: t @ w.t())
-
-        def rotate(t: torch.Tensor) -> torch.Tensor:  # (T, heads, D): rotate-half rotary, in float32
-            t, half = t.float(), t.shape[-1] // 2
-            return (t * cos[:, None] + torch.cat((-t[..., half:], t[..., :half]), -1) * sin[:, None]).to(torch.bfloat16)
-
-        h = dispatch.rms_norm(x, block.norm1, block.eps1)
-        q = rotate(project("q_proj", h).view(tokens, self.heads, self.head_dim))
-        k = rotate(project("k_proj", h).view(tokens, self.kv_heads, self.head_dim))
-        v = project("v_proj", h).view(tokens, self.kv_heads, self.head_dim)
-        self.keys[i, row, :, length - tokens:length] = k.transpose(0, 1)
-        self.values[i, row, :, length - tokens:length] = v.transpose(0, 1)
-        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
-        if self.kv_heads != self.heads:
-            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
-        if block.window is not None and tokens > block.window:
-            offset = torch.arange(tokens)[:, None] - torch.arange(tokens)[None]
-            mask = (offset >= 0) & (offset < block.window)
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=block.scale)
-        else:
-            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=block.scale)
-        x += project("o_proj", attended[0].transpose(0, 1).reshape(tokens, -1))
-        dispatch.rms_norm(x, block.norm2, block.eps2, out=h)
-        x += project("down_proj", F.silu(project("gate_proj", h)) * project("up_proj", h))
-
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (len(positions), head_dim), float32."""
-        if self.rope_table is not None:
-            return self.rope_table[0][positions].contiguous(), self.rope_table[1][positions].contiguous()
-        cos, sin = self.model.model.rotary_emb(torch.zeros(1), positions[None])
-        return cos[0].float().contiguous(), sin[0].float().contiguous()
+        return prefill(self.runtime, prompts, self.keys, self.values, lambda _: end, self.adapters)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed each row its next token (B,); return their logits (B, vocab) in float32."""
-        slot = self.slot
-        if slot >= self.keys.shape[3]:
+        if self.slot >= self.keys.shape[3]:
             raise ValueError(f"the KV cache holds {self.keys.shape[3]} positions; prefill with a larger capacity")
-        batch = tokens.shape[0]
-        x = self.model.get_input_embeddings()(tokens).float()
-        cos, sin = self._rope(self.positions)
-        starts = {w: self.padding if w is None else self.padding.clamp(min=slot + 1 - w)
-                  for w in {block.window for block in self.blocks}}
-        h = torch.empty(batch, self.hidden, dtype=torch.bfloat16)
-        attended = torch.empty(batch, self.heads * self.head_dim, dtype=torch.bfloat16)
-        for i, block in enumerate(self.blocks):
-            dispatch.rms_norm(x, block.norm1, block.eps1, out=h)
-            q, k, v = (self._project(block, name, h).contiguous() for name in PROJECTIONS[:3])
-            dispatch.decode_attention(q, k, v, cos, sin, self.keys[i], self.values[i], slot, starts[block.window],
-                                      block.scale, attended)
-            x += self._project(block, "o_proj", attended)
-            dispatch.rms_norm(x, block.norm2, block.eps2, out=h)
-            act = F.silu(self._project(block, "gate_proj", h)) * self._project(block, "up_proj", h)
-            x += self._project(block, "down_proj", act)
-        dispatch.rms_norm(x, self.final_norm, self.final_eps, out=h)
+        rt = self.runtime
+        x = rt.embed(tokens)
+        ropes = rt.ropes(self.positions)
+        self._starts = {w: self.padding if w is None else self.padding.clamp(min=self.slot + 1 - w)
+                        for w in {layer.window for layer in rt.layers}}
+        self._out = torch.empty(tokens.shape[0], self.heads * self.head_dim, dtype=torch.bfloat16)
+        for layer in rt.layers:
+            rt.block(x, layer, ropes, self, self._linear)
         self.slot += 1
         self.positions += 1
-        return self.model.get_output_embeddings()(h).float()
+        return rt.logits(rt.final(x))
+
+    def attend(self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope) -> torch.Tensor:
+        """The step's attention for layer `layer` (see `runtime.step`): the native kernel writes k and v at
+        the slot and attends from each row's first slot; Gemma 2's soft-capped layers go through PyTorch."""
+        i, starts, batch = layer.index, self._starts[layer.window], q.shape[0]
+        if layer.softcap is None:
+            if rope is None:  # rotated already, or no rotary: the kernel rotates by angle 0
+                rope = (torch.ones(batch, self.head_dim), torch.zeros(batch, self.head_dim))
+            return dispatch.decode_attention(q, k, v, *rope, self.keys[i], self.values[i], self.slot, starts,
+                                             layer.scale, self._out)
+        q, k, v = (t.view(batch, -1, self.head_dim) for t in (q, k, v))
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        self.keys[i, :, :, self.slot] = k
+        self.values[i, :, :, self.slot] = v
+        index = torch.arange(self.slot + 1)[None]
+        mask = (index >= starts[:, None])[:, None, None, :]
+        attended = attention(q[:, :, None], self.keys[i, :, :, :self.slot + 1], self.values[i, :, :, :self.slot + 1],
+                             mask, layer.scale, layer.softcap)
+        return attended.reshape(batch, -1)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, sampling: Sampling | Sequence[Sampling], eos_ids: set[int] = frozenset(),
@@ -276,44 +208,9 @@ class Decoder:
 
         `sampling`: one for every row, or one per row. `adapters`: None (the layers' own adapters), or
         per-row adapters (`AdapterBank.rows`) applied unmerged, each row with its own. `on_step` sees each
-        step's tokens, one per row (rows that have stopped repeat their last token), with their logits
-        in `self.last_logits`; the rows it returns stop there (a client that went away)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length); got shape {list(input_ids.shape)}")
-        rows = input_ids.shape[0]
-        samplings = [sampling] * rows if isinstance(sampling, Sampling) else list(sampling)
-        if len(samplings) != rows:
-            raise ValueError(f"{len(samplings)} sampling settings for {rows} rows")
-        # one generator per row: a seeded request draws the same tokens alone or batched
-        generators = [None if s.seed is None else torch.Generator().manual_seed(s.seed) for s in samplings]
-        seen = [ids[mask.bool()].tolist() for ids, mask in
-                zip(input_ids, attention_mask if attention_mask is not None else torch.ones_like(input_ids))]
-        self.adapters = adapters
-        try:
-            logits = self.prefill(input_ids, input_ids.shape[1] + max(s.max_new_tokens for s in samplings), attention_mask)
-            out: list[list[int]] = [[] for _ in range(rows)]
-            done = [False] * rows
-            while True:
-                step = []
-                for row, s in enumerate(samplings):
-                    if done[row]:
-                        step.append(out[row][-1] if out[row] else 0)
-                        continue
-                    penalized = torch.tensor(seen[row]) if s.repetition_penalty != 1.0 else None
-                    token = next_token(logits[row], s, penalized, generators[row], out[row])
-                    out[row].append(token)
-                    seen[row].append(token)
-                    done[row] = token in eos_ids or len(out[row]) >= s.max_new_tokens
-                    step.append(token)
-                self.last_logits = logits
-                if on_step is not None:
-                    for row in on_step(step) or ():
-                        done[row] = True
-                if all(done):
-                    return out
-                logits = self.step(torch.tensor(step))
-        finally:
-            self.adapters = None
+        step's tokens, one per row (rows that have stopped repeat their last token); the rows it returns
+        stop there (a client that went away)."""
+        return generate_rows(self, input_ids, sampling, eos_ids, attention_mask, on_step, adapters)
 
     # --- continuous batching ------------------------------------------------------------------
 
@@ -328,7 +225,7 @@ class Decoder:
         live and `admit` gives none. A row's tokens are bit for bit what it gets alone (`generate`).
         `on_failed(row)`: see `continuous_batching` (a row whose prefill or draw fails ends alone)."""
         live: list[Row | None] = []
-        self.keys = self.values = self.rope_table = None
+        self.keys = self.values = None
         self.slot, self.padding, self.positions = 0, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
         self.adapters = adapters
 
@@ -363,16 +260,6 @@ class Decoder:
             if adapters is not None:
                 adapters.trim(len(live))
 
-    @staticmethod
-    def _draw(row: Row, eos_ids: set[int]) -> int:
-        s = row.sampling
-        penalized = torch.tensor(row.seen) if s.repetition_penalty != 1.0 else None
-        token = next_token(row.logits, s, penalized, row.generator, row.out)
-        row.out.append(token)
-        row.seen.append(token)
-        row.done = token in eos_ids or len(row.out) >= s.max_new_tokens
-        return token
-
     def _admit(self, live: list[Row | None], new: list[Row], adapters) -> None:
         """Give each new row a place (one a finished row left, else a new one), room in the cache, and
         its prompt's keys and values right-aligned before the current slot."""
@@ -386,7 +273,7 @@ class Decoder:
             if adapters is not None:
                 adapters.assign(place, r.adapter)
             self.padding[place], self.positions[place] = self.slot - len(r.prompt_ids), len(r.prompt_ids)
-        self._ensure_rope(max(len(r.prompt_ids) + r.sampling.max_new_tokens for r in new) + 1)
+        self.runtime.reserve_rope(max(len(r.prompt_ids) + r.sampling.max_new_tokens for r in new) + 1)
         prompts = [(place, torch.tensor(r.prompt_ids, dtype=torch.long)) for place, r in zip(places, new)]
         for r, logits in zip(new, self._prefill_into(prompts, self.slot)):
             r.logits = logits if adapters is None else adapters.own_vocab(logits, r.adapter)
@@ -403,7 +290,7 @@ class Decoder:
         used = self.slot - first
         slot = max(used, front)
         rows = max(rows, batch)
-        shape = (len(self.blocks), rows, self.kv_heads, slot + need, self.head_dim)
+        shape = (len(self.runtime.layers), rows, self.kv_heads, slot + need, self.head_dim)
         keys, values = torch.empty(shape, dtype=torch.bfloat16), torch.empty(shape, dtype=torch.bfloat16)
         if used and batch:
             keys[:, :batch, :, slot - used:slot] = self.keys[:, :, :, first:self.slot]
@@ -447,7 +334,7 @@ def continuous_batching(live: list[Row | None], admit: Callable[[int], list[Row]
             token = 0
             if row is not None:
                 try:
-                    token = Decoder._draw(row, eos_ids)
+                    token = draw(row, eos_ids)
                 except Exception as e:  # this row's settings or logits: it leaves, the others draw on
                     live[place] = None
                     retire(place)

@@ -121,19 +121,16 @@ class Engine:
         if self.bank is not None and self.bank.tokenizer is not None:
             self._encoders[self.bank._adds_tokens] = self.bank.tokenizer
             self.tokenizer = self.bank.tokenizer
-            self.tokenizer.padding_side = "left"
-            if self.tokenizer.pad_token_id is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_batch, self.max_queue, self.request_timeout = max_batch, max_queue, request_timeout
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
         if max_batch < 1 or max_queue < 1:  # [:0] of the queue would never answer
             raise Nf4tuneError(f"max_batch and max_queue must be 1 or more, got {max_batch} and {max_queue}.")
         self.decoder, self.decode_path = self._choose_decoder(model)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        # what prompts are padded with (the caller's tokenizer is left as it is: no pad token is set on it)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else min(self.eos_ids - {None}, default=0))
         self._waiting: list[Request] = []
         self._lock = threading.Condition()
         self.gate = threading.Event()  # cleared, the worker holds back (tests use it to fill the queue)
@@ -293,7 +290,7 @@ class Engine:
     def _padded(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The sequences' ids, left-padded (B, T), and their attention mask."""
         length = max(map(len, sequences))
-        ids = torch.full((len(sequences), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(sequences), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), length), dtype=torch.long)
         for row, sequence in enumerate(sequences):
             ids[row, length - len(sequence):] = torch.tensor(sequence, dtype=torch.long)
@@ -341,7 +338,7 @@ class Engine:
                     continue
                 streamer.take(row.tag, token, row.logits)
                 if row.done and not row.tag.finished:
-                    streamer._finish(row.tag, "length")
+                    streamer.finish(row.tag, "length")
                 if row.tag.finished:
                     ended.append(place)
                     if not row.tag.request.done.is_set():  # a row that failed alone was answered then
@@ -422,7 +419,7 @@ class Engine:
         s = batch[0].sampling
         if s.seed is not None:
             torch.manual_seed(s.seed)
-        kwargs = dict(max_new_tokens=s.max_new_tokens - resumed, pad_token_id=self.tokenizer.pad_token_id,
+        kwargs = dict(max_new_tokens=s.max_new_tokens - resumed, pad_token_id=self.pad_id,
                       eos_token_id=list(self.eos_ids), repetition_penalty=s.repetition_penalty,
                       stopping_criteria=StoppingCriteriaList([_Stopped(streamer)]))
         if decoder_starts is not None:  # given, so the streamer knows them for certain

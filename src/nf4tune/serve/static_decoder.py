@@ -1,10 +1,12 @@
-"""`StaticDecoder`: decoding of a 4-bit Llama-family model with a static KV cache and a decoding step
+"""`StaticDecoder`: decoding of a 4-bit decoder-family model with a static KV cache and a decoding step
 of fixed shapes, for CUDA, where the step is captured once in a CUDA graph and replayed per token.
 
 A decoded token on a GPU is a few hundred tiny kernels; launching them from Python costs more than
 running them. Here every tensor the step touches is allocated once (the KV cache for `batch` rows of
 `capacity` positions, the rotary table, the inputs), the cache is written in place at each row's slot
 held in a tensor, and the step has no data-dependent shapes, so it can be:
+
+The step is `runtime.step.ModelStep`'s block, the cache here one written in place (`attend`).
 
 - `mode="eager"`: run as written (the reference the others are held to);
 - `mode="compiled"`: compiled whole by `torch.compile(fullgraph=True)` (Inductor fuses the norms,
@@ -18,7 +20,7 @@ dequantized once for all the prompts admitted together, its keys and values writ
 slots 0..T-1; then the step continues each row at its own slot (rows of different lengths need no
 padding in the cache). `generate(..., prefill=False)` keeps the first way: the prompts left-padded
 and fed through the step a token at a time (the tests hold the prefill to it). Sliding-window layers
-(Mistral, Qwen2) attend to their window only.
+attend to their window only.
 
 `run` batches continuously with `serve.decoder.Decoder.run`'s contract, so the serving engine decodes
 through either: on CUDA this one (the mode from `nf4tune.dispatch.path("decode", ...)`), on CPU the
@@ -32,12 +34,12 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .. import dispatch
 from ..layers.linear4bit import Linear4bit
-from .decoder import FAMILIES, PROJECTIONS, STATIC_ROPE, Row, _projection, _window, continuous_batching
-from .sampling import Sampling, next_token
+from ..runtime.step import STATIC_ROPE, ModelStep, attention, prefill, rotate
+from .decoder import Row, continuous_batching, generate_rows
+from .sampling import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +55,24 @@ def round_capacity(positions: int, context: int | None = None) -> int:
     return max(positions, min(rounded, context)) if context else rounded
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """float32 rows x RMS-normalized times the float32 weight, in bfloat16 (as the CPU decoder's)."""
-    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight).to(torch.bfloat16)
+class _StepCache:
+    """The step's view of the static cache: each row's k and v written at its slot, attending from its
+    first slot (`masks`, per window)."""
 
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, masks: dict):
+        self.keys, self.values, self.slots, self.masks = keys, values, slots, masks
 
-def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary of t (N, heads, D) at each row's angles (N, D), in float32."""
-    half = t.shape[-1] // 2
-    t = t.float()
-    return t * cos[:, None] + torch.cat((-t[..., half:], t[..., :half]), -1) * sin[:, None]
+    def attend(self, layer, q, k, v, rope) -> torch.Tensor:
+        batch, kv_heads, _, d = self.keys.shape[1:]
+        q, k, v = q.view(batch, -1, d), k.view(batch, -1, d), v.view(batch, -1, d)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        where = self.slots[:, None, None, None].expand(batch, kv_heads, 1, d)
+        self.keys[layer.index].scatter_(2, where, k[:, :, None])
+        self.values[layer.index].scatter_(2, where, v[:, :, None])
+        attended = attention(q[:, :, None], self.keys[layer.index], self.values[layer.index],
+                             self.masks[layer.window], layer.scale, layer.softcap)
+        return attended.reshape(batch, -1)
 
 
 class StaticDecoder:
@@ -82,21 +92,12 @@ class StaticDecoder:
         if reason:
             raise ValueError(f"StaticDecoder cannot run this model: {reason}.")
         self.model, self.config, self.device, self.mode = model, model.config, device, mode
-        config, inner = model.config, model.model
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.context: int | None = getattr(config, "max_position_embeddings", None)
+        self.runtime = ModelStep(model)
+        self.runtime.native = False  # PyTorch arithmetic throughout: eager and compiled steps alike
+        self.heads, self.kv_heads, self.head_dim = self.runtime.heads, self.runtime.kv_heads, self.runtime.head_dim
+        self.context: int | None = getattr(model.config, "max_position_embeddings", None)
         self.batch = batch
-        self.layers = []
-        for index, layer in enumerate(inner.layers):
-            self.layers.append(dict(
-                norm1=layer.input_layernorm.weight.detach().float(), eps1=layer.input_layernorm.variance_epsilon,
-                norm2=layer.post_attention_layernorm.weight.detach().float(),
-                eps2=layer.post_attention_layernorm.variance_epsilon, scale=float(layer.self_attn.scaling),
-                window=_window(config, index), proj={name: _projection(layer, name) for name in PROJECTIONS}))
-        self.windows = sorted({layer["window"] for layer in self.layers}, key=lambda w: (w is not None, w or 0))
-        self.final_norm, self.final_eps = inner.norm.weight.detach().float(), inner.norm.variance_epsilon
+        self.windows = sorted({layer.window for layer in self.runtime.layers}, key=lambda w: (w is not None, w or 0))
         self.capacity = 0
         self.keys = self.values = None
         self._graph = self._graph_out = None
@@ -113,97 +114,67 @@ class StaticDecoder:
     @staticmethod
     def unsupported(model) -> str | None:
         """Why `StaticDecoder` cannot decode `model`, or None when it can."""
-        config = getattr(model, "config", None)
-        if getattr(config, "model_type", None) not in FAMILIES:
-            return f"it decodes {', '.join(FAMILIES)} models"
-        if getattr(config, "hidden_act", None) != "silu":
-            return f"it needs SiLU MLPs, not {getattr(config, 'hidden_act', None)}"
+        reason = ModelStep.unsupported(model)
+        if reason:
+            return reason
         devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
         if len(devices) != 1:
             return "the model is spread over several devices"
-        if getattr(model.model.rotary_emb, "rope_type", "default") not in STATIC_ROPE:
-            return f"its rotary embedding ({model.model.rotary_emb.rope_type}) depends on the sequence length"
-        for layer in model.model.layers:
-            for name in PROJECTIONS:
-                module = _projection(layer, name)
-                if not isinstance(module, Linear4bit):
-                    return f"its {name} layers are not 4-bit"
-                if module.compute_dtype != torch.bfloat16:
-                    return "it computes in bfloat16 (the model computes in another dtype)"
+        rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+        types = set(rope_type.values()) if isinstance(rope_type, dict) else {rope_type}
+        if types - set(STATIC_ROPE):
+            return f"its rotary embedding ({rope_type}) depends on the sequence length"
         return None
 
     def reserve(self, capacity: int) -> None:
         """Make room for `capacity` positions per row: a larger cache with the current one's keys and
-        values copied to its start, a longer rotary table; the CUDA graph is captured again."""
+        values copied to its start, longer rotary tables; the CUDA graph is captured again."""
         if capacity <= self.capacity:
             return
-        shape = (len(self.layers), self.batch, self.kv_heads, capacity, self.head_dim)
+        shape = (len(self.runtime.layers), self.batch, self.kv_heads, capacity, self.head_dim)
         keys = torch.zeros(shape, dtype=torch.bfloat16, device=self.device)
         values = torch.zeros(shape, dtype=torch.bfloat16, device=self.device)
         if self.keys is not None:
             keys[..., :self.capacity, :] = self.keys
             values[..., :self.capacity, :] = self.values
         self.keys, self.values = keys, values
-        cos, sin = self.model.model.rotary_emb(torch.zeros(1, device=self.device),
-                                               torch.arange(capacity, device=self.device)[None])
-        self.cos, self.sin = cos[0].float(), sin[0].float()
+        self.runtime.reserve_rope(capacity)
         self.capacity = capacity
         self._graph = self._graph_out = None
 
     # --- the step -----------------------------------------------------------------------------
 
-    def _linear(self, module: Linear4bit, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """x (N, in) bf16 through the 4-bit layer, bias and unmerged adapter added in float32: the fused
-        few-token kernel, or (`weight`, the layer's weight dequantized for a prefill) one GEMM."""
-        if weight is None and isinstance(module.frozen_weight(), torch.Tensor):  # an unquantized (16-bit) base
-            weight = module.frozen_weight()
-        if weight is None:
+    @staticmethod
+    def _linear(module: Linear4bit, x: torch.Tensor) -> torch.Tensor:
+        """x (N, in) bf16 through the 4-bit layer as the `nf4tune::matmul_4bit` custom op (opaque to
+        torch.compile, captured whole by a CUDA graph), bias and unmerged adapter added in float32."""
+        weight = module.frozen_weight()
+        if isinstance(weight, torch.Tensor):  # an unquantized (16-bit) base
+            y = (x @ weight.t()).float()
+        else:
             y = dispatch.decode_matmul_4bit(x, module.weight_packed, module.weight_absmax,
                                             module.weight_nested_absmax, module._quant_meta).float()
-        else:
-            y = (x @ weight.t()).float()
         if module.bias is not None:
             y = y + module.bias.float()
         if module.lora_A is not None:
             y = y + (x.float() @ module.lora_A.float().t()) @ module.lora_B.float().t() * module.scaling
-        return y
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        h = _rms_norm(x, self.final_norm, self.final_eps)
-        head = self.model.get_output_embeddings()  # its weight alone: the CPU head's native kernel is not traced
-        return F.linear(h, head.weight, head.bias).float()
+        return y.to(torch.bfloat16)
 
     def _eager_step(self, tokens, positions, starts, slots) -> torch.Tensor:
         """Each row's next token in, its logits (B, vocab) float32 out; its keys and values written at
         its slot, attending from its first slot (`starts`) to that one."""
-        batch = tokens.shape[0]
-        x = self.model.get_input_embeddings()(tokens).float()
-        cos, sin = self.cos[positions], self.sin[positions]
+        rt = self.runtime
+        x = rt.embed(tokens)
         index = torch.arange(self.capacity, device=tokens.device)[None]
         slot = slots[:, None]
         # a row attends from its first slot to this one (a padding row at least to itself: no empty softmax)
         visible = ((index >= starts[:, None]) & (index <= slot)) | (index == slot)
         masks = {w: (visible if w is None else visible & (index > slot - w))[:, None, None, :] for w in self.windows}
-        where = slots[:, None, None, None].expand(batch, self.kv_heads, 1, self.head_dim)
-        for i, layer in enumerate(self.layers):
-            proj = layer["proj"]
-            h = _rms_norm(x, layer["norm1"], layer["eps1"])
-            q = self._linear(proj["q_proj"], h).view(batch, self.heads, self.head_dim)
-            k = self._linear(proj["k_proj"], h).view(batch, self.kv_heads, self.head_dim)
-            v = self._linear(proj["v_proj"], h).view(batch, self.kv_heads, self.head_dim)
-            q = _rotate(q, cos, sin).to(torch.bfloat16)
-            k = _rotate(k, cos, sin).to(torch.bfloat16)
-            self.keys[i].scatter_(2, where, k[:, :, None])
-            self.values[i].scatter_(2, where, v.to(torch.bfloat16)[:, :, None])
-            attended = F.scaled_dot_product_attention(q[:, :, None], self.keys[i], self.values[i],
-                                                      attn_mask=masks[layer["window"]], scale=layer["scale"],
-                                                      enable_gqa=self.kv_heads != self.heads)
-            x = x + self._linear(proj["o_proj"], attended.reshape(batch, -1))
-            h = _rms_norm(x, layer["norm2"], layer["eps2"])
-            act = (F.silu(self._linear(proj["gate_proj"], h)) * self._linear(proj["up_proj"], h)).to(torch.bfloat16)
-            x = x + self._linear(proj["down_proj"], act)
-        return self._logits(x)
-
+        cache = _StepCache(self.keys, self.values, slots, masks)
+        ropes = rt.ropes(positions)
+        for layer in rt.layers:
+            x = rt.block(x, layer, ropes, cache, self._linear)
+        return rt.logits(rt.final(x))
     def _capture(self) -> None:
         """Capture the step in a CUDA graph after warm-up runs on a side stream (compiling, autotuning
         and the kernels' first-use checks happen there, not in the capture). The warm-up writes each
@@ -247,50 +218,27 @@ class StaticDecoder:
     @torch.no_grad()
     def prefill(self, prompts: Sequence[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """Run each prompt (cache row, ids (T,)) through the model at positions 0..T-1, all its tokens
-        at once: layer by layer, each 4-bit weight dequantized once for all the prompts and multiplied
-        with each prompt apart (GEMMs; a row computed exactly as it would be alone). Its keys and
+        at once (`runtime.step.prefill`: GEMMs, a row computed exactly as it would be alone). Its keys and
         values go to its row's slots 0..T-1; returns each prompt's last logits (P, vocab) float32."""
         lengths = [len(ids) for _, ids in prompts]
         if min(lengths) == 0:
             raise ValueError("a prompt is empty")
         if max(lengths) > self.capacity:
             raise ValueError(f"a prompt of {max(lengths)} tokens does not fit the {self.capacity} positions of the cache")
-        embed = self.model.get_input_embeddings()
-        states = [embed(ids.to(self.device)).float() for _, ids in prompts]  # (T, hidden) each
-        for i, layer in enumerate(self.layers):
-            weights = {name: module.dequantized_weight(torch.bfloat16) for name, module in layer["proj"].items()}
-            states = [self._prefill_layer(i, layer, weights, row, x) for (row, _), x in zip(prompts, states)]
-            del weights
-        return self._logits(torch.stack([x[-1] for x in states]))
+        return prefill(self.runtime, list(prompts), self.keys, self.values, lambda length: length)
 
-    def _prefill_layer(self, i: int, layer: dict, weights: dict, row: int, x: torch.Tensor) -> torch.Tensor:
-        """Layer i over one prompt's hidden states x (T, hidden) float32, its keys and values written
-        to cache row `row`; the step's arithmetic, for T tokens."""
-        tokens, proj = x.shape[0], layer["proj"]
-        cos, sin = self.cos[:tokens], self.sin[:tokens]
-
-        def linear(name: str, inputs: torch.Tensor) -> torch.Tensor:
-            return self._linear(proj[name], inputs, weights[name])
-
-        h = _rms_norm(x, layer["norm1"], layer["eps1"])
-        q = _rotate(linear("q_proj", h).view(tokens, self.heads, self.head_dim), cos, sin).to(torch.bfloat16)
-        k = _rotate(linear("k_proj", h).view(tokens, self.kv_heads, self.head_dim), cos, sin).to(torch.bfloat16)
-        v = linear("v_proj", h).view(tokens, self.kv_heads, self.head_dim).to(torch.bfloat16)
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (heads, T, D)
-        self.keys[i, row, :, :tokens] = k
-        self.values[i, row, :, :tokens] = v
-        window = layer["window"]
-        if window is not None and tokens > window:
-            offset = torch.arange(tokens, device=x.device)[:, None] - torch.arange(tokens, device=x.device)[None]
-            causal = dict(attn_mask=(offset >= 0) & (offset < window))
-        else:
-            causal = dict(is_causal=True)
-        attended = F.scaled_dot_product_attention(q[None], k[None], v[None], scale=layer["scale"],
-                                                  enable_gqa=self.kv_heads != self.heads, **causal)
-        x = x + linear("o_proj", attended[0].transpose(0, 1).reshape(tokens, -1))
-        h = _rms_norm(x, layer["norm2"], layer["eps2"])
-        act = (F.silu(linear("gate_proj", h)) * linear("up_proj", h)).to(torch.bfloat16)
-        return x + linear("down_proj", act)
+    def _prefill_by_step(self, prompts: Sequence[tuple[int, torch.Tensor]], slots: torch.Tensor) -> torch.Tensor:
+        """`prefill` through the step a token at a time, each prompt in turn (the step writes the other
+        rows' next slot too, which their next step writes again before reading it)."""
+        out = []
+        for place, ids in prompts:
+            where, logits = slots.clone(), None
+            for t, token in enumerate(ids.tolist()):
+                tokens = torch.zeros(self.batch, dtype=torch.long)
+                tokens[place], where[place] = token, t
+                logits = self.step(tokens, where, torch.zeros(self.batch, dtype=torch.long), where)
+            out.append(logits[place])
+        return torch.stack(out)
 
     # --- generation ---------------------------------------------------------------------------
 
@@ -299,49 +247,15 @@ class StaticDecoder:
                  eos_ids: set[int] = frozenset(), attention_mask: torch.Tensor | None = None,
                  prefill: bool = True) -> list[list[int]]:
         """Up to `max_new_tokens` tokens after each prompt of `input_ids` (B <= batch, T; left-padded
-        where `attention_mask` has zeros), each row stopping after an end-of-sequence token.
-        `prefill=False`: the prompts go through the step a token at a time instead of `prefill`."""
-        rows, length = input_ids.shape
-        if rows > self.batch:
-            raise ValueError(f"{rows} prompts for a decoder of {self.batch} rows")
-        samplings = [sampling] * rows if isinstance(sampling, Sampling) else list(sampling)
-        if length + max(s.max_new_tokens for s in samplings) > self.capacity:
-            raise ValueError(f"prompt and reply need more than the {self.capacity} positions of the cache")
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        lengths = mask.sum(-1).cpu()
-        pad = self.batch - rows  # unused rows decode token 0 at slot 0 (or, token by token, after the prompts)
-        if prefill:
-            logits = self.prefill([(row, ids[m.bool()]) for row, (ids, m) in enumerate(zip(input_ids, mask))])
-            slots = F.pad(lengths, (0, pad))
-            starts = torch.zeros(self.batch, dtype=torch.long)
-        else:
-            ids = F.pad(input_ids, (0, 0, 0, pad)).to(self.device)
-            starts = F.pad(length - lengths, (0, pad), value=length)
-            logits = None
-            for t in range(length):  # the prompts, a token at a time through the same step
-                logits = self.step(ids[:, t], (t - starts).clamp(min=0), starts, t)
-            slots = torch.full((self.batch,), length, dtype=torch.long)
-        logits = logits[:rows].cpu()
-        positions = slots - starts
-        generators = [None if s.seed is None else torch.Generator().manual_seed(s.seed) for s in samplings]
-        seen = [i[m.bool()].tolist() for i, m in zip(input_ids, mask)]
-        out: list[list[int]] = [[] for _ in range(rows)]
-        done = [False] * rows
-        while True:
-            step = []
-            for row, s in enumerate(samplings):
-                if not done[row]:
-                    penalized = torch.tensor(seen[row]) if s.repetition_penalty != 1.0 else None
-                    token = next_token(logits[row], s, penalized, generators[row], out[row])
-                    out[row].append(token)
-                    seen[row].append(token)
-                    done[row] = token in eos_ids or len(out[row]) >= s.max_new_tokens
-                step.append(out[row][-1])
-            if all(done):
-                return out
-            logits = self.step(torch.tensor(step + [0] * pad), positions, starts, slots)[:rows].cpu()
-            advance = torch.tensor([not d for d in done] + [False] * pad, dtype=torch.long)
-            slots, positions = slots + advance, positions + advance  # a finished row stays where it is
+        where `attention_mask` has zeros), each row stopping after an end-of-sequence token (`run` over
+        a fixed batch). `prefill=False`: the prompts go through the step a token at a time instead."""
+        if input_ids.shape[0] > self.batch:
+            raise ValueError(f"{input_ids.shape[0]} prompts for a decoder of {self.batch} rows")
+        self._by_step = not prefill
+        try:
+            return generate_rows(self, input_ids, sampling, eos_ids, attention_mask, None)
+        finally:
+            self._by_step = False
 
     # --- continuous batching ------------------------------------------------------------------
 
@@ -381,5 +295,6 @@ class StaticDecoder:
         self.reserve(round_capacity(max(len(r.prompt_ids) + r.sampling.max_new_tokens for r in new), self.context))
         places = free[:len(new)]
         prompts = [(place, torch.tensor(r.prompt_ids, dtype=torch.long)) for place, r in zip(places, new)]
-        for place, r, logits in zip(places, new, self.prefill(prompts).cpu()):
+        first = self._prefill_by_step(prompts, slots) if getattr(self, "_by_step", False) else self.prefill(prompts)
+        for place, r, logits in zip(places, new, first.cpu()):
             live[place], r.logits, slots[place] = r, logits, len(r.prompt_ids)

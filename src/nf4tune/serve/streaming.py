@@ -95,9 +95,9 @@ class BatchStreamer(BaseStreamer):
     def _token(self, row: ReplyRow, token: int, logits: torch.Tensor | None) -> None:
         request, eos, decode = row.request, self.engine.eos_ids, self.engine.tokenizer.decode
         if request.abandoned():
-            return self._finish(row, "cancelled")
+            return self.finish(row, "cancelled")
         if token in eos:
-            return self._finish(row, "stop")
+            return self.finish(row, "stop")
         row.ids.append(token)
         request.completion_tokens = len(row.ids)
         start, new = row.window
@@ -113,9 +113,9 @@ class BatchStreamer(BaseStreamer):
         cut = min((i for i in (row.text.find(s, searched) for s in request.stop) if i >= 0), default=-1)
         if cut >= 0:
             row.text = row.text[:cut]
-            return self._finish(row, "stop")
+            return self.finish(row, "stop")
         if len(row.ids) >= request.sampling.max_new_tokens or request.expired():
-            return self._finish(row, "length")
+            return self.finish(row, "length")
         self._send(row, len(row.text) - (_held_back(row.text, request.stop) if request.stop else 0))
 
     def _logprob_entry(self, token: int, logits: torch.Tensor, top: int) -> dict:
@@ -144,7 +144,8 @@ class BatchStreamer(BaseStreamer):
         request.text = row.text[:row.sent]
         request.deltas.put(piece)
 
-    def _finish(self, row: ReplyRow, reason: str) -> None:
+    def finish(self, row: ReplyRow, reason: str) -> None:
+        """End `row` with `reason` (stop, length, cancelled): its held-back text is sent."""
         row.finished = True
         row.request.finish_reason = reason
         length = len(row.text)
@@ -157,4 +158,4 @@ class BatchStreamer(BaseStreamer):
     def end(self) -> None:
         for row in self.rows:
             if not row.finished:
-                self._finish(row, "length")
+                self.finish(row, "length")
