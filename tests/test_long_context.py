@@ -167,3 +167,134 @@ def test_short_sequences_use_sdpas_own_mask():
     long = ca.attention_mask(1, ca.LONG_TOKENS, ca.LONG_TOKENS, mask_function=causal_mask_function,
                              attention_mask=torch.ones(1, ca.LONG_TOKENS).bool())
     assert short is None and isinstance(long, ca.BlockwiseMask) and long.plain_causal
+
+
+# --- nf4tune models: selection, tiled MLP, kept-outputs budget ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from nf4tune.checkpoint.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("long") / "m")
+
+
+def lora_model(path, dropout=0.1):
+    import nf4tune
+
+    model, _ = nf4tune.load_model(path, device="cpu", compute_dtype=torch.float32, progress=False,
+                                  lora=nf4tune.LoraConfig(r=4, alpha=8, dropout=dropout))
+    for name, p in model.named_parameters():  # B starts at zero: give the adapters something to differentiate
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(hash(name) % 1000))
+    return model.train()
+
+
+def test_load_model_selects_chunked_attention_and_tiles_the_mlps(tiny_checkpoint):
+    from nf4tune.layers.tiled_mlp import TiledMLP
+
+    model = lora_model(tiny_checkpoint)
+    assert model.config._attn_implementation == ca.NAME
+    mlps = [m for n, m in model.named_modules() if n.endswith(".mlp")]
+    assert mlps and all(isinstance(m.forward, TiledMLP) for m in mlps)
+
+
+def mlp_step(mlp, x, weights, seed):
+    """(output, input grad, parameter grads) of sum(mlp(x) * weights), the RNG seeded first."""
+    mlp.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = mlp(x)
+    (out * weights).sum().backward()
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in mlp.named_parameters() if p.grad is not None}
+
+
+def assert_same(got, want):
+    (out1, gx1, g1), (out0, gx0, g0) = got, want
+    torch.testing.assert_close(out1, out0)
+    torch.testing.assert_close(gx1, gx0)
+    assert g0 and g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], msg=name)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_tiled_mlp_equals_the_untiled_one(tiny_checkpoint, monkeypatch, dropout):
+    """Values and every gradient (LoRA A and B, the input). Without dropout against the MLP untiled; with
+    LoRA dropout against the MLP run chunk by chunk under autograd with the same random state (the tiles
+    draw their masks per chunk, and backward must replay exactly those)."""
+    from nf4tune.layers import tiled_mlp
+
+    model = lora_model(tiny_checkpoint, dropout=dropout)
+    mlp = next(m for n, m in model.named_modules() if n.endswith(".mlp"))
+    x = torch.randn(2, 23, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(2, 23, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(tiled_mlp, "CHUNK_TOKENS", 5)
+    monkeypatch.setattr(tiled_mlp, "TILE_TOKENS", 10**9)
+    if dropout:
+        untiled = mlp.forward.forward
+        flat_forward = lambda x: torch.cat([untiled(part) for part in x.reshape(-1, x.shape[-1]).split(5)]).reshape(  # noqa: E731
+            *x.shape[:-1], -1)
+        monkeypatch.setattr(mlp, "forward", flat_forward)
+    want = mlp_step(mlp, x, weights, seed=7)
+    monkeypatch.undo()
+    monkeypatch.setattr(tiled_mlp, "CHUNK_TOKENS", 5)
+    monkeypatch.setattr(tiled_mlp, "TILE_TOKENS", 4)
+    assert_same(mlp_step(mlp, x, weights, seed=7), want)
+
+
+def test_a_long_training_step_equals_the_short_path_one(tiny_checkpoint, monkeypatch):
+    """A whole checkpointed nf4tune step with padding: long-sequence layers (blockwise attention, tiled MLP,
+    shrunk kept-outputs budget) against the same model with every threshold out of reach."""
+    from nf4tune.layers import kept_outputs, tiled_mlp
+    from nf4tune.models.loss import loss_sum
+
+    model = lora_model(tiny_checkpoint, dropout=0.0)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, model.config.vocab_size, (2, 40), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, 6] = -100  # predicted from a padding position, whose output each implementation leaves as it likes
+    results = []
+    for long in (False, True):
+        monkeypatch.setattr(ca, "LONG_TOKENS", 16 if long else 10**9)
+        monkeypatch.setattr(ca, "BLOCK", 8)
+        monkeypatch.setattr(tiled_mlp, "TILE_TOKENS", 16 if long else 10**9)
+        monkeypatch.setattr(tiled_mlp, "CHUNK_TOKENS", 24)
+        monkeypatch.setattr(kept_outputs, "FULL_BUDGET_TOKENS", 16 if long else 10**9)
+        model.zero_grad(set_to_none=True)
+        total, count = loss_sum(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+        (total / count).backward()
+        results.append((total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (t0, g0), (t1, g1) = results
+    torch.testing.assert_close(t1, t0, atol=1e-4, rtol=1e-5)
+    assert g0 and g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_kept_outputs_budget_follows_the_length():
+    from nf4tune.layers.kept_outputs import FULL_BUDGET_TOKENS, budget_bytes
+
+    full = budget_bytes(1.0, FULL_BUDGET_TOKENS)
+    assert full == budget_bytes(1.0, 16) == 2**30
+    assert budget_bytes(1.0, 2 * FULL_BUDGET_TOKENS) == full // 2
+    assert budget_bytes(1.0, 8 * FULL_BUDGET_TOKENS) == full // 8
+    assert budget_bytes(0.0, 8 * FULL_BUDGET_TOKENS) == 0
+
+
+def test_a_long_step_keeps_fewer_outputs(tiny_checkpoint, monkeypatch):
+    """The regions of a step longer than FULL_BUDGET_TOKENS keep within the shrunk budget."""
+    from nf4tune.layers import kept_outputs
+
+    model = lora_model(tiny_checkpoint, dropout=0.0)
+    ids = torch.randint(3, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(6))
+    held = {}
+    for full_tokens in (10**6, 16):
+        monkeypatch.setattr(kept_outputs, "FULL_BUDGET_TOKENS", full_tokens)
+        model.nf4tune.kept_outputs_gib = 40_000 / 2**30  # about the outputs of two layers at 64 tokens
+        out = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        held[full_tokens] = kept_outputs.kept_bytes()
+        out.sum().backward()
+        assert kept_outputs.kept_bytes() == 0
+    assert 0 < held[16] <= 40_000 * 16 / 64 < held[10**6]
