@@ -232,8 +232,10 @@ def use_long_context_layers(model: nn.Module) -> None:
     """Long sequences without sequence x sequence memory: attention through `nf4tune_chunked` (transformers'
     sdpa below `chunked_attention.LONG_TOKENS` query tokens, blockwise above), and the layers' MLPs tiled
     over tokens in training from `tiled_mlp.TILE_TOKENS` tokens on. Short sequences run as before."""
-    if getattr(model, "_supports_attention_backend", False):
+    try:
         model.set_attn_implementation(chunked_attention.register())
+    except ValueError as err:  # a model class that takes no registered attention keeps its own
+        log.info("nf4tune: %s keeps its attention (%s)", type(model).__name__, err)
     tile_mlps(model)
 
 

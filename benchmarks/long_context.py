@@ -1,0 +1,121 @@
+"""Long sequences, batch 1: one QLoRA training step's speed and memory, nf4tune vs transformers + PEFT + bitsandbytes.
+
+    python benchmarks/long_context.py [--shapes a,b] [--seqs 2048,8192,16384] [--sides nf4tune,peft-bnb]
+                                      [--budget-gib 6]
+
+Models: random bf16 Llamas, vocab 32000, 4 layers: shape `a` hidden 512, 8 heads, intermediate 1408;
+shape `b` hidden 1024, 16 query heads sharing 4 key/value heads (GQA), intermediate 2816. LoRA r=16,
+alpha 16, dropout 0.05 on every linear layer of the blocks, gradient checkpointing on both sides. The
+peer is the usual QLoRA script (`harness.load_peft_bnb`) with transformers' default attention (sdpa, its
+best on CPU: the fused flash kernel) and its loss through the model (full logits); nf4tune's step is its
+training loop's (`models.loss.loss_sum`: chunked loss; long-sequence attention, tiled MLP and kept-outputs
+budget chosen by length). `nf4tune-short-path` is nf4tune with those three turned off (sdpa attention, MLP
+untiled, the fixed 1 GiB kept-outputs budget): what nf4tune did before them.
+
+Each run is its own process: load, then one step (forward + backward); step memory = peak resident memory
+sampled every 2 ms during the step minus the resident memory after loading (so it includes what the first
+step's allocations leave behind, as a first step does). `--budget-gib` marks which runs fit that budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import PeakRSS, build_random_llama, load_peft_bnb, rss_bytes  # noqa: E402
+from harness import run_side as run_child  # noqa: E402
+
+SHAPES = {
+    "a": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8),
+    "b": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4),
+}
+VOCAB = 32000
+
+
+def load_side(side: str, path: Path):
+    if side.startswith("nf4tune"):
+        import nf4tune
+
+        model, _ = nf4tune.load_model(path, device="cpu", progress=False,
+                                      lora=nf4tune.LoraConfig(r=16, alpha=16, dropout=0.05))
+        if side == "nf4tune-short-path":
+            from nf4tune.layers import kept_outputs
+            from nf4tune.layers.tiled_mlp import TiledMLP
+
+            model.set_attn_implementation("sdpa")
+            for module in model.modules():
+                if isinstance(module.forward, TiledMLP):
+                    del module.forward  # the class's forward again
+            kept_outputs.FULL_BUDGET_TOKENS = 1 << 40
+        return model
+    return load_peft_bnb(path, "cpu", r=16, alpha=16, dropout=0.05)
+
+
+def run_side(side: str, path: Path, seq: int) -> dict:
+    model = load_side(side, path)
+    model.train()
+    ids = torch.randint(0, VOCAB, (1, seq), generator=torch.Generator().manual_seed(0))
+    loaded = rss_bytes()
+    with PeakRSS() as peak:
+        start = time.perf_counter()
+        if side.startswith("nf4tune"):
+            from nf4tune.models.loss import loss_sum
+
+            total, count = loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+            loss = total / count
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        seconds = time.perf_counter() - start
+    return {"side": side, "seq": seq, "step_s": seconds, "tokens_per_s": seq / seconds,
+            "step_memory_gib": (peak.peak - loaded) / 2**30, "loss": loss.item(),
+            "attention": model.config._attn_implementation}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="a,b")
+    parser.add_argument("--seqs", default="2048,8192,16384")
+    parser.add_argument("--sides", default="nf4tune,peft-bnb")
+    parser.add_argument("--budget-gib", type=float, default=6.0)
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:  # child process: one run, JSON out
+        print(json.dumps(run_side(args.side, Path(args.model), args.seq)))
+        return
+
+    print(f"# cpu, {torch.get_num_threads()} threads, torch {torch.__version__}, batch 1")
+    print("| shape | tokens | side | step s | tokens/s | step memory GiB | loss |")
+    print("|---|---|---|---|---|---|---|")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes.split(","):
+            path = Path(tmp, shape)
+            build_random_llama(path, {**SHAPES[shape], "vocab_size": VOCAB, "max_position_embeddings": 131072})
+            for seq in (int(s) for s in args.seqs.split(",")):
+                for side in args.sides.split(","):
+                    r = run_child(__file__, side, "--model", str(path), "--seq", str(seq))
+                    r["shape"] = shape
+                    results.append(r)
+                    fits = "" if r["step_memory_gib"] <= args.budget_gib else f" (over {args.budget_gib:g} GiB)"
+                    print(f"| {shape} | {seq} | {side} | {r['step_s']:.1f} | {r['tokens_per_s']:.0f} | "
+                          f"{r['step_memory_gib']:.2f}{fits} | {r['loss']:.3f} |", flush=True)
+    by = {(r["shape"], r["seq"], r["side"]): r for r in results}
+    for (shape, seq, side), r in by.items():
+        peer = by.get((shape, seq, "peft-bnb"))
+        if side == "nf4tune" and peer:
+            print(f"shape {shape}, {seq} tokens: nf4tune / peft-bnb tokens/s {r['tokens_per_s'] / peer['tokens_per_s']:.2f}x, "
+                  f"step memory {r['step_memory_gib'] / peer['step_memory_gib']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
