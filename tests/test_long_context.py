@@ -298,3 +298,23 @@ def test_a_long_step_keeps_fewer_outputs(tiny_checkpoint, monkeypatch):
         out.sum().backward()
         assert kept_outputs.kept_bytes() == 0
     assert 0 < held[16] <= 40_000 * 16 / 64 < held[10**6]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_a_long_chunk_after_a_cache_attends_as_eager(monkeypatch, family):
+    """A long prefill continuing a KV cache (query offset, keys longer than queries) gives eager's logits."""
+    from transformers import DynamicCache
+
+    monkeypatch.setattr(ca, "LONG_TOKENS", 8)
+    monkeypatch.setattr(ca, "BLOCK", 4)
+    ca.register()
+    model = tiny(family).eval()
+    ids = torch.randint(0, 64, (1, 32), generator=torch.Generator().manual_seed(8))
+    logits = []
+    for impl in ("eager", ca.NAME):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            model(input_ids=ids[:, :20], cache=cache, use_cache=True)
+            logits.append(model(input_ids=ids[:, 20:], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-4)

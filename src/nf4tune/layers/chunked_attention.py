@@ -10,9 +10,12 @@ public interfaces (`AttentionInterface`, `AttentionMaskInterface`) and chooses b
 - from `LONG_TOKENS` on, the mask is a `BlockwiseMask`: the mask *function* transformers composed (causal,
   padding, packed rows, sliding window, whatever a model adds) evaluated one block at a time. A plain causal
   mask (no padding, no cache offset) goes to PyTorch's fused SDPA with `is_causal` (flash kernels on CPU
-  and CUDA hold no scores); any other mask, or soft-capping, to `chunked_attention`: a flash-style
-  online softmax over key blocks, forward and backward (`_ChunkedAttention` recomputes each block's
-  scores in backward from the saved log-sum-exp), skipping blocks the mask leaves empty.
+  and CUDA hold no scores); any other mask to `blocked_sdpa`: the fused kernel a block of queries at a time,
+  each on the keys its mask leaves it (causal: the past; sliding: the window; packed: its document) with
+  that block's mask, backward recomputing the block (`_QueryBlockedSDPA`); soft-capped scores (Gemma 2),
+  which no fused kernel computes, to `chunked_attention`: a flash-style online softmax over key blocks,
+  forward and backward (`_ChunkedAttention` recomputes each block's scores in backward from the saved
+  log-sum-exp), skipping blocks the mask leaves empty.
 
 Grouped-query attention is computed on the kv heads as they are (no repeat of keys and values).
 """
@@ -314,5 +317,5 @@ def register() -> str:
     return NAME
 
 
-__all__ = ["BLOCK", "LONG_TOKENS", "NAME", "BlockwiseMask", "attention_forward", "attention_mask", "chunked_attention",
-           "register"]
+__all__ = ["BLOCK", "LONG_TOKENS", "NAME", "BlockwiseMask", "attention_forward", "attention_mask", "blocked_sdpa",
+           "chunked_attention", "register"]
