@@ -53,12 +53,10 @@ def load_side(side: str, path: Path):
                                       lora=nf4tune.LoraConfig(r=16, alpha=16, dropout=0.05))
         if side == "nf4tune-short-path":
             from nf4tune.layers import kept_outputs
-            from nf4tune.layers.tiled_mlp import TiledMLP
+            from nf4tune.layers.tiled_mlp import untile_mlps
 
             model.set_attn_implementation("sdpa")
-            for module in model.modules():
-                if isinstance(module.forward, TiledMLP):
-                    del module.forward  # the class's forward again
+            untile_mlps(model)
             kept_outputs.FULL_BUDGET_TOKENS = 1 << 40
         return model
     return load_peft_bnb(path, "cpu", r=16, alpha=16, dropout=0.05)

@@ -3,13 +3,15 @@
 An MLP acts on each token alone, but autograd saves its gate, up, activation and product outputs for
 the whole sequence: at 32k tokens and intermediate size 1408, about 460 MB per layer in bf16 (inside the
 recomputed layer of gradient checkpointing, where that is most of what is held). `TiledMLP` wraps an MLP
-module's forward: from `TILE_TOKENS` tokens on, while gradients are recorded, its forward runs chunk by
+module's class: from `TILE_TOKENS` tokens on, while gradients are recorded, its forward runs chunk by
 chunk keeping only its input, and its backward reruns one chunk at a time and differentiates it (the
 trainable parameters' gradients accumulate as usual). The random state is replayed, so LoRA dropout
 draws the same masks in backward as in forward: gradients equal the untiled MLP's.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -59,27 +61,39 @@ class _Tiled(torch.autograd.Function):
 
 
 class TiledMLP:
-    """The forward of `mlp` (a module mapping (..., hidden) to (..., hidden) token by token), tiled over
-    tokens from `TILE_TOKENS` on while gradients are recorded; otherwise as it was."""
+    """Mixed into an MLP module's class by `tile_mlps`: its forward (mapping (..., hidden) to (..., hidden)
+    token by token) tiled over tokens from `TILE_TOKENS` on while gradients are recorded; otherwise as it was.
+    One class per MLP class, shared by every layer, so that compiled layers still share their graphs."""
 
-    def __init__(self, mlp: nn.Module, forward):
-        self.mlp, self.forward = mlp, forward
-
-    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        untiled = super().forward
         if args or kwargs or not torch.is_grad_enabled() or x.numel() < TILE_TOKENS * x.shape[-1] \
                 or torch.compiler.is_compiling():
-            return self.forward(x, *args, **kwargs)
-        return _Tiled.apply(x, self.forward, CHUNK_TOKENS)
+            return untiled(x, *args, **kwargs)
+        return _Tiled.apply(x, untiled, CHUNK_TOKENS)
+
+
+@functools.cache
+def tiled_class(cls: type) -> type:
+    """`cls` with `TiledMLP`'s forward (one class per MLP class)."""
+    return type(cls.__name__, (TiledMLP, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 def tile_mlps(model: nn.Module, name: str = "mlp") -> int:
     """Tile every submodule called `name` (the decoder layers' MLPs); returns how many."""
     count = 0
     for module_name, module in model.named_modules():
-        if module_name.rpartition(".")[2] == name and not isinstance(module.forward, TiledMLP):
-            module.forward = TiledMLP(module, module.forward)
+        if module_name.rpartition(".")[2] == name and not isinstance(module, TiledMLP):
+            module.__class__ = tiled_class(type(module))
             count += 1
     return count
 
 
-__all__ = ["CHUNK_TOKENS", "TILE_TOKENS", "TiledMLP", "tile_mlps"]
+def untile_mlps(model: nn.Module) -> None:
+    """Give the tiled MLPs their own class back."""
+    for module in model.modules():
+        if isinstance(module, TiledMLP):
+            module.__class__ = type(module).__mro__[2]
+
+
+__all__ = ["CHUNK_TOKENS", "TILE_TOKENS", "TiledMLP", "tile_mlps", "tiled_class", "untile_mlps"]
