@@ -318,3 +318,35 @@ def test_a_long_chunk_after_a_cache_attends_as_eager(monkeypatch, family):
             model(input_ids=ids[:, :20], cache=cache, use_cache=True)
             logits.append(model(input_ids=ids[:, 20:], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(logits[1], logits[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_kept_causal_attention_skips_its_recompute_with_the_same_gradients(tmp_path, monkeypatch, kv_heads):
+    """Under checkpointing with kept outputs, the CPU flash kernel's output and log-sum-exp are kept: the
+    recompute runs no attention forward, and the gradients are plain checkpointing's (no outputs kept)."""
+    from nf4tune.checkpoint.tiny import build_tiny_checkpoint
+    from nf4tune.models.loss import loss_sum
+
+    extra = {} if kv_heads is None else {"num_key_value_heads": kv_heads}
+    model = lora_model(build_tiny_checkpoint(tmp_path / "m", **extra), dropout=0.1)
+    forward, backward = ca._flash_cpu()
+    calls = []
+    monkeypatch.setattr(ca, "_flash_cpu", lambda: (lambda *a, **k: calls.append(1) or forward(*a, **k), backward))
+    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(9))
+    batch_ = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    results = []
+    for gib in (0.0, 1.0):
+        model.nf4tune.kept_outputs_gib = gib
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        torch.manual_seed(11)
+        total, count = loss_sum(model, batch_)
+        (total / count).backward()
+        results.append((total.detach(), len(calls), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                      if p.grad is not None}))
+    (t0, calls0, g0), (t1, calls1, g1) = results
+    assert calls0 == 0 and calls1 == model.config.num_hidden_layers  # once per layer: the first run only
+    torch.testing.assert_close(t1, t0)
+    assert g0 and g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-4, msg=name)

@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from . import kept_outputs
+
 NAME = "nf4tune_chunked"
 LONG_TOKENS = 4096  # from this many query tokens on, no mask is materialized whole
 BLOCK = 512  # query and key tokens per block: a block's scores are heads x BLOCK x BLOCK float32
@@ -262,6 +264,62 @@ def chunked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out.reshape(b, h, s, d)
 
 
+def _flash_cpu():
+    """PyTorch's CPU flash-attention kernel and its backward (what SDPA calls on CPU), or None."""
+    ops = torch.ops.aten
+    if not hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        return None
+    return ops._scaled_dot_product_flash_attention_for_cpu, ops._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _KeptCausalFlash(torch.autograd.Function):
+    """Causal attention through the CPU flash kernel whose output and log-sum-exp, the two things its
+    backward needs besides q, k and v, are kept through a checkpointed region (`layers.kept_outputs`, as the
+    4-bit layers keep theirs): the region's recompute then skips the attention forward, a quarter of the
+    attention's work in a checkpointed step."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, module):
+        forward, _ = _flash_cpu()
+        region = kept_outputs.current()
+        out = lse = None
+        if region is not None and region.replaying:  # both entries are taken, kept or not, to stay in order
+            out, lse = region.take(module), region.take(module)
+        if out is None or lse is None:
+            out, lse = forward(q, _heads(k, q), _heads(v, q), 0.0, True, scale=scale)
+            if region is not None and not region.replaying:
+                region.keep(module, out)
+                region.keep(module, lse)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        _, backward = _flash_cpu()
+        dq, dk, dv = backward(grad_out.contiguous(), q, _heads(k, q), _heads(v, q), out, lse, 0.0, True, scale=ctx.scale)
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:  # each kv head's gradient is the sum over the query heads that share it
+            dk = dk.unflatten(1, (k.shape[1], groups)).sum(2)
+            dv = dv.unflatten(1, (v.shape[1], groups)).sum(2)
+        return dq, dk, dv, None, None
+
+
+def _heads(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Keys or values repeated to the query heads (grouped-query attention), as the CPU flash kernel takes them."""
+    groups = q.shape[1] // kv.shape[1]
+    return kv if groups == 1 else kv.repeat_interleave(groups, 1)
+
+
+def _keeps_causal_flash(module, query, key, dropout: float) -> bool:
+    """Whether a plain causal attention goes through `_KeptCausalFlash`: training on CPU, inside a region
+    that keeps outputs, no dropout, as many queries as keys, not compiling."""
+    return (query.device.type == "cpu" and not dropout and torch.is_grad_enabled() and query.shape[2] == key.shape[2] > 1
+            and kept_outputs.current() is not None and not torch.compiler.is_compiling() and _flash_cpu() is not None
+            and query.dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
 def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                    mask_function: Callable | None = None, attention_mask: torch.Tensor | None = None,
                    use_vmap: bool = False, device="cpu", **kwargs):
@@ -291,6 +349,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
     softcap = kwargs.get("softcap")
     blockwise = isinstance(attention_mask, BlockwiseMask)
+    plain = attention_mask.plain_causal if blockwise else attention_mask is None
+    if (softcap is None and plain and kwargs.get("is_causal", getattr(module, "is_causal", True))
+            and _keeps_causal_flash(module, query, key, dropout)):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return _KeptCausalFlash.apply(query, key, value, scale, module).transpose(1, 2).contiguous(), None
     if softcap is None and (not blockwise or attention_mask.plain_causal):
         # SDPA's own path: fused kernels, and with a plain causal mask none materialized (is_causal)
         return sdpa_attention_forward(module, query, key, value, None if blockwise else attention_mask,
