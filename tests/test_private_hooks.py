@@ -162,3 +162,21 @@ def test_gguf_reader_and_rope_helpers_are_where_nf4tune_imports_them():
     assert {"llama3", "longrope"} <= set(ROPE_INIT_FUNCTIONS), (
         "transformers renamed its rope initialisers: GGUF export of llama3 / longrope scaled models fails.")
     assert callable(ROPE_INIT_FUNCTIONS["llama3"]) and callable(ROPE_INIT_FUNCTIONS["longrope"])
+
+
+def test_cpu_flash_attention_ops_and_the_mask_interfaces_argument_names():
+    """layers/chunked_attention.py calls PyTorch's CPU flash-attention ops (`aten::_scaled_dot_product_flash_attention_
+    for_cpu` and its backward) to keep a causal attention's output and log-sum-exp through a checkpoint, and calls
+    transformers' `sdpa` mask function with its keyword arguments block by block (behaviour: test_long_context.py)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    from nf4tune.layers.chunked_attention import _flash_cpu
+
+    assert _flash_cpu() is not None, (
+        "PyTorch dropped its CPU flash-attention ops: long causal steps on CPU recompute attention again (slower).")
+    q = torch.randn(1, 2, 8, 4)
+    out, lse = _flash_cpu()[0](q, q, q, 0.0, True, scale=0.5)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True, scale=0.5))
+    params = inspect.signature(ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]).parameters
+    assert {"q_offset", "kv_offset", "mask_function", "attention_mask", "allow_is_causal_skip", "use_vmap"} <= set(params), (
+        "transformers renamed the sdpa mask function's arguments: nf4tune_chunked cannot evaluate masks by block.")
