@@ -208,3 +208,21 @@ def test_experts_interface_takes_a_registered_forward():
     assert ALL_EXPERTS_FUNCTIONS.get_interface(EXPERTS_IMPLEMENTATION, None) is experts_forward, (
         "transformers' ExpertsInterface no longer returns a registered experts forward: nf4tune's 4-bit experts "
         "are not called.")
+
+
+def test_cpu_flash_attention_ops_and_the_mask_interfaces_argument_names():
+    """layers/chunked_attention.py calls PyTorch's CPU flash-attention ops (`aten::_scaled_dot_product_flash_attention_
+    for_cpu` and its backward) to keep a causal attention's output and log-sum-exp through a checkpoint, and calls
+    transformers' `sdpa` mask function with its keyword arguments block by block (behaviour: test_long_context.py)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    from nf4tune.layers.chunked_attention import _flash_cpu
+
+    assert _flash_cpu() is not None, (
+        "PyTorch dropped its CPU flash-attention ops: long causal steps on CPU recompute attention again (slower).")
+    q = torch.randn(1, 2, 8, 4)
+    out, lse = _flash_cpu()[0](q, q, q, 0.0, True, scale=0.5)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True, scale=0.5))
+    params = inspect.signature(ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]).parameters
+    assert {"q_offset", "kv_offset", "mask_function", "attention_mask", "allow_is_causal_skip", "use_vmap"} <= set(params), (
+        "transformers renamed the sdpa mask function's arguments: nf4tune_chunked cannot evaluate masks by block.")

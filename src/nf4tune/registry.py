@@ -230,6 +230,12 @@ FAMILIES: dict[str, FamilySpec] = {
     "mt5": FamilySpec(),
 }
 
+# Decoder-only families whose long sequences train with nf4tune's long-context layers (models/load.py): attention
+# through transformers' AttentionInterface as `nf4tune_chunked` (layers/chunked_attention.py), and a token-wise
+# `mlp` module per layer, tiled over tokens (layers/tiled_mlp.py).
+LONG_CONTEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
+                         "granite", "olmo2")
+
 
 def families(capability: str) -> tuple[str, ...]:
     """The model types with `capability` (a FamilySpec field) set, e.g. families("decoder")."""

@@ -21,8 +21,18 @@ from contextlib import contextmanager
 import torch
 
 DEFAULT_BUDGET_GIB = 1.0  # what `model.nf4tune.kept_outputs_gib` starts at; `nf4tune estimate` counts it
+# Up to this many tokens (batch x sequence) a step keeps up to the whole budget; beyond, the budget shrinks in
+# proportion (twice the tokens, half the budget), so a long sequence's step spends its memory on what it cannot
+# recompute (the layers' inputs, one layer's activations) rather than on what saves a recompute.
+FULL_BUDGET_TOKENS = 4096
 
 _local = threading.local()
+
+
+def budget_bytes(budget_gib: float, tokens: int) -> int:
+    """The kept outputs' budget for a step of `tokens` tokens: `budget_gib` GiB up to `FULL_BUDGET_TOKENS`
+    tokens, shrinking as 1 / tokens beyond."""
+    return int(budget_gib * 2**30 * min(1.0, FULL_BUDGET_TOKENS / max(tokens, 1)))
 
 
 def current() -> "KeptOutputs | None":
@@ -107,14 +117,17 @@ class KeepOutputsCheckpoint:
         checkpoint: the checkpoint function to wrap (e.g. `functools.partial(torch.utils.checkpoint.checkpoint,
             use_reentrant=False)`).
         budget_gib: a callable giving the current budget in GiB (read at each call, so changing it
-            takes effect at the next step); 0 is plain checkpointing.
+            takes effect at the next step); 0 is plain checkpointing. A step of more than
+            `FULL_BUDGET_TOKENS` tokens gets a share of it (`budget_bytes`).
     """
 
     def __init__(self, checkpoint, budget_gib):
         self.checkpoint, self.budget_gib = checkpoint, budget_gib
 
     def __call__(self, function, *args, **kwargs):
-        budget = int(self.budget_gib() * 2**30)
+        hidden = next((a for a in args if isinstance(a, torch.Tensor)), kwargs.get("hidden_states"))
+        tokens = hidden.numel() // hidden.shape[-1] if isinstance(hidden, torch.Tensor) and hidden.dim() else 0
+        budget = budget_bytes(self.budget_gib(), tokens)
         # Under torch.compile the 4-bit layers run as one custom op that keeps nothing, and the region's
         # bookkeeping would be a side effect the compiled checkpoint cannot replay: plain checkpointing.
         if budget <= 0 or torch.compiler.is_compiling():
@@ -129,4 +142,4 @@ class KeepOutputsCheckpoint:
         return self.checkpoint(run, *args, **kwargs)
 
 
-__all__ = ["KeepOutputsCheckpoint", "KeptOutputs", "current", "kept_bytes"]
+__all__ = ["FULL_BUDGET_TOKENS", "KeepOutputsCheckpoint", "KeptOutputs", "budget_bytes", "current", "kept_bytes"]

@@ -26,13 +26,15 @@ from ..checkpoint.bnb4bit import QuantizedWeightAssembler
 from ..checkpoint.expert_keys import KeyConverter
 from ..checkpoint.hf import has_tokenizer, iter_tensors, open_checkpoint, resolve
 from ..errors import Nf4tuneError
+from ..layers import chunked_attention
 from ..layers.experts4bit import swap_experts
 from ..layers.head import OutputHead
 from ..layers.linear4bit import Linear4bit, Linear16bit
 from ..layers.lora import LoraConfig, inject_lora
+from ..layers.tiled_mlp import tile_mlps
 from ..quant import quantize
 from ..quant.tensor import QuantizedTensor
-from ..registry import BASE_QUANT_TYPES, FAMILIES, UNQUANTIZED
+from ..registry import BASE_QUANT_TYPES, FAMILIES, LONG_CONTEXT_FAMILIES, UNQUANTIZED
 from .checkpointing import enable_checkpointing
 from .peft_compat import Nf4tuneState, attach
 
@@ -221,6 +223,8 @@ def load_model(
     if layer_ready is None:
         _attach_adapters(model, path, lora, adapter)
     model.nf4tune_base = str(path)
+    if model_type in LONG_CONTEXT_FAMILIES:
+        use_long_context_layers(model)
     if gradient_checkpointing and (adapter is not None or lora is not None):
         enable_checkpointing(model)
     head = model.get_output_embeddings()
@@ -240,6 +244,17 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(folder)
             break
     return model, tokenizer
+
+
+def use_long_context_layers(model: nn.Module) -> None:
+    """Long sequences without sequence x sequence memory: attention through `nf4tune_chunked` (transformers'
+    sdpa below `chunked_attention.LONG_TOKENS` query tokens, blockwise above), and the layers' MLPs tiled
+    over tokens in training from `tiled_mlp.TILE_TOKENS` tokens on. Short sequences run as before."""
+    try:
+        model.set_attn_implementation(chunked_attention.register())
+    except ValueError as err:  # a model class that takes no registered attention keeps its own
+        log.info("nf4tune: %s keeps its attention (%s)", type(model).__name__, err)
+    tile_mlps(model)
 
 
 def _weight_store(quant_type: str, blocksize: int, double_quant: bool,
