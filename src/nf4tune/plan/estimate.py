@@ -3,29 +3,40 @@
 The model is built on the meta device (no weights) so every parameter is counted exactly; what
 training adds is sized the way nf4tune trains:
   - quantized linear weights: 4 bits each, plus their constants (4.127 bits in all with NF4 double
-    quantization at block size 64, 4.5 without);
-  - everything else (embeddings, norms, output head) in the compute dtype (`compute_dtype`: 2 bytes for
-    bfloat16 and float16, the default, 4 for float32);
-  - LoRA A and B in float32 (the optimizer's master copy) and their float32 gradients;
+    quantization at block size 64, 4.5 without); a mixture of experts' fused experts (transformers 5
+    holds each layer's experts as 3-D parameters, `mlp.experts.gate_up_proj` and `down_proj`) are
+    quantized the same way, while the router stays in the compute dtype;
+  - everything else (embeddings, norms, routers, output head) in the compute dtype (`compute_dtype`: 2 bytes
+    for bfloat16 and float16, the default, 4 for float32);
+  - LoRA A and B in float32 (the optimizer's master copy) and their float32 gradients; on fused experts
+    LoRA is per expert, as PEFT's `target_parameters` holds it (for E experts: A of E x r x in, B of
+    E x out x r);
   - AdamW states: 8 bytes per LoRA parameter (32-bit) or about 2.03 (8-bit); paged optimizers can
     move them to host memory, so the total is given with and without them;
   - activations, in the compute dtype: with gradient checkpointing, each decoder layer's input plus one layer
     recomputed in full; without it every layer's. A layer keeps about 12 hidden-size and 4
     intermediate-size values per token (norm inputs and outputs, q/k/v, attention output, the
-    MLP's gate, up, activation and product; attention itself is memory-efficient); with checkpointing
-    also the 4-bit layers' outputs kept for the recompute (`layers.kept_outputs`: up to 5 x hidden +
-    2 x intermediate values per token and layer, at most its 1 GiB default budget);
+    MLP's gate, up, activation and product). In a mixture-of-experts layer only the active experts
+    (`num_experts_per_tok`) see a token: each keeps 3 hidden-size values (its gathered input, output
+    and weighted output) and 4 of its own intermediate size, a shared expert 4 of its size, and the
+    router its float32 logits and probabilities over all experts. Attention is memory-efficient
+    (chunked over the keys, never a sequence x sequence matrix): what it holds grows with the
+    sequence, not its square;
+  - with checkpointing also the 4-bit layers' outputs kept for the recompute (`layers.kept_outputs`: up to
+    5 x hidden + half the MLP's intermediate values per token and layer, at most its budget);
   - logits: the chunked loss holds 1024 tokens x vocabulary of float32 logits, their softmax and
     gradient, never batch x sequence x vocabulary;
   - 0.75 GiB for the CUDA context and allocator slack (none for a CPU run, `device="cpu"`, where the
     optimizer states are in host memory anyway and so always counted).
-These are estimates: BENCHMARKS.md compares them with measured peaks where a GPU was available.
+These are estimates: BENCHMARKS.md compares them with measured peaks.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
 
 from ..checkpoint.architecture import build_meta_model, quantizable_linears
 from ..errors import Nf4tuneError
@@ -56,6 +67,10 @@ class Estimate:
     parameters: int
     quantized_parameters: int
     lora_parameters: int
+    expert_parameters: int  # of the quantized ones, in fused experts (0 for a dense model)
+    expert_lora_parameters: int  # of the LoRA ones, on fused experts
+    experts: int  # per mixture-of-experts layer (0: dense)
+    experts_per_token: int
     weights_4bit: float
     quant_constants: float
     weights_16bit: float
@@ -111,6 +126,68 @@ def _config(model: str) -> dict:
         raise Nf4tuneError(f"{file} is not valid JSON ({e}).") from e
 
 
+@dataclass
+class ExpertBlock:
+    """One layer's fused experts, as the meta model holds them (3-D parameters, experts first)."""
+
+    name: str  # the experts module, e.g. model.layers.0.mlp.experts
+    weights: dict[str, tuple[int, ...]]  # parameter name -> shape (E, out, in) or (E, in, out)
+    experts: int
+    intermediate: int  # one expert's intermediate size
+    shared_intermediate: int  # a shared expert's (or several's, together) beside them; 0 without
+    top_k: int
+
+    @property
+    def parameters(self) -> int:
+        return sum(e * a * b for e, a, b in self.weights.values())
+
+    def lora(self, r: int, wanted: set[str] | None) -> int:
+        """Per-expert LoRA on the weights `wanted` names (None: all), as PEFT's `target_parameters` holds it."""
+        return sum(e * r * (a + b) for name, (e, a, b) in self.weights.items()
+                   if wanted is None or name.rsplit(".", 1)[-1] in wanted or "experts" in wanted)
+
+    def values_per_token(self, hidden: int) -> int:
+        """Activation values one token leaves in this mixture-of-experts MLP (compute dtype)."""
+        return self.top_k * (3 * hidden + 4 * self.intermediate) + 4 * self.shared_intermediate
+
+
+TOP_K_NAMES = ("num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_topk", "top_k")
+
+
+def expert_blocks(meta, hidden: int) -> list[ExpertBlock]:
+    """The fused experts of each mixture-of-experts layer of `meta` (a model on the meta device): the modules
+    holding 3-D parameters. Sizes come from the shapes (every family stores gate, up and down, so one expert
+    holds 3 x hidden x intermediate weights), the top-k from the config, any shared expert from the linear
+    layers beside the experts that write hidden-size outputs (its down projection)."""
+    modules = dict(meta.named_modules())
+    found: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, param in meta.named_parameters():
+        if param.dim() == 3:
+            owner = name.rsplit(".", 1)[0]
+            found.setdefault(owner, {})[name] = tuple(param.shape)
+    if not found:
+        return []
+    cfg = meta.config
+    top_k = next((getattr(cfg, n) for n in TOP_K_NAMES if isinstance(getattr(cfg, n, None), int)), None)
+    if not top_k:
+        raise Nf4tuneError(f"cannot size the {cfg.model_type!r} experts: its config names no number of experts per "
+                           f"token ({', '.join(TOP_K_NAMES)}).")
+    blocks = []
+    for owner, weights in found.items():
+        experts = next(iter(weights.values()))[0]
+        per_expert = sum(a * b for _, a, b in weights.values())
+        parent = modules.get(owner.rsplit(".", 1)[0]) if "." in owner else None
+        shared = sum(m.in_features for m in (parent.modules() if parent is not None else ())
+                     if type(m) is torch.nn.Linear and m.out_features == hidden)
+        blocks.append(ExpertBlock(owner, weights, experts, max(1, per_expert // (3 * hidden)), shared, min(top_k, experts)))
+    return blocks
+
+
+def kept_budget_bytes(tokens: int) -> float:
+    """The budget `layers.kept_outputs` gives the 4-bit outputs it keeps for the recompute, at `tokens` tokens."""
+    return KEPT_BUDGET_GIB * GIB
+
+
 def compute_dtype_bytes(name: str) -> int:
     """Bytes per element of `model.compute_dtype` (a name, or "auto" as a recipe's default)."""
     if name == "auto":
@@ -154,26 +231,35 @@ def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, targe
 
     linears = quantizable_linears(meta)
     modules = dict(meta.named_modules())
+    blocks = expert_blocks(meta, hidden)
+    experts = sum(b.parameters for b in blocks)
     # 16-bit LoRA quantizes nothing: its linear weights are sized with the other compute-dtype weights
-    quantized = 0 if quant_type == UNQUANTIZED else sum(modules[n].weight.numel() for n in linears)
+    quantized = 0 if quant_type == UNQUANTIZED else sum(modules[n].weight.numel() for n in linears) + experts
     total_params = sum(p.numel() for p in meta.parameters())
     wanted = None if target == "all-linear" else {t.strip() for t in target.split(",")}
-    lora = sum(r * (modules[n].in_features + modules[n].out_features) for n in linears
-               if wanted is None or n.rsplit(".", 1)[-1] in wanted)
+    lora_experts = sum(b.lora(r, wanted) for b in blocks)
+    lora = lora_experts + sum(r * (modules[n].in_features + modules[n].out_features) for n in linears
+                              if wanted is None or n.rsplit(".", 1)[-1] in wanted)
     if lora == 0:
         raise Nf4tuneError(f"--target {target!r} matches no linear layer of this model.")
 
     tokens = seq_len * batch
-    per_layer_token = width * (12 * hidden + 4 * inter)
-    full = layers * per_layer_token * tokens
-    checkpointed = layers * width * hidden * tokens + per_layer_token * tokens
-    kept = min(KEPT_BUDGET_GIB * GIB, layers * width * (5 * hidden + 2 * inter) * tokens) if checkpointing else 0.0
+    # bytes per token of a dense and of a mixture-of-experts layer (with its router's float32 logits and probabilities)
+    layer_bytes = [width * (12 * hidden + 4 * inter)] * (layers - len(blocks))
+    layer_bytes += [width * (12 * hidden + b.values_per_token(hidden)) + 8 * b.experts for b in blocks]
+    kept_values = [5 * hidden + 2 * inter] * (layers - len(blocks))
+    kept_values += [5 * hidden + b.values_per_token(hidden) // 2 for b in blocks]
+    full = sum(layer_bytes) * tokens
+    checkpointed = layers * width * hidden * tokens + max(layer_bytes) * tokens
+    kept = min(kept_budget_bytes(tokens), width * sum(kept_values) * tokens) if checkpointing else 0.0
     logits = 3 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * vocab
 
     shard = 1 / gpus if strategy == "fsdp" else 1.0  # FSDP splits weights, adapters, states; activations stay per GPU
     est = Estimate(
         model_type=config.get("model_type", "?"), parameters=total_params, quantized_parameters=quantized,
-        lora_parameters=lora,
+        lora_parameters=lora, expert_parameters=experts if quant_type != UNQUANTIZED else 0,
+        expert_lora_parameters=lora_experts, experts=blocks[0].experts if blocks else 0,
+        experts_per_token=blocks[0].top_k if blocks else 0,
         weights_4bit=quantized * 0.5 * shard,
         quant_constants=quantized * (bits_per_parameter(blocksize, double_quant) - 4) / 8 * shard,
         weights_16bit=(total_params - quantized) * width * shard,
@@ -204,11 +290,15 @@ def format_table(est: Estimate, args_line: str) -> str:
     """The human-readable table `nf4tune estimate` prints."""
     gib = lambda b: f"{b / GIB:8.2f} GiB" if b >= GIB / 100 else f"{b / 2**20:8.2f} MiB"  # noqa: E731
     rows = [
-        ("4-bit weights", est.weights_4bit, f"{format_count(est.quantized_parameters)} quantized parameters"),
+        ("4-bit weights", est.weights_4bit, f"{format_count(est.quantized_parameters)} quantized parameters" + (
+            f", {format_count(est.expert_parameters)} in experts ({est.experts} per layer, {est.experts_per_token} active)"
+            if est.expert_parameters else "")),
         ("quantization constants", est.quant_constants, "absmax, double-quantized"),
-        ("16-bit parts", est.weights_16bit, f"embeddings, norms, output head ({est.compute_dtype})"
+        ("16-bit parts", est.weights_16bit, f"embeddings, norms, {'routers, ' if est.experts else ''}output head "
+                                            f"({est.compute_dtype})"
          if est.quant_type != UNQUANTIZED else f"the whole base, unquantized ({est.compute_dtype})"),
-        ("LoRA parameters", est.lora, f"{format_count(est.lora_parameters)} in float32"),
+        ("LoRA parameters", est.lora, f"{format_count(est.lora_parameters)} in float32" + (
+            f", {format_count(est.expert_lora_parameters)} on experts (per expert)" if est.expert_lora_parameters else "")),
         ("gradients", est.gradients, "LoRA only, float32"),
         ("optimizer states", est.optimizer_states, "pageable to host memory" if est.optimizer_pageable
          else "on the GPU" if est.device == "cuda" else "in host memory"),
