@@ -56,6 +56,8 @@ GIB = 2**30
 GPUS_GB = (24, 40, 48, 80)
 CUDA_OVERHEAD = 0.75 * GIB
 LOSS_CHUNK_TOKENS = 1024
+MAX_SEQ_STEP = 256  # `--max-seq-len` answers in multiples of this
+MAX_SEQ_LIMIT = 2**22  # and searches no further
 HEADROOM = 0.9  # `auto` picks DDP when one replica needs at most this share of a device's memory
 
 
@@ -197,16 +199,81 @@ def compute_dtype_bytes(name: str) -> int:
     return COMPUTE_DTYPES[name]
 
 
-def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, target: str = "all-linear",
+@dataclass
+class ModelSizes:
+    """What `estimate` reads from a model's config (through the model built on the meta device) for one LoRA
+    target: everything that does not depend on the sequence length, the rank or the dtypes."""
+
+    model_type: str
+    target: str
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+    max_positions: int | None
+    parameters: int
+    quantizable: int  # linear weights and fused experts: what a 4-bit base quantizes
+    expert_parameters: int
+    lora_per_rank: int  # LoRA parameters per unit of rank
+    expert_lora_per_rank: int
+    blocks: list[ExpertBlock]
+
+    def layer_bytes(self, width: int) -> list[int]:
+        """Activation bytes per token each decoder layer keeps in full (its MLP's intermediate values and the
+        rest), at `width` bytes per compute-dtype value; a mixture-of-experts layer's router adds float32 logits
+        and probabilities over all its experts."""
+        dense = [width * (12 * self.hidden + 4 * self.intermediate)] * (self.layers - len(self.blocks))
+        return dense + [width * (12 * self.hidden + b.values_per_token(self.hidden)) + 8 * b.experts for b in self.blocks]
+
+    def kept_values(self) -> int:
+        """4-bit outputs per token kept for the recompute, all layers: q, k, v, o and down (5 x hidden) and half the
+        MLP's intermediate values (gate and up)."""
+        dense = (5 * self.hidden + 2 * self.intermediate) * (self.layers - len(self.blocks))
+        return dense + sum(5 * self.hidden + b.values_per_token(self.hidden) // 2 for b in self.blocks)
+
+
+def model_sizes(model: str, target: str = "all-linear") -> ModelSizes:
+    """Read `model`'s config (folder, config.json or Hub id) and size it for LoRA on `target`."""
+    config = _config(model)
+    meta = build_meta_model(config)
+    cfg = meta.config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "num_layers", None)
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "d_ff", None) or getattr(cfg, "ffn_dim", None)
+    vocab = getattr(cfg, "vocab_size", None)
+    if not all((hidden, layers, inter, vocab)):
+        raise Nf4tuneError(f"cannot size the {config.get('model_type')!r} architecture: its config lacks hidden, "
+                           "layer, intermediate or vocabulary sizes.")
+    linears = quantizable_linears(meta)
+    modules = dict(meta.named_modules())
+    blocks = expert_blocks(meta, hidden)
+    experts = sum(b.parameters for b in blocks)
+    wanted = None if target == "all-linear" else {t.strip() for t in target.split(",")}
+    lora_experts = sum(b.lora(1, wanted) for b in blocks)
+    lora = lora_experts + sum(modules[n].in_features + modules[n].out_features for n in linears
+                              if wanted is None or n.rsplit(".", 1)[-1] in wanted)
+    if lora == 0:
+        raise Nf4tuneError(f"--target {target!r} matches no linear layer of this model.")
+    return ModelSizes(
+        model_type=config.get("model_type", "?"), target=target, hidden=hidden, layers=layers, intermediate=inter,
+        vocab=vocab, heads=getattr(cfg, "num_attention_heads", None) or 1,
+        max_positions=getattr(cfg, "max_position_embeddings", None), parameters=sum(p.numel() for p in meta.parameters()),
+        quantizable=sum(modules[n].weight.numel() for n in linears) + experts, expert_parameters=experts,
+        lora_per_rank=lora, expert_lora_per_rank=lora_experts, blocks=blocks)
+
+
+def estimate(model: str | ModelSizes, seq_len: int = 2048, batch: int = 1, r: int = 64, target: str = "all-linear",
              optim: str = "paged_adamw_32bit", checkpointing: bool = True, gpus: int = 1,
              double_quant: bool = True, blocksize: int = 64, strategy: str = "fsdp", device: str = "cuda",
              compute_dtype: str = "bfloat16", quant_type: str = "nf4") -> Estimate:
-    """Estimate the GPU memory of fine-tuning `model` (folder, config.json or Hub id) with nf4tune, per
-    GPU: with `strategy="fsdp"` weights, adapters, gradients and optimizer states are split across
-    `gpus`; with "ddp" every GPU holds all of them. `device="cpu"` sizes a CPU run (per process): no
-    CUDA context, and no optimizer states paged out. `compute_dtype` sizes the unquantized weights and
-    the activations (LoRA's float32 masters and the float32 logits do not depend on it). quant_type "none"
-    (16-bit LoRA) keeps the linear weights in the compute dtype as well. Nothing here touches a device."""
+    """Estimate the GPU memory of fine-tuning `model` (folder, config.json or Hub id, or its `model_sizes` for
+    `target`, read once for many estimates) with nf4tune, per GPU: with `strategy="fsdp"` weights, adapters,
+    gradients and optimizer states are split across `gpus`; with "ddp" every GPU holds all of them.
+    `device="cpu"` sizes a CPU run (per process): no CUDA context, and no optimizer states paged out.
+    `compute_dtype` sizes the unquantized weights and the activations (LoRA's float32 masters and the float32
+    logits do not depend on it). quant_type "none" (16-bit LoRA) keeps the linear weights and experts in the
+    compute dtype as well. Nothing here touches a device."""
     if seq_len <= 0 or batch <= 0 or r <= 0 or gpus <= 0:
         raise Nf4tuneError(f"--seq-len, --batch, --r and --gpus must be positive (got {seq_len}, {batch}, {r}, {gpus}).")
     if strategy not in PARALLEL_STRATEGIES:
@@ -218,46 +285,25 @@ def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, targe
     if optim not in OPTIMIZERS:
         raise Nf4tuneError(f"--optim {optim!r}: use one of {', '.join(OPTIMIZERS)}.")
     width = compute_dtype_bytes(compute_dtype)
-    config = _config(model)
-    meta = build_meta_model(config)
-    cfg = meta.config
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None)
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "num_layers", None)
-    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "d_ff", None) or getattr(cfg, "ffn_dim", None)
-    vocab = getattr(cfg, "vocab_size", None)
-    if not all((hidden, layers, inter, vocab)):
-        raise Nf4tuneError(f"cannot size the {config.get('model_type')!r} architecture: its config lacks hidden, "
-                           "layer, intermediate or vocabulary sizes.")
-
-    linears = quantizable_linears(meta)
-    modules = dict(meta.named_modules())
-    blocks = expert_blocks(meta, hidden)
-    experts = sum(b.parameters for b in blocks)
+    sizes = model if isinstance(model, ModelSizes) else model_sizes(model, target)
+    if sizes.target != target:
+        raise ValueError(f"these model sizes are for --target {sizes.target!r}, not {target!r}")
+    hidden, layers, blocks = sizes.hidden, sizes.layers, sizes.blocks
     # 16-bit LoRA quantizes nothing: its linear weights are sized with the other compute-dtype weights
-    quantized = 0 if quant_type == UNQUANTIZED else sum(modules[n].weight.numel() for n in linears) + experts
-    total_params = sum(p.numel() for p in meta.parameters())
-    wanted = None if target == "all-linear" else {t.strip() for t in target.split(",")}
-    lora_experts = sum(b.lora(r, wanted) for b in blocks)
-    lora = lora_experts + sum(r * (modules[n].in_features + modules[n].out_features) for n in linears
-                              if wanted is None or n.rsplit(".", 1)[-1] in wanted)
-    if lora == 0:
-        raise Nf4tuneError(f"--target {target!r} matches no linear layer of this model.")
+    quantized = 0 if quant_type == UNQUANTIZED else sizes.quantizable
+    total_params, lora, lora_experts = sizes.parameters, r * sizes.lora_per_rank, r * sizes.expert_lora_per_rank
 
     tokens = seq_len * batch
-    # bytes per token of a dense and of a mixture-of-experts layer (with its router's float32 logits and probabilities)
-    layer_bytes = [width * (12 * hidden + 4 * inter)] * (layers - len(blocks))
-    layer_bytes += [width * (12 * hidden + b.values_per_token(hidden)) + 8 * b.experts for b in blocks]
-    kept_values = [5 * hidden + 2 * inter] * (layers - len(blocks))
-    kept_values += [5 * hidden + b.values_per_token(hidden) // 2 for b in blocks]
+    layer_bytes = sizes.layer_bytes(width)
     full = sum(layer_bytes) * tokens
     checkpointed = layers * width * hidden * tokens + max(layer_bytes) * tokens
-    kept = min(kept_budget_bytes(tokens), width * sum(kept_values) * tokens) if checkpointing else 0.0
-    logits = 3 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * vocab
+    kept = min(kept_budget_bytes(tokens), width * sizes.kept_values() * tokens) if checkpointing else 0.0
+    logits = 3 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * sizes.vocab
 
     shard = 1 / gpus if strategy == "fsdp" else 1.0  # FSDP splits weights, adapters, states; activations stay per GPU
     est = Estimate(
-        model_type=config.get("model_type", "?"), parameters=total_params, quantized_parameters=quantized,
-        lora_parameters=lora, expert_parameters=experts if quant_type != UNQUANTIZED else 0,
+        model_type=sizes.model_type, parameters=total_params, quantized_parameters=quantized,
+        lora_parameters=lora, expert_parameters=sizes.expert_parameters if quant_type != UNQUANTIZED else 0,
         expert_lora_parameters=lora_experts, experts=blocks[0].experts if blocks else 0,
         experts_per_token=blocks[0].top_k if blocks else 0,
         weights_4bit=quantized * 0.5 * shard,
@@ -276,6 +322,35 @@ def estimate(model: str, seq_len: int = 2048, batch: int = 1, r: int = 64, targe
     est.total = base + est.optimizer_states
     est.total_without_paged_states = base if est.optimizer_pageable else est.total
     return est
+
+
+def needed_bytes(est: Estimate) -> float:
+    """What must fit on the device: the total, less the optimizer states a paged optimizer moves to the host."""
+    return est.total_without_paged_states
+
+
+def max_seq_len(model: str, budget_bytes: float, step: int = MAX_SEQ_STEP, limit: int = MAX_SEQ_LIMIT,
+                **plan) -> tuple[int, Estimate | None]:
+    """The longest sequence, a multiple of `step` up to `limit`, whose estimate (`plan`: `estimate`'s other
+    keyword arguments) needs at most `budget_bytes`, with that estimate; (0, None) when `step` tokens do not fit.
+    A bisection that keeps "lo fits, hi does not", so the answer fits and one step more does not."""
+    sizes = model_sizes(model, plan.get("target", "all-linear"))
+    fits = {}
+
+    def at(k: int) -> Estimate:
+        if k not in fits:
+            fits[k] = estimate(sizes, seq_len=k * step, **plan)
+        return fits[k]
+
+    lo, hi = 0, 1
+    while hi * step <= limit and needed_bytes(at(hi)) <= budget_bytes:
+        lo, hi = hi, hi * 2
+    if hi * step > limit:
+        hi = limit // step + 1  # past the limit: treated as not fitting
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if needed_bytes(at(mid)) <= budget_bytes else (lo, mid)
+    return (lo * step, at(lo)) if lo else (0, None)
 
 
 def format_count(n: float) -> str:
