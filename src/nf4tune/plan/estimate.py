@@ -40,6 +40,7 @@ import torch
 
 from ..checkpoint.architecture import build_meta_model, quantizable_linears
 from ..errors import Nf4tuneError
+from ..layers import kept_outputs
 from ..layers.kept_outputs import DEFAULT_BUDGET_GIB as KEPT_BUDGET_GIB
 from ..quant.codes import bits_per_parameter
 from ..registry import (
@@ -186,8 +187,21 @@ def expert_blocks(meta, hidden: int) -> list[ExpertBlock]:
 
 
 def kept_budget_bytes(tokens: int) -> float:
-    """The budget `layers.kept_outputs` gives the 4-bit outputs it keeps for the recompute, at `tokens` tokens."""
-    return KEPT_BUDGET_GIB * GIB
+    """The budget `layers.kept_outputs` gives the 4-bit outputs it keeps for the recompute, at `tokens` tokens
+    (its default budget; where the layer shrinks it for long steps, shrunk the same way)."""
+    shrink = getattr(kept_outputs, "budget_bytes", None)
+    return shrink(KEPT_BUDGET_GIB, tokens) if shrink else KEPT_BUDGET_GIB * GIB
+
+
+def long_context_layers(model_type: str) -> tuple[int, int] | None:
+    """(tokens from which, tokens per chunk) the MLPs of `model_type` run tiled over tokens in training
+    (`layers.tiled_mlp`), or None where they do not (a family without nf4tune's long-context layers)."""
+    try:
+        from ..layers.tiled_mlp import CHUNK_TOKENS, TILE_TOKENS
+        from ..registry import LONG_CONTEXT_FAMILIES
+    except ImportError:  # an nf4tune without them: every MLP holds the whole sequence's activations
+        return None
+    return (TILE_TOKENS, CHUNK_TOKENS) if model_type in LONG_CONTEXT_FAMILIES else None
 
 
 def compute_dtype_bytes(name: str) -> int:
@@ -219,12 +233,27 @@ class ModelSizes:
     expert_lora_per_rank: int
     blocks: list[ExpertBlock]
 
-    def layer_bytes(self, width: int) -> list[int]:
-        """Activation bytes per token each decoder layer keeps in full (its MLP's intermediate values and the
-        rest), at `width` bytes per compute-dtype value; a mixture-of-experts layer's router adds float32 logits
-        and probabilities over all its experts."""
-        dense = [width * (12 * self.hidden + 4 * self.intermediate)] * (self.layers - len(self.blocks))
-        return dense + [width * (12 * self.hidden + b.values_per_token(self.hidden)) + 8 * b.experts for b in self.blocks]
+    def layer_bytes(self, width: int, tokens: int) -> list[int]:
+        """Activation bytes each decoder layer keeps in full for a step of `tokens` tokens (its MLP's intermediate
+        values and the rest), at `width` bytes per compute-dtype value; a mixture-of-experts layer's router adds
+        float32 logits and probabilities over all its experts. An MLP tiled over tokens (`long_context_layers`)
+        keeps its intermediate values for one chunk of tokens at a time."""
+        tiled = long_context_layers(self.model_type)
+        mlp_tokens = min(tokens, tiled[1]) if tiled and tokens >= tiled[0] else tokens
+        dense = [width * (12 * self.hidden * tokens + 4 * self.intermediate * mlp_tokens)] * (self.layers - len(self.blocks))
+        return dense + [(width * (12 * self.hidden + b.values_per_token(self.hidden)) + 8 * b.experts) * tokens
+                        for b in self.blocks]
+
+    def attention_blocks(self, batch: int, seq_len: int) -> int:
+        """Bytes of the float32 score blocks (scores, probabilities, their gradient) nf4tune's chunked attention
+        holds at a time for a masked long sequence (padding, packed rows): a plain causal mask holds none."""
+        try:
+            from ..layers.chunked_attention import BLOCK, LONG_TOKENS
+        except ImportError:
+            return 0
+        if not long_context_layers(self.model_type) or seq_len < LONG_TOKENS:
+            return 0
+        return 3 * 4 * batch * self.heads * BLOCK * BLOCK
 
     def kept_values(self) -> int:
         """4-bit outputs per token kept for the recompute, all layers: q, k, v, o and down (5 x hidden) and half the
@@ -294,9 +323,10 @@ def estimate(model: str | ModelSizes, seq_len: int = 2048, batch: int = 1, r: in
     total_params, lora, lora_experts = sizes.parameters, r * sizes.lora_per_rank, r * sizes.expert_lora_per_rank
 
     tokens = seq_len * batch
-    layer_bytes = sizes.layer_bytes(width)
-    full = sum(layer_bytes) * tokens
-    checkpointed = layers * width * hidden * tokens + max(layer_bytes) * tokens
+    layer_bytes = sizes.layer_bytes(width, tokens)
+    blocks_bytes = sizes.attention_blocks(batch, seq_len)
+    full = sum(layer_bytes) + blocks_bytes
+    checkpointed = layers * width * hidden * tokens + max(layer_bytes) + blocks_bytes
     kept = min(kept_budget_bytes(tokens), width * sizes.kept_values() * tokens) if checkpointing else 0.0
     logits = 3 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * sizes.vocab
 
