@@ -19,9 +19,12 @@ training adds is sized the way nf4tune trains:
     MLP's gate, up, activation and product). In a mixture-of-experts layer only the active experts
     (`num_experts_per_tok`) see a token: each keeps 3 hidden-size values (its gathered input, output
     and weighted output) and 4 of its own intermediate size, a shared expert 4 of its size, and the
-    router its float32 logits and probabilities over all experts. Attention is memory-efficient
-    (chunked over the keys, never a sequence x sequence matrix): what it holds grows with the
-    sequence, not its square;
+    router its float32 logits and probabilities over all experts;
+  - long sequences: memory grows with the sequence, never its square. Attention is memory-efficient
+    (flash kernels; nf4tune's chunked attention for masked long sequences holds float32 score blocks
+    of heads x BLOCK x BLOCK, counted); where nf4tune's long-context layers are present for the family
+    (`long_context_layers`), an MLP over `TILE_TOKENS` tokens keeps its intermediate values for one chunk
+    of tokens only, and the kept outputs' budget shrinks as 1 / tokens past its full-budget length;
   - with checkpointing also the 4-bit layers' outputs kept for the recompute (`layers.kept_outputs`: up to
     5 x hidden + half the MLP's intermediate values per token and layer, at most its budget);
   - logits: the chunked loss holds 1024 tokens x vocabulary of float32 logits, their softmax and
@@ -359,12 +362,13 @@ def needed_bytes(est: Estimate) -> float:
     return est.total_without_paged_states
 
 
-def max_seq_len(model: str, budget_bytes: float, step: int = MAX_SEQ_STEP, limit: int = MAX_SEQ_LIMIT,
+def max_seq_len(model: str | ModelSizes, budget_bytes: float, step: int = MAX_SEQ_STEP, limit: int = MAX_SEQ_LIMIT,
                 **plan) -> tuple[int, Estimate | None]:
     """The longest sequence, a multiple of `step` up to `limit`, whose estimate (`plan`: `estimate`'s other
-    keyword arguments) needs at most `budget_bytes`, with that estimate; (0, None) when `step` tokens do not fit.
+    keyword arguments) needs at most `budget_bytes`, with that estimate (`model` as `estimate` takes it);
+    (0, None) when `step` tokens do not fit.
     A bisection that keeps "lo fits, hi does not", so the answer fits and one step more does not."""
-    sizes = model_sizes(model, plan.get("target", "all-linear"))
+    sizes = model if isinstance(model, ModelSizes) else model_sizes(model, plan.get("target", "all-linear"))
     fits = {}
 
     def at(k: int) -> Estimate:
