@@ -2,13 +2,14 @@
 
     python benchmarks/estimate_accuracy.py [--seq 32768] [--steps 2] [--config small] [--json]
 
-A random Llama (the `--config` below) is written in bf16 to a temporary folder. A child process loads it with LoRA r=16 on every linear layer of the blocks, gradient checkpointing on, bfloat16 compute,
-and runs `--steps` training steps (nf4tune's chunked loss, backward, AdamW step) at batch 1 x `--seq` tokens. The
-child first runs the same load and one 16-token step and drops them, so the code they import and one-time
-buffers are in place; the measured figure is then its peak resident set (VmHWM, the high-water mark reset there
-with /proc/self/clear_refs) minus its resident set at that point: what the model, the adapters, their gradients and
-states and the step's activations add to the process. `estimate(..., device="cpu", optim="adamw_torch")` for the
-same model and step is compared with it. tests/test_estimate_seq.py runs this at a short length.
+A random Llama (the `--config` below) is written in bf16 to a temporary folder. A child process loads it with
+LoRA r=16 on every linear layer of the blocks, gradient checkpointing on, bfloat16 compute, and runs `--steps`
+training steps (nf4tune's chunked loss, backward, AdamW step) at batch 1 x `--seq` tokens. The child first runs
+the same load and one 16-token step and drops them, so the code they import and one-time buffers are in place;
+the measured figure is then its peak resident set (VmHWM, the high-water mark reset there with
+/proc/self/clear_refs) minus its resident set at that point: what the model, the adapters, their gradients and
+states and the step's activations add to the process. `estimate(..., device="cpu", optim="adamw_torch")` for
+the same model and step is compared with it. tests/test_estimate_seq.py runs this at a short length (slow).
 """
 
 from __future__ import annotations
@@ -72,21 +73,28 @@ def child(folder: str, seq: int, steps: int) -> dict:
     return {"added_peak_bytes": _status_bytes("VmHWM") - before, "before_bytes": before}
 
 
-def measure(config: dict, seq: int, steps: int = 2) -> dict:
-    """Build the model of `config`, run the child, and set the estimate beside its measured peak."""
+def measure(config: dict, seq: int, steps: int = 2, mmap_threshold: int | None = None) -> dict:
+    """Build the model of `config`, run the child, and set the estimate beside its measured peak. `mmap_threshold`
+    (bytes) fixes glibc's: every larger block is its own mapping, given back when freed, where by default glibc
+    raises the threshold as blocks are freed and keeps later ones in its heap (the resident set then holds
+    freed tensors' pages too)."""
+    import os
+
     from harness import build_random_llama
 
     from nf4tune.plan.estimate import estimate
 
     with tempfile.TemporaryDirectory() as tmp:
         build_random_llama(tmp, config)
+        env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)} if mmap_threshold else {})}
         out = subprocess.run([sys.executable, __file__, "--child", tmp, "--seq", str(seq), "--steps", str(steps)],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env=env)
         if out.returncode:
             raise SystemExit(f"the measured run failed:\n{out.stderr[-3000:]}")
         measured = json.loads(out.stdout.strip().splitlines()[-1])
         est = estimate(tmp, seq_len=seq, r=R, optim="adamw_torch", device="cpu", compute_dtype="bfloat16")
-    return {"seq": seq, "measured_gib": measured["added_peak_bytes"] / 2**30, "estimate_gib": est.total / 2**30,
+    return {"seq": seq, "mmap_threshold": mmap_threshold, "measured_gib": measured["added_peak_bytes"] / 2**30,
+            "estimate_gib": est.total / 2**30,
             "ratio": est.total / measured["added_peak_bytes"],
             "components_gib": {k: v / 2**30 for k, v in est.as_json().items()
                                if k in ("activations", "kept_outputs", "logits", "weights_4bit", "weights_16bit")}}
@@ -97,17 +105,20 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--config", choices=list(CONFIGS), default="small")
+    parser.add_argument("--mmap-threshold", type=int, default=None,
+                        help="glibc's MALLOC_MMAP_THRESHOLD_ for the measured run, in bytes (default: glibc's dynamic one)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.seq, args.steps)))
         return
-    result = measure(CONFIGS[args.config], args.seq, args.steps)
+    result = measure(CONFIGS[args.config], args.seq, args.steps, args.mmap_threshold)
     if args.json:
         print(json.dumps(result))
         return
-    print(f"# {args.config} Llama {CONFIGS[args.config]}, batch 1 x {args.seq}, LoRA r={R}, bf16, checkpointing, CPU")
+    print(f"# {args.config} Llama {CONFIGS[args.config]}, batch 1 x {args.seq}, LoRA r={R}, bf16, checkpointing, CPU, "
+          f"glibc mmap threshold {args.mmap_threshold or 'dynamic'}")
     print(f"measured peak added: {result['measured_gib']:.3f} GiB; estimate: {result['estimate_gib']:.3f} GiB "
           f"(estimate / measured {result['ratio']:.3f})")
     print("estimate components (GiB): " + ", ".join(f"{k} {v:.3f}" for k, v in result["components_gib"].items()))
