@@ -25,6 +25,8 @@ training adds is sized the way nf4tune trains:
     of heads x BLOCK x BLOCK, counted); where nf4tune's long-context layers are present for the family
     (`long_context_layers`), an MLP over `TILE_TOKENS` tokens keeps its intermediate values for one chunk
     of tokens only, and the kept outputs' budget shrinks as 1 / tokens past its full-budget length;
+  - while backward runs through a layer, the gradients in flight beside its activations: about
+    `BACKWARD_HIDDEN_VALUES` hidden-size values per token (measured on CPU);
   - with checkpointing also the 4-bit layers' outputs kept for the recompute (`layers.kept_outputs`: up to
     5 x hidden + half the MLP's intermediate values per token and layer, at most its budget);
   - logits: the chunked loss holds 1024 tokens x vocabulary of float32 logits, their softmax and
@@ -60,6 +62,9 @@ GIB = 2**30
 GPUS_GB = (24, 40, 48, 80)
 CUDA_OVERHEAD = 0.75 * GIB
 LOSS_CHUNK_TOKENS = 1024
+# Gradients in flight while backward runs through a layer (of its output, the residual stream, the norms'
+# float32 upcasts, q/k/v), in hidden-size values per token: measured on CPU (BENCHMARKS.md, estimate accuracy).
+BACKWARD_HIDDEN_VALUES = 10
 MAX_SEQ_STEP = 256  # `--max-seq-len` answers in multiples of this
 MAX_SEQ_LIMIT = 2**22  # and searches no further
 HEADROOM = 0.9  # `auto` picks DDP when one replica needs at most this share of a device's memory
@@ -327,9 +332,10 @@ def estimate(model: str | ModelSizes, seq_len: int = 2048, batch: int = 1, r: in
 
     tokens = seq_len * batch
     layer_bytes = sizes.layer_bytes(width, tokens)
-    blocks_bytes = sizes.attention_blocks(batch, seq_len)
-    full = sum(layer_bytes) + blocks_bytes
-    checkpointed = layers * width * hidden * tokens + max(layer_bytes) + blocks_bytes
+    # what backward holds beside them while it runs through a layer: the gradients in flight, score blocks
+    in_flight = BACKWARD_HIDDEN_VALUES * width * hidden * tokens + sizes.attention_blocks(batch, seq_len)
+    full = sum(layer_bytes) + in_flight
+    checkpointed = layers * width * hidden * tokens + max(layer_bytes) + in_flight
     kept = min(kept_budget_bytes(tokens), width * sizes.kept_values() * tokens) if checkpointing else 0.0
     logits = 3 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * sizes.vocab
 
