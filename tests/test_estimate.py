@@ -46,7 +46,8 @@ def test_options_move_the_components_they_should(configs):
     eight = estimate(configs["7b"], optim="paged_adamw_8bit")
     assert eight.optimizer_states == pytest.approx(base.optimizer_states * 2.03125 / 8)
     assert estimate(configs["7b"], checkpointing=False).activations > 10 * base.activations
-    assert estimate(configs["7b"], seq_len=4096).activations == pytest.approx(2 * base.activations)
+    # linear in the sequence (below the lengths where long-context layers tile the MLP: tests/test_estimate_seq.py)
+    assert 2 * estimate(configs["7b"], seq_len=1024).activations == pytest.approx(base.activations)
     assert estimate(configs["7b"], r=16).lora == pytest.approx(base.lora / 4)
     # the outputs kept for the recompute (layers.kept_outputs) are capped by the model's default budget
     from nf4tune.models.peft_compat import Nf4tuneState

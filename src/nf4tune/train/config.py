@@ -85,8 +85,9 @@ class TrainingSection:
     fsdp_cpu_offload: bool = False  # FSDP: keep sharded parameters in host memory between uses
     # compile each decoder layer with torch.compile: true | false | auto (on CUDA only); see train/compile.py
     compile: typing.Union[bool, str] = "auto"
-    # keep each checkpointed layer's input in (pinned) host memory until backward; see train/offload.py
-    offload_activations: bool = False
+    # keep each checkpointed layer's input in (pinned) host memory until backward: true | false | auto (on CUDA,
+    # for sequences from train.offload.AUTO_MIN_SEQ_LEN tokens); see train/offload.py
+    offload_activations: typing.Union[bool, str] = "auto"
 
 
 @dataclass
@@ -231,7 +232,8 @@ def _check_values(r: Recipe) -> None:
     one_of("training.optim", r.training.optim, list(OPTIMIZERS))
     one_of("training.parallel", r.training.parallel, ["auto", *PARALLEL_STRATEGIES])
     one_of("training.compile", r.training.compile, ["auto", True, False])
-    if r.training.offload_activations and not r.model.gradient_checkpointing:
+    one_of("training.offload_activations", r.training.offload_activations, ["auto", True, False])
+    if r.training.offload_activations is True and not r.model.gradient_checkpointing:
         raise Nf4tuneError("training.offload_activations moves the layer inputs that gradient checkpointing keeps; "
                            "set model.gradient_checkpointing: true with it.")
     one_of("model.compute_dtype", r.model.compute_dtype, ["auto", *COMPUTE_DTYPES])

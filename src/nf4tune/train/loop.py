@@ -194,9 +194,12 @@ class Trainer:
                               gradient_checkpointing=recipe.model.gradient_checkpointing, progress=self.progress,
                               layer_ready=self.par.loading_hook(recipe, self.model_path, self.resume_from))
         from .compile import prepare_layers  # training.compile / offload_activations, before any wrapping
+        from .offload import offload_choice
 
-        self.offloader = prepare_layers(model, t.compile, t.offload_activations, recipe.model.gradient_checkpointing,
-                                        model.device)
+        offload, why = offload_choice(t.offload_activations, model.device, d.source_max_len + d.target_max_len + 2,
+                                      recipe.model.gradient_checkpointing)
+        log.info("nf4tune: activation offload %s (%s)", "on" if offload else "off", why)
+        self.offloader = prepare_layers(model, t.compile, offload, recipe.model.gradient_checkpointing, model.device)
         self.added = grow_vocab(model, len(self.tokenizer))
         if self.added:
             log.info("nf4tune: added %d token(s); their embedding rows train with the adapter", self.added)

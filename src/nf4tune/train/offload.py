@@ -10,6 +10,11 @@ Where the bytes go is one seam, `Transfers`: `PinnedHostTransfers` on CUDA copie
 (the forward does not wait for it) and, when a layer's input is unpacked in backward, starts bringing
 the previous layer's input back on that stream, so the copy overlaps the layer's recomputation;
 `KeepInPlace` on CPU, where host memory is the device's, keeps the tensor as it is.
+
+Whether to offload is decided in one place, `offload_choice`: `training.offload_activations: auto` (the
+default) offloads on CUDA once the run's longest sequence reaches `AUTO_MIN_SEQ_LEN` tokens, where the
+checkpointed inputs (layers x hidden x tokens) are worth the transfers; the training loop logs the choice
+and why.
 """
 
 from __future__ import annotations
@@ -84,6 +89,30 @@ class PinnedHostTransfers(Transfers):
         current.wait_event(handle.arrived)
         handle.back.record_stream(current)  # made on the side stream, used on this one
         return handle.back
+
+
+# From this many tokens per sequence, `auto` offloads: a 7B model's checkpointed inputs are then 2 GiB
+# (32 layers x 4096 x 2 bytes x 8192), and each layer's copy (64 MiB) hides behind its recompute.
+AUTO_MIN_SEQ_LEN = 8192
+
+
+def has_own_memory(device: torch.device) -> bool:
+    """Whether `device` has memory of its own to spare by moving tensors to the host (CUDA; not the CPU)."""
+    return device.type == "cuda"
+
+
+def offload_choice(setting, device: torch.device, seq_len: int, checkpointing: bool) -> tuple[bool, str]:
+    """Whether `training.offload_activations` = `setting` (auto, true or false) offloads for a run on `device`
+    whose sequences are at most `seq_len` tokens, and why, in a few words for the log."""
+    if setting != "auto":
+        return bool(setting), "training.offload_activations is " + str(bool(setting)).lower()
+    if not checkpointing:
+        return False, "auto: gradient checkpointing is off, so no layer input is kept to offload"
+    if not has_own_memory(device):
+        return False, f"auto: on {device.type} the host memory is the device's"
+    if seq_len < AUTO_MIN_SEQ_LEN:
+        return False, f"auto: sequences of at most {seq_len} tokens, under {AUTO_MIN_SEQ_LEN}"
+    return True, f"auto: sequences up to {seq_len} tokens on {device.type}, from {AUTO_MIN_SEQ_LEN} on"
 
 
 def transfers_for(device: torch.device) -> Transfers:
