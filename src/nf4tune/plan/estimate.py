@@ -197,18 +197,15 @@ def expert_blocks(meta, hidden: int) -> list[ExpertBlock]:
 def kept_budget_bytes(tokens: int) -> float:
     """The budget `layers.kept_outputs` gives the 4-bit outputs it keeps for the recompute, at `tokens` tokens
     (its default budget; where the layer shrinks it for long steps, shrunk the same way)."""
-    shrink = getattr(kept_outputs, "budget_bytes", None)
-    return shrink(KEPT_BUDGET_GIB, tokens) if shrink else KEPT_BUDGET_GIB * GIB
+    return kept_outputs.budget_bytes(KEPT_BUDGET_GIB, tokens)
 
 
 def long_context_layers(model_type: str) -> tuple[int, int] | None:
     """(tokens from which, tokens per chunk) the MLPs of `model_type` run tiled over tokens in training
     (`layers.tiled_mlp`), or None where they do not (a family without nf4tune's long-context layers)."""
-    try:
-        from ..layers.tiled_mlp import CHUNK_TOKENS, TILE_TOKENS
-        from ..registry import LONG_CONTEXT_FAMILIES
-    except ImportError:  # an nf4tune without them: every MLP holds the whole sequence's activations
-        return None
+    from ..layers.tiled_mlp import CHUNK_TOKENS, TILE_TOKENS
+    from ..registry import LONG_CONTEXT_FAMILIES
+
     return (TILE_TOKENS, CHUNK_TOKENS) if model_type in LONG_CONTEXT_FAMILIES else None
 
 
@@ -255,10 +252,8 @@ class ModelSizes:
     def attention_blocks(self, batch: int, seq_len: int) -> int:
         """Bytes of the float32 score blocks (scores, probabilities, their gradient) nf4tune's chunked attention
         holds at a time for a masked long sequence (padding, packed rows): a plain causal mask holds none."""
-        try:
-            from ..layers.chunked_attention import BLOCK, LONG_TOKENS
-        except ImportError:
-            return 0
+        from ..layers.chunked_attention import BLOCK, LONG_TOKENS
+
         if not long_context_layers(self.model_type) or seq_len < LONG_TOKENS:
             return 0
         return 3 * 4 * batch * self.heads * BLOCK * BLOCK
