@@ -131,6 +131,10 @@ class FamilySpec:
         moe_experts: a mixture of experts whose experts are a transformers experts module (fused 3-D
             parameters): they are held in 4-bit and get per-expert LoRA (layers/experts4bit.py). Their
             checkpoints' per-expert keys are fused by transformers' own conversion mapping, so no table here.
+        long_context: a decoder-only family whose long sequences train with nf4tune's long-context layers
+            (models/load.py): attention through transformers' AttentionInterface as `nf4tune_chunked`
+            (layers/chunked_attention.py), and a token-wise `mlp` module per layer, tiled over tokens
+            (layers/tiled_mlp.py).
     """
 
     chunked_loss: bool = False
@@ -161,47 +165,51 @@ class FamilySpec:
     gguf_fused_qkv: bool = False
     gguf_rope_types: tuple[str, ...] = ("default",)
     moe_experts: bool = False
+    long_context: bool = False
 
 
-_LLAMA_LIKE = FamilySpec(chunked_loss=True, decoder=True, gguf_arch="llama", gguf_permute_qk=True,
+_LLAMA_LIKE = FamilySpec(long_context=True, chunked_loss=True, decoder=True, gguf_arch="llama", gguf_permute_qk=True,
                          gguf_rope_types=("default", "linear", "yarn", "llama3"))
 _SCALED_ROPE = ("default", "linear", "yarn")
 FAMILIES: dict[str, FamilySpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": dataclasses.replace(_LLAMA_LIKE, sliding_window=True),
-    "qwen2": FamilySpec(chunked_loss=True, decoder=True, gguf_arch="qwen2", gguf_rope_types=_SCALED_ROPE),
+    "qwen2": FamilySpec(long_context=True, chunked_loss=True, decoder=True, gguf_arch="qwen2",
+                        gguf_rope_types=_SCALED_ROPE),
     # q_norm / k_norm map to attn_q_norm / attn_k_norm; llama.cpp's qwen3 has no q/k/v biases.
-    "qwen3": FamilySpec(chunked_loss=True, decoder=True, qk_norm=True, gguf_arch="qwen3", gguf_rope_types=_SCALED_ROPE,
+    "qwen3": FamilySpec(long_context=True, chunked_loss=True, decoder=True, qk_norm=True, gguf_arch="qwen3",
+                        gguf_rope_types=_SCALED_ROPE,
                         gguf_refused_flags=("attention_bias", "use_sliding_window")),
-    "gemma": FamilySpec(chunked_loss=True, decoder=True, norm_offset=1.0, gguf_arch="gemma", gguf_norm_shift=1.0,
-                        gguf_tied_output=True,
+    "gemma": FamilySpec(long_context=True, chunked_loss=True, decoder=True, norm_offset=1.0, gguf_arch="gemma",
+                        gguf_norm_shift=1.0, gguf_tied_output=True,
                         gguf_activation="gelu_pytorch_tanh", gguf_refused_flags=("use_bidirectional_attention",)),
     # llama.cpp's gemma2 always soft-caps attention and output logits and reads the head from the embedding;
     # norms as Gemma's.
-    "gemma2": FamilySpec(chunked_loss=True, logits_softcap="final_logit_softcapping", decoder=True, norm_offset=1.0,
-                         sandwich_norms=True, attention_softcap="attn_logit_softcapping",
+    "gemma2": FamilySpec(long_context=True, chunked_loss=True, logits_softcap="final_logit_softcapping", decoder=True,
+                         norm_offset=1.0, sandwich_norms=True, attention_softcap="attn_logit_softcapping",
                          gguf_arch="gemma2", gguf_norm_shift=1.0, gguf_tied_output=True,
                          gguf_activation="gelu_pytorch_tanh", gguf_refused_flags=("use_bidirectional_attention",),
                          gguf_required_fields=("attn_logit_softcapping", "final_logit_softcapping", "sliding_window")),
     # Gemma 3's text model (q_norm / k_norm, local and global rope bases): llama.cpp's gemma3 has no attention
     # soft-capping; linear rope scaling only on the global layers (transformers' "full_attention" parameters).
-    "gemma3_text": FamilySpec(chunked_loss=True, logits_softcap="final_logit_softcapping", decoder=True,
+    "gemma3_text": FamilySpec(long_context=True, chunked_loss=True, logits_softcap="final_logit_softcapping",
+                              decoder=True,
                               norm_offset=1.0, sandwich_norms=True, qk_norm=True, rope_per_layer_type=True,
                               attention_softcap="attn_logit_softcapping",
                               gguf_arch="gemma3", gguf_norm_shift=1.0, gguf_activation="gelu_pytorch_tanh",
                               gguf_refused_flags=("attn_logit_softcapping", "use_bidirectional_attention"),
                               gguf_rope_types=("default", "linear")),
     # fused qkv_proj / gate_up_proj map as they are to attn_qkv / ffn_up (twice intermediate_size wide).
-    "phi3": FamilySpec(chunked_loss=True, decoder=True, fused_projections=True, sliding_window=True, gguf_arch="phi3",
-                       gguf_fused_qkv=True, gguf_rope_types=("default", "longrope")),
-    "smollm3": FamilySpec(chunked_loss=True, decoder=True, rope_layers="no_rope_layers", gguf_arch="smollm3",
-                          gguf_permute_qk=True,
+    "phi3": FamilySpec(long_context=True, chunked_loss=True, decoder=True, fused_projections=True, sliding_window=True,
+                       gguf_arch="phi3", gguf_fused_qkv=True, gguf_rope_types=("default", "longrope")),
+    "smollm3": FamilySpec(long_context=True, chunked_loss=True, decoder=True, rope_layers="no_rope_layers",
+                          gguf_arch="smollm3", gguf_permute_qk=True,
                           gguf_refused_flags=("use_sliding_window",)),
-    "granite": FamilySpec(chunked_loss=True, logits_divisor="logits_scaling", decoder=True,
+    "granite": FamilySpec(long_context=True, chunked_loss=True, logits_divisor="logits_scaling", decoder=True,
                           embedding_multiplier="embedding_multiplier", residual_multiplier="residual_multiplier",
                           gguf_arch="granite", gguf_permute_qk=True),
     # llama.cpp's olmo2 requires a separate output head.
-    "olmo2": FamilySpec(chunked_loss=True, gguf_arch="olmo2", gguf_refused_flags=("tie_word_embeddings",)),
+    "olmo2": FamilySpec(long_context=True, chunked_loss=True, gguf_arch="olmo2", gguf_refused_flags=("tie_word_embeddings",)),
     # Mixtures of experts (transformers' experts modules, experts in 4-bit: layers/experts4bit.py). llama.cpp's
     # graphs fix what transformers reads from the config: whether the chosen experts' weights are renormalized
     # (norm_topk_prob: always in qwen3moe and Mixtral's llama, never in qwen2moe and olmoe), every layer sparse
@@ -230,13 +238,10 @@ FAMILIES: dict[str, FamilySpec] = {
     "mt5": FamilySpec(),
 }
 
-# Decoder-only families whose long sequences train with nf4tune's long-context layers (models/load.py): attention
-# through transformers' AttentionInterface as `nf4tune_chunked` (layers/chunked_attention.py), and a token-wise
-# `mlp` module per layer, tiled over tokens (layers/tiled_mlp.py).
-LONG_CONTEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
-                         "granite", "olmo2")
-
 
 def families(capability: str) -> tuple[str, ...]:
     """The model types with `capability` (a FamilySpec field) set, e.g. families("decoder")."""
     return tuple(name for name, spec in FAMILIES.items() if getattr(spec, capability))
+
+
+LONG_CONTEXT_FAMILIES = families("long_context")
