@@ -69,10 +69,13 @@ def base_perplexity(gguf: Path, quant_type: str, double_quant: bool, ids: torch.
 
 
 def table(rows: list[dict]) -> str:
-    bf16 = next((r["eval_loss"] for r in rows if r["quant_type"] == "none"), None)
+    bf16 = next((r["eval_loss"] for r in rows if r["quant_type"] == "none" and "eval_loss" in r), None)
     lines = ["| base | final eval loss | vs bf16 | exact match (before -> after) | base perplexity |",
              "|---|---|---|---|---|"]
     for r in rows:
+        if "eval_loss" not in r:  # --perplexity-only
+            lines.append(f"| {r['base']} | - | - | - | {r['perplexity']:.2f} |")
+            continue
         before = "-" if r["exact_match_before"] is None else f"{r['exact_match_before']:.0%}"
         versus = "-" if bf16 is None else f"{r['eval_loss'] / bf16 - 1:+.1%}"
         lines.append(f"| {r['base']} | {r['eval_loss']:.4f} | {versus} | "
@@ -89,6 +92,7 @@ def main() -> None:
     parser.add_argument("--only", help=f"comma-separated bases to run, of {', '.join(BASES)} (default all); runs split "
                                        "this way can go to separate processes, their tables joined with --rows")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--perplexity-only", action="store_true", help="score the bases alone, no fine-tune")
     parser.add_argument("--rows", nargs="+", metavar="LOG",
                         help="run nothing: print the table of the result rows (the JSON lines) these runs' stderr holds")
     args = parser.parse_args()
@@ -111,10 +115,10 @@ def main() -> None:
             if chosen is not None and key not in chosen:
                 continue
             load = os.getloadavg()[0]
-            row = {"base": label, "quant_type": quant_type, "double_quant": double_quant,
-                   "perplexity": base_perplexity(gguf, quant_type, double_quant, ids, args.window),
-                   **fine_tune(quant_type, double_quant, args.steps, Path(tmp) / f"{quant_type}-{double_quant}"),
-                   "load_before": round(load, 1)}
+            row = {"base": label, "quant_type": quant_type, "double_quant": double_quant, "load_before": round(load, 1),
+                   "perplexity": base_perplexity(gguf, quant_type, double_quant, ids, args.window)}
+            if not args.perplexity_only:
+                row.update(fine_tune(quant_type, double_quant, args.steps, Path(tmp) / f"{quant_type}-{double_quant}"))
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     results = {"model": gguf.name, "recipe": str(RECIPE.name), "steps": args.steps, "text": args.text,
