@@ -81,7 +81,8 @@ def test_quant_type_none_evaluates_the_16bit_base(runs, capsys):
     nf4 = json.loads(_eval(capsys, base, *PERPLEXITY, "--adapter", a, "--json"))
     for adapter in (a, b):
         model, tok = nf4tune.load_model(base, quant_type=None, adapter=adapter, device="cpu", progress=False)
-        expected = perplexity(model, tok, read_text(str(TEST), "question", limit=4), 24, progress=False)
+        expected = perplexity(model, tok, read_text(str(TEST), "question", limit=4), 24,
+                              batch_size=8, progress=False)  # the CLI's default batch
         assert got["adapters"][adapter]["perplexity"] == expected.perplexity
     assert got["adapters"][a]["perplexity"] != nf4["perplexity"]  # not the 4-bit base
 
