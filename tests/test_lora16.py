@@ -95,6 +95,23 @@ def test_none_trains_resumes_exactly_and_its_adapter_is_peft_s(setup):
     assert torch.equal(ours, reference)  # same base weights, same float32 arithmetic as PEFT's Linear
 
 
+def test_on_a_bf16_base_the_adapter_gives_peft_s_logits_bit_for_bit(tmp_path):
+    """The bf16 base computing in bf16 (the 16-bit LoRA the paper compares against): PEFT's model on the same
+    checkpoint with the same adapter gives the very same logits (float32 adapters on both sides)."""
+    model = build_tiny_checkpoint(tmp_path / "bf16", dtype=torch.bfloat16)
+    fresh = nf4tune.load_model(model, quant_type=None, device="cpu", compute_dtype=torch.bfloat16, progress=False,
+                               lora=nf4tune.LoraConfig(r=4, dropout=0.0))[0]
+    _random_adapter(fresh, tmp_path / "adapter")
+    ours = nf4tune.load_model(model, quant_type=None, adapter=tmp_path / "adapter", device="cpu",
+                              compute_dtype=torch.bfloat16, progress=False)[0]
+    assert all(layer.weight.dtype == torch.bfloat16 for layer in lora_layers(ours).values())
+    with torch.no_grad():
+        logits = ours(IDS).logits.float()
+        base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)(IDS).logits.float()
+    assert torch.equal(logits, _peft_logits(model, tmp_path / "adapter", torch.bfloat16))
+    assert not torch.equal(logits, base)  # the adapter counts
+
+
 @pytest.mark.parametrize("quant_type", [None, "none"])
 def test_none_puts_lora_on_the_layers_qlora_quantizes(setup, quant_type):
     _, model = setup
@@ -198,3 +215,90 @@ def test_int4_code_is_symmetric_with_an_exact_zero():
     code = int4_code()
     assert torch.equal(code[:15], -code[:15].flip(0)) and code[7] == 0 and code[15] == 0
     assert code.max() == 1 and code.min() == -1 and len(set(code.tolist())) == 15
+
+
+# --- serving and compiling on the 16-bit base ------------------------------------------------------------
+
+
+def test_the_decoder_and_engine_on_the_16bit_base_generate_peft_s_greedy_tokens(tmp_path):
+    """The lean CPU decoder (and the engine that uses it) on a bf16 base with an adapter: the greedy tokens
+    of transformers' generate on the PEFT model in bf16."""
+    from nf4tune import dispatch
+    from nf4tune.serve import Engine, Request
+    from nf4tune.serve.decoder import Decoder
+    from nf4tune.serve.sampling import Sampling
+
+    if not dispatch.path("decode_attention", torch.zeros(1)).fast:
+        pytest.skip("the decoder needs the AVX-512 CPU kernels")
+    # 128-wide projections take the decoder's bf16 dot-product path; weights large enough for clear argmaxes
+    path = build_tiny_checkpoint(tmp_path / "model", hidden_size=128, intermediate_size=256, initializer_range=0.1)
+    fresh = nf4tune.load_model(path, quant_type=None, device="cpu", compute_dtype=torch.bfloat16, progress=False,
+                               lora=nf4tune.LoraConfig(r=4, alpha=8, dropout=0.0))[0]
+    _random_adapter(fresh, tmp_path / "adapter")
+    model, tok = nf4tune.load_model(path, quant_type=None, adapter=tmp_path / "adapter", device="cpu",
+                                    compute_dtype=torch.bfloat16, progress=False)
+    assert Decoder.unsupported(model) is None
+    prompt = torch.randint(4, 100, (1, 7), generator=torch.Generator().manual_seed(1))
+    [tokens] = Decoder(model).generate(prompt, Sampling(max_new_tokens=12))
+
+    reference = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16),
+                                               tmp_path / "adapter").eval()
+    with torch.no_grad():
+        out = reference.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                                 do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
+    assert tokens == out[0, prompt.shape[1]:].tolist()
+    assert len(set(tokens)) > 3  # the adapter's model, not a loop on one token
+
+    engine = Engine(model, tok)
+    try:
+        assert engine.decoder is not None
+        text = tok.decode(prompt[0])
+        assert tok(text, add_special_tokens=False).input_ids == prompt[0].tolist()
+        reply = engine.submit(Request(text, sampling=Sampling(max_new_tokens=12))).wait(60)
+        assert reply.text == tok.decode(tokens, skip_special_tokens=True)
+    finally:
+        engine.close()
+
+
+def test_compiled_layers_train_the_16bit_base_as_eager_does(setup, monkeypatch):
+    """training.compile on quant_type none: no graph break (each decoder layer traced whole, with no 4-bit
+    custom op to hide the linear behind; "aot_eager", the capture Inductor gets), the eager run's losses
+    and adapter."""
+    from safetensors.torch import load_file
+
+    from nf4tune.train import compile as compile_mod
+
+    root, model = setup
+
+    def run(name, compile):
+        raw = _recipe(root, model, root / name)
+        raw.lora.dropout = 0.0  # compiled dropout draws other random numbers than eager
+        raw.training.compile = compile
+        raw.training.max_steps, raw.training.save_steps, raw.training.eval_steps = 2, 100, 100
+        out = train(raw, progress=False).output_dir
+        return _losses(out), load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+
+    eager, eager_adapter = run("eager16", False)
+    monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled, compiled_adapter = run("compiled16", True)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert len(eager) == 2 and eager.keys() == compiled.keys()
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4)
+    for name, value in eager_adapter.items():
+        assert torch.allclose(compiled_adapter[name], value, rtol=1e-3, atol=1e-6), name
+
+
+def test_doctor_says_which_ops_each_quant_type_takes(capsys):
+    from nf4tune.cli.main import main
+    from nf4tune.registry import BASE_QUANT_TYPES, QUANT_TYPES, UNQUANTIZED
+
+    assert main(["doctor", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)["quant_types"]
+    assert list(found) == list(BASE_QUANT_TYPES)
+    assert all("matmul_4bit" in found[t] for t in QUANT_TYPES) and "no 4-bit op" in found[UNQUANTIZED]
+    assert main(["doctor"]) == 0
+    text = capsys.readouterr().out
+    assert all(f"  {t:<5} {what}" in text for t, what in found.items())

@@ -430,3 +430,14 @@ def _scratch_weight(q, dtype: torch.dtype) -> torch.Tensor:
 tensor.use_fast_paths(quantize_4bit, dequantize_4bit)
 lora_4bit_op.use_dequantize(_scratch_weight)  # the compiled layers' custom ops use the reused buffer too
 lora_4bit_op.use_matmul(lambda x, q: matmul_4bit(x, q))  # the static decoder's step: the fused kernels
+
+
+def quant_type_paths() -> dict[str, str]:
+    """Per `quant.quant_type`, which of the ops above the frozen linear layers take: the 4-bit types all
+    take the 4-bit ops (their code table is the kernels' input, not a different path); none takes none."""
+    from .registry import QUANT_TYPES, UNQUANTIZED
+
+    four_bit = "quantize_4bit on load, then dequantize_4bit (training, prefill) and matmul_4bit (a few tokens)"
+    return {**{t: four_bit for t in QUANT_TYPES},
+            UNQUANTIZED: "no 4-bit op: the weight stays in the compute dtype and torch's own matmul runs it; "
+                         "the other ops as listed"}

@@ -18,8 +18,13 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..dispatch import format_report, report
+    from ..dispatch import format_report, quant_type_paths, report
 
-    found = report()
-    print(json.dumps(found, indent=2) if args.json else format_report(found))
+    found = {**report(), "quant_types": quant_type_paths()}
+    if args.json:
+        print(json.dumps(found, indent=2))
+    else:
+        print(format_report(found))
+        print("\nquant.quant_type:")
+        print("\n".join(f"  {t:<5} {what}" for t, what in found["quant_types"].items()))
     return 0

@@ -71,12 +71,22 @@ class MultipleChoiceResult:
         lines += [f"{s:<{width}}{self.per_subject_n[s]:>6}  {a:.1%}" for s, a in self.per_subject.items()]
         lines.append(f"{'all questions':<{width}}{self.n:>6}  {self.accuracy:.1%}")
         lines.append(f"{'mean over subjects':<{width}}{len(self.per_subject):>6}  {self.accuracy_subject_mean:.1%}")
+        return "\n".join(lines + [self.notes()])
+
+    def notes(self) -> str:
         notes = f"{self.shots}-shot, {self.method} scoring"
         if self.shots_dropped:
             notes += f"; {self.shots_dropped} prompt(s) lost examples to fit the context"
         if self.truncated:
             notes += f"; {self.truncated} prompt(s) cut at the start even without examples"
-        return "\n".join(lines + [notes])
+        return notes
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(label, value) lines for a side-by-side table (`evaluate.compare`): accuracy per subject (with
+        its question count), over all questions, and the mean over subjects."""
+        rows = [(f"{s} ({self.per_subject_n[s]})", f"{a:.1%}") for s, a in self.per_subject.items()]
+        return rows + [(f"all questions ({self.n})", f"{self.accuracy:.1%}"),
+                       (f"mean over subjects ({len(self.per_subject)})", f"{self.accuracy_subject_mean:.1%}")]
 
     def as_json(self) -> dict:
         return {"task": "multiple_choice", "method": self.method, "accuracy": self.accuracy,

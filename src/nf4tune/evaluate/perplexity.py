@@ -26,6 +26,14 @@ class PerplexityResult:
         return (f"perplexity {self.perplexity:.4f} (mean loss {self.nll:.4f} nats) over {self.tokens} tokens, "
                 f"{self.windows} window(s) of {self.max_length} tokens with stride {self.stride}")
 
+    def rows(self) -> list[tuple[str, str]]:
+        """(label, value) lines for a side-by-side table (`evaluate.compare`)."""
+        return [("perplexity", f"{self.perplexity:.4f}"), ("mean loss (nats)", f"{self.nll:.4f}"),
+                ("tokens scored", str(self.tokens))]
+
+    def notes(self) -> str:
+        return f"{self.windows} window(s) of {self.max_length} tokens with stride {self.stride}"
+
     def as_json(self) -> dict:
         return {"task": "perplexity", "perplexity": self.perplexity, "nll": self.nll, "n": self.tokens,
                 "windows": self.windows, "max_length": self.max_length, "stride": self.stride}

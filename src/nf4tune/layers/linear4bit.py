@@ -286,8 +286,17 @@ class Linear16bit(Linear4bit):
         return self.weight.to(dtype, copy=True)
 
     def _compiled_product(self, x: torch.Tensor, x_lora: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        # no 4-bit custom op to hide: torch.compile traces the eager product as it is
-        return self._product(x, x_lora, scaling)
+        """The eager product's arithmetic in plain tensor ops, which torch.compile traces and differentiates
+        itself: no 4-bit weight to hide in a custom op, and `_Lora4bitMatmul` (an autograd.Function) would
+        break the graph, taking x twice when there is no dropout."""
+        y = x @ self.weight.t()
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        if self.lora_A is not None:
+            h = x_lora @ self.lora_A.to(x.dtype).t()
+            y2 = torch.addmm(y.view(-1, y.shape[-1]), h.view(-1, h.shape[-1]), (self.lora_B.to(x.dtype) * scaling).t())
+            y = y2.view(y.shape)
+        return y
 
     def fused_matmul(self, x: torch.Tensor):
         """For a few tokens without autograd, `infer` with the plain matmul (as Linear4bit with its fused
