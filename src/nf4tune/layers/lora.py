@@ -78,6 +78,5 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     params = [p for p in model.parameters() if id(p) not in storage]
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
-    total += sum(int(torch.Size(m._quant_meta["shape"]).numel()) for m in model.modules()
-                 if isinstance(m, Linear4bit) and m._quant_meta)
+    total += sum(m.layout.numel for m in model.modules() if isinstance(m, Linear4bit) and m.layout is not None)
     return trainable, total
