@@ -19,7 +19,7 @@ from nf4tune.cli.main import main
 from nf4tune.kernels import base, compiled
 from nf4tune.kernels import cpu as native
 from nf4tune.kernels import cuda as cuda_kernels
-from nf4tune.quant import blockwise
+from nf4tune.quant import QuantLayout, blockwise, ops
 
 SRC = Path(dispatch.__file__).parent
 DISPATCH = SRC / "dispatch.py"
@@ -138,8 +138,8 @@ def test_fused_matmul_exists_exactly_where_the_path_says(switches):
 def test_small_inputs_and_other_devices_stay_on_the_reference():
     small = torch.zeros(10)
     assert "below" in dispatch.path("loss", small).reason
-    meta = nf4tune.QuantizedTensor(torch.zeros(32, 1, dtype=torch.uint8, device="meta"),
-                                   torch.zeros(1, device="meta"), torch.Size((8, 8)), torch.float32, "nf4", 64)
+    meta = nf4tune.QuantizedTensor(torch.zeros(32, 1, dtype=torch.uint8, device="meta"), torch.zeros(1, device="meta"),
+                                   QuantLayout(torch.Size((8, 8)), torch.float32, "nf4", 64))
     assert dispatch.path("matmul_4bit", meta).name == dispatch.REFERENCE
     with pytest.raises(ValueError, match="unknown operation"):
         dispatch.path("softmax", small)
@@ -197,13 +197,9 @@ def test_compiling_traces_through_the_4bit_lora_layer_with_the_eager_results(dou
     for a, b in zip(torch.autograd.grad(eager, params), torch.autograd.grad(compiled, params)):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
     assert torch.allclose(eager, compiled, rtol=1e-6)
-    from nf4tune.kernels import lora_4bit_op
-
-    meta = layer._quant_meta
-    args = (x.detach().requires_grad_(), x.detach(), layer.lora_A, layer.lora_B, 2.0, layer.bias, layer.weight_packed,
-            layer.weight_absmax, layer.weight_nested_absmax, list(meta["shape"]), meta["quant_type"], meta["blocksize"],
-            layer.weight_offset, int(meta["nested_blocksize"] or 0))
-    torch.library.opcheck(lora_4bit_op.lora_linear_4bit, args)  # fake and autograd registrations agree with the op
+    args = (x.detach().requires_grad_(), x.detach(), layer.lora_A, layer.lora_B, 2.0, layer.bias, None,
+            *layer.weight_args())
+    torch.library.opcheck(ops.lora_linear_4bit, args)  # fake and autograd registrations agree with the op
 
 
 def test_training_dequantizes_into_one_reused_buffer_with_the_same_bytes():

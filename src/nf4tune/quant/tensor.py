@@ -25,7 +25,8 @@ class QuantizationError(Nf4tuneError, ValueError):
 
 @dataclass(frozen=True)
 class QuantLayout:
-    """How a 4-bit weight is laid out: everything about it but its tensors. Shared by `QuantizedTensor` and the layers that hold one's tensors as buffers.
+    """How a 4-bit weight is laid out: everything about it but its tensors. Shared by `QuantizedTensor`
+    and the layers that hold one's tensors as buffers.
 
     Attributes:
         shape: the original tensor's shape.
