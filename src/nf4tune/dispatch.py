@@ -26,9 +26,9 @@ NF4TUNE_STATIC_DECODER and the only caller of the kernels' capability checks.
 
 The 4-bit operations are `torch.library` custom ops (`quant.ops`, the reference their default kernel);
 this module registers their "cpu" and "cuda" kernels, which run the path `path()` names, and PyTorch's
-dispatcher routes each call by device. No other module's globals are touched. The package imports
-this module before any of its own submodules (`nf4tune.__init__`), so every caller gets the same kernels
-whatever it imported first.
+dispatcher routes each call by device. No other module's globals are touched, so the order in which
+modules are imported changes nothing: the package's public names, layers, loaders and commands import
+this module; a program importing `nf4tune.quant` alone runs the default (reference) kernels, same bytes.
 """
 
 from __future__ import annotations
