@@ -64,17 +64,13 @@ def fresh_dense(w: QuantizedTensor | Tensor, dtype: torch.dtype) -> Tensor:
     return w.to(dtype) if isinstance(w, Tensor) else w.dequantize(dtype)
 
 
-def reference_matmul(x: Tensor, w: QuantizedTensor) -> Tensor:
-    """x @ W^T through the dequantized weight, in x's dtype."""
-    return x @ w.dequantize(x.dtype).t()
-
-
 @torch.library.custom_op("nf4tune::matmul_4bit", mutates_args=())
 def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, nested: Optional[Tensor], offset: float, shape: list[int],
                 quant_type: str, blocksize: int, nested_blocksize: int) -> Tensor:
     """x @ W^T for the 4-bit weight W, in x's dtype (the fused few-token kernels where a device has them).
     `offset` a float: the static decoder compiles one graph for the whole model anyway."""
-    return reference_matmul(x, weight_of(packed, absmax, nested, offset, shape, quant_type, blocksize, nested_blocksize))
+    w = weight_of(packed, absmax, nested, offset, shape, quant_type, blocksize, nested_blocksize)
+    return x @ w.dequantize(x.dtype).t()
 
 
 @matmul_4bit.register_fake
