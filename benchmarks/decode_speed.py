@@ -159,9 +159,9 @@ def run_side(side: str, path: Path, args) -> dict:
         from nf4tune.serve.static_decoder import StaticDecoder
 
         chosen = dispatch.path("decode", next(model.parameters()))
-        if chosen.name.startswith(dispatch.STATIC) and StaticDecoder.unsupported(model) is None:
+        if chosen.static_mode is not None and StaticDecoder.unsupported(model) is None:
             decoder = StaticDecoder(model, args.batch, args.prompt + args.new_tokens,
-                                    mode=chosen.name.removeprefix(dispatch.STATIC))
+                                    mode=chosen.static_mode)
         elif Decoder.unsupported(model) is None:
             decoder = Decoder(model)
 

@@ -13,7 +13,6 @@ import torch
 import nf4tune
 from nf4tune import dispatch
 from nf4tune.kernels import cpu as native
-from nf4tune.layers import linear4bit
 from nf4tune.quant import blockwise
 from nf4tune.quant.codes import code_4bit
 
@@ -92,7 +91,7 @@ def test_the_layer_decodes_through_the_fused_kernel_with_the_same_result(monkeyp
         fused = layer(x)
         assert len(calls) == 1 and fused.shape == training_path.shape
         assert torch.allclose(fused, training_path, rtol=1e-5, atol=1e-5)
-        layer(torch.randn(linear4bit.FUSED_MAX_TOKENS + 1, 128))  # more tokens: back to dequantize + matmul
+        layer(torch.randn(dispatch.FUSED_MAX_TOKENS + 1, 128))  # more tokens: back to dequantize + matmul
         assert len(calls) == 1
         layer.lora_B.mul_(-2)  # an in-place update, as an optimizer step: the kept adapter copy follows
         moved = layer(x)

@@ -2,8 +2,9 @@
 
 Operations (`OPS`): 4-bit `quantize_4bit` and `dequantize_4bit`, the fused few-token `matmul_4bit`,
 `rms_norm` and `decode_attention` (the CPU decoder's), `head_matmul` (the bf16 output head while
-decoding), `loss` (the chunked cross-entropy's compiled kernels) and `decode` (which decoder the
-serving engine runs a model with). Paths:
+decoding), `loss` (the chunked cross-entropy's compiled kernels), `train_compile` (whether training's
+`compile: auto` compiles the decoder layers) and `decode` (which decoder the serving engine runs a
+model with). Paths:
 
 - `native-cpu`: the AVX-512 kernels of `kernels.cpu` (built on first use; NF4TUNE_NATIVE=0: off);
 - `triton`: the Triton kernels of `kernels.cuda` (after their first-use check on each GPU);
@@ -13,16 +14,21 @@ serving engine runs a model with). Paths:
   path to (byte for byte where the path promises it).
 
 `decode`'s paths: `static-graphs` / `static-compiled` / `static-eager` (`serve.static_decoder`, its
-step captured in a CUDA graph, compiled, or as written: the default on CUDA, graphs unless
-NF4TUNE_COMPILE=0), `native-cpu` (`serve.decoder.Decoder`, the default on CPU with the AVX-512
+step captured in a CUDA graph, compiled, or as written, the mode also in `Path.static_mode`: the
+default on CUDA, graphs unless NF4TUNE_COMPILE=0), `native-cpu` (`serve.decoder.Decoder`, the default on CPU with the AVX-512
 kernels) and `reference` (transformers' `generate`). NF4TUNE_STATIC_DECODER=0 keeps the static
 decoder off; =eager / compiled / graphs asks for it in that mode on any device (graphs on CUDA only).
 The engine falls back (saying why) where a model or its adapters need another decoder.
 
 `path(op, *inputs)` says which path an input takes and why; every function here runs exactly the
 path it names. This module is the only reader of NF4TUNE_NATIVE / NF4TUNE_COMPILE /
-NF4TUNE_STATIC_DECODER and the only caller of the kernels' capability checks. Importing it (the package does) installs the fast
-quantize / dequantize into `quant`, which itself stays the pure reference.
+NF4TUNE_STATIC_DECODER and the only caller of the kernels' capability checks.
+
+The 4-bit operations are `torch.library` custom ops (`quant.ops`, the reference their default kernel);
+this module registers their "cpu" and "cuda" kernels, which run the path `path()` names, and PyTorch's
+dispatcher routes each call by device. No other module's globals are touched, so the order in which
+modules are imported changes nothing: the package's public names, layers, loaders and commands import
+this module; a program importing `nf4tune.quant` alone runs the default (reference) kernels, same bytes.
 """
 
 from __future__ import annotations
@@ -38,10 +44,10 @@ import torch
 import torch.nn.functional as F
 
 from .errors import Nf4tuneError
-from .kernels import base, compiled, compiled_4bit, lora_4bit_op
+from .kernels import base, compiled, compiled_4bit
 from .kernels import cpu as native
 from .kernels import cuda as cuda_kernels
-from .quant import blockwise, tensor
+from .quant import blockwise, ops, tensor
 from .quant.codes import code_4bit, on_device
 
 NATIVE_ENV, COMPILE_ENV, STATIC_DECODER_ENV = "NF4TUNE_NATIVE", "NF4TUNE_COMPILE", "NF4TUNE_STATIC_DECODER"
@@ -49,19 +55,25 @@ REFERENCE, NATIVE, TRITON, COMPILED = "reference", "native-cpu", "triton", "torc
 STATIC = "static-"  # decode's static-decoder paths: STATIC + one of STATIC_MODES
 STATIC_MODES = ("eager", "compiled", "graphs")
 OPS = ("quantize_4bit", "dequantize_4bit", "matmul_4bit", "rms_norm", "decode_attention", "head_matmul", "loss",
-       "decode")
+       "train_compile", "decode")
 # Below this many elements compilation costs more than it saves.
 COMPILE_MIN_NUMEL = 1 << 20
+# Up to this many tokens a layer multiplies through its 4-bit weight directly (the fused kernels); beyond,
+# dequantizing once and the BLAS matmul is faster (BENCHMARKS.md).
+FUSED_MAX_TOKENS = 16
 
 Matmul4bit = base.Matmul4bit  # what `fused_matmul_4bit` returns, whichever device's
 
 
 @dataclass(frozen=True)
 class Path:
-    """Which implementation an operation takes (`name`) and one sentence saying why (`reason`)."""
+    """Which implementation an operation takes (`name`) and one sentence saying why (`reason`); for
+    `decode`, `static_mode` is the static decoder's mode ("eager", "compiled", "graphs") where it is
+    the one chosen, else None."""
 
     name: str
     reason: str
+    static_mode: str | None = None
 
     @property
     def fast(self) -> bool:
@@ -114,8 +126,9 @@ def _triton_reason(device: torch.device) -> str | None:
 def path(op: str, *inputs) -> Path:
     """Which path `op` takes for these inputs, and why. Inputs per op:
     quantize_4bit (w, quant_type, blocksize); dequantize_4bit (q) or (packed, absmax, n, blocksize);
-    matmul_4bit (q); rms_norm (x); decode_attention (x); head_matmul (x, weight); loss (logits);
-    decode (a tensor on the model's device)."""
+    matmul_4bit (q) or (q, x: the input, whose token count counts); rms_norm (x); decode_attention (x);
+    head_matmul (x, weight); loss (logits); train_compile (the model's torch.device); decode (a tensor
+    on the model's device)."""
     if op not in _PATHS:
         raise ValueError(f"unknown operation {op!r}: one of {', '.join(OPS)}")
     return _PATHS[op](*inputs)
@@ -151,7 +164,24 @@ def _dequantize_path(packed, absmax=None, n: int | None = None, blocksize: int |
     return Path(REFERENCE, f"{native_reason}; {compile_reason}")
 
 
-def _matmul_path(q) -> Path:
+def _tokens_reason(x: torch.Tensor, k: int) -> str | None:
+    """None where x (..., k) is few enough tokens for the fused kernels, else why not."""
+    if x.numel() > FUSED_MAX_TOKENS * k:
+        return (f"{x.numel() // k} tokens: above {FUSED_MAX_TOKENS}, dequantizing once and the BLAS matmul "
+                "is faster")
+    return None
+
+
+def fuses(x: torch.Tensor, k: int) -> bool:
+    """Whether x (..., k) goes through a fused kernel (`path("matmul_4bit", q, x)`'s token rule, without
+    the weight's checks: for a layer that already holds its prepared kernel)."""
+    return _tokens_reason(x, k) is None
+
+
+def _matmul_path(q, x: torch.Tensor | None = None) -> Path:
+    tokens = None if x is None else _tokens_reason(x, q.shape[-1])
+    if tokens is not None:
+        return Path(REFERENCE, tokens)
     if q.packed.is_cuda:
         reason = _triton_reason(q.packed.device)
         return Path(TRITON, "the Triton kernel passed its first-use check") if reason is None else Path(REFERENCE, reason)
@@ -178,6 +208,15 @@ def _loss_path(t: torch.Tensor) -> Path:
     return Path(COMPILED, "Inductor fuses the loss's passes over the logits") if reason is None else Path(REFERENCE, reason)
 
 
+def _train_compile_path(device: torch.device) -> Path:
+    off = _compile_off()
+    if off:
+        return Path(REFERENCE, off)
+    if device.type != "cuda":
+        return Path(REFERENCE, f"on {device.type} compiling the decoder layers costs more than it saves")
+    return Path(COMPILED, "Inductor fuses each decoder layer's norms, rotary, SwiGLU and casts around the 4-bit ops")
+
+
 def _decode_path(x: torch.Tensor) -> Path:
     """Which decoder serves a 4-bit Llama-family model on x's device (the engine falls back, saying why,
     for a model or adapters that decoder cannot run)."""
@@ -196,7 +235,9 @@ def _decode_path(x: torch.Tensor) -> Path:
         mode = None
     if mode is not None:
         off = _compile_off() if mode != "eager" else None
-        return Path(STATIC + "eager", f"{why}; uncompiled: {off}") if off else Path(STATIC + mode, why)
+        if off:
+            mode, why = "eager", f"{why}; uncompiled: {off}"
+        return Path(STATIC + mode, why, static_mode=mode)
     off = f"{STATIC_DECODER_ENV}=0; " if cuda else ""
     if x.device.type == "cpu":
         reason = _native_reason()
@@ -209,7 +250,7 @@ def _decode_path(x: torch.Tensor) -> Path:
 _PATHS: dict[str, Callable[..., Path]] = {
     "quantize_4bit": _quantize_path, "dequantize_4bit": _dequantize_path, "matmul_4bit": _matmul_path,
     "rms_norm": _cpu_kernel_path, "decode_attention": _cpu_kernel_path, "head_matmul": _head_path,
-    "loss": _loss_path, "decode": _decode_path,
+    "loss": _loss_path, "train_compile": _train_compile_path, "decode": _decode_path,
 }
 
 
@@ -327,24 +368,12 @@ def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-def lora_linear_4bit(x: torch.Tensor, x_lora, lora_A, lora_B, scaling: float, bias, packed: torch.Tensor,
-                     absmax: torch.Tensor, nested, meta: dict, offset: torch.Tensor | None = None) -> torch.Tensor:
-    """`Linear4bit`'s forward under `torch.compile`: the `nf4tune::lora_linear_4bit` custom op (no graph
-    break; the weight dequantized into `dequantize_scratch`'s buffer), `meta` the layer's quantization
-    fields, `offset` its double-quantization offset as a 0-dim CPU tensor (the layer's `weight_offset`:
-    then the decoder layers, alike but for their values, share one compiled graph)."""
-    if offset is None:
-        offset = torch.tensor(float(meta["offset"] or 0.0))
-    return lora_4bit_op.lora_linear_4bit(x, x_lora, lora_A, lora_B, float(scaling), bias, packed, absmax, nested,
-                                         list(meta["shape"]), meta["quant_type"], meta["blocksize"], offset,
-                                         int(meta["nested_blocksize"] or 0))
-
-
-def decode_matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested, meta: dict) -> torch.Tensor:
+def decode_matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested,
+                       layout: tensor.QuantLayout) -> torch.Tensor:
     """`matmul_4bit` as the `nf4tune::matmul_4bit` custom op: opaque to `torch.compile` and captured
-    whole by a CUDA graph (`serve.static_decoder`); `meta` the layer's quantization fields."""
-    return lora_4bit_op.matmul_4bit(x, packed, absmax, nested, list(meta["shape"]), meta["quant_type"],
-                                    meta["blocksize"], float(meta["offset"] or 0.0), int(meta["nested_blocksize"] or 0))
+    whole by a CUDA graph (`serve.static_decoder`); `layout` the layer's `QuantLayout`."""
+    return ops.matmul_4bit(x, packed, absmax, nested, float(layout.offset or 0.0), list(layout.shape),
+                           layout.quant_type, layout.blocksize, layout.nested_blocksize)
 
 
 class Compiled:
@@ -369,19 +398,21 @@ def _probes(device: torch.device) -> dict[str, tuple[str, tuple]]:
     n = rows * cols
     q = tensor.QuantizedTensor(
         torch.zeros(n // 2, 1, dtype=torch.uint8, device=device), torch.zeros(n // 64, dtype=torch.uint8, device=device),
-        torch.Size((rows, cols)), torch.bfloat16, "nf4", 64, 0.0,
-        torch.ones(n // 64 // 256, dtype=torch.float32, device=device), 256)
+        tensor.QuantLayout(torch.Size((rows, cols)), torch.bfloat16, "nf4", 64, 0.0, 256),
+        torch.ones(n // 64 // 256, dtype=torch.float32, device=device))
     one = torch.zeros(1, device=device)
     return {
         "quantize_4bit": ("a 4096x4096 bf16 weight", (one.to(torch.bfloat16).expand(rows, cols), "nf4", 64)),
         "dequantize_4bit": ("a 4096x4096 NF4 weight", (q,)),
-        "matmul_4bit": ("a 4096x4096 NF4 weight, 1-16 tokens", (q,)),
+        "matmul_4bit": (f"a 4096x4096 NF4 weight, {FUSED_MAX_TOKENS} tokens",
+                        (q, torch.zeros(FUSED_MAX_TOKENS, cols, dtype=torch.bfloat16, device=device))),
         "rms_norm": ("decoding rows of 4096", (one.expand(1, cols),)),
         "decode_attention": ("one decoding step", (one.expand(1, cols),)),
         "head_matmul": ("1 row x a bf16 head of 4096 columns",
                         (torch.zeros(1, cols, dtype=torch.bfloat16, device=device),
                          torch.zeros(8, cols, dtype=torch.bfloat16, device=device))),
         "loss": ("a 2048-token chunk of 32000 logits", (one.expand(2048, 32000),)),
+        "train_compile": ("training's decoder layers, compile: auto", (torch.device(device),)),
         "decode": ("serving a 4-bit Llama-family model", (one,)),
     }
 
@@ -423,13 +454,22 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _scratch_weight(q, dtype: torch.dtype) -> torch.Tensor:
-    return dequantize_scratch(q, dtype)  # looked up per call: tests may wrap dequantize_scratch
+# ---- the custom ops' kernels on CPU and CUDA (their default, for other devices, is the reference) ----
+
+def _scratch_dense(w, dtype: torch.dtype) -> torch.Tensor:
+    """A frozen weight in `dtype`, used at once and dropped: a 4-bit one dequantized into the reused
+    buffer (`dequantize_scratch`), a dense one (Linear16bit) as it is."""
+    if isinstance(w, torch.Tensor):
+        return w if w.dtype == dtype else w.to(dtype)
+    return dequantize_scratch(w, dtype)
 
 
-tensor.use_fast_paths(quantize_4bit, dequantize_4bit)
-lora_4bit_op.use_dequantize(_scratch_weight)  # the compiled layers' custom ops use the reused buffer too
-lora_4bit_op.use_matmul(lambda x, q: matmul_4bit(x, q))  # the static decoder's step: the fused kernels
+_DEVICES = ("cpu", "cuda")
+ops.quantize_4bit.register_kernel("cpu", quantize_4bit)
+ops.dequantize_4bit.register_kernel(_DEVICES, dequantize_4bit)
+ops.matmul_4bit.register_kernel(_DEVICES, lambda x, *weight: matmul_4bit(x, ops.weight_of(*weight)))
+ops.lora_linear_4bit.register_kernel(_DEVICES, functools.partial(ops.lora_linear, _scratch_dense))
+ops.grad_input_4bit.register_kernel(_DEVICES, functools.partial(ops.grad_input, _scratch_dense))
 
 
 def quant_type_paths() -> dict[str, str]:

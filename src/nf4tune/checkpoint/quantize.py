@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import dispatch  # noqa: F401  (installs the fast 4-bit paths into quant)
+from .. import dispatch  # noqa: F401  (registers the 4-bit ops' CPU and CUDA kernels)
 from ..errors import Nf4tuneError
 from ..outputs import check_output
 from ..quant import quantize

@@ -24,6 +24,7 @@ from .. import dispatch
 from ..errors import Nf4tuneError
 from ..quant import QuantizedTensor
 from ..quant.codes import dynamic_code, on_device
+from ..quant.tensor import QuantLayout
 from . import kept_outputs
 from .linear4bit import lora_scaling
 
@@ -56,7 +57,7 @@ class ExpertWeight4bit(nn.Module):
         self.compute_dtype = compute_dtype
         for name in self.STORAGE:
             self.register_buffer(name, None)
-        self._quant_meta: dict = {}
+        self.layout: QuantLayout | None = None  # of the 4-bit parameter (None: unquantized or not yet loaded)
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.r, self.scaling = 0, 0.0
@@ -70,9 +71,7 @@ class ExpertWeight4bit(nn.Module):
             self.dense = weight.to(self.compute_dtype, copy=True)
             return
         self.packed, self.absmax, self.nested_absmax = weight.packed, weight.absmax, weight.nested_absmax
-        self._quant_meta = dict(shape=weight.shape, dtype=weight.dtype, quant_type=weight.quant_type,
-                                blocksize=weight.blocksize, offset=weight.offset,
-                                nested_blocksize=weight.nested_blocksize)
+        self.layout = weight.layout
 
     @property
     def is_quantized(self) -> bool:
@@ -81,7 +80,7 @@ class ExpertWeight4bit(nn.Module):
     @property
     def quantized_weight(self) -> QuantizedTensor:
         """The whole parameter as a `QuantizedTensor` (a view of this module's buffers)."""
-        return QuantizedTensor(self.packed, self.absmax, nested_absmax=self.nested_absmax, **self._quant_meta)
+        return QuantizedTensor(self.packed, self.absmax, self.layout, self.nested_absmax)
 
     @property
     def storage_device(self) -> torch.device | None:
@@ -97,18 +96,18 @@ class ExpertWeight4bit(nn.Module):
     def _expert_quantized(self, e: int) -> tuple[QuantizedTensor, int]:
         """Expert e's run of blocks as a `QuantizedTensor` with float32 absmax, and the offset of e's first
         element in it (0 when e's elements fill whole blocks, as in every real model)."""
-        meta = self._quant_meta
+        layout = self.layout
         per_expert = self.shape[1] * self.shape[2]
-        bs, total = meta["blocksize"], math.prod(self.shape)
+        bs, total = layout.blocksize, math.prod(self.shape)
         first, last = e * per_expert, (e + 1) * per_expert
         k0, k1 = first // bs, -(-last // bs)
         stop = min(k1 * bs, total)
         absmax = self.absmax[k0:k1]
         if self.nested_absmax is not None:  # undo double quantization for these blocks only
-            nested = self.nested_absmax[torch.arange(k0, k1, device=absmax.device) // meta["nested_blocksize"]]
-            absmax = on_device(absmax.device, dynamic_code)[absmax.long()] * nested + meta["offset"]
+            nested = self.nested_absmax[torch.arange(k0, k1, device=absmax.device) // layout.nested_blocksize]
+            absmax = on_device(absmax.device, dynamic_code)[absmax.long()] * nested + layout.offset
         packed = self.packed.view(-1)[k0 * bs // 2: -(-stop // 2)]
-        q = QuantizedTensor(packed, absmax, torch.Size([stop - k0 * bs]), meta["dtype"], meta["quant_type"], bs)
+        q = QuantizedTensor(packed, absmax, QuantLayout(torch.Size([stop - k0 * bs]), layout.dtype, layout.quant_type, bs))
         return q, first - k0 * bs
 
     def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
@@ -118,8 +117,8 @@ class ExpertWeight4bit(nn.Module):
             return self.dense[e].to(dtype)
         q, start = self._expert_quantized(e)
         if start == 0 and q.numel == self.shape[1] * self.shape[2]:  # whole blocks: decoded into the reused buffer
-            return dispatch.dequantize_scratch(QuantizedTensor(q.packed, q.absmax, self.shape[1:], q.dtype, q.quant_type,
-                                                               q.blocksize), dtype)
+            whole = QuantLayout(self.shape[1:], q.dtype, q.quant_type, q.blocksize)
+            return dispatch.dequantize_scratch(QuantizedTensor(q.packed, q.absmax, whole), dtype)
         return q.dequantize(dtype)[start:start + self.shape[1] * self.shape[2]].view(self.shape[1:])
 
     def add_lora(self, r: int, alpha: float, use_rslora: bool = False, dtype: torch.dtype = torch.float32) -> None:
@@ -150,7 +149,8 @@ class ExpertWeight4bit(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        storage = self._quant_meta.get("quant_type", "16-bit") if self.storage_device is not None else "empty"
+        storage = self.layout.quant_type if self.layout is not None else "16-bit"
+        storage = storage if self.storage_device is not None else "empty"
         return f"{list(self.shape)}, {storage}, transposed={self.transposed}, r={self.r}"
 
 

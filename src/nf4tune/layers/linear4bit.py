@@ -1,10 +1,11 @@
-"""`Linear4bit`: a frozen 4-bit linear layer with an optional LoRA adapter, as one autograd function.
+"""`Linear4bit`: a frozen 4-bit linear layer with an optional LoRA adapter, as one custom op.
 
 y = x W^T + b + scaling * (dropout(x) A^T) B^T
 
 W is stored quantized (NF4/FP4) and dequantized on the fly in forward, and again in backward for
 the input gradient, so no full-precision copy of W outlives a call. Only A and B (and whatever
-upstream needs the input gradient) receive gradients.
+upstream needs the input gradient) receive gradients. The product and its gradient are the
+`nf4tune::lora_linear_4bit` op (`quant.ops`), in eager mode and under torch.compile alike.
 
 Everything runs in the compute dtype: A and B are kept in float32 (the optimizer's master copy) and
 cast to the compute dtype for the products, as PEFT does under bf16 autocast, which is how QLoRA
@@ -19,7 +20,8 @@ import torch
 from torch import nn
 
 from .. import dispatch
-from ..quant import QuantizedTensor
+from ..quant import QuantizedTensor, QuantLayout, ops
+from ..registry import UNQUANTIZED
 from . import kept_outputs
 from .dropout import LoraDropout
 
@@ -27,63 +29,6 @@ from .dropout import LoraDropout
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     """The factor on B @ A: alpha / r, or alpha / sqrt(r) with rank-stabilized LoRA (as PEFT)."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-# Up to this many tokens, inference multiplies through the 4-bit weight directly (dispatch.fused_matmul_4bit);
-# beyond, dequantizing once and calling the BLAS matmul is faster (BENCHMARKS.md).
-FUSED_MAX_TOKENS = 16
-
-
-def _dense(weight: QuantizedTensor | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The frozen weight in `dtype`: dequantized into a reused buffer, or (an unquantized base,
-    `Linear16bit`) the stored tensor itself."""
-    if isinstance(weight, torch.Tensor):
-        return weight if weight.dtype == dtype else weight.to(dtype)
-    return dispatch.dequantize_scratch(weight, dtype)
-
-
-class _Lora4bitMatmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, x_lora, lora_A, lora_B, scaling, bias, weight: QuantizedTensor, kept=None):
-        # kept: this call's output from the first run of a checkpointed region (layers.kept_outputs):
-        # the recompute then only redoes the small LoRA product that backward saves.
-        y = kept
-        if y is None:
-            w = _dense(weight, x.dtype)  # a reused buffer: w is dropped right after
-            y = x @ w.t()
-            del w
-            if bias is not None:
-                y = y + bias.to(y.dtype)
-        a = b = h = None
-        if lora_A is not None:
-            a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
-            h = x_lora @ a.t()
-            if kept is None:
-                # scaling folded into the small B, and the product accumulated into y by the GEMM itself:
-                # no extra passes over the tokens x out output.
-                y2 = y.view(-1, y.shape[-1])
-                y2.addmm_(h.view(-1, h.shape[-1]), (b * scaling).t())
-        ctx.weight, ctx.scaling = weight, scaling
-        ctx.adapter_dtype = lora_A.dtype if lora_A is not None else None
-        ctx.save_for_backward(x_lora, a, b, h)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x_lora, a, b, h = ctx.saved_tensors
-        grad_x = grad_x_lora = grad_A = grad_B = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ _dense(ctx.weight, grad_y.dtype)
-        if a is not None:
-            g = grad_y.reshape(-1, grad_y.shape[-1])
-            if ctx.needs_input_grad[3]:
-                grad_B = ((g.t() @ h.reshape(-1, h.shape[-1])) * ctx.scaling).to(ctx.adapter_dtype)
-            g_h = (grad_y @ b) * ctx.scaling
-            if ctx.needs_input_grad[2]:
-                grad_A = (g_h.reshape(-1, g_h.shape[-1]).t() @ x_lora.reshape(-1, x_lora.shape[-1])).to(ctx.adapter_dtype)
-            if ctx.needs_input_grad[1]:
-                grad_x_lora = g_h @ a
-        return grad_x, grad_x_lora, grad_A, grad_B, None, None, None, None
 
 
 class Linear4bit(nn.Module):
@@ -102,9 +47,9 @@ class Linear4bit(nn.Module):
         self.compute_dtype = compute_dtype
         for name in self.STORAGE:
             self.register_buffer(name, None)
-        self._quant_meta: dict = {}
-        # the double-quantization offset as a 0-dim CPU tensor, for the compiled path: a tensor is an input
-        # of the graph (one graph for every decoder layer), and on the CPU reading it needs no device sync
+        self.layout: QuantLayout | None = None  # the weight's, once set
+        # the double-quantization offset as a 0-dim CPU tensor, as the ops take it: a tensor is an input
+        # of a compiled graph (one graph for every decoder layer), and on the CPU reading it needs no device sync
         self.weight_offset = torch.zeros(())
         self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
         self.lora_A: nn.Parameter | None = None
@@ -130,14 +75,18 @@ class Linear4bit(nn.Module):
         self.weight_packed, self.weight_absmax, self.weight_nested_absmax = q.packed, q.absmax, q.nested_absmax
         self._decode_plan = None
         self.weight_offset = torch.tensor(float(q.offset or 0.0))
-        self._quant_meta = dict(shape=q.shape, dtype=q.dtype, quant_type=q.quant_type, blocksize=q.blocksize,
-                                offset=q.offset, nested_blocksize=q.nested_blocksize)
+        self.layout = q.layout
 
     @property
     def quantized_weight(self) -> QuantizedTensor:
         """The weight as a `QuantizedTensor` (a view of this layer's buffers)."""
-        return QuantizedTensor(self.weight_packed, self.weight_absmax, nested_absmax=self.weight_nested_absmax,
-                               **self._quant_meta)
+        return QuantizedTensor(self.weight_packed, self.weight_absmax, self.layout, self.weight_nested_absmax)
+
+    def weight_args(self) -> tuple:
+        """The frozen weight as the `nf4tune::` ops take it: its tensors, then its layout's fields."""
+        layout = self.layout
+        return (self.weight_packed, self.weight_absmax, self.weight_nested_absmax, self.weight_offset,
+                list(layout.shape), layout.quant_type, layout.blocksize, layout.nested_blocksize)
 
     @property
     def storage_device(self) -> torch.device | None:
@@ -164,7 +113,7 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compiling = torch.compiler.is_compiling()
-        if not compiling and not torch.is_grad_enabled() and x.numel() <= FUSED_MAX_TOKENS * self.in_features:
+        if not compiling and not torch.is_grad_enabled() and dispatch.fuses(x, self.in_features):
             matmul = self.fused_matmul(x)
             if matmul is not None:
                 return self.infer(x, matmul)
@@ -174,23 +123,13 @@ class Linear4bit(nn.Module):
         if self.lora_A is not None:
             x_lora, keep_scale = self.lora_dropout(x)
             scaling *= keep_scale
-        y = self._compiled_product(x, x_lora, scaling) if compiling else self._product(x, x_lora, scaling)
-        return y.to(in_dtype)
-
-    def _compiled_product(self, x: torch.Tensor, x_lora: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        """The same arithmetic as `_product`, as a custom op, which torch.compile traces through."""
-        return dispatch.lora_linear_4bit(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.weight_packed,
-                                         self.weight_absmax, self.weight_nested_absmax, self._quant_meta,
-                                         self.weight_offset)
-
-    def _product(self, x: torch.Tensor, x_lora: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        """x W^T + b + the adapter's term, through autograd (the eager path of `forward`)."""
-        region = kept_outputs.current()  # inside a gradient-checkpointed region that keeps outputs
+        region = None if compiling else kept_outputs.current()  # a gradient-checkpointed region that keeps outputs
         kept = region.take(self) if region is not None else None
-        y = _Lora4bitMatmul.apply(x, x_lora, self.lora_A, self.lora_B, scaling, self.bias, self.frozen_weight(), kept)
+        y = ops.lora_linear_4bit(x, x_lora, self.lora_A, self.lora_B, float(scaling), self.bias, kept,
+                                 *self.weight_args())
         if region is not None and kept is None:
             region.keep(self, y)
-        return y
+        return y.to(in_dtype)
 
     def frozen_weight(self) -> QuantizedTensor | torch.Tensor:
         """The base weight as the LoRA product takes it: here the 4-bit `quantized_weight`."""
@@ -244,9 +183,8 @@ class Linear4bit(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        meta = self._quant_meta
         s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-        s += f", {meta.get('quant_type', '?')}, compute_dtype={self.compute_dtype}"
+        s += f", {self.layout.quant_type if self.layout else '?'}, compute_dtype={self.compute_dtype}"
         return s + (f", lora_r={self.r}" if self.r else "")
 
 
@@ -269,7 +207,7 @@ class Linear16bit(Linear4bit):
             raise ValueError(f"a {list(weight.shape)} weight does not fit a {self.in_features}->{self.out_features} layer")
         # always a copy: a tensor read from a checkpoint is a view of its mmapped shard
         self.weight = weight.detach().to(self.compute_dtype, copy=True)
-        self._quant_meta = dict(shape=weight.shape, quant_type="none")
+        self.layout = QuantLayout(weight.shape, self.compute_dtype, UNQUANTIZED)
 
     @property
     def quantized_weight(self) -> QuantizedTensor:
@@ -282,21 +220,12 @@ class Linear16bit(Linear4bit):
     def frozen_weight(self) -> torch.Tensor:
         return self.weight
 
+    def weight_args(self) -> tuple:
+        """The dense weight as the `nf4tune::` ops take it (quant_type "none": no absmax)."""
+        return self.weight, None, None, None, list(self.layout.shape), UNQUANTIZED, 0, 0
+
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return self.weight.to(dtype, copy=True)
-
-    def _compiled_product(self, x: torch.Tensor, x_lora: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        """The eager product's arithmetic in plain tensor ops, which torch.compile traces and differentiates
-        itself: no 4-bit weight to hide in a custom op, and `_Lora4bitMatmul` (an autograd.Function) would
-        break the graph, taking x twice when there is no dropout."""
-        y = x @ self.weight.t()
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        if self.lora_A is not None:
-            h = x_lora @ self.lora_A.to(x.dtype).t()
-            y2 = torch.addmm(y.view(-1, y.shape[-1]), h.view(-1, h.shape[-1]), (self.lora_B.to(x.dtype) * scaling).t())
-            y = y2.view(y.shape)
-        return y
 
     def fused_matmul(self, x: torch.Tensor):
         """For a few tokens without autograd, `infer` with the plain matmul (as Linear4bit with its fused

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from ..errors import Nf4tuneError
@@ -87,7 +86,6 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     params = [p for p in model.parameters() if id(p) not in storage]
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
-    total += sum(int(torch.Size(m._quant_meta["shape"]).numel()) for m in model.modules()
-                 if isinstance(m, Linear4bit) and m._quant_meta)
+    total += sum(m.layout.numel for m in model.modules() if isinstance(m, Linear4bit) and m.layout is not None)
     total += sum(m.shape.numel() for m in model.modules() if isinstance(m, ExpertWeight4bit))
     return trainable, total

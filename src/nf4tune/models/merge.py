@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .. import dispatch  # noqa: F401  (installs the fast 4-bit paths into quant)
+from .. import dispatch  # noqa: F401  (registers the 4-bit ops' CPU and CUDA kernels)
 from ..checkpoint.bnb4bit import QuantizedWeightAssembler
 from ..checkpoint.gguf import companion_files
 from ..checkpoint.hf import iter_tensors, open_checkpoint, resolve

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -16,18 +16,6 @@ from .codes import QUANT_TYPES, bits_per_parameter, code_4bit, dynamic_code, on_
 
 NESTED_BLOCKSIZE = 256
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The arithmetic `quantize` and `QuantizedTensor.dequantize` run: the reference kernels of `blockwise`
-# until `nf4tune.dispatch` (imported by the layers, loaders and `nf4tune.quantize`) installs its faster
-# paths, which the tests hold to these byte for byte. So quant/ imports no kernel, and its results never depend on which path ran.
-_kernels: dict = {"quantize_4bit": blockwise.quantize_4bit, "dequantize_4bit": blockwise.dequantize_4bit}
-
-
-def use_fast_paths(quantize_4bit, dequantize_4bit) -> None:
-    """Route `quantize` / `QuantizedTensor.dequantize` through these (same signatures and results as
-    `blockwise.quantize_4bit` / `blockwise.dequantize_4bit`)."""
-    _kernels.update(quantize_4bit=quantize_4bit, dequantize_4bit=dequantize_4bit)
-
-
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -35,41 +23,64 @@ class QuantizationError(Nf4tuneError, ValueError):
     """A tensor that cannot be quantized or a quantized state that cannot be read."""
 
 
-@dataclass
-class QuantizedTensor:
-    """A tensor stored as packed 4-bit codes plus per-block scales (absmax).
-
-    With double quantization the float32 absmax values are themselves stored as 8-bit codes of
-    (absmax - offset), with one float32 scale per `NESTED_BLOCKSIZE` of them.
+@dataclass(frozen=True)
+class QuantLayout:
+    """How a 4-bit weight is laid out: everything about it but its tensors. Shared by `QuantizedTensor`
+    and the layers that hold one's tensors as buffers.
 
     Attributes:
-        packed: uint8 of shape (ceil(numel / 2), 1), two codes per byte, first in the high nibble.
-        absmax: float32 per block, or uint8 codes when double-quantized.
         shape: the original tensor's shape.
         dtype: the original tensor's dtype (the default dequantization dtype).
-        quant_type: "nf4", "fp4" or "int4" (quant.codes.QUANT_TYPES).
+        quant_type: "nf4", "fp4" or "int4" (quant.codes.QUANT_TYPES); "none" for an unquantized weight.
         blocksize: elements per absmax block.
-        offset: mean subtracted from absmax before double quantization (None without it).
-        nested_absmax: float32 scale per NESTED_BLOCKSIZE absmax codes (None without it).
+        offset: with double quantization (the absmax stored as 8-bit codes of absmax - offset, with a
+            nested absmax), the mean subtracted; None without it.
+        nested_blocksize: absmax codes per nested scale.
     """
 
-    packed: torch.Tensor
-    absmax: torch.Tensor
     shape: torch.Size
     dtype: torch.dtype
     quant_type: str = "nf4"
     blocksize: int = 64
     offset: float | None = None
-    nested_absmax: torch.Tensor | None = None
-    nested_blocksize: int = field(default=NESTED_BLOCKSIZE)
+    nested_blocksize: int = NESTED_BLOCKSIZE
 
     @property
     def double_quant(self) -> bool:
-        return self.nested_absmax is not None
+        return self.offset is not None
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+@dataclass
+class QuantizedTensor:
+    """A tensor stored as packed 4-bit codes plus per-block scales (absmax), laid out as `layout` says.
+
+    With double quantization the float32 absmax values are themselves stored as 8-bit codes of
+    (absmax - offset), with one float32 scale per `nested_blocksize` of them.
+
+    Attributes:
+        packed: uint8 of shape (ceil(numel / 2), 1), two codes per byte, first in the high nibble.
+        absmax: float32 per block, or uint8 codes when double-quantized.
+        layout: shape, dtype, quant type, block sizes, double-quantization offset (`QuantLayout`).
+        nested_absmax: float32 scale per `nested_blocksize` absmax codes (None without it).
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    layout: QuantLayout
+    nested_absmax: torch.Tensor | None = None
+
+    shape = property(lambda self: self.layout.shape)
+    dtype = property(lambda self: self.layout.dtype)
+    quant_type = property(lambda self: self.layout.quant_type)
+    blocksize = property(lambda self: self.layout.blocksize)
+    double_quant = property(lambda self: self.layout.double_quant)
+    offset = property(lambda self: self.layout.offset)
+    nested_blocksize = property(lambda self: self.layout.nested_blocksize)
+    numel = property(lambda self: self.layout.numel)
 
     @property
     def device(self) -> torch.device:
@@ -98,20 +109,18 @@ class QuantizedTensor:
         return scales + self.offset
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor back in floating point (`dtype`, by default the original dtype)."""
-        return _kernels["dequantize_4bit"](self.packed, self.float_absmax(), self.shape, self.quant_type, self.blocksize,
-                                           dtype or self.dtype)
+        """The tensor back in floating point (`dtype`, by default the original dtype), through the
+        `nf4tune::dequantize_4bit` op (the device's fastest kernel, the reference's bytes)."""
+        return torch.ops.nf4tune.dequantize_4bit(self.packed, self.float_absmax(), list(self.shape), self.quant_type,
+                                                 self.blocksize, dtype or self.dtype)
 
     def to(self, device: torch.device | str) -> "QuantizedTensor":
         """A copy on `device` (the same object if already there)."""
         device = torch.device(device)
         if device == self.device:
             return self
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return QuantizedTensor(
-            move(self.packed), move(self.absmax), self.shape, self.dtype, self.quant_type, self.blocksize,
-            self.offset, move(self.nested_absmax), self.nested_blocksize,
-        )
+        nested = None if self.nested_absmax is None else self.nested_absmax.to(device)
+        return QuantizedTensor(self.packed.to(device), self.absmax.to(device), self.layout, nested)
 
     def quant_state_json(self) -> dict:
         """The non-tensor fields bitsandbytes packs into `quant_state.bitsandbytes__<type>`."""
@@ -168,17 +177,9 @@ class QuantizedTensor:
         if packed.numel() != -(-math.prod(shape) // 2):
             raise QuantizationError(f"{key}: {packed.numel()} packed bytes do not hold a {list(shape)} tensor.")
         nested = f"{key}.nested_absmax" in tensors
-        return cls(
-            packed=packed,
-            absmax=tensors[f"{key}.absmax"],
-            shape=shape,
-            dtype=dtype,
-            quant_type=quant_type,
-            blocksize=blocksize,
-            offset=float(state["nested_offset"]) if nested else None,
-            nested_absmax=tensors[f"{key}.nested_absmax"] if nested else None,
-            nested_blocksize=int(state.get("nested_blocksize", NESTED_BLOCKSIZE)),
-        )
+        layout = QuantLayout(shape, dtype, quant_type, blocksize, float(state["nested_offset"]) if nested else None,
+                             int(state.get("nested_blocksize", NESTED_BLOCKSIZE)))
+        return cls(packed, tensors[f"{key}.absmax"], layout, tensors[f"{key}.nested_absmax"] if nested else None)
 
 
 def _check_input(w: torch.Tensor, name: str, quant_type: str, blocksize: int) -> None:
@@ -217,7 +218,7 @@ def quantize(
         name: how errors refer to the tensor (e.g. its checkpoint key).
     """
     _check_input(w, name, quant_type, blocksize)
-    packed, absmax = _kernels["quantize_4bit"](w, quant_type, blocksize)
+    packed, absmax = torch.ops.nf4tune.quantize_4bit(w, quant_type, blocksize)
     # A NaN or Inf anywhere makes its block's absmax NaN or Inf: checking absmax is 64x cheaper.
     if not torch.isfinite(absmax).all():
         bad = int((~torch.isfinite(w)).sum())
@@ -225,7 +226,8 @@ def quantize(
             f"cannot quantize {name}: it holds {bad} NaN or Inf value(s); the checkpoint is likely corrupt or overflowed."
         )
     if not double_quant:
-        return QuantizedTensor(packed, absmax, w.shape, w.dtype, quant_type, blocksize)
+        return QuantizedTensor(packed, absmax, QuantLayout(w.shape, w.dtype, quant_type, blocksize))
     offset = absmax.mean()
     codes, nested_absmax = blockwise.quantize_8bit(absmax - offset, on_device(w.device, dynamic_code), NESTED_BLOCKSIZE)
-    return QuantizedTensor(packed, codes, w.shape, w.dtype, quant_type, blocksize, offset.item(), nested_absmax)
+    return QuantizedTensor(packed, codes, QuantLayout(w.shape, w.dtype, quant_type, blocksize, offset.item()),
+                           nested_absmax)

@@ -143,12 +143,12 @@ class Engine:
         """The decoder requests go through (None: transformers' generate) and the path that is, as
         `dispatch.path("decode", ...)` chooses, falling back (logged, with the reason) where it cannot."""
         chosen = dispatch.path("decode", next(model.parameters()))
-        if chosen.name.startswith(dispatch.STATIC):
+        if chosen.static_mode is not None:
             reason = StaticDecoder.unsupported(model)
             if reason is None and self.bank is not None:
                 reason = "requests with their own adapters need the CPU decoder or generate"
             if reason is None:
-                mode = chosen.name.removeprefix(dispatch.STATIC)
+                mode = chosen.static_mode
                 log.info("nf4tune: decoding with the static-cache decoder (%s%s): %s", mode,
                          "; the first reply compiles its step" if mode != "eager" else "", chosen.reason)
                 capacity = round_capacity(1, self.context_length)  # grows with the requests

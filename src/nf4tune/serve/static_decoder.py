@@ -153,7 +153,7 @@ class StaticDecoder:
             y = (x @ weight.t()).float()
         else:
             y = dispatch.decode_matmul_4bit(x, module.weight_packed, module.weight_absmax,
-                                            module.weight_nested_absmax, module._quant_meta).float()
+                                            module.weight_nested_absmax, module.layout).float()
         if module.bias is not None:
             y = y + module.bias.float()
         if module.lora_A is not None:

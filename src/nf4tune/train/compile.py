@@ -23,20 +23,23 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import dispatch
 from ..errors import Nf4tuneError
 from .offload import ActivationOffloader, transfers_for
 
 log = logging.getLogger("nf4tune")
 
-COMPILE_CHOICES = ("auto", True, False)  # auto: on CUDA only (on CPU compiling costs more than it saves)
+COMPILE_CHOICES = ("auto", True, False)  # auto: as `dispatch.path("train_compile", ...)` says (on CUDA)
 # Inductor generates the fused kernels. The CPU tests use "aot_eager": the same capture of forward and
 # backward (custom op, no graph breaks, the partitioned backward), without a minute of C++ code generation.
 BACKEND = "inductor"
 
 
 def compile_wanted(setting, device: torch.device) -> bool:
-    """Whether `training.compile` = `setting` compiles the layers on `device`."""
-    return device.type == "cuda" if setting == "auto" else bool(setting)
+    """Whether `training.compile` = `setting` compiles the layers on `device` (auto: dispatch's choice)."""
+    if setting == "auto":
+        return dispatch.path("train_compile", device).fast
+    return bool(setting)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
