@@ -21,8 +21,8 @@ The engine falls back (saying why) where a model or its adapters need another de
 
 `path(op, *inputs)` says which path an input takes and why; every function here runs exactly the
 path it names. This module is the only reader of NF4TUNE_NATIVE / NF4TUNE_COMPILE /
-NF4TUNE_STATIC_DECODER and the only caller of the kernels' capability checks. Importing it (the package does) installs the fast
-quantize / dequantize into `quant`, which itself stays the pure reference.
+NF4TUNE_STATIC_DECODER / NF4TUNE_TRAIN_MATMUL and the only caller of the kernels' capability checks.
+Importing it (the package does) installs the fast quantize / dequantize into `quant`, which itself stays the pure reference.
 """
 
 from __future__ import annotations
@@ -38,13 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from .errors import Nf4tuneError
-from .kernels import base, compiled, compiled_4bit, lora_4bit_op
+from .kernels import base, compiled, compiled_4bit, gemm_probe, lora_4bit_op
 from .kernels import cpu as native
 from .kernels import cuda as cuda_kernels
 from .quant import blockwise, tensor
 from .quant.codes import code_4bit, on_device
 
 NATIVE_ENV, COMPILE_ENV, STATIC_DECODER_ENV = "NF4TUNE_NATIVE", "NF4TUNE_COMPILE", "NF4TUNE_STATIC_DECODER"
+TRAIN_MATMUL_ENV = "NF4TUNE_TRAIN_MATMUL"
 REFERENCE, NATIVE, TRITON, COMPILED = "reference", "native-cpu", "triton", "torch.compile"
 STATIC = "static-"  # decode's static-decoder paths: STATIC + one of STATIC_MODES
 STATIC_MODES = ("eager", "compiled", "graphs")
@@ -275,6 +276,22 @@ def dequantize_scratch(q, dtype: torch.dtype) -> torch.Tensor:
     if buffer is None or buffer.numel() < n:
         buffer = buffers[key] = torch.empty(n, dtype=dtype, device=q.device)
     return dequantize_4bit(q.packed, q.float_absmax(), q.shape, q.quant_type, q.blocksize, dtype, out=buffer)
+
+
+def training_matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the frozen weights' training products with `x` run in (the 4-bit layers' forward and
+    input gradient, the loss's head): float32 for bfloat16 on a CPU whose float32 GEMM is the faster
+    (measured once, `kernels.gemm_probe`: without AMX, oneDNN's bf16 GEMM ran at half float32's speed,
+    BENCHMARKS.md "The step at 1.5x"); else x's own. Callers round the result back to x's dtype.
+    NF4TUNE_TRAIN_MATMUL=bfloat16 / float32 sets it for bfloat16 CPU tensors."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return x.dtype
+    setting = os.environ.get(TRAIN_MATMUL_ENV, "auto")
+    if setting not in ("auto", "bfloat16", "float32"):
+        raise Nf4tuneError(f"{TRAIN_MATMUL_ENV}={setting!r}: use auto (the default), bfloat16 or float32.")
+    if setting == "auto":
+        return torch.float32 if gemm_probe.float32_gemm_faster() else x.dtype
+    return getattr(torch, setting)
 
 
 def fused_matmul_4bit(q) -> Matmul4bit | None:
