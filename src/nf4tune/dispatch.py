@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import Nf4tuneError
-from .kernels import base, compiled, compiled_4bit, gemm_probe, lora_4bit_op
+from .kernels import base, compiled, compiled_4bit, gemm, lora_4bit_op
 from .kernels import cpu as native
 from .kernels import cuda as cuda_kernels
 from .quant import blockwise, tensor
@@ -281,7 +281,7 @@ def dequantize_scratch(q, dtype: torch.dtype) -> torch.Tensor:
 def training_matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the frozen weights' training products with `x` run in (the 4-bit layers' forward and
     input gradient, the loss's head): float32 for bfloat16 on a CPU whose float32 GEMM is the faster
-    (measured once, `kernels.gemm_probe`: without AMX, oneDNN's bf16 GEMM ran at half float32's speed,
+    (measured once, `kernels.gemm`: without AMX, oneDNN's bf16 GEMM ran at half float32's speed,
     BENCHMARKS.md "The step at 1.5x"); else x's own. Callers round the result back to x's dtype.
     NF4TUNE_TRAIN_MATMUL=bfloat16 / float32 sets it for bfloat16 CPU tensors."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu":
@@ -290,8 +290,11 @@ def training_matmul_dtype(x: torch.Tensor) -> torch.dtype:
     if setting not in ("auto", "bfloat16", "float32"):
         raise Nf4tuneError(f"{TRAIN_MATMUL_ENV}={setting!r}: use auto (the default), bfloat16 or float32.")
     if setting == "auto":
-        return torch.float32 if gemm_probe.float32_gemm_faster() else x.dtype
+        return torch.float32 if gemm.float32_gemm_faster() else x.dtype
     return getattr(torch, setting)
+
+
+matmul_in = gemm.matmul_in  # x @ m in x's dtype, computed in m's (`training_matmul_dtype`'s choice)
 
 
 def fused_matmul_4bit(q) -> Matmul4bit | None:

@@ -49,9 +49,9 @@ class _Lora4bitMatmul(torch.autograd.Function):
         # the recompute then only redoes the small LoRA product that backward saves.
         y = kept
         if y is None:
-            gemm = dispatch.training_matmul_dtype(x)  # float32 where the CPU's bf16 GEMM is the slower
-            w = _dense(weight, gemm)  # a reused buffer: w is dropped right after
-            y = x.to(gemm) @ w.t()
+            # float32 where the CPU's bf16 GEMM is the slower (dispatch.training_matmul_dtype)
+            w = _dense(weight, dispatch.training_matmul_dtype(x))  # a reused buffer: w is dropped right after
+            y = dispatch.matmul_in(x, w.t(), w.dtype)
             del w
             if bias is not None:
                 y = y + bias.to(y.dtype)
@@ -63,9 +63,7 @@ class _Lora4bitMatmul(torch.autograd.Function):
                 # scaling folded into the small B, and the product accumulated into y by the GEMM itself:
                 # no extra passes over the tokens x out output.
                 y2 = y.view(-1, y.shape[-1])
-                y2.addmm_(h.view(-1, h.shape[-1]).to(y.dtype), (b.to(y.dtype) * scaling).t())
-        if kept is None:
-            y = y.to(x.dtype)
+                y2.addmm_(h.view(-1, h.shape[-1]), (b * scaling).t())
         ctx.weight, ctx.scaling = weight, scaling
         ctx.adapter_dtype = lora_A.dtype if lora_A is not None else None
         ctx.save_for_backward(x_lora, a, b, h)
@@ -76,8 +74,8 @@ class _Lora4bitMatmul(torch.autograd.Function):
         x_lora, a, b, h = ctx.saved_tensors
         grad_x = grad_x_lora = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            gemm = dispatch.training_matmul_dtype(grad_y)
-            grad_x = (grad_y.to(gemm) @ _dense(ctx.weight, gemm)).to(grad_y.dtype)
+            w = _dense(ctx.weight, dispatch.training_matmul_dtype(grad_y))
+            grad_x = dispatch.matmul_in(grad_y, w, w.dtype)
         if a is not None:
             g = grad_y.reshape(-1, grad_y.shape[-1])
             if ctx.needs_input_grad[3]:

@@ -1,4 +1,5 @@
-"""Which dtype PyTorch's CPU matrix multiplication is faster in here, bfloat16 or float32, measured once.
+"""Matrix products of bfloat16 tensors computed in float32 a block of rows at a time, and which dtype
+PyTorch's CPU matrix multiplication is faster in here, bfloat16 or float32, measured once.
 
 On CPUs without AMX, oneDNN's bf16 GEMM (`brg_matmul:avx512_core_bf16`) ran at about half float32's
 speed at training shapes on the 2-core Xeon of BENCHMARKS.md ("The step at 1.5x"), conversions
@@ -54,3 +55,20 @@ def float32_gemm_faster() -> bool:
     finally:
         torch.set_num_threads(threads)
     return t_f32 < MARGIN * t_bf16
+
+
+# Rows of x converted and multiplied at a time by `matmul_in`: its float32 copies of a block of x and of
+# its product stay a few MiB whatever the number of tokens, and 512-row GEMMs run at full speed.
+ROWS = 512
+
+
+def matmul_in(x: torch.Tensor, m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (..., K) @ m (K, N) in x's dtype, computed in `dtype` (m already in it): x converted a block of
+    `ROWS` rows at a time, each block's product rounded once into the result."""
+    if x.dtype == dtype:
+        return x @ m
+    rows = x.reshape(-1, x.shape[-1])
+    out = x.new_empty((rows.shape[0], m.shape[1]))
+    for start in range(0, rows.shape[0], ROWS):
+        out[start:start + ROWS] = rows[start:start + ROWS].to(dtype) @ m
+    return out.view(*x.shape[:-1], m.shape[1])
