@@ -77,7 +77,7 @@ def _grad_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor)
 
 # Vocabulary rows of the head converted to float32 at a time when its products run in float32
 # (`dispatch.training_matmul_dtype`): a slice, never the whole vocab x hidden weight.
-VOCAB_SLICE = 2048
+VOCAB_SLICE = 1024
 
 
 def _head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
