@@ -22,7 +22,7 @@ The engine falls back (saying why) where a model or its adapters need another de
 
 `path(op, *inputs)` says which path an input takes and why; every function here runs exactly the
 path it names. This module is the only reader of NF4TUNE_NATIVE / NF4TUNE_COMPILE /
-NF4TUNE_STATIC_DECODER and the only caller of the kernels' capability checks.
+NF4TUNE_STATIC_DECODER / NF4TUNE_TRAIN_MATMUL and the only caller of the kernels' capability checks.
 
 The 4-bit operations are `torch.library` custom ops (`quant.ops`, the reference their default kernel);
 this module registers their "cpu" and "cuda" kernels, which run the path `path()` names, and PyTorch's
@@ -44,13 +44,14 @@ import torch
 import torch.nn.functional as F
 
 from .errors import Nf4tuneError
-from .kernels import base, compiled, compiled_4bit
+from .kernels import base, compiled, compiled_4bit, gemm
 from .kernels import cpu as native
 from .kernels import cuda as cuda_kernels
 from .quant import blockwise, ops, tensor
 from .quant.codes import code_4bit, on_device
 
 NATIVE_ENV, COMPILE_ENV, STATIC_DECODER_ENV = "NF4TUNE_NATIVE", "NF4TUNE_COMPILE", "NF4TUNE_STATIC_DECODER"
+TRAIN_MATMUL_ENV = "NF4TUNE_TRAIN_MATMUL"
 REFERENCE, NATIVE, TRITON, COMPILED = "reference", "native-cpu", "triton", "torch.compile"
 STATIC = "static-"  # decode's static-decoder paths: STATIC + one of STATIC_MODES
 STATIC_MODES = ("eager", "compiled", "graphs")
@@ -318,6 +319,25 @@ def dequantize_scratch(q, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_4bit(q.packed, q.float_absmax(), q.shape, q.quant_type, q.blocksize, dtype, out=buffer)
 
 
+def training_matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the frozen weights' training products with `x` run in (the 4-bit layers' forward and
+    input gradient, the loss's head): float32 for bfloat16 on a CPU whose float32 GEMM is the faster
+    (measured once, `kernels.gemm`: without AMX, oneDNN's bf16 GEMM ran at half float32's speed,
+    BENCHMARKS.md "The step at 1.5x"); else x's own. Callers round the result back to x's dtype.
+    NF4TUNE_TRAIN_MATMUL=bfloat16 / float32 sets it for bfloat16 CPU tensors."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return x.dtype
+    setting = os.environ.get(TRAIN_MATMUL_ENV, "auto")
+    if setting not in ("auto", "bfloat16", "float32"):
+        raise Nf4tuneError(f"{TRAIN_MATMUL_ENV}={setting!r}: use auto (the default), bfloat16 or float32.")
+    if setting == "auto":
+        return torch.float32 if gemm.float32_gemm_faster() else x.dtype
+    return getattr(torch, setting)
+
+
+matmul_in = gemm.matmul_in  # x @ m in x's dtype, computed in m's (`training_matmul_dtype`'s choice)
+
+
 def fused_matmul_4bit(q) -> Matmul4bit | None:
     """A prepared x @ W^T for the 4-bit weight q with W decoded on the fly (few tokens at a time),
     CPU and CUDA alike (`Matmul4bit`), or None where q's device has none."""
@@ -464,12 +484,21 @@ def _scratch_dense(w, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_scratch(w, dtype)
 
 
+def _frozen_product(x: torch.Tensor, w, transposed: bool) -> torch.Tensor:
+    """x W^T (transposed) or x W for a frozen weight, in x's dtype: W made dense by `_scratch_dense` in the
+    dtype `training_matmul_dtype` chooses (float32 for bfloat16 x where this CPU's float32 GEMM is the
+    faster), x converted a block of rows at a time (`matmul_in`)."""
+    dtype = training_matmul_dtype(x)
+    dense = _scratch_dense(w, dtype)
+    return matmul_in(x, dense.t() if transposed else dense, dtype)
+
+
 _DEVICES = ("cpu", "cuda")
 ops.quantize_4bit.register_kernel("cpu", quantize_4bit)
 ops.dequantize_4bit.register_kernel(_DEVICES, dequantize_4bit)
 ops.matmul_4bit.register_kernel(_DEVICES, lambda x, *weight: matmul_4bit(x, ops.weight_of(*weight)))
-ops.lora_linear_4bit.register_kernel(_DEVICES, functools.partial(ops.lora_linear, _scratch_dense))
-ops.grad_input_4bit.register_kernel(_DEVICES, functools.partial(ops.grad_input, _scratch_dense))
+ops.lora_linear_4bit.register_kernel(_DEVICES, functools.partial(ops.lora_linear, _frozen_product))
+ops.grad_input_4bit.register_kernel(_DEVICES, functools.partial(ops.grad_input, _frozen_product))
 
 
 def quant_type_paths() -> dict[str, str]:

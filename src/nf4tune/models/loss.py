@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import dispatch
 from ..checkpoint.architecture import is_encoder_decoder
 from ..dispatch import Compiled
 from ..registry import FAMILIES, families
@@ -74,6 +75,40 @@ def _grad_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor)
     return (torch.exp(x - lse.unsqueeze(1)) - (vocab == targets.unsqueeze(1)).float()).to(logits.dtype)
 
 
+# Vocabulary rows of the head converted to float32 at a time when its products run in float32
+# (`dispatch.training_matmul_dtype`): a slice, never the whole vocab x hidden weight.
+VOCAB_SLICE = 1024
+
+
+def _head_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """h @ weight^T (+ bias), in weight's dtype. Where the frozen products run in float32, a slice of
+    the vocabulary at a time in float32, each rounded once into the logits (as the bf16 GEMM rounds
+    its float32 sums): the same logits, at the faster GEMM's speed."""
+    gemm = dispatch.training_matmul_dtype(h)
+    if gemm == weight.dtype:
+        return F.linear(h, weight, bias)
+    logits = h.new_empty((h.shape[0], weight.shape[0]), dtype=weight.dtype)
+    h = h.to(gemm)
+    for start in range(0, weight.shape[0], VOCAB_SLICE):
+        part = h @ weight[start:start + VOCAB_SLICE].to(gemm).t()
+        if bias is not None:
+            part += bias[start:start + VOCAB_SLICE].to(gemm)
+        logits[:, start:start + VOCAB_SLICE] = part
+    return logits
+
+
+def _grad_head_input(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """g @ weight (d loss / d the head's input from d loss / d its output), in weight's dtype; summed
+    in float32 over slices of the vocabulary where the frozen products run in float32."""
+    gemm = dispatch.training_matmul_dtype(g)
+    if gemm == weight.dtype:
+        return g @ weight
+    total = g.new_zeros((g.shape[0], weight.shape[1]), dtype=gemm)
+    for start in range(0, weight.shape[0], VOCAB_SLICE):
+        total.addmm_(g[:, start:start + VOCAB_SLICE].to(gemm), weight[start:start + VOCAB_SLICE].to(gemm))
+    return total.to(weight.dtype)
+
+
 # The compiled pair reads the logits twice and writes their gradient once, where cross_entropy's
 # autograd makes float32 logits, log-probabilities, a zeroed gradient and its backward: 4-5 passes
 # over a tokens x vocab tensor, a third of a small model's step on CPU.
@@ -93,12 +128,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, targets.numel(), chunk_tokens):
             h = hidden[start:start + chunk_tokens].to(weight.dtype)
             t = targets[start:start + chunk_tokens]
-            logits = transform(F.linear(h, weight, bias))
+            logits = transform(_head_logits(h, weight, bias))
             lse, picked = _logsumexp_and_target_fast(logits, t)
             total += (lse - picked).sum()
             g = transform.backward(_grad_logits_fast(logits, lse, t), logits, weight.dtype)
             del logits
-            grad_hidden[start:start + chunk_tokens] = g @ weight
+            grad_hidden[start:start + chunk_tokens] = _grad_head_input(g, weight)
             if grad_weight is not None:
                 grad_weight.addmm_(g.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight)

@@ -64,6 +64,13 @@ def fresh_dense(w: QuantizedTensor | Tensor, dtype: torch.dtype) -> Tensor:
     return w.to(dtype) if isinstance(w, Tensor) else w.dequantize(dtype)
 
 
+def fresh_product(x: Tensor, w: QuantizedTensor | Tensor, transposed: bool) -> Tensor:
+    """x W^T (transposed) or x W for the frozen weight w, in x's dtype, w made dense as a new tensor (the
+    default kernels' product; dispatch's reuse a buffer and may compute in another dtype)."""
+    dense = fresh_dense(w, x.dtype)
+    return x @ (dense.t() if transposed else dense)
+
+
 @torch.library.custom_op("nf4tune::matmul_4bit", mutates_args=())
 def matmul_4bit(x: Tensor, packed: Tensor, absmax: Tensor, nested: Optional[Tensor], offset: float, shape: list[int],
                 quant_type: str, blocksize: int, nested_blocksize: int) -> Tensor:
@@ -78,16 +85,14 @@ def _(x, packed, absmax, nested, offset, shape, quant_type, blocksize, nested_bl
     return x.new_empty(*x.shape[:-1], shape[0])
 
 
-def lora_linear(dense: Callable, x: Tensor, x_lora: Optional[Tensor], lora_A: Optional[Tensor],
+def lora_linear(frozen_product: Callable, x: Tensor, x_lora: Optional[Tensor], lora_A: Optional[Tensor],
                 lora_B: Optional[Tensor], scaling: float, bias: Optional[Tensor], kept: Optional[Tensor],
                 weight: Tensor, absmax: Optional[Tensor], nested: Optional[Tensor], offset: Optional[Tensor],
                 shape: list[int], quant_type: str, blocksize: int, nested_blocksize: int) -> Tensor:
-    """`lora_linear_4bit`'s forward with the weight made dense by `dense(w, dtype)` (used at once, then dropped)."""
+    """`lora_linear_4bit`'s forward with x W^T computed by `frozen_product(x, w, transposed=True)`."""
     if kept is not None:  # the recompute of a checkpointed region: the first run's output (layers.kept_outputs)
         return kept.clone()
-    w = dense(weight_of(weight, absmax, nested, offset, shape, quant_type, blocksize, nested_blocksize), x.dtype)
-    y = x @ w.t()
-    del w
+    y = frozen_product(x, weight_of(weight, absmax, nested, offset, shape, quant_type, blocksize, nested_blocksize), True)
     if bias is not None:
         y = y + bias.to(y.dtype)
     if lora_A is not None:
@@ -104,7 +109,7 @@ def lora_linear_4bit(x: Tensor, x_lora: Optional[Tensor], lora_A: Optional[Tenso
                      quant_type: str, blocksize: int, nested_blocksize: int) -> Tensor:
     """y = x W^T (+ bias) (+ scaling * (x_lora A^T) B^T) in x's dtype (adapters cast to it), W frozen;
     `kept`, where given, is y from the first run of a checkpointed region (returned, a copy)."""
-    return lora_linear(fresh_dense, x, x_lora, lora_A, lora_B, scaling, bias, kept, weight, absmax, nested, offset,
+    return lora_linear(fresh_product, x, x_lora, lora_A, lora_B, scaling, bias, kept, weight, absmax, nested, offset,
                        shape, quant_type, blocksize, nested_blocksize)
 
 
@@ -114,12 +119,12 @@ def _(x, x_lora, lora_A, lora_B, scaling, bias, kept, weight, absmax, nested, of
     return x.new_empty(*x.shape[:-1], shape[0])
 
 
-def grad_input(dense: Callable, grad_y: Tensor, weight: Tensor, absmax: Optional[Tensor], nested: Optional[Tensor],
+def grad_input(frozen_product: Callable, grad_y: Tensor, weight: Tensor, absmax: Optional[Tensor], nested: Optional[Tensor],
                offset: Optional[Tensor], shape: list[int], quant_type: str, blocksize: int,
                nested_blocksize: int) -> Tensor:
-    """grad_y @ W with W made dense by `dense(w, dtype)`."""
-    return grad_y @ dense(weight_of(weight, absmax, nested, offset, shape, quant_type, blocksize, nested_blocksize),
-                          grad_y.dtype)
+    """grad_y @ W computed by `frozen_product(grad_y, w, transposed=False)`."""
+    w = weight_of(weight, absmax, nested, offset, shape, quant_type, blocksize, nested_blocksize)
+    return frozen_product(grad_y, w, False)
 
 
 @torch.library.custom_op("nf4tune::grad_input_4bit", mutates_args=())
@@ -127,7 +132,7 @@ def grad_input_4bit(grad_y: Tensor, weight: Tensor, absmax: Optional[Tensor], ne
                     offset: Optional[Tensor], shape: list[int], quant_type: str, blocksize: int,
                     nested_blocksize: int) -> Tensor:
     """grad_y @ W for the frozen weight W, in grad_y's dtype (`lora_linear_4bit`'s input gradient)."""
-    return grad_input(fresh_dense, grad_y, weight, absmax, nested, offset, shape, quant_type, blocksize,
+    return grad_input(fresh_product, grad_y, weight, absmax, nested, offset, shape, quant_type, blocksize,
                       nested_blocksize)
 
 
