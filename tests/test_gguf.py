@@ -157,7 +157,7 @@ def test_q8_0_and_q4_0_through_the_gguf_quantizers(tiny_bpe_llama, tmp_path):
     assert errors["q8_0"] < 0.03 and errors["q4_0"] < 0.3 and errors["q8_0"] < errors["q4_0"] / 3, errors
 
 
-def _llama_cpp_test_rows(n_rows: int = 128) -> "np.ndarray":
+def _llama_cpp_test_rows(n_rows: int = 128):  # -> numpy.ndarray (numpy imported only where used)
     """llama.cpp's own quantizer test data (tests/test-quantize-fns.cpp): 0.1 + 2 cos(i), as rows of 256."""
     import numpy as np
 

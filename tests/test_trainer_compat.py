@@ -228,7 +228,8 @@ def test_trainer_trains_saves_peft_adapters_and_resumes(tiny, tmp_path, caplog):
     nf4tune.save_adapter(model, tmp_path / "reference")
     for name in ("adapter_config.json",):
         assert json.loads((tmp_path / "final" / name).read_text()) == json.loads((tmp_path / "reference" / name).read_text())
-    saved, reference = load_file(tmp_path / "final" / "adapter_model.safetensors"), load_file(tmp_path / "reference" / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "final" / "adapter_model.safetensors")
+    reference = load_file(tmp_path / "reference" / "adapter_model.safetensors")
     assert saved.keys() == reference.keys() and all(torch.equal(saved[k], reference[k]) for k in saved)
     assert (tmp_path / "final" / "tokenizer.json").is_file()
     assert not (tmp_path / "final" / "model.safetensors").exists()
