@@ -123,6 +123,25 @@ class ExpertWeight4bit(nn.Module):
             return dispatch.dequantize_scratch(QuantizedTensor(q.packed, q.absmax, whole), dtype)
         return q.dequantize(dtype)[start:start + self.shape[1] * self.shape[2]].view(self.shape[1:])
 
+    def expert_decoder(self, dtype: torch.dtype):
+        """A function e -> `expert(e, dtype)` for decoding many experts in one pass: the whole parameter's float32
+        absmax is computed once (undoing double quantization for all blocks in one operation) instead of once
+        per expert, and each expert is decoded from its slice into the reused buffer (valid until this
+        thread's next dequantization)."""
+        per_expert = self.shape[1] * self.shape[2]
+        if not self.is_quantized or per_expert % self.layout.blocksize:
+            return lambda e: self.expert(e, dtype)
+        absmax = self.quantized_weight.float_absmax()
+        packed, blocks = self.packed.view(-1), per_expert // self.layout.blocksize
+        whole = QuantLayout(self.shape[1:], self.layout.dtype, self.layout.quant_type, self.layout.blocksize)
+
+        def decode(e: int) -> torch.Tensor:
+            q = QuantizedTensor(packed[e * per_expert // 2:(e + 1) * per_expert // 2],
+                                absmax[e * blocks:(e + 1) * blocks], whole)
+            return dispatch.dequantize_scratch(q, dtype)
+
+        return decode
+
     def add_lora(self, r: int, alpha: float, use_rslora: bool = False, dtype: torch.dtype = torch.float32) -> None:
         """A per-expert adapter in PEFT's ParamWrapper layout: A Kaiming-uniform, B zero (as PEFT)."""
         device = self.storage_device
@@ -206,11 +225,11 @@ class _GroupedExperts(torch.autograd.Function):
         dtype = dispatch.training_matmul_dtype(x)
         lora = _grouped_lora(weight, dtype)
         out = x.new_empty((x.shape[0], weight.out_features))
-        start = 0
+        decode, start = weight.expert_decoder(dtype), 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            w = weight.expert(e, dtype)
+            w = decode(e)
             wt = w if weight.transposed else w.t()
             for s in range(start, start + n, GROUP_ROWS):
                 stop = min(s + GROUP_ROWS, start + n)
@@ -231,11 +250,11 @@ class _GroupedExperts(torch.autograd.Function):
         grad_x = x.new_empty(x.shape) if want_x else None
         grad_a = torch.zeros(weight.num_experts, weight.r, weight.in_features, dtype=dtype) if want_a else None
         grad_b = torch.zeros(weight.num_experts, weight.out_features, weight.r, dtype=dtype) if want_b else None
-        start = 0
+        decode, start = weight.expert_decoder(dtype), 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            w = weight.expert(e, dtype) if want_x else None
+            w = decode(e) if want_x else None
             for s in range(start, start + n, GROUP_ROWS):
                 stop = min(s + GROUP_ROWS, start + n)
                 g = grad_y[s:stop].to(dtype)
