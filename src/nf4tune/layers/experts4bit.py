@@ -132,15 +132,11 @@ class ExpertWeight4bit(nn.Module):
         if not self.is_quantized or per_expert % self.layout.blocksize:
             return lambda e: self.expert(e, dtype)
         absmax = self.quantized_weight.float_absmax()
-        packed, blocks = self.packed.view(-1), per_expert // self.layout.blocksize
-        whole = QuantLayout(self.shape[1:], self.layout.dtype, self.layout.quant_type, self.layout.blocksize)
-
-        def decode(e: int) -> torch.Tensor:
-            q = QuantizedTensor(packed[e * per_expert // 2:(e + 1) * per_expert // 2],
-                                absmax[e * blocks:(e + 1) * blocks], whole)
-            return dispatch.dequantize_scratch(q, dtype)
-
-        return decode
+        packed, blocks, shape = self.packed.view(-1), per_expert // self.layout.blocksize, self.shape[1:]
+        decoder = dispatch.scratch_decoder(packed[:per_expert // 2], absmax[:blocks], self.layout.quant_type,
+                                           self.layout.blocksize, dtype)
+        return lambda e: decoder(packed[e * per_expert // 2:(e + 1) * per_expert // 2],
+                                 absmax[e * blocks:(e + 1) * blocks], shape)
 
     def add_lora(self, r: int, alpha: float, use_rslora: bool = False, dtype: torch.dtype = torch.float32) -> None:
         """A per-expert adapter in PEFT's ParamWrapper layout: A Kaiming-uniform, B zero (as PEFT)."""
@@ -201,12 +197,13 @@ GROUP_ROWS = 1024
 
 
 def _grouped_lora(weight: ExpertWeight4bit, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The adapter as (experts, r, in) A and (experts, out, r) B pre-scaled, in `dtype`, or None."""
+    """The adapter as (experts, r, in) A and (experts, out, r) B pre-scaled, in `dtype` (contiguous: each expert's
+    pair is read as plain matrices), or None."""
     if weight.lora_A is None:
         return None
     a = weight.lora_A.detach().view(weight.num_experts, weight.r, weight.in_features).to(dtype)
     b = weight.lora_B.detach().view(weight.out_features, weight.r, weight.num_experts).permute(2, 0, 1)
-    return a, b.to(dtype) * weight.scaling
+    return a, (b.to(dtype) * weight.scaling).contiguous()
 
 
 class _GroupedExperts(torch.autograd.Function):
