@@ -10,7 +10,12 @@ when tokens are routed to e. An adapter is per expert, in PEFT's `target_paramet
 A.view(experts, r, in)[e] and B.view(out, r, experts)[:, :, e].
 
 The experts module keeps its transformers class; its forward is chosen through transformers' experts
-implementation registry (`ExpertsInterface`), under the name `EXPERTS_IMPLEMENTATION`.
+implementation registry (`ExpertsInterface`), under the name `EXPERTS_IMPLEMENTATION`: `experts_forward`,
+a grouped pass (the layer's (token, expert) pairs sorted by expert once; per projection one custom autograd
+function that decodes each routed expert once, in the dtype `dispatch.training_matmul_dtype` picks, and
+computes its base and adapter products together, saving only its input for backward). The per-expert loop
+it replaced stays as `experts_forward_reference` (`REFERENCE_IMPLEMENTATION`), the plain-PyTorch reference
+the grouped pass is tested against (tests/test_moe_grouped.py).
 """
 
 from __future__ import annotations
