@@ -250,8 +250,8 @@ class _GroupedExperts(torch.autograd.Function):
         dtype = dispatch.training_matmul_dtype(grad_y)
         lora = _grouped_lora(weight, dtype) if weight.lora_A is not None else None
         grad_x = x.new_empty(x.shape) if want_x else None
-        grad_a = torch.zeros(weight.num_experts, weight.r, weight.in_features, dtype=dtype) if want_a else None
-        grad_b = torch.zeros(weight.num_experts, weight.out_features, weight.r, dtype=dtype) if want_b else None
+        grad_a = x.new_zeros((weight.num_experts, weight.r, weight.in_features), dtype=dtype) if want_a else None
+        grad_b = x.new_zeros((weight.num_experts, weight.out_features, weight.r), dtype=dtype) if want_b else None
         decode, start = weight.expert_decoder(dtype), 0
         for e, n in enumerate(counts):
             if n == 0:
