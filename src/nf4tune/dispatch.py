@@ -310,13 +310,42 @@ def dequantize_scratch(q, dtype: torch.dtype) -> torch.Tensor:
     """q dequantized to `dtype` into a buffer this thread reuses for every weight on q's device, so a
     training step does not allocate (and on CPU page-fault) a fresh weight-sized tensor per layer per
     pass. The result is valid until this thread's next call: for a weight used at once and dropped."""
-    n = math.prod(q.shape)
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    key = (q.device, dtype)
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < n:
-        buffer = buffers[key] = torch.empty(n, dtype=dtype, device=q.device)
+    buffer = _scratch_buffer(q.device, dtype, math.prod(q.shape))
     return dequantize_4bit(q.packed, q.float_absmax(), q.shape, q.quant_type, q.blocksize, dtype, out=buffer)
+
+
+def scratch_decoder(packed: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int, dtype: torch.dtype):
+    """For decoding many same-sized 4-bit tensors in a row (a MoE layer's experts): a function
+    (packed, absmax, shape) -> the tensor dequantized to `dtype` into this thread's reused buffer, as
+    `dequantize_scratch` (valid until the next call), its path chosen once from these sample tensors (of
+    the same device, dtype and layout as those it will be given; float32 absmax) rather than per call."""
+    n = packed.numel() * 2
+    if _dequantize_path(packed.reshape(-1), absmax, n, blocksize).name != NATIVE or dtype not in (
+            torch.bfloat16, torch.float32) or n % blocksize:
+        return lambda p, a, shape: dequantize_4bit(p, a, shape, quant_type, blocksize, dtype,
+                                                   out=_scratch_buffer(p.device, dtype, math.prod(shape)))
+    code = code_4bit(quant_type).float().contiguous()
+    threads = torch.get_num_threads()
+    lib = native._lib()
+    out_bf16 = int(dtype == torch.bfloat16)
+
+    def decode(p: torch.Tensor, a: torch.Tensor, shape) -> torch.Tensor:
+        numel = math.prod(shape)
+        out = _scratch_buffer(p.device, dtype, numel)
+        lib.dequantize_4bit(p.data_ptr(), a.data_ptr(), code.data_ptr(), numel, blocksize, out.data_ptr(), out_bf16,
+                            threads)
+        return out[:numel].view(shape)
+
+    return decode
+
+
+def _scratch_buffer(device: torch.device, dtype: torch.dtype, n: int) -> torch.Tensor:
+    """This thread's reused buffer of at least n values of `dtype` on `device` (`dequantize_scratch`'s)."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((device, dtype))
+    if buffer is None or buffer.numel() < n:
+        buffer = buffers[(device, dtype)] = torch.empty(n, dtype=dtype, device=device)
+    return buffer
 
 
 def training_matmul_dtype(x: torch.Tensor) -> torch.dtype:

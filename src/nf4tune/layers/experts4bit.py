@@ -10,7 +10,12 @@ when tokens are routed to e. An adapter is per expert, in PEFT's `target_paramet
 A.view(experts, r, in)[e] and B.view(out, r, experts)[:, :, e].
 
 The experts module keeps its transformers class; its forward is chosen through transformers' experts
-implementation registry (`ExpertsInterface`), under the name `EXPERTS_IMPLEMENTATION`.
+implementation registry (`ExpertsInterface`), under the name `EXPERTS_IMPLEMENTATION`: `experts_forward`,
+a grouped pass (the layer's (token, expert) pairs sorted by expert once; per projection one custom autograd
+function that decodes each routed expert once, in the dtype `dispatch.training_matmul_dtype` picks, and
+computes its base and adapter products together, saving only its input for backward). The per-expert loop
+it replaced stays as `experts_forward_reference` (`REFERENCE_IMPLEMENTATION`), the plain-PyTorch reference
+the grouped pass is tested against (tests/test_moe_grouped.py).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from . import kept_outputs
 from .linear4bit import lora_scaling
 
 EXPERTS_IMPLEMENTATION = "nf4tune"
+# The plain-PyTorch loop `experts_forward` is tested against (`model.set_experts_implementation(...)` selects it).
+REFERENCE_IMPLEMENTATION = "nf4tune_reference"
 # The fused 3-D parameters of transformers' experts modules, input projection first (the order the forward
 # applies them, and the order of the module's parameters).
 EXPERT_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")
@@ -121,6 +128,21 @@ class ExpertWeight4bit(nn.Module):
             return dispatch.dequantize_scratch(QuantizedTensor(q.packed, q.absmax, whole), dtype)
         return q.dequantize(dtype)[start:start + self.shape[1] * self.shape[2]].view(self.shape[1:])
 
+    def expert_decoder(self, dtype: torch.dtype):
+        """A function e -> `expert(e, dtype)` for decoding many experts in one pass: the whole parameter's float32
+        absmax is computed once (undoing double quantization for all blocks in one operation) instead of once
+        per expert, and each expert is decoded from its slice into the reused buffer (valid until this
+        thread's next dequantization)."""
+        per_expert = self.shape[1] * self.shape[2]
+        if not self.is_quantized or per_expert % self.layout.blocksize:
+            return lambda e: self.expert(e, dtype)
+        absmax = self.quantized_weight.float_absmax()
+        packed, blocks, shape = self.packed.view(-1), per_expert // self.layout.blocksize, self.shape[1:]
+        decoder = dispatch.scratch_decoder(packed[:per_expert // 2], absmax[:blocks], self.layout.quant_type,
+                                           self.layout.blocksize, dtype)
+        return lambda e: decoder(packed[e * per_expert // 2:(e + 1) * per_expert // 2],
+                                 absmax[e * blocks:(e + 1) * blocks], shape)
+
     def add_lora(self, r: int, alpha: float, use_rslora: bool = False, dtype: torch.dtype = torch.float32) -> None:
         """A per-expert adapter in PEFT's ParamWrapper layout: A Kaiming-uniform, B zero (as PEFT)."""
         device = self.storage_device
@@ -174,10 +196,142 @@ class _FrozenExpertMatmul(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+# Rows of one expert's tokens multiplied at a time by the grouped pass: its float32 copies of a block of inputs and
+# of the block's product stay a few MiB whatever the number of tokens (`gemm.ROWS`).
+GROUP_ROWS = 1024
+
+
+def _grouped_lora(weight: ExpertWeight4bit, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The adapter as (experts, r, in) A and (experts, out, r) B pre-scaled, in `dtype` (contiguous: each expert's
+    pair is read as plain matrices), or None."""
+    if weight.lora_A is None:
+        return None
+    a = weight.lora_A.detach().view(weight.num_experts, weight.r, weight.in_features).to(dtype)
+    b = weight.lora_B.detach().view(weight.out_features, weight.r, weight.num_experts).permute(2, 0, 1)
+    return a, (b.to(dtype) * weight.scaling).contiguous()
+
+
+class _GroupedExperts(torch.autograd.Function):
+    """y = x W_e^T + s (x A_e^T) B_e^T for each expert e's run of rows of `x` (its tokens, sorted by expert):
+    each routed expert decoded once, in the dtype `dispatch.training_matmul_dtype` picks (float32 for
+    bfloat16 on a CPU whose float32 GEMM is the faster), its base and adapter products computed from one
+    converted block of rows and rounded once. Saves only `x` (and the routing, as counts); backward
+    decodes each expert again and forms dx, dA and dB in one pass per expert."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, weight: ExpertWeight4bit, counts: list[int], kept):
+        ctx.weight, ctx.counts = weight, counts
+        ctx.save_for_backward(x)
+        if kept is not None:  # the first run's output (adapter included: same step, same parameters)
+            return kept
+        dtype = dispatch.training_matmul_dtype(x)
+        lora = _grouped_lora(weight, dtype)
+        out = x.new_empty((x.shape[0], weight.out_features))
+        decode, start = weight.expert_decoder(dtype), 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            w = decode(e)
+            wt = w if weight.transposed else w.t()
+            for s in range(start, start + n, GROUP_ROWS):
+                stop = min(s + GROUP_ROWS, start + n)
+                xb = x[s:stop].to(dtype)
+                yb = xb @ wt
+                if lora is not None:
+                    yb.addmm_(xb @ lora[0][e].t(), lora[1][e].t())
+                out[s:stop] = yb
+            start += n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,), weight, counts = ctx.saved_tensors, ctx.weight, ctx.counts
+        want_x, want_a, want_b = ctx.needs_input_grad[:3]
+        dtype = dispatch.training_matmul_dtype(grad_y)
+        lora = _grouped_lora(weight, dtype) if weight.lora_A is not None else None
+        grad_x = x.new_empty(x.shape) if want_x else None
+        grad_a = x.new_zeros((weight.num_experts, weight.r, weight.in_features), dtype=dtype) if want_a else None
+        grad_b = x.new_zeros((weight.num_experts, weight.out_features, weight.r), dtype=dtype) if want_b else None
+        decode, start = weight.expert_decoder(dtype), 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            w = decode(e) if want_x else None
+            for s in range(start, start + n, GROUP_ROWS):
+                stop = min(s + GROUP_ROWS, start + n)
+                g = grad_y[s:stop].to(dtype)
+                gb = g @ lora[1][e] if lora is not None else None  # (rows, r): g B_e s
+                if want_x:
+                    gx = g @ w.t() if weight.transposed else g @ w
+                    if gb is not None:
+                        gx.addmm_(gb, lora[0][e])
+                    grad_x[s:stop] = gx
+                if want_a or want_b:
+                    xb = x[s:stop].to(dtype)
+                    if want_a:
+                        grad_a[e].addmm_(gb.t(), xb)
+                    if want_b:
+                        grad_b[e].addmm_(g.t(), xb @ lora[0][e].t(), alpha=weight.scaling)
+            start += n
+        if grad_a is not None:
+            grad_a = grad_a.view(-1, weight.in_features).to(weight.lora_A.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.permute(1, 2, 0).reshape(weight.out_features, -1).to(weight.lora_B.dtype)
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+def grouped_product(weight: ExpertWeight4bit, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Each expert's product (adapter included) for `x`'s rows sorted by expert, `counts[e]` rows for expert e
+    (`_GroupedExperts`). In a gradient-checkpointed region that keeps outputs (layers/kept_outputs.py), the
+    recompute takes the first run's output instead of computing it again."""
+    region = kept_outputs.current()
+    kept = region.take(weight) if region is not None else None
+    y = _GroupedExperts.apply(x, weight.lora_A, weight.lora_B, weight, counts, kept)
+    if region is not None and kept is None:
+        region.keep(weight, y)
+    return y
+
+
+def _route(top_k_index: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """The (token, choice) pairs sorted by expert (stable: within an expert, in token order), as their token
+    indices, their choice (position in top k), their expert, and the count of pairs per expert. Indices
+    past the last expert (expert parallelism's sentinels) sort last and are dropped."""
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    expert, order = torch.sort(flat, stable=True)
+    counts = torch.bincount(flat.clamp(max=experts), minlength=experts + 1)[:experts].tolist()
+    routed = sum(counts)
+    order, expert = order[:routed], expert[:routed]
+    return order // k, order % k, expert, counts
+
+
 def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
-    """transformers' experts forward (its eager loop, its gating and biases) over `ExpertWeight4bit` weights:
-    one expert at a time, only the experts some token is routed to."""
+    """transformers' experts forward (its gating and biases) over `ExpertWeight4bit` weights, grouped: the
+    (token, expert) pairs sorted by expert once, each projection one `grouped_product` over all of them
+    (each routed expert decoded once per pass, its adapter in the same pass, experts with no tokens
+    skipped), the activation, biases and routing weights applied to all pairs at once."""
+    up_name = "gate_up_proj" if self.has_gate else "up_proj"
+    up, down = getattr(self, up_name), self.down_proj
+    with torch.no_grad():
+        token, position, expert, counts = _route(top_k_index, up.num_experts)
+    h = grouped_product(up, hidden_states[token], counts)
+    if self.has_bias:
+        h = h + getattr(self, f"{up_name}_bias")[expert]
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    y = grouped_product(down, h, counts)
+    if self.has_bias:
+        y = y + self.down_proj_bias[expert]
+    if getattr(self, "has_post_expert_norm", False):
+        y = self.post_expert_norm(y)
+    y = y * top_k_weights[token, position, None]
+    return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
+
+
+def experts_forward_reference(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                              top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The plain-PyTorch reference of `experts_forward`: transformers' eager loop, one expert at a time
+    (`ExpertWeight4bit.forward`, its adapter through autograd), only the experts some token is routed to."""
     up_name = "gate_up_proj" if self.has_gate else "up_proj"
     up, down = getattr(self, up_name), self.down_proj
     up_bias = getattr(self, f"{up_name}_bias") if self.has_bias else None
@@ -208,6 +362,7 @@ def register() -> None:
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(EXPERTS_IMPLEMENTATION, experts_forward)
+    ExpertsInterface.register(REFERENCE_IMPLEMENTATION, experts_forward_reference)
 
 
 def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
