@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from .. import dispatch
 from . import kept_outputs
 
 NAME = "nf4tune_chunked"
@@ -276,34 +277,45 @@ class _KeptCausalFlash(torch.autograd.Function):
     """Causal attention through the CPU flash kernel whose output and log-sum-exp, the two things its
     backward needs besides q, k and v, are kept through a checkpointed region (`layers.kept_outputs`, as the
     4-bit layers keep theirs): the region's recompute then skips the attention forward, a quarter of the
-    attention's work in a checkpointed step."""
+    attention's work in a checkpointed step. The kernel runs in `dtype` (`dispatch.training_attention_dtype`:
+    float32 for bfloat16 inputs where this CPU's float32 GEMM is the faster, twice as fast here), q, k and v
+    converted on the way in, forward and backward; what is saved and kept stays in q's dtype."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, module):
+    def forward(ctx, q, k, v, scale, module, dtype):
         forward, _ = _flash_cpu()
         region = kept_outputs.current()
         out = lse = None
         if region is not None and region.replaying:  # both entries are taken, kept or not, to stay in order
             out, lse = region.take(module), region.take(module)
         if out is None or lse is None:
-            out, lse = forward(q, _heads(k, q), _heads(v, q), 0.0, True, scale=scale)
+            out, lse = forward(*_flash_inputs(q, k, v, dtype), 0.0, True, scale=scale)
+            out = out.to(q.dtype)
             if region is not None and not region.replaying:
                 region.keep(module, out)
                 region.keep(module, lse)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.dtype = scale, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         _, backward = _flash_cpu()
-        dq, dk, dv = backward(grad_out.contiguous(), q, _heads(k, q), _heads(v, q), out, lse, 0.0, True, scale=ctx.scale)
+        dtype = ctx.dtype
+        dq, dk, dv = backward(grad_out.to(dtype).contiguous(), *_flash_inputs(q, k, v, dtype), out.to(dtype), lse,
+                              0.0, True, scale=ctx.scale)
         groups = q.shape[1] // k.shape[1]
         if groups > 1:  # each kv head's gradient is the sum over the query heads that share it
             dk = dk.unflatten(1, (k.shape[1], groups)).sum(2)
             dv = dv.unflatten(1, (v.shape[1], groups)).sum(2)
-        return dq, dk, dv, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def _flash_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype):
+    """q, k and v in `dtype`, keys and values repeated to the query heads (grouped-query attention), as the
+    CPU flash kernel takes them."""
+    return q.to(dtype), _heads(k.to(dtype), q), _heads(v.to(dtype), q)
 
 
 def _heads(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -353,7 +365,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if (softcap is None and plain and kwargs.get("is_causal", getattr(module, "is_causal", True))
             and _keeps_causal_flash(module, query, key, dropout)):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        return _KeptCausalFlash.apply(query, key, value, scale, module).transpose(1, 2).contiguous(), None
+        dtype = dispatch.training_attention_dtype(query)
+        return _KeptCausalFlash.apply(query, key, value, scale, module, dtype).transpose(1, 2).contiguous(), None
     if softcap is None and (not blockwise or attention_mask.plain_causal):
         # SDPA's own path: fused kernels, and with a plain causal mask none materialized (is_causal)
         return sdpa_attention_forward(module, query, key, value, None if blockwise else attention_mask,
