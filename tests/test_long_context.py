@@ -350,3 +350,76 @@ def test_kept_causal_attention_skips_its_recompute_with_the_same_gradients(tmp_p
     assert g0 and g0.keys() == g1.keys()
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_causal_flash_in_either_dtype_matches_float64(compute, kv_heads):
+    """bf16 q, k, v through the CPU flash kernel computing in bf16 or float32 (what
+    `dispatch.training_attention_dtype` chooses between): output and gradients in bf16 against a float64 causal
+    softmax attention (eager's), the float32 products no less accurate than the bf16 ones."""
+    errors = {}
+    for dtype in (torch.bfloat16, compute):
+        q, k, v = (x.detach().to(torch.bfloat16).requires_grad_() for x in inputs(kv_heads=kv_heads))
+        allowed = masks(q.shape[2], "causal")
+        out = ca._KeptCausalFlash.apply(q, k, v, 0.3, None, dtype)
+        assert out.dtype == torch.bfloat16
+        want = reference(q, k, v, allowed, 0.3)
+        grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+        ref = torch.autograd.grad(want, (q, k, v), grad)
+        assert all(g.dtype == torch.bfloat16 for g in got)
+        pairs = zip((out.detach(), *got), (want.detach(), *ref))
+        errors[dtype] = [float((a.double() - b).abs().max() / b.abs().max()) for a, b in pairs]
+    assert max(errors[compute]) < 2e-2, errors
+    for e, e_bf16 in zip(errors[compute], errors[torch.bfloat16]):
+        assert e <= 1.25 * e_bf16 + 1e-3, errors
+
+
+@pytest.mark.parametrize("setting", ["bfloat16", "float32"])
+def test_a_bf16_model_trains_as_eager_does_with_either_attention_dtype(tmp_path, monkeypatch, setting):
+    """A bf16 nf4tune model's causal attention (the kept CPU flash kernel, in the dtype NF4TUNE_TRAIN_MATMUL /
+    `dispatch.training_attention_dtype` names): its loss and LoRA gradients hold to a float32 eager oracle (the
+    same 4-bit weights in float32) as closely as bf16 eager attention's do."""
+    import nf4tune
+    from nf4tune import dispatch
+    from nf4tune.checkpoint.tiny import build_tiny_checkpoint
+    from nf4tune.models.loss import loss_sum
+
+    monkeypatch.setenv(dispatch.TRAIN_MATMUL_ENV, setting)
+    path = build_tiny_checkpoint(tmp_path / "m", num_key_value_heads=1)
+    forward, backward = ca._flash_cpu()
+    seen = []
+    monkeypatch.setattr(ca, "_flash_cpu", lambda: (lambda q, *a, **k: seen.append(q.dtype) or forward(q, *a, **k),
+                                                   backward))
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    ids = torch.randint(3, vocab, (2, 24), generator=torch.Generator().manual_seed(9))
+    batch_ = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def step(dtype, impl):
+        model, _ = nf4tune.load_model(path, device="cpu", compute_dtype=dtype, progress=False,
+                                      lora=nf4tune.LoraConfig(r=4, alpha=8, dropout=0.0))
+        for i, (name, p) in enumerate(model.named_parameters()):  # the same adapters in every load
+            if "lora_" in name:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
+        model.set_attn_implementation(impl)
+        total, count = loss_sum(model.train(), batch_)
+        (total / count).backward()
+        return total.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+
+    oracle = step(torch.float32, "eager")
+    eager = step(torch.bfloat16, "eager")
+    seen.clear()
+    ours = step(torch.bfloat16, ca.NAME)
+    assert seen and set(seen) == {getattr(torch, setting)}  # the kernel ran, in the chosen dtype
+
+    def error(result):
+        return max([float((result[0] - oracle[0]).abs() / oracle[0].abs())] +
+                   [float((result[1][n] - g).abs().max() / g.abs().max()) for n, g in oracle[1].items()])
+
+    assert ours[1].keys() == oracle[1].keys()
+    assert error(ours) < 0.05
+    assert error(ours) <= 1.5 * error(eager) + 1e-3, (error(ours), error(eager))
