@@ -354,10 +354,15 @@ def test_kept_causal_attention_skips_its_recompute_with_the_same_gradients(tmp_p
 
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_causal_flash_in_either_dtype_matches_float64(compute, kv_heads):
+@pytest.mark.parametrize("one_head_at_a_time", [False, True])
+def test_causal_flash_in_either_dtype_matches_float64(monkeypatch, compute, kv_heads, one_head_at_a_time):
     """bf16 q, k, v through the CPU flash kernel computing in bf16 or float32 (what
-    `dispatch.training_attention_dtype` chooses between): output and gradients in bf16 against a float64 causal
-    softmax attention (eager's), the float32 products no less accurate than the bf16 ones."""
+    `dispatch.training_attention_dtype` chooses between; converted all heads at once or a key/value head at a
+    time): output and gradients in bf16 against a float64 causal softmax attention (eager's), the float32
+    products no less accurate than the bf16 ones."""
+    if one_head_at_a_time:
+        monkeypatch.setattr(ca, "CONVERT_BYTES", 1)
+        assert len(ca._head_chunks(*inputs(kv_heads=kv_heads)[:2], torch.float64)) == kv_heads
     errors = {}
     for dtype in (torch.bfloat16, compute):
         q, k, v = (x.detach().to(torch.bfloat16).requires_grad_() for x in inputs(kv_heads=kv_heads))
@@ -376,11 +381,12 @@ def test_causal_flash_in_either_dtype_matches_float64(compute, kv_heads):
         assert e <= 1.25 * e_bf16 + 1e-3, errors
 
 
-@pytest.mark.parametrize("setting", ["bfloat16", "float32"])
-def test_a_bf16_model_trains_as_eager_does_with_either_attention_dtype(tmp_path, monkeypatch, setting):
-    """A bf16 nf4tune model's causal attention (the kept CPU flash kernel, in the dtype NF4TUNE_TRAIN_MATMUL /
-    `dispatch.training_attention_dtype` names): its loss and LoRA gradients hold to a float32 eager oracle (the
-    same 4-bit weights in float32) as closely as bf16 eager attention's do."""
+@pytest.mark.parametrize("setting,kept_gib", [("bfloat16", 1.0), ("float32", 1.0), ("float32", 0.0)])
+def test_a_bf16_model_trains_as_eager_does_with_either_attention_dtype(tmp_path, monkeypatch, setting, kept_gib):
+    """A bf16 nf4tune model's causal attention (the CPU flash kernel, in the dtype NF4TUNE_TRAIN_MATMUL /
+    `dispatch.training_attention_dtype` names, its outputs kept through the checkpoint or not): its loss and
+    LoRA gradients hold to a float32 eager oracle (the same 4-bit weights in float32) as closely as bf16 eager
+    attention's do."""
     import nf4tune
     from nf4tune import dispatch
     from nf4tune.checkpoint.tiny import build_tiny_checkpoint
@@ -406,6 +412,7 @@ def test_a_bf16_model_trains_as_eager_does_with_either_attention_dtype(tmp_path,
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
         model.set_attn_implementation(impl)
+        model.nf4tune.kept_outputs_gib = kept_gib
         total, count = loss_sum(model.train(), batch_)
         (total / count).backward()
         return total.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}

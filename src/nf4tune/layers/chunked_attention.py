@@ -273,13 +273,20 @@ def _flash_cpu():
     return ops._scaled_dot_product_flash_attention_for_cpu, ops._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+# Where the kernel runs in another dtype than q's, it takes a few key/value heads (with their query heads) at a time,
+# so that the converted copies (q, k, v, output, their gradients: about 8 times a call's q) stay small: at most this
+# many bytes of q per call (at least one key/value head).
+CONVERT_BYTES = 8 << 20
+
+
 class _KeptCausalFlash(torch.autograd.Function):
     """Causal attention through the CPU flash kernel whose output and log-sum-exp, the two things its
     backward needs besides q, k and v, are kept through a checkpointed region (`layers.kept_outputs`, as the
     4-bit layers keep theirs): the region's recompute then skips the attention forward, a quarter of the
     attention's work in a checkpointed step. The kernel runs in `dtype` (`dispatch.training_attention_dtype`:
     float32 for bfloat16 inputs where this CPU's float32 GEMM is the faster, twice as fast here), q, k and v
-    converted on the way in, forward and backward; what is saved and kept stays in q's dtype."""
+    converted on the way in a few heads at a time (`CONVERT_BYTES`), forward and backward; what is saved and
+    kept stays in q's dtype."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, module, dtype):
@@ -289,8 +296,15 @@ class _KeptCausalFlash(torch.autograd.Function):
         if region is not None and region.replaying:  # both entries are taken, kept or not, to stay in order
             out, lse = region.take(module), region.take(module)
         if out is None or lse is None:
-            out, lse = forward(*_flash_inputs(q, k, v, dtype), 0.0, True, scale=scale)
-            out = out.to(q.dtype)
+            parts = [forward(*_flash_inputs(q, k, v, dtype, heads), 0.0, True, scale=scale)
+                     for heads in _head_chunks(q, k, dtype)]
+            if len(parts) == 1:
+                out, lse = parts[0]
+                out = out.to(q.dtype)
+            else:
+                out = torch.cat([o.to(q.dtype) for o, _ in parts], 1)
+                lse = torch.cat([lse for _, lse in parts], 1)
+            del parts
             if region is not None and not region.replaying:
                 region.keep(module, out)
                 region.keep(module, lse)
@@ -303,18 +317,37 @@ class _KeptCausalFlash(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         _, backward = _flash_cpu()
         dtype = ctx.dtype
-        dq, dk, dv = backward(grad_out.to(dtype).contiguous(), *_flash_inputs(q, k, v, dtype), out.to(dtype), lse,
-                              0.0, True, scale=ctx.scale)
         groups = q.shape[1] // k.shape[1]
-        if groups > 1:  # each kv head's gradient is the sum over the query heads that share it
-            dk = dk.unflatten(1, (k.shape[1], groups)).sum(2)
-            dv = dv.unflatten(1, (v.shape[1], groups)).sum(2)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for h0, h1 in _head_chunks(q, k, dtype):
+            g0, g1 = h0 * groups, h1 * groups  # their query heads
+            gq, gk, gv = backward(grad_out[:, g0:g1].to(dtype).contiguous(), *_flash_inputs(q, k, v, dtype, (h0, h1)),
+                                  out[:, g0:g1].to(dtype), lse[:, g0:g1], 0.0, True, scale=ctx.scale)
+            if groups > 1:  # each kv head's gradient is the sum over the query heads that share it
+                gk = gk.unflatten(1, (h1 - h0, groups)).sum(2)
+                gv = gv.unflatten(1, (h1 - h0, groups)).sum(2)
+            dq[:, g0:g1], dk[:, h0:h1], dv[:, h0:h1] = gq, gk, gv
+        return dq, dk, dv, None, None, None
 
 
-def _flash_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype):
-    """q, k and v in `dtype`, keys and values repeated to the query heads (grouped-query attention), as the
-    CPU flash kernel takes them."""
+def _head_chunks(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> list[tuple[int, int]]:
+    """The key/value heads [h0, h1) the flash kernel takes per call: all at once where it runs in q's dtype
+    (nothing converted), else as many as keep a call's q in `dtype` within `CONVERT_BYTES`."""
+    kv_heads = k.shape[1]
+    if dtype == q.dtype:
+        return [(0, kv_heads)]
+    per_head = q[:, : q.shape[1] // kv_heads].numel() * torch.finfo(dtype).bits // 8
+    step = max(1, min(kv_heads, CONVERT_BYTES // max(per_head, 1)))
+    return [(h, min(h + step, kv_heads)) for h in range(0, kv_heads, step)]
+
+
+def _flash_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, heads=None):
+    """q, k and v of key/value heads `heads` ([h0, h1), default all) and their query heads in `dtype`, keys and
+    values repeated to the query heads (grouped-query attention), as the CPU flash kernel takes them."""
+    if heads is not None:
+        groups = q.shape[1] // k.shape[1]
+        (h0, h1) = heads
+        q, k, v = q[:, h0 * groups:h1 * groups], k[:, h0:h1], v[:, h0:h1]
     return q.to(dtype), _heads(k.to(dtype), q), _heads(v.to(dtype), q)
 
 
@@ -326,10 +359,12 @@ def _heads(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def _keeps_causal_flash(module, query, key, dropout: float) -> bool:
     """Whether a plain causal attention goes through `_KeptCausalFlash`: training on CPU, inside a region
-    that keeps outputs, no dropout, as many queries as keys, not compiling."""
+    that keeps outputs or with the products in another dtype than q's (`dispatch.training_attention_dtype`),
+    no dropout, as many queries as keys, not compiling."""
     return (query.device.type == "cpu" and not dropout and torch.is_grad_enabled() and query.shape[2] == key.shape[2] > 1
-            and kept_outputs.current() is not None and not torch.compiler.is_compiling() and _flash_cpu() is not None
-            and query.dtype in (torch.bfloat16, torch.float16, torch.float32))
+            and not torch.compiler.is_compiling() and _flash_cpu() is not None
+            and query.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and (kept_outputs.current() is not None or dispatch.training_attention_dtype(query) != query.dtype))
 
 
 def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
