@@ -274,9 +274,10 @@ def _flash_cpu():
 
 
 # Where the kernel runs in another dtype than q's, it takes a few key/value heads (with their query heads) at a time,
-# so that the converted copies (q, k, v, output, their gradients: about 8 times a call's q) stay small: at most this
-# many bytes of q per call (at least one key/value head).
-CONVERT_BYTES = 8 << 20
+# so that the converted copies and the kernel's float32 work space stay small: at most this many bytes of q per call
+# (at least one key/value head). A call's peak is about 11 times its q here: one head of 16384 tokens in float32 (4 MiB
+# of q) peaked 45 MiB above its bf16 inputs; all 8 heads at once, 343 MiB against bf16's own kernel's 155 MiB.
+CONVERT_BYTES = 2 << 20
 
 
 class _KeptCausalFlash(torch.autograd.Function):
@@ -296,15 +297,18 @@ class _KeptCausalFlash(torch.autograd.Function):
         if region is not None and region.replaying:  # both entries are taken, kept or not, to stay in order
             out, lse = region.take(module), region.take(module)
         if out is None or lse is None:
-            parts = [forward(*_flash_inputs(q, k, v, dtype, heads), 0.0, True, scale=scale)
-                     for heads in _head_chunks(q, k, dtype)]
-            if len(parts) == 1:
-                out, lse = parts[0]
+            chunks = _head_chunks(q, k, dtype)
+            if len(chunks) == 1:
+                out, lse = forward(*_flash_inputs(q, k, v, dtype), 0.0, True, scale=scale)
                 out = out.to(q.dtype)
-            else:
-                out = torch.cat([o.to(q.dtype) for o, _ in parts], 1)
-                lse = torch.cat([lse for _, lse in parts], 1)
-            del parts
+            else:  # each chunk's output rounded into place at once: one chunk's float32 copies alive at a time
+                groups = q.shape[1] // k.shape[1]
+                out = torch.empty_like(q)
+                lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+                for h0, h1 in chunks:
+                    o, l_ = forward(*_flash_inputs(q, k, v, dtype, (h0, h1)), 0.0, True, scale=scale)
+                    out[:, h0 * groups:h1 * groups], lse[:, h0 * groups:h1 * groups] = o, l_
+                    del o, l_
             if region is not None and not region.replaying:
                 region.keep(module, out)
                 region.keep(module, lse)
