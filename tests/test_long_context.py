@@ -381,12 +381,15 @@ def test_causal_flash_in_either_dtype_matches_float64(monkeypatch, compute, kv_h
         assert e <= 1.25 * e_bf16 + 1e-3, errors
 
 
-@pytest.mark.parametrize("setting,kept_gib", [("bfloat16", 1.0), ("float32", 1.0), ("float32", 0.0)])
-def test_a_bf16_model_trains_as_eager_does_with_either_attention_dtype(tmp_path, monkeypatch, setting, kept_gib):
-    """A bf16 nf4tune model's causal attention (the CPU flash kernel, in the dtype NF4TUNE_TRAIN_MATMUL /
-    `dispatch.training_attention_dtype` names, its outputs kept through the checkpoint or not): its loss and
-    LoRA gradients hold to a float32 eager oracle (the same 4-bit weights in float32) as closely as bf16 eager
-    attention's do."""
+@pytest.mark.parametrize("setting,kept_gib,padded", [("bfloat16", 1.0, False), ("float32", 1.0, False),
+                                                     ("float32", 0.0, False), ("bfloat16", 1.0, True),
+                                                     ("float32", 1.0, True)])
+def test_a_bf16_model_trains_as_eager_does_with_either_attention_dtype(tmp_path, monkeypatch, setting, kept_gib,
+                                                                        padded):
+    """A bf16 nf4tune model's attention in the dtype NF4TUNE_TRAIN_MATMUL / `dispatch.training_attention_dtype`
+    names (a causal batch: the CPU flash kernel, its outputs kept through the checkpoint or not; a padded long one:
+    the query-blocked SDPA): its loss and LoRA gradients hold to a float32 eager oracle (the same 4-bit weights in
+    float32) as closely as bf16 eager attention's do."""
     import nf4tune
     from nf4tune import dispatch
     from nf4tune.checkpoint.tiny import build_tiny_checkpoint
@@ -398,11 +401,18 @@ def test_a_bf16_model_trains_as_eager_does_with_either_attention_dtype(tmp_path,
     seen = []
     monkeypatch.setattr(ca, "_flash_cpu", lambda: (lambda q, *a, **k: seen.append(q.dtype) or forward(q, *a, **k),
                                                    backward))
+    if padded:  # long from 8 tokens: the padded batch takes the query-blocked SDPA
+        monkeypatch.setattr(ca, "LONG_TOKENS", 8)
+        blocked = ca.blocked_sdpa
+        monkeypatch.setattr(ca, "blocked_sdpa", lambda *a, dtype, **k: seen.append(dtype) or blocked(*a, dtype=dtype, **k))
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(path).vocab_size
     ids = torch.randint(3, vocab, (2, 24), generator=torch.Generator().manual_seed(9))
-    batch_ = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :5] = 0
+    batch_ = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
     def step(dtype, impl):
         model, _ = nf4tune.load_model(path, device="cpu", compute_dtype=dtype, progress=False,
@@ -430,3 +440,27 @@ def test_a_bf16_model_trains_as_eager_does_with_either_attention_dtype(tmp_path,
     assert ours[1].keys() == oracle[1].keys()
     assert error(ours) < 0.05
     assert error(ours) <= 1.5 * error(eager) + 1e-3, (error(ours), error(eager))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_query_blocked_sdpa_in_float32_for_bf16_matches_float64(kind):
+    """bf16 q, k, v through the query-blocked SDPA (padding, packed rows, sliding windows) computing in bf16 or
+    float32: output and gradients against float64 (the rows that attend to something), float32 no less accurate."""
+    errors = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v = (x.detach().to(torch.bfloat16).requires_grad_() for x in inputs())
+        allowed = masks(q.shape[2], kind)
+        rows = allowed.any(-1).squeeze(1)
+        out = ca.blocked_sdpa(q, k, v, allowed, 0.3, block=6, dtype=dtype)
+        assert out.dtype == torch.bfloat16
+        want = reference(q, k, v, allowed, 0.3)
+        grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        grad = grad.masked_fill(~rows[:, None, :, None], 0.0)
+        got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+        ref = torch.autograd.grad(want, (q, k, v), grad)
+        assert all(g.dtype == torch.bfloat16 for g in got)
+        pairs = zip((out.detach().transpose(1, 2)[rows], *got), (want.detach().transpose(1, 2)[rows], *ref))
+        errors[dtype] = [float((a.double() - b).abs().max() / b.abs().max()) for a, b in pairs]
+    assert max(errors[torch.float32]) < 2e-2, errors
+    for e, e_bf16 in zip(errors[torch.float32], errors[torch.bfloat16]):
+        assert e <= 1.25 * e_bf16 + 1e-3, errors

@@ -203,17 +203,19 @@ def _query_blocks(mask, s: int, t: int, block: int):
 
 class _QueryBlockedSDPA(torch.autograd.Function):
     """PyTorch's fused SDPA a block of queries at a time, each on the keys its mask leaves it, with that
-    block's mask (never the whole one); backward recomputes each block's attention and differentiates it."""
+    block's mask (never the whole one); backward recomputes each block's attention and differentiates it.
+    Each block runs in `dtype` (`dispatch.training_attention_dtype`), its q, k and v converted on the way."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, block):
+    def forward(ctx, q, k, v, mask, scale, block, dtype):
         gqa = q.shape[1] != k.shape[1]
         out = torch.empty_like(q)
         for q0, q1, k0, k1, part in _query_blocks(mask, q.shape[2], k.shape[2], block):
             out[:, :, q0:q1] = torch.nn.functional.scaled_dot_product_attention(
-                q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=part, scale=scale, enable_gqa=gqa)
+                q[:, :, q0:q1].to(dtype), k[:, :, k0:k1].to(dtype), v[:, :, k0:k1].to(dtype), attn_mask=part,
+                scale=scale, enable_gqa=gqa)
         ctx.save_for_backward(q, k, v)
-        ctx.mask, ctx.scale, ctx.block = mask, scale, block
+        ctx.mask, ctx.scale, ctx.block, ctx.dtype = mask, scale, block, dtype
         return out
 
     @staticmethod
@@ -225,25 +227,28 @@ class _QueryBlockedSDPA(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         for q0, q1, k0, k1, part in _query_blocks(ctx.mask, q.shape[2], k.shape[2], ctx.block):
             with torch.enable_grad():
-                qb, kb, vb = (x.detach().requires_grad_() for x in (q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1]))
+                qb, kb, vb = (x.detach().to(ctx.dtype).requires_grad_()
+                              for x in (q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1]))
                 out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=part, scale=ctx.scale,
                                                                        enable_gqa=gqa)
-                gq, gk, gv = torch.autograd.grad(out, (qb, kb, vb), grad_out[:, :, q0:q1])
+                gq, gk, gv = torch.autograd.grad(out, (qb, kb, vb), grad_out[:, :, q0:q1].to(ctx.dtype))
             dq[:, :, q0:q1] = gq
             dk[:, :, k0:k1] += gk
             dv[:, :, k0:k1] += gv
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def blocked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, scale: float | None = None,
-                 block: int | None = None) -> torch.Tensor:
+                 block: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fused SDPA of query (b, heads, s, d) over key / value (b, kv_heads, t, d) under `mask` (a
     `BlockwiseMask` or a materialized mask, bool True = attend), `block` queries at a time: memory per
-    block (its mask is block x t booleans), never s x t. Returns (b, heads, s, d)."""
+    block (its mask is block x t booleans), never s x t. `dtype`: what the products run in (default query's;
+    the output and gradients come back in query's). Returns (b, heads, s, d)."""
     if isinstance(mask, torch.Tensor):
         mask = _DenseBlocks(mask)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    return _QueryBlockedSDPA.apply(query, key, value, mask, scale, 2 * BLOCK if block is None else block)
+    return _QueryBlockedSDPA.apply(query, key, value, mask, scale, 2 * BLOCK if block is None else block,
+                                   query.dtype if dtype is None else dtype)
 
 
 def chunked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask=None,
@@ -416,7 +421,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if attention_mask is None and query.shape[2] > 1 and kwargs.get("is_causal", getattr(module, "is_causal", True)):
         attention_mask = _CausalBlocks(key.shape[2] - query.shape[2], query.device)
     if softcap is None:  # a masked long sequence: the fused kernel a block of queries at a time
-        out = blocked_sdpa(query, key, value, attention_mask, scaling)
+        dtype = dispatch.training_attention_dtype(query) if torch.is_grad_enabled() else query.dtype
+        out = blocked_sdpa(query, key, value, attention_mask, scaling, dtype=dtype)
     else:  # soft-capped scores, which no fused kernel computes: the online softmax
         out = chunked_attention(query, key, value, attention_mask, scaling, softcap, BLOCK)
     return out.transpose(1, 2).contiguous(), None
