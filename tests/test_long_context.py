@@ -350,3 +350,117 @@ def test_kept_causal_attention_skips_its_recompute_with_the_same_gradients(tmp_p
     assert g0 and g0.keys() == g1.keys()
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("one_head_at_a_time", [False, True])
+def test_causal_flash_in_either_dtype_matches_float64(monkeypatch, compute, kv_heads, one_head_at_a_time):
+    """bf16 q, k, v through the CPU flash kernel computing in bf16 or float32 (what
+    `dispatch.training_attention_dtype` chooses between; converted all heads at once or a key/value head at a
+    time): output and gradients in bf16 against a float64 causal softmax attention (eager's), the float32
+    products no less accurate than the bf16 ones."""
+    if one_head_at_a_time:
+        monkeypatch.setattr(ca, "CONVERT_BYTES", 1)
+        assert len(ca._head_chunks(*inputs(kv_heads=kv_heads)[:2], torch.float64)) == kv_heads
+    errors = {}
+    for dtype in (torch.bfloat16, compute):
+        q, k, v = (x.detach().to(torch.bfloat16).requires_grad_() for x in inputs(kv_heads=kv_heads))
+        allowed = masks(q.shape[2], "causal")
+        out = ca._KeptCausalFlash.apply(q, k, v, 0.3, None, dtype)
+        assert out.dtype == torch.bfloat16
+        want = reference(q, k, v, allowed, 0.3)
+        grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+        ref = torch.autograd.grad(want, (q, k, v), grad)
+        assert all(g.dtype == torch.bfloat16 for g in got)
+        pairs = zip((out.detach(), *got), (want.detach(), *ref))
+        errors[dtype] = [float((a.double() - b).abs().max() / b.abs().max()) for a, b in pairs]
+    assert max(errors[compute]) < 2e-2, errors
+    for e, e_bf16 in zip(errors[compute], errors[torch.bfloat16]):
+        assert e <= 1.25 * e_bf16 + 1e-3, errors
+
+
+@pytest.mark.parametrize("setting,kept_gib,padded", [("bfloat16", 1.0, False), ("float32", 1.0, False),
+                                                     ("float32", 0.0, False), ("bfloat16", 1.0, True),
+                                                     ("float32", 1.0, True)])
+def test_a_bf16_model_trains_as_eager_does_with_either_attention_dtype(tmp_path, monkeypatch, setting, kept_gib,
+                                                                        padded):
+    """A bf16 nf4tune model's attention in the dtype NF4TUNE_TRAIN_MATMUL / `dispatch.training_attention_dtype`
+    names (a causal batch: the CPU flash kernel, its outputs kept through the checkpoint or not; a padded long one:
+    the query-blocked SDPA): its loss and LoRA gradients hold to a float32 eager oracle (the same 4-bit weights in
+    float32) as closely as bf16 eager attention's do."""
+    import nf4tune
+    from nf4tune import dispatch
+    from nf4tune.checkpoint.tiny import build_tiny_checkpoint
+    from nf4tune.models.loss import loss_sum
+
+    monkeypatch.setenv(dispatch.TRAIN_MATMUL_ENV, setting)
+    path = build_tiny_checkpoint(tmp_path / "m", num_key_value_heads=1)
+    forward, backward = ca._flash_cpu()
+    seen = []
+    monkeypatch.setattr(ca, "_flash_cpu", lambda: (lambda q, *a, **k: seen.append(q.dtype) or forward(q, *a, **k),
+                                                   backward))
+    if padded:  # long from 8 tokens: the padded batch takes the query-blocked SDPA
+        monkeypatch.setattr(ca, "LONG_TOKENS", 8)
+        blocked = ca.blocked_sdpa
+        monkeypatch.setattr(ca, "blocked_sdpa", lambda *a, dtype, **k: seen.append(dtype) or blocked(*a, dtype=dtype, **k))
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    ids = torch.randint(3, vocab, (2, 24), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :5] = 0
+    batch_ = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    def step(dtype, impl):
+        model, _ = nf4tune.load_model(path, device="cpu", compute_dtype=dtype, progress=False,
+                                      lora=nf4tune.LoraConfig(r=4, alpha=8, dropout=0.0))
+        for i, (name, p) in enumerate(model.named_parameters()):  # the same adapters in every load
+            if "lora_" in name:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
+        model.set_attn_implementation(impl)
+        model.nf4tune.kept_outputs_gib = kept_gib
+        total, count = loss_sum(model.train(), batch_)
+        (total / count).backward()
+        return total.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+
+    oracle = step(torch.float32, "eager")
+    eager = step(torch.bfloat16, "eager")
+    seen.clear()
+    ours = step(torch.bfloat16, ca.NAME)
+    assert seen and set(seen) == {getattr(torch, setting)}  # the kernel ran, in the chosen dtype
+
+    def error(result):
+        return max([float((result[0] - oracle[0]).abs() / oracle[0].abs())] +
+                   [float((result[1][n] - g).abs().max() / g.abs().max()) for n, g in oracle[1].items()])
+
+    assert ours[1].keys() == oracle[1].keys()
+    assert error(ours) < 0.05
+    assert error(ours) <= 1.5 * error(eager) + 1e-3, (error(ours), error(eager))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_query_blocked_sdpa_in_float32_for_bf16_matches_float64(kind):
+    """bf16 q, k, v through the query-blocked SDPA (padding, packed rows, sliding windows) computing in bf16 or
+    float32: output and gradients against float64 (the rows that attend to something), float32 no less accurate."""
+    errors = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v = (x.detach().to(torch.bfloat16).requires_grad_() for x in inputs())
+        allowed = masks(q.shape[2], kind)
+        rows = allowed.any(-1).squeeze(1)
+        out = ca.blocked_sdpa(q, k, v, allowed, 0.3, block=6, dtype=dtype)
+        assert out.dtype == torch.bfloat16
+        want = reference(q, k, v, allowed, 0.3)
+        grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        grad = grad.masked_fill(~rows[:, None, :, None], 0.0)
+        got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+        ref = torch.autograd.grad(want, (q, k, v), grad)
+        assert all(g.dtype == torch.bfloat16 for g in got)
+        pairs = zip((out.detach().transpose(1, 2)[rows], *got), (want.detach().transpose(1, 2)[rows], *ref))
+        errors[dtype] = [float((a.double() - b).abs().max() / b.abs().max()) for a, b in pairs]
+    assert max(errors[torch.float32]) < 2e-2, errors
+    for e, e_bf16 in zip(errors[torch.float32], errors[torch.bfloat16]):
+        assert e <= 1.25 * e_bf16 + 1e-3, errors

@@ -364,6 +364,16 @@ def training_matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return getattr(torch, setting)
 
 
+def training_attention_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype training's attention on CPU computes in (its score and value products, forward and
+    backward): `training_matmul_dtype`'s choice, for the same reason. PyTorch's CPU flash-attention kernel
+    runs its bfloat16 products through the same oneDNN GEMM that the probe times (`kernels.gemm`): on a CPU
+    without AMX, one causal head set of 8192 tokens took 2x the CPU time forward and backward in bfloat16
+    that it took with the inputs converted to float32 (BENCHMARKS.md "Long context"). Callers convert q, k
+    and v, and round the output and the gradients back to q's dtype. NF4TUNE_TRAIN_MATMUL sets it too."""
+    return training_matmul_dtype(q)
+
+
 matmul_in = gemm.matmul_in  # x @ m in x's dtype, computed in m's (`training_matmul_dtype`'s choice)
 
 

@@ -18,6 +18,10 @@ public interfaces (`AttentionInterface`, `AttentionMaskInterface`) and chooses b
   log-sum-exp), skipping blocks the mask leaves empty.
 
 Grouped-query attention is computed on the kv heads as they are (no repeat of keys and values).
+
+In training on CPU, a plain causal attention goes through the CPU flash kernel directly (`_KeptCausalFlash`: its
+output kept through the checkpoint) and, like the query-blocked SDPA, computes in `dispatch.training_attention_dtype`:
+float32 for bf16 inputs where the CPU's float32 GEMM is the faster (without AMX, twice as fast at 8k tokens).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from .. import dispatch
 from . import kept_outputs
 
 NAME = "nf4tune_chunked"
@@ -202,17 +207,19 @@ def _query_blocks(mask, s: int, t: int, block: int):
 
 class _QueryBlockedSDPA(torch.autograd.Function):
     """PyTorch's fused SDPA a block of queries at a time, each on the keys its mask leaves it, with that
-    block's mask (never the whole one); backward recomputes each block's attention and differentiates it."""
+    block's mask (never the whole one); backward recomputes each block's attention and differentiates it.
+    Each block runs in `dtype` (`dispatch.training_attention_dtype`), its q, k and v converted on the way."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, block):
+    def forward(ctx, q, k, v, mask, scale, block, dtype):
         gqa = q.shape[1] != k.shape[1]
         out = torch.empty_like(q)
         for q0, q1, k0, k1, part in _query_blocks(mask, q.shape[2], k.shape[2], block):
             out[:, :, q0:q1] = torch.nn.functional.scaled_dot_product_attention(
-                q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=part, scale=scale, enable_gqa=gqa)
+                q[:, :, q0:q1].to(dtype), k[:, :, k0:k1].to(dtype), v[:, :, k0:k1].to(dtype), attn_mask=part,
+                scale=scale, enable_gqa=gqa)
         ctx.save_for_backward(q, k, v)
-        ctx.mask, ctx.scale, ctx.block = mask, scale, block
+        ctx.mask, ctx.scale, ctx.block, ctx.dtype = mask, scale, block, dtype
         return out
 
     @staticmethod
@@ -224,25 +231,28 @@ class _QueryBlockedSDPA(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         for q0, q1, k0, k1, part in _query_blocks(ctx.mask, q.shape[2], k.shape[2], ctx.block):
             with torch.enable_grad():
-                qb, kb, vb = (x.detach().requires_grad_() for x in (q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1]))
+                qb, kb, vb = (x.detach().to(ctx.dtype).requires_grad_()
+                              for x in (q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1]))
                 out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=part, scale=ctx.scale,
                                                                        enable_gqa=gqa)
-                gq, gk, gv = torch.autograd.grad(out, (qb, kb, vb), grad_out[:, :, q0:q1])
+                gq, gk, gv = torch.autograd.grad(out, (qb, kb, vb), grad_out[:, :, q0:q1].to(ctx.dtype))
             dq[:, :, q0:q1] = gq
             dk[:, :, k0:k1] += gk
             dv[:, :, k0:k1] += gv
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def blocked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, scale: float | None = None,
-                 block: int | None = None) -> torch.Tensor:
+                 block: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Fused SDPA of query (b, heads, s, d) over key / value (b, kv_heads, t, d) under `mask` (a
     `BlockwiseMask` or a materialized mask, bool True = attend), `block` queries at a time: memory per
-    block (its mask is block x t booleans), never s x t. Returns (b, heads, s, d)."""
+    block (its mask is block x t booleans), never s x t. `dtype`: what the products run in (default query's;
+    the output and gradients come back in query's). Returns (b, heads, s, d)."""
     if isinstance(mask, torch.Tensor):
         mask = _DenseBlocks(mask)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    return _QueryBlockedSDPA.apply(query, key, value, mask, scale, 2 * BLOCK if block is None else block)
+    return _QueryBlockedSDPA.apply(query, key, value, mask, scale, 2 * BLOCK if block is None else block,
+                                   query.dtype if dtype is None else dtype)
 
 
 def chunked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask=None,
@@ -272,38 +282,86 @@ def _flash_cpu():
     return ops._scaled_dot_product_flash_attention_for_cpu, ops._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+# Where the kernel runs in another dtype than q's, it takes a few key/value heads (with their query heads) at a time,
+# so that the converted copies and the kernel's float32 work space stay small: at most this many bytes of q per call
+# (at least one key/value head). A call's peak is about 11 times its q here: one head of 16384 tokens in float32 (4 MiB
+# of q) peaked 45 MiB above its bf16 inputs; all 8 heads at once, 343 MiB against bf16's own kernel's 155 MiB.
+CONVERT_BYTES = 2 << 20
+
+
 class _KeptCausalFlash(torch.autograd.Function):
     """Causal attention through the CPU flash kernel whose output and log-sum-exp, the two things its
     backward needs besides q, k and v, are kept through a checkpointed region (`layers.kept_outputs`, as the
     4-bit layers keep theirs): the region's recompute then skips the attention forward, a quarter of the
-    attention's work in a checkpointed step."""
+    attention's work in a checkpointed step. The kernel runs in `dtype` (`dispatch.training_attention_dtype`:
+    float32 for bfloat16 inputs where this CPU's float32 GEMM is the faster, twice as fast here), q, k and v
+    converted on the way in a few heads at a time (`CONVERT_BYTES`), forward and backward; what is saved and
+    kept stays in q's dtype."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, module):
+    def forward(ctx, q, k, v, scale, module, dtype):
         forward, _ = _flash_cpu()
         region = kept_outputs.current()
         out = lse = None
         if region is not None and region.replaying:  # both entries are taken, kept or not, to stay in order
             out, lse = region.take(module), region.take(module)
         if out is None or lse is None:
-            out, lse = forward(q, _heads(k, q), _heads(v, q), 0.0, True, scale=scale)
+            chunks = _head_chunks(q, k, dtype)
+            if len(chunks) == 1:
+                out, lse = forward(*_flash_inputs(q, k, v, dtype), 0.0, True, scale=scale)
+                out = out.to(q.dtype)
+            else:  # each chunk's output rounded into place at once: one chunk's float32 copies alive at a time
+                groups = q.shape[1] // k.shape[1]
+                out = torch.empty_like(q)
+                lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+                for h0, h1 in chunks:
+                    o, l_ = forward(*_flash_inputs(q, k, v, dtype, (h0, h1)), 0.0, True, scale=scale)
+                    out[:, h0 * groups:h1 * groups], lse[:, h0 * groups:h1 * groups] = o, l_
+                    del o, l_
             if region is not None and not region.replaying:
                 region.keep(module, out)
                 region.keep(module, lse)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
+        ctx.scale, ctx.dtype = scale, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         _, backward = _flash_cpu()
-        dq, dk, dv = backward(grad_out.contiguous(), q, _heads(k, q), _heads(v, q), out, lse, 0.0, True, scale=ctx.scale)
+        dtype = ctx.dtype
         groups = q.shape[1] // k.shape[1]
-        if groups > 1:  # each kv head's gradient is the sum over the query heads that share it
-            dk = dk.unflatten(1, (k.shape[1], groups)).sum(2)
-            dv = dv.unflatten(1, (v.shape[1], groups)).sum(2)
-        return dq, dk, dv, None, None
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for h0, h1 in _head_chunks(q, k, dtype):
+            g0, g1 = h0 * groups, h1 * groups  # their query heads
+            gq, gk, gv = backward(grad_out[:, g0:g1].to(dtype).contiguous(), *_flash_inputs(q, k, v, dtype, (h0, h1)),
+                                  out[:, g0:g1].to(dtype), lse[:, g0:g1], 0.0, True, scale=ctx.scale)
+            if groups > 1:  # each kv head's gradient is the sum over the query heads that share it
+                gk = gk.unflatten(1, (h1 - h0, groups)).sum(2)
+                gv = gv.unflatten(1, (h1 - h0, groups)).sum(2)
+            dq[:, g0:g1], dk[:, h0:h1], dv[:, h0:h1] = gq, gk, gv
+        return dq, dk, dv, None, None, None
+
+
+def _head_chunks(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> list[tuple[int, int]]:
+    """The key/value heads [h0, h1) the flash kernel takes per call: all at once where it runs in q's dtype
+    (nothing converted), else as many as keep a call's q in `dtype` within `CONVERT_BYTES`."""
+    kv_heads = k.shape[1]
+    if dtype == q.dtype:
+        return [(0, kv_heads)]
+    per_head = q[:, : q.shape[1] // kv_heads].numel() * torch.finfo(dtype).bits // 8
+    step = max(1, min(kv_heads, CONVERT_BYTES // max(per_head, 1)))
+    return [(h, min(h + step, kv_heads)) for h in range(0, kv_heads, step)]
+
+
+def _flash_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, heads=None):
+    """q, k and v of key/value heads `heads` ([h0, h1), default all) and their query heads in `dtype`, keys and
+    values repeated to the query heads (grouped-query attention), as the CPU flash kernel takes them."""
+    if heads is not None:
+        groups = q.shape[1] // k.shape[1]
+        (h0, h1) = heads
+        q, k, v = q[:, h0 * groups:h1 * groups], k[:, h0:h1], v[:, h0:h1]
+    return q.to(dtype), _heads(k.to(dtype), q), _heads(v.to(dtype), q)
 
 
 def _heads(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -314,10 +372,12 @@ def _heads(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def _keeps_causal_flash(module, query, key, dropout: float) -> bool:
     """Whether a plain causal attention goes through `_KeptCausalFlash`: training on CPU, inside a region
-    that keeps outputs, no dropout, as many queries as keys, not compiling."""
+    that keeps outputs or with the products in another dtype than q's (`dispatch.training_attention_dtype`),
+    no dropout, as many queries as keys, not compiling."""
     return (query.device.type == "cpu" and not dropout and torch.is_grad_enabled() and query.shape[2] == key.shape[2] > 1
-            and kept_outputs.current() is not None and not torch.compiler.is_compiling() and _flash_cpu() is not None
-            and query.dtype in (torch.bfloat16, torch.float16, torch.float32))
+            and not torch.compiler.is_compiling() and _flash_cpu() is not None
+            and query.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and (kept_outputs.current() is not None or dispatch.training_attention_dtype(query) != query.dtype))
 
 
 def attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
@@ -353,7 +413,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if (softcap is None and plain and kwargs.get("is_causal", getattr(module, "is_causal", True))
             and _keeps_causal_flash(module, query, key, dropout)):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        return _KeptCausalFlash.apply(query, key, value, scale, module).transpose(1, 2).contiguous(), None
+        dtype = dispatch.training_attention_dtype(query)
+        return _KeptCausalFlash.apply(query, key, value, scale, module, dtype).transpose(1, 2).contiguous(), None
     if softcap is None and (not blockwise or attention_mask.plain_causal):
         # SDPA's own path: fused kernels, and with a plain causal mask none materialized (is_causal)
         return sdpa_attention_forward(module, query, key, value, None if blockwise else attention_mask,
@@ -364,7 +425,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if attention_mask is None and query.shape[2] > 1 and kwargs.get("is_causal", getattr(module, "is_causal", True)):
         attention_mask = _CausalBlocks(key.shape[2] - query.shape[2], query.device)
     if softcap is None:  # a masked long sequence: the fused kernel a block of queries at a time
-        out = blocked_sdpa(query, key, value, attention_mask, scaling)
+        dtype = dispatch.training_attention_dtype(query) if torch.is_grad_enabled() else query.dtype
+        out = blocked_sdpa(query, key, value, attention_mask, scaling, dtype=dtype)
     else:  # soft-capped scores, which no fused kernel computes: the online softmax
         out = chunked_attention(query, key, value, attention_mask, scaling, softcap, BLOCK)
     return out.transpose(1, 2).contiguous(), None
