@@ -22,7 +22,7 @@ The serving engine drives every model through one `run(admit, on_step, eos_ids, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
@@ -31,7 +31,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..errors import Nf4tuneError
 from ..models.loss import LogitTransform
-from .decoder import Row
+from .decoder import Decoder, Row, generate_rows
 from .sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,15 @@ class GenerateRunner:
         return None
 
     @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, sampling: Sampling | Sequence[Sampling], eos_ids: set[int] = frozenset(),
+                 attention_mask: torch.Tensor | None = None,
+                 on_step: Callable[[list[int]], Iterable[int] | None] | None = None,
+                 adapters=None) -> list[list[int]]:
+        """`serve.decoder.Decoder.generate`'s contract: up to `max_new_tokens` tokens after each prompt of
+        `input_ids` (B, T; left-padded where `attention_mask` has zeros), each row's, `run` over a fixed batch."""
+        return generate_rows(self, input_ids, sampling, eos_ids, attention_mask, on_step, adapters)
+
+    @torch.no_grad()
     def run(self, admit: Callable[[int], list[Row]], on_step: Callable[[list[Row | None], list[int]], Iterable[int] | None],
             eos_ids: set[int] = frozenset(), adapters=None, on_failed: Callable[[Row], None] | None = None) -> None:
         """`serve.decoder.Decoder.run`'s contract: `admit(live)` hands over rows (those waiting here count as
@@ -236,7 +245,7 @@ class GenerateRunner:
               eos_ids: set[int]) -> None:
         """One step's tokens: each live row takes its own (and its logits over its adapter's vocabulary), as
         `decoder.draw` would give them; `on_step` sees the step and says which rows end there."""
-        head = self.transform(logits[0].float())[:, :vocab].cpu() if logits and len(logits[0]) == len(rows) else None
+        head = self.transform(logits[0].float())[:, :vocab] if logits and len(logits[0]) == len(rows) else None
         live: list[Row | None] = []
         for place, (row, token) in enumerate(zip(rows, tokens)):
             if row.done:  # generate pads the rows that ended
@@ -253,6 +262,13 @@ class GenerateRunner:
             raise _CallerError(e) from e
         for place in ended or ():
             rows[place].done = True
+
+
+def cpu_decoder_or_generate(model, pad_id: int) -> Decoder | GenerateRunner:
+    """nf4tune's CPU decoder where it runs `model`, else `GenerateRunner` (both with `generate` and `run`);
+    prompts are left-padded with `pad_id` for generate. (The serving engine chooses among more:
+    `Engine._choose_decoder`.)"""
+    return Decoder(model) if Decoder.unsupported(model) is None else GenerateRunner(model, pad_id)
 
 
 def _next_group(waiting: list[Row]) -> list[Row]:
