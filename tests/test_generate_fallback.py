@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import nf4tune
+from nf4tune import dispatch
 from nf4tune.checkpoint.tiny import build_tiny_checkpoint
 from nf4tune.layers.lora import lora_layers
+from nf4tune.runtime.step import ModelStep
 from nf4tune.serve import Engine, Request, Sampling
 from nf4tune.serve.generate_runner import GenerateRunner, _Steps
 from nf4tune.serve.server import Server
@@ -55,8 +57,8 @@ def test_the_engine_serves_it_through_the_generate_runner(family):
     name, _, model, tokenizer = family
     engine = Engine(model, tokenizer)
     engine.close()
-    assert isinstance(engine.decoder, GenerateRunner) and engine.decode_path.name == "reference"
-    assert name in engine.decode_path.reason  # the step's sentence: which families it decodes, not this one
+    assert isinstance(engine.decoder, GenerateRunner) and engine.decode_path.name == dispatch.REFERENCE
+    assert name in ModelStep.unsupported(model)  # the step's sentence: which families it decodes, not this one
 
 
 def test_generate_gives_transformers_greedy_tokens_batched_or_one_at_a_time(family):
@@ -84,7 +86,9 @@ def test_rows_with_their_own_settings_and_adapters_share_one_engine(family, tmp_
     name, path, model, tokenizer = family
     if name != "olmo2":
         pytest.skip("the adapter bank switches the attention and dense layers; olmo2 has only those")
-    tuned, _ = _load(path, lora=nf4tune.LoraConfig(r=4, alpha=32, dropout=0.0))
+    with torch.random.fork_rng(devices=[]):  # the same adapter every run (A is drawn from the global generator)
+        torch.manual_seed(0)
+        tuned, _ = _load(path, lora=nf4tune.LoraConfig(r=4, alpha=32, dropout=0.0))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in lora_layers(tuned).values():
@@ -114,7 +118,9 @@ def test_logprobs_are_the_models_own(family):
     with torch.no_grad():
         first = model(ids).logits[0, -1].float().log_softmax(-1)
     entry = request.token_logprobs[0]
-    assert entry["logprob"] == pytest.approx(float(first.max()), abs=1e-3)  # greedy: the likeliest token's
+    # greedy: the likeliest token's (the forward and generate's prefill may round the head alike or 1 bf16 ulp apart)
+    assert entry["token"] == tokenizer.decode([int(first.argmax())])
+    assert entry["logprob"] == pytest.approx(float(first.max()), abs=0.05)
     assert entry["top_logprobs"][0]["logprob"] == entry["logprob"] and len(entry["top_logprobs"]) == 2
 
 

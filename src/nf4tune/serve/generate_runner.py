@@ -209,7 +209,7 @@ class GenerateRunner:
         logits: list[torch.Tensor] = []  # the head's output for the step's last position
 
         def keep(module, args, out) -> None:
-            logits[:] = [out[:, -1]]
+            logits[:] = [out[:, -1]] if isinstance(out, torch.Tensor) and out.dim() == 3 else []
 
         vocab = adapters.bank.vocab_size(rows[0].adapter) if adapters is not None else None
         head = self.model.get_output_embeddings()
