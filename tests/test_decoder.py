@@ -81,7 +81,7 @@ def test_greedy_tokens_are_the_reference_argmax_and_the_engine_uses_the_decoder(
 
     _, tokenizer = nf4tune.load_model(path, device="cpu", progress=False)
     engine = Engine(bf16, tokenizer)
-    assert engine.decoder is not None
+    assert isinstance(engine.decoder, Decoder)
     text = tokenizer.decode(prompt[0])
     reply = engine.submit(Request(text, sampling=Sampling(max_new_tokens=12))).wait(60)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids

@@ -16,6 +16,7 @@ import nf4tune
 from nf4tune.checkpoint.tiny import build_tiny_checkpoint, char_tokenizer
 from nf4tune.cli.main import main
 from nf4tune.serve import Engine, Request, Sampling
+from nf4tune.serve.generate_runner import GenerateRunner
 from nf4tune.serve.server import Server
 
 PROMPTS = ["Hello there, how", "Once upon"]  # different lengths: the batch is left-padded
@@ -35,7 +36,7 @@ def _load(path):
 
 def _engine_on_generate(model, tokenizer, **kw) -> Engine:
     engine = Engine(model, tokenizer, **kw)
-    assert engine.decoder is None, engine.decode_path  # else the test would not test the generate path
+    assert isinstance(engine.decoder, GenerateRunner), engine.decode_path  # else the test would not test the generate path
     return engine
 
 

@@ -251,7 +251,7 @@ def test_the_decoder_and_engine_on_the_16bit_base_generate_peft_s_greedy_tokens(
 
     engine = Engine(model, tok)
     try:
-        assert engine.decoder is not None
+        assert isinstance(engine.decoder, Decoder)
         text = tok.decode(prompt[0])
         assert tok(text, add_special_tokens=False).input_ids == prompt[0].tolist()
         reply = engine.submit(Request(text, sampling=Sampling(max_new_tokens=12))).wait(60)

@@ -196,7 +196,7 @@ def test_streamed_pieces_add_up_to_the_whole_decode_with_multibyte_characters():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from nf4tune.serve.streaming import BatchStreamer
+    from nf4tune.serve.streaming import BatchStreamer, ReplyRow
 
     # a byte-level BPE small enough that accented letters, CJK and emoji span several tokens
     text = "héllo wörld, 世界! naïve café 🙂 — ok. " * 3
@@ -208,14 +208,11 @@ def test_streamed_pieces_add_up_to_the_whole_decode_with_multibyte_characters():
     ids = tokenizer(text, add_special_tokens=False).input_ids
     assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some tokens are parts of characters
     request = Request("unused", sampling=Sampling(max_new_tokens=len(ids)))
-    prompt = torch.tensor([[tokenizer.eos_token_id, 5]])  # an end-of-sequence token in it ends nothing
-    streamer = BatchStreamer(SimpleNamespace(tokenizer=tokenizer, eos_ids={tokenizer.eos_token_id}, closed=False),
-                             [request], starts=prompt)
-    streamer.put(prompt.clone())  # generate() passes the prompt first
-    streamer.put(torch.tensor([ids[:3]]))  # several steps at once (B, k), as assisted generation passes them
-    for token in ids[3:]:
-        streamer.put(torch.tensor([token]))
-    streamer.end()
+    streamer = BatchStreamer(SimpleNamespace(tokenizer=tokenizer, eos_ids={tokenizer.eos_token_id}, closed=False))
+    row = ReplyRow(request)
+    for token in ids:
+        streamer.take(row, token, None)
+    assert row.finished  # its length
     request.deltas.put(None)
     pieces = list(request.stream())
     assert "".join(pieces) == request.text == tokenizer.decode(ids) == text

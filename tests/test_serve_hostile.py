@@ -20,6 +20,7 @@ import pytest
 import nf4tune
 from nf4tune.checkpoint.tiny import build_tiny_checkpoint
 from nf4tune.serve import Engine, Request, Sampling
+from nf4tune.serve.generate_runner import GenerateRunner
 from nf4tune.serve.json_body import MAX_JSON_DEPTH
 from nf4tune.serve.server import Server
 
@@ -49,7 +50,7 @@ def llama(tmp_path_factory):
     """The tiny Llama served by nf4tune's CPU decoder, replies running to their length."""
     model, tokenizer = _load(build_tiny_checkpoint(tmp_path_factory.mktemp("hostile") / "llama"))
     engine = Engine(model, tokenizer, max_batch=8, max_queue=256)
-    if engine.decoder is None:
+    if isinstance(engine.decoder, GenerateRunner):
         engine.close()
         pytest.skip(f"the CPU decoder cannot run here: {engine.decode_path.reason}")
     engine.eos_ids = set()
@@ -62,7 +63,7 @@ def olmo2(tmp_path_factory):
     """The tiny olmo2, served by transformers' generate (the CPU decoder does not take the family)."""
     model, tokenizer = _load(build_tiny_checkpoint(tmp_path_factory.mktemp("hostile") / "olmo2", "olmo2"))
     engine = Engine(model, tokenizer, max_batch=8)
-    assert engine.decoder is None, engine.decode_path
+    assert isinstance(engine.decoder, GenerateRunner), engine.decode_path
     engine.eos_ids = set()
     yield engine
     engine.close()

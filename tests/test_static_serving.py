@@ -15,6 +15,7 @@ from nf4tune.checkpoint.tiny import build_tiny_checkpoint
 from nf4tune.cli.main import main
 from nf4tune.errors import Nf4tuneError
 from nf4tune.serve import Engine, Request, Sampling
+from nf4tune.serve.generate_runner import GenerateRunner
 from nf4tune.serve.static_decoder import StaticDecoder
 
 CUDA = SimpleNamespace(device=torch.device("cuda"))  # the choice only looks at the device
@@ -92,7 +93,7 @@ def test_the_engine_falls_back_saying_why_where_the_static_decoder_cannot_serve(
     with caplog.at_level(logging.INFO, logger="nf4tune"):
         engine = Engine(fp32, tokenizer)
     engine.close()
-    assert engine.decoder is None and engine.decode_path.name == dispatch.REFERENCE
+    assert isinstance(engine.decoder, GenerateRunner) and engine.decode_path.name == dispatch.REFERENCE
     assert "bfloat16" in engine.decode_path.reason and "static-cache decoder cannot serve" in caplog.text
     # several adapters, each request under its own: the CPU decoder's (or generate's) work
     tuned, _ = nf4tune.load_model(checkpoint, device="cpu", progress=False, lora=nf4tune.LoraConfig(r=4, alpha=8))

@@ -179,12 +179,13 @@ def _read_line(prompt: str) -> str | None:
         return None
 
 
-def _restarted(engine):
-    """A fresh engine on the same model: closing one stops its generation at the next token."""
-    from ..serve.engine import Engine
-
-    engine.close()
-    return Engine(engine.model, engine.tokenizer)
+def _stop_reply(request) -> None:
+    """End `request`'s reply at its next token (Ctrl-C) and wait for it, so its text is what it kept."""
+    request.cancel()
+    try:
+        request.wait(60)
+    except KeyboardInterrupt:  # a second Ctrl-C: keep what has arrived
+        pass
 
 
 def run_chat(args) -> int:
@@ -237,7 +238,7 @@ def run_chat(args) -> int:
             except KeyboardInterrupt:
                 stopped = True
                 if request is not None:
-                    engine = _restarted(engine)  # ends the generation now, rather than after max_new_tokens
+                    _stop_reply(request)  # ends the generation now, rather than after max_new_tokens
                 reply = request.text if request is not None else ""
                 print(" (reply stopped)", flush=True)
             if request is None or (request.error and not stopped):

@@ -47,16 +47,13 @@ def reply_matches(generated: Sequence[int], target: Sequence[int], stop_ids: Ite
 
 
 def _greedy(model, ids: torch.Tensor, mask: torch.Tensor, budget: int, stop: set[int], pad_id: int) -> list[list[int]]:
-    """Greedy replies to left-padded prompts: through nf4tune's CPU decoder where it runs the model, else
-    transformers' `generate`."""
-    from ..serve.decoder import Decoder
+    """Greedy replies to left-padded prompts (each up to and including its stop token): through nf4tune's
+    CPU decoder where it runs the model, else transformers' `generate`, behind one interface."""
+    from ..serve.generate_runner import cpu_decoder_or_generate
     from ..serve.sampling import Sampling
 
-    if Decoder.unsupported(model) is None:
-        return Decoder(model).generate(ids, Sampling(max_new_tokens=budget), eos_ids=stop, attention_mask=mask)
-    out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=budget,
-                         do_sample=False, pad_token_id=pad_id, eos_token_id=sorted(stop))
-    return generated_tokens(model, out, ids.shape[1]).tolist()
+    decoder = cpu_decoder_or_generate(model, pad_id)
+    return decoder.generate(ids, Sampling(max_new_tokens=budget), eos_ids=stop, attention_mask=mask)
 
 
 def generated_tokens(model, output: torch.Tensor, prompt_width: int) -> torch.Tensor:

@@ -43,6 +43,7 @@ class Row:
     done: bool = False
     logits: torch.Tensor | None = None  # the scores its next token is drawn from
     error: Exception | None = None  # why it failed alone (its prefill or its draw), for `on_failed`
+    label: str | None = None  # the caller's name for it in log lines (the engine's request id)
 
     def __post_init__(self):
         self.seen = list(self.prompt_ids)

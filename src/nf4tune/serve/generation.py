@@ -1,7 +1,8 @@
 """`nf4tune.generate`: completions for a list of prompts, in this process, through the same engine as
-`nf4tune serve` (`serve.engine.Engine`): nf4tune's decoding runtime where the model's family has it
-(every row with its own sampling settings and adapter, rows joining a running batch as others finish),
-transformers' `generate` otherwise.
+`nf4tune serve` and `nf4tune chat` (`serve.engine.Engine`), for every family: nf4tune's decoding runtime
+where the model's family has it (rows joining a running batch as others finish), transformers' `generate`
+otherwise (`serve.generate_runner`: rows that share an adapter and settings share a call). Either way
+each prompt has its own adapter, stop strings and length, and a reply is what the prompt gets alone.
 
     model, tokenizer = nf4tune.load_model("SmolLM2-135M-Instruct", adapter="out/adapter")
     replies = nf4tune.generate(model, tokenizer, ["Name a prime number.", "What is 2 + 2?"], max_new_tokens=32)

@@ -6,9 +6,7 @@ from __future__ import annotations
 import bisect
 
 import torch
-from transformers.generation.streamers import BaseStreamer
 
-from ..errors import Nf4tuneError
 from .request import Delta, Request
 
 
@@ -31,57 +29,19 @@ class ReplyRow:
         self.finished = False
 
 
-class BatchStreamer(BaseStreamer):
-    """Routes the tokens generated for a batch to each request, as text, for `engine` (the `Engine`:
-    its tokenizer, eos_ids, whether it is closed, and `_failed` for a row that fails alone).
-
-    `starts` (B, T) are the ids generate() starts its sequences from: the padded prompts, or for an
-    encoder-decoder model the decoder's start tokens. generate() passes them to `put` first (transformers
-    5.25 does; a version that does not is served too): a first put equal to them is recognised by its
-    content and skipped, so they never count as reply tokens. Every other put is tokens: (B,) for one
-    step, (B, k) for k steps.
+class BatchStreamer:
+    """Makes the text of a batch's replies from their tokens, for `engine` (the `Engine`: its tokenizer,
+    eos_ids, and `_failed` for a row that fails alone); each request's text goes to it as `Delta`s.
 
     Text is decoded incrementally (as text-generation-inference does): each new token's text is the
     decode of a short window ending in it minus the decode of the window without it, so a step costs
     the same at token 10 as at token 2000; a window ending inside a multi-byte character waits for
     the rest of its bytes. Stop strings are searched across token boundaries; text that may be the
-    start of one is held back until the next tokens decide."""
+    start of one is held back until the next tokens decide. (Which tokens each row gets is its
+    decoder's: the engine hands them over with `take`.)"""
 
-    def __init__(self, engine, requests: list[Request], starts: torch.Tensor | None = None,
-                 rows: list[ReplyRow] | None = None):
-        self.engine, self.requests = engine, requests
-        self.rows = rows if rows is not None else [ReplyRow(r) for r in requests]
-        self.starts = None if starts is None else starts.cpu()
-        self.first_put = True
-
-    @property
-    def finished(self) -> list[bool]:
-        return [row.finished for row in self.rows]
-
-    def _is_starts(self, value: torch.Tensor) -> bool:
-        """Whether `value` is the batch's start ids (only the first put can be)."""
-        first, self.first_put = self.first_put, False
-        return (first and self.starts is not None and value.dim() == 2 and value.shape == self.starts.shape
-                and torch.equal(value.cpu(), self.starts))
-
-    def put(self, value: torch.Tensor) -> list[int]:
-        """Take one step's tokens (B,), or several steps' (B, k); return the rows that ended at them."""
-        if self._is_starts(value):
-            return []
-        if self.engine.closed:  # stop mid-reply: the process is leaving (Ctrl-C, shutdown)
-            raise Nf4tuneError("the engine was closed during generation.")
-        if value.numel() == 0 or value.numel() % len(self.rows):
-            raise Nf4tuneError(f"generate passed {tuple(value.shape)} tokens to a batch of {len(self.rows)} replies.")
-        ended = []
-        for step in value.reshape(len(self.rows), -1).t().tolist():
-            for index, token in enumerate(step):
-                row = self.rows[index]
-                if row.finished:
-                    continue
-                self.take(row, token, None)  # generate() gives no logits: its requests have no logprobs
-                if row.finished:
-                    ended.append(index)
-        return ended
+    def __init__(self, engine):
+        self.engine = engine
 
     def take(self, row: ReplyRow, token: int, logits: torch.Tensor | None) -> None:
         """Give `row` its next token; a row whose text cannot be made (its decode, its logprobs) ends
@@ -154,8 +114,3 @@ class BatchStreamer(BaseStreamer):
             (0 if length == 0 else min(bisect.bisect_left(row.ends, length) + 1, len(row.ends)))
         self._send(row, length, tokens)
         row.request.completion_tokens = len(row.ids)
-
-    def end(self) -> None:
-        for row in self.rows:
-            if not row.finished:
-                self.finish(row, "length")
