@@ -556,12 +556,14 @@ def _copy_adapters(layer: nn.Module, name: str, pairs: dict) -> None:
 
 
 def frozen_buffers_as_parameters(model: nn.Module) -> None:
-    """Register each Linear4bit's packed codes, absmax and nested absmax as frozen parameters: FSDP
-    shards parameters, not buffers. The tensors are the same objects; nothing is re-quantized."""
+    """Register each Linear4bit's and each ExpertWeight4bit's (a MoE layer's fused experts) packed codes,
+    absmax and nested absmax as frozen parameters: FSDP shards parameters, not buffers. The tensors are
+    the same objects; nothing is re-quantized."""
+    from ..layers.experts4bit import ExpertWeight4bit
     from ..layers.linear4bit import Linear4bit
 
     for module in model.modules():
-        for name in module.STORAGE if isinstance(module, Linear4bit) else ():
+        for name in module.STORAGE if isinstance(module, (Linear4bit, ExpertWeight4bit)) else ():
             tensor = module._buffers.get(name) if name in module._buffers else None
             if tensor is not None:
                 del module._buffers[name]
