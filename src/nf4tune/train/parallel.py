@@ -189,17 +189,22 @@ class Parallel:
         self._decide(recipe, model_path)
         if self.strategy != "fsdp":
             return None
-        pairs = {}
+        adapter, pairs = None, None  # the checkpoint's pairs by module name, resolved on the first layer
         if resume_from is not None:
             from ..models.adapters import read_adapter
 
-            pairs = read_adapter(resume_from)[1]
+            adapter = read_adapter(resume_from)
         options = _fsdp_options(self.world_size, self.device(recipe.model.device), self.cpu_offload)
         self._streamed = True
 
         def shard(model: nn.Module, name: str) -> None:
             from torch.distributed.fsdp import fully_shard
 
+            from ..models.adapters import pairs_by_module
+
+            nonlocal pairs
+            if pairs is None:  # expert adapters are named by the model's expert weights
+                pairs = {} if adapter is None else pairs_by_module(model, adapter[0], adapter[1], resume_from)
             layer = model.get_submodule(name)
             _copy_adapters(layer, name, pairs)
             self.load_peak_bytes = max(self.load_peak_bytes, param_bytes(model))
