@@ -146,3 +146,19 @@ def test_fsdp_shards_the_experts_4bit_storage(moe_runs):
 def test_one_launch_of_both_strategies_is_quick(moe_runs):
     _, _, seconds = moe_runs
     assert seconds < 120, seconds  # about 25 s on 2 cores
+
+
+def test_estimate_gives_the_bytes_each_rank_held(moe_runs):
+    """`nf4tune estimate` (and `training.parallel=auto`) counts the experts' 4-bit storage as sharded under FSDP."""
+    import math
+
+    from nf4tune.plan.estimate import estimate
+    from nf4tune.train.parallel import plan_arguments
+
+    root, model, _ = moe_runs
+    plan = plan_arguments(recipe_from_dict(json.loads((root / "recipe.json").read_text())))
+    for run, est in (("one", estimate(str(model), gpus=1, **plan)), ("ddp", estimate(str(model), gpus=2, strategy="ddp", **plan)),
+                     ("fsdp", estimate(str(model), gpus=2, strategy="fsdp", **plan))):
+        held = json.loads((root / run / "summary.json").read_text())["param_bytes_per_rank"]
+        assert math.isclose(est.weights_4bit + est.quant_constants + est.weights_16bit + est.lora, held,
+                            rel_tol=0.01), (run, est, held)
