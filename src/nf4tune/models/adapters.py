@@ -341,6 +341,15 @@ def _expert_pairs(model, pairs: dict, config: dict, directory) -> dict[str, tupl
     return found
 
 
+def pairs_by_module(model, config: dict, pairs: dict, directory) -> dict[str, dict[str, torch.Tensor]]:
+    """`read_adapter`'s pairs keyed by the module of `model` holding `lora_A` / `lora_B`: a LoRA layer's name
+    as read, an expert adapter's (PEFT `target_parameters`, keyed by the experts module and its `base_layer`s)
+    by its `ExpertWeight4bit`'s name, e.g. "model.layers.0.mlp.experts.gate_up_proj". `pairs` is left as it was."""
+    rest = dict(pairs)
+    experts = _expert_pairs(model, rest, config, directory)
+    return {**rest, **{name: pair for name, (_, pair) in experts.items()}}
+
+
 class AdapterBank:
     """Several LoRA adapters held for one 4-bit base, switched in by reference (no copies, no merging).
 

@@ -189,17 +189,22 @@ class Parallel:
         self._decide(recipe, model_path)
         if self.strategy != "fsdp":
             return None
-        pairs = {}
+        adapter, pairs = None, None  # the checkpoint's pairs by module name, resolved on the first layer
         if resume_from is not None:
             from ..models.adapters import read_adapter
 
-            pairs = read_adapter(resume_from)[1]
+            adapter = read_adapter(resume_from)
         options = _fsdp_options(self.world_size, self.device(recipe.model.device), self.cpu_offload)
         self._streamed = True
 
         def shard(model: nn.Module, name: str) -> None:
             from torch.distributed.fsdp import fully_shard
 
+            from ..models.adapters import pairs_by_module
+
+            nonlocal pairs
+            if pairs is None:  # expert adapters are named by the model's expert weights
+                pairs = {} if adapter is None else pairs_by_module(model, adapter[0], adapter[1], resume_from)
             layer = model.get_submodule(name)
             _copy_adapters(layer, name, pairs)
             self.load_peak_bytes = max(self.load_peak_bytes, param_bytes(model))
@@ -556,12 +561,14 @@ def _copy_adapters(layer: nn.Module, name: str, pairs: dict) -> None:
 
 
 def frozen_buffers_as_parameters(model: nn.Module) -> None:
-    """Register each Linear4bit's packed codes, absmax and nested absmax as frozen parameters: FSDP
-    shards parameters, not buffers. The tensors are the same objects; nothing is re-quantized."""
+    """Register each Linear4bit's and each ExpertWeight4bit's (a MoE layer's fused experts) packed codes,
+    absmax and nested absmax as frozen parameters: FSDP shards parameters, not buffers. The tensors are
+    the same objects; nothing is re-quantized."""
+    from ..layers.experts4bit import ExpertWeight4bit
     from ..layers.linear4bit import Linear4bit
 
     for module in model.modules():
-        for name in module.STORAGE if isinstance(module, Linear4bit) else ():
+        for name in module.STORAGE if isinstance(module, (Linear4bit, ExpertWeight4bit)) else ():
             tensor = module._buffers.get(name) if name in module._buffers else None
             if tensor is not None:
                 del module._buffers[name]

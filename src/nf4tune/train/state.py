@@ -26,7 +26,7 @@ import torch
 
 from ..atomic import temp_dir
 from ..errors import Nf4tuneError
-from ..models.adapters import read_adapter, save_adapter
+from ..models.adapters import pairs_by_module, read_adapter, save_adapter
 from ..outputs import OutOfSpace, folder_bytes, is_out_of_space
 
 STATE_FILE = "trainer_state.pt"
@@ -192,10 +192,10 @@ def check_trainer_state(state, file: Path) -> None:
 def restore_adapter(model, path: Path) -> None:
     """Copy a checkpoint's adapter (and trained vocabulary rows) into the model's existing
     parameters, in place, so the optimizer's references stay valid."""
-    _, pairs, saved = read_adapter(path)
+    config, pairs, saved = read_adapter(path)
     modules = dict(model.named_modules())
     with torch.no_grad():
-        for name, pair in pairs.items():
+        for name, pair in pairs_by_module(model, config, pairs, path).items():  # expert adapters included
             modules[name].lora_A.copy_(pair["A"])
             modules[name].lora_B.copy_(pair["B"])
         for name, rows in saved.items():
