@@ -30,7 +30,7 @@ from torch import nn
 from .. import dispatch
 from ..atomic import atomic_write
 from ..errors import Nf4tuneError
-from ..layers.experts4bit import EXPERT_PARAMETERS, ExpertWeight4bit
+from ..layers.experts4bit import EXPERT_PARAMETERS, ExpertWeight4bit, expert_weights
 from ..layers.linear4bit import Linear4bit, lora_scaling
 from ..layers.lora import LoraConfig, lora_layers
 
@@ -361,6 +361,10 @@ class AdapterBank:
     def __init__(self, model, adapters: dict[str, str | Path]):
         self.model = model
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+        # A mixture of experts' per-expert adapters (PEFT `target_parameters`) switch like the layers' but only
+        # for a whole batch (`activate`, as transformers' generate runs them): `RowAdapters` is the CPU
+        # decoder's, which runs no experts.
+        self.experts = expert_weights(model)
         self.adapters: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
         self.active: str | None = None
         # Vocabulary size per adapter (None: the base). One adapter may add tokens: the model's vocabulary
@@ -370,18 +374,21 @@ class AdapterBank:
         self.tokenizer, self._adds_tokens = None, None
         for name, directory in adapters.items():
             config, pairs, saved = read_adapter(directory)
+            experts = _expert_pairs(model, pairs, config, directory)  # taken out of `pairs`
             _check_fits(model, pairs, config, directory)
             self.vocab[name] = self._add_tokens(name, directory, saved) if saved else self.vocab[None]
             lora = _lora_config(config, pairs)
-            device, dtype = next(iter(self.layers.values())).storage_device, torch.float32
-            self.adapters[name] = {
-                module: (pair["A"].to(device, dtype), pair["B"].to(device, dtype),
-                         lora_scaling(lora.alpha, pair["A"].shape[0], lora.use_rslora))
-                for module, pair in pairs.items()
-            }
+            pairs.update({module: pair for module, (_, pair) in experts.items()})
+            self.adapters[name] = {}
+            for module, pair in pairs.items():
+                layer = self.layers.get(module) or self.experts[module]
+                rank = pair["A"].shape[0] // getattr(layer, "num_experts", 1)
+                device, dtype = layer.storage_device, torch.float32
+                self.adapters[name][module] = (pair["A"].to(device, dtype), pair["B"].to(device, dtype),
+                                               lora_scaling(lora.alpha, rank, lora.use_rslora))
         # per layer, per adapter: what the layer holds while it applies that adapter (None: nothing)
         self._held: dict[int, dict[str | None, tuple | None]] = {}
-        for module, layer in self.layers.items():
+        for module, layer in {**self.layers, **self.experts}.items():
             held = self._held[id(layer)] = {None: None}
             for name, chosen in self.adapters.items():
                 if module in chosen:
@@ -412,17 +419,19 @@ class AdapterBank:
         """The vocabulary size of adapter `name` (None: the base model)."""
         return self.vocab[name]
 
-    def _apply(self, layer: Linear4bit, name: str | None) -> None:
+    def _apply(self, layer: Linear4bit | ExpertWeight4bit, name: str | None) -> None:
         held = self._held[id(layer)][name]
         if held is None:
             layer.lora_A = layer.lora_B = None
+            layer.r = 0
         else:
             layer.lora_A, layer.lora_B, layer.scaling = held
+            layer.r = layer.lora_A.shape[0] // getattr(layer, "num_experts", 1)  # experts view A per expert by r
 
     def activate(self, name: str | None) -> None:
         """Make adapter `name` (None: none) the one every 4-bit layer applies."""
         self._check(name)
-        for layer in self.layers.values():
+        for layer in (*self.layers.values(), *self.experts.values()):
             self._apply(layer, name)
         self.active = name
 
