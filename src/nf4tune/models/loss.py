@@ -7,6 +7,7 @@ backward: the batch x seq x vocab logits tensor never exists, and no logits are 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from .. import dispatch
 from ..checkpoint.architecture import is_encoder_decoder
 from ..dispatch import Compiled
+from ..errors import Nf4tuneError
 from ..registry import FAMILIES, families
 
 IGNORE_INDEX = -100  # transformers' (and PyTorch's cross_entropy's) label of a position without a loss
@@ -191,10 +193,40 @@ def loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 1024) ->
         count = target_count(labels, is_encoder_decoder(model.config))
         return out.loss * count, count
     backbone = getattr(model, model.base_model_prefix)
+    router = bool(getattr(model.config, "output_router_logits", False))
     # No KV cache: training needs none, and transformers reads packed rows' boundaries from
     # position_ids only when there is no cache.
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                      position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
-    hidden, targets = shifted_targets(hidden, labels)
+    out = backbone(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids"), use_cache=False,
+                   **({"output_router_logits": True} if router else {}))
+    hidden, targets = shifted_targets(out.last_hidden_state, labels)
     total = chunked_loss_sum(hidden, model.get_output_embeddings(), targets, chunk_tokens, LogitTransform.of(model.config))
+    if router:  # the mean token loss plus coef x aux, as transformers' MoE heads add it: here as a sum
+        total = total + router_aux_loss(model, out.router_logits, batch.get("attention_mask")) * targets.numel()
     return total, targets.numel()
+
+
+def enable_router_aux_loss(model) -> None:
+    """Add a mixture of experts' load-balancing loss to its training loss (transformers' `output_router_logits`),
+    or say in one sentence that the model has no router loss."""
+    if _balancing_loss(model) is None or not hasattr(model, "router_aux_loss_coef"):
+        raise Nf4tuneError(f"model.output_router_logits: {model.config.model_type} has no router load-balancing loss "
+                           "(only mixtures of experts do); remove the option.")
+    model.config.output_router_logits = True
+
+
+def _balancing_loss(model):
+    """transformers' `load_balancing_loss_func` of the model's own modeling module (each MoE family has one),
+    found through the class nf4tune's wrapper derives from."""
+    for cls in type(model).__mro__:
+        found = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
+        if found is not None:
+            return found
+    return None
+
+
+def router_aux_loss(model, router_logits, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """router_aux_loss_coef x the load-balancing loss, computed by transformers' function for the family, with the
+    arguments its CausalLM head passes (tests/test_moe_aux_loss.py holds the sum to transformers' own loss)."""
+    aux = _balancing_loss(model)(router_logits, model.num_experts, model.num_experts_per_tok, attention_mask)
+    return model.router_aux_loss_coef * aux

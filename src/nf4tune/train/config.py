@@ -29,6 +29,9 @@ class ModelSection:
     gradient_checkpointing: bool = True
     add_tokens: list[str] = field(default_factory=list)
     add_special_tokens: list[str] = field(default_factory=list)
+    # A mixture of experts' load-balancing loss (transformers' name): router_aux_loss_coef (the config's) times
+    # it is added to the training loss, as transformers adds it. Off by default, as in transformers.
+    output_router_logits: bool = False
 
 
 @dataclass

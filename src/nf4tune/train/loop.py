@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..errors import Nf4tuneError
 from ..layers.lora import trainable_parameters
 from ..models.load import load_model
-from ..models.loss import loss_sum, target_count
+from ..models.loss import enable_router_aux_loss, loss_sum, target_count
 from ..outputs import OutOfSpace, is_out_of_space
 from ..registry import OPTIMIZERS
 from . import rundir
@@ -193,6 +193,8 @@ class Trainer:
                               blocksize=recipe.quant.blocksize,
                               gradient_checkpointing=recipe.model.gradient_checkpointing, progress=self.progress,
                               layer_ready=self.par.loading_hook(recipe, self.model_path, self.resume_from))
+        if recipe.model.output_router_logits:
+            enable_router_aux_loss(model)
         from .compile import prepare_layers  # training.compile / offload_activations, before any wrapping
         from .offload import offload_choice
 
