@@ -368,8 +368,9 @@ def training_attention_dtype(q: torch.Tensor) -> torch.dtype:
     """The dtype training's attention on CPU computes in (its score and value products, forward and
     backward): `training_matmul_dtype`'s choice, for the same reason. PyTorch's CPU flash-attention kernel
     runs its bfloat16 products through the same oneDNN GEMM that the probe times (`kernels.gemm`): on a CPU
-    without AMX, one causal head set of 8192 tokens took 2x the CPU time forward and backward in bfloat16
-    that it took with the inputs converted to float32 (BENCHMARKS.md "Long context"). Callers convert q, k
+    without AMX, one layer's causal attention forward and backward took 1.3-1.7x the CPU time in bfloat16 at
+    8192 tokens, 1.9x at 16384, that it took with the inputs converted to float32 (BENCHMARKS.md "Long
+    context"). Callers convert q, k
     and v, and round the output and the gradients back to q's dtype. NF4TUNE_TRAIN_MATMUL sets it too."""
     return training_matmul_dtype(q)
 
