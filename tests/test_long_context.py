@@ -83,6 +83,25 @@ def test_online_softmax_attention_soft_caps_like_float64(kind):
     check(lambda q, k, v, m, scale, cap: ca.chunked_attention(q, k, v, m, scale, cap, block=6), kind, softcap=2.0)
 
 
+@pytest.mark.parametrize("kind", ["causal", "sliding"])
+def test_soft_capped_attention_of_bf16_inputs_computes_in_float32_when_asked(kind):
+    """bf16 q, k, v with the products in float32 (the CPU training path without AMX): closer to float64 than
+    the same attention computed in bf16, output and gradients in bf16."""
+    q, k, v = (t.detach().to(torch.bfloat16).requires_grad_() for t in inputs())
+    allowed = masks(q.shape[2], kind)
+    want = reference(q, k, v, allowed, 0.3, 2.0)
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=want.dtype)
+    ref = torch.autograd.grad(want, (q, k, v), grad)
+    errors = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        out = ca.chunked_attention(q, k, v, allowed, 0.3, 2.0, block=6, dtype=dtype)
+        got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+        assert out.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in got)
+        errors[dtype] = [(a.double() - b).abs().mean().item() for a, b in zip((out, *got), (want, *ref))]
+    # the mean error: the largest is one bf16 rounding of the result either way; float32 products halve the mean
+    assert all(f < 0.75 * b for f, b in zip(errors[torch.float32], errors[torch.bfloat16])), errors
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_query_blocked_sdpa_matches_float64(kind, kv_heads):

@@ -156,6 +156,25 @@ def test_the_output_head_decodes_through_the_bf16_kernel(monkeypatch):
     assert len(calls) == 1
 
 
+@needs_kernels
+@pytest.mark.parametrize("k", [96, 512])  # 96: a multiple of 32, not of 64
+def test_the_bf16_head_kernel_is_exact_and_batch_invariant(k):
+    """Every batch of 1 to 8 rows, a vocabulary that is not a multiple of the kernel's row groups: within
+    float32 summation of a float64 product, and each row bit for bit what it gets alone."""
+    if not native.has_bf16_matmul():
+        pytest.skip("this CPU lacks AVX512-BF16")
+    gen = torch.Generator().manual_seed(k)
+    weight = (torch.randn(1003, k, generator=gen) * 0.05).to(torch.bfloat16)
+    x = torch.randn(8, k, generator=gen).to(torch.bfloat16)
+    alone = [native.matmul_bf16(x[i:i + 1], weight) for i in range(8)]
+    for rows in range(1, 9):
+        got = native.matmul_bf16(x[:rows], weight)
+        ref = x[:rows].double() @ weight.double().t()
+        assert (got.double() - ref).abs().max() <= 8e-3 * ref.abs().max(), rows
+        for i in range(rows):
+            assert torch.equal(got[i:i + 1], alone[i]), (rows, i)
+
+
 _TRITON_CHECK = '''
 import torch, nf4tune
 from nf4tune.kernels import cuda as kernels

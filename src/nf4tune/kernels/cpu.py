@@ -224,13 +224,13 @@ def matmul_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def bf16_matmul_rejects(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     """Why `matmul_bf16` cannot take x (..., K) @ weight^T (bfloat16 on CPU, at most 8 rows,
-    K % 64 == 0), or None."""
+    K % 32 == 0), or None."""
     if x.device.type != "cpu" or weight.device.type != "cpu":
         return f"the tensors are on {x.device.type}"
     if not x.dtype == weight.dtype == torch.bfloat16:
         return "the tensors are not bfloat16"
-    if not weight.is_contiguous() or x.shape[-1] != weight.shape[1] or weight.shape[1] % 64:
-        return "the weight is not contiguous with a multiple of 64 columns"
+    if not weight.is_contiguous() or x.shape[-1] != weight.shape[1] or weight.shape[1] % 32:
+        return "the weight is not contiguous with a multiple of 32 columns"
     if not 0 < x.numel() <= 8 * weight.shape[1]:
         return "it takes 1 to 8 rows"
     return None

@@ -97,6 +97,10 @@ struct Absmax {
     }
 };
 
+// The 4-bit rows of W are read ahead by this many rows (one cache line per 128 weights): the
+// hardware's prefetcher alone left a batch's matmul waiting on memory (BENCHMARKS.md).
+constexpr int PREFETCH_ROWS_4BIT = 8;
+
 // R rows of x times one row of W: R is a template argument so the accumulators live in registers.
 template <int R>
 static inline float* rows_times_weight_row(const float* x, int64_t K, const uint8_t* row, const Absmax& absmax,
@@ -110,6 +114,7 @@ static inline float* rows_times_weight_row(const float* x, int64_t K, const uint
         __m512 part[R];
         for (int r = 0; r < R; r++) part[r] = _mm512_setzero_ps();
         for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 32) {
+            if (k % 128 == 0) _mm_prefetch((const char*)(row + k / 2 + PREFETCH_ROWS_4BIT * K / 2), _MM_HINT_T0);
             __m128i bytes = _mm_loadu_si128((const __m128i*)(row + k / 2));
             __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
             __m128i lo = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
@@ -160,6 +165,7 @@ static inline float* rows_times_weight_row_bf16(const uint16_t* x, int64_t K, co
     __m512 acc[R];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 128) {
+        _mm_prefetch((const char*)(row + k / 2 + PREFETCH_ROWS_4BIT * K / 2), _MM_HINT_T0);
         __m512i bytes = _mm512_loadu_si512(row + k / 2);
         __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble), lo = _mm512_and_si512(bytes, nibble);
         __m512i hl = _mm512_shuffle_epi8(low_bytes, hi), hh = _mm512_shuffle_epi8(high_bytes, hi);
@@ -270,36 +276,57 @@ extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, const Weight4
 }
 
 #ifdef __AVX512BF16__
-// out (M x N, bfloat16) = x (M x K) @ W^T for bfloat16 x and W, M <= 8, K % 64 == 0, summed in float32.
-// For the 16-bit output head while decoding: two accumulators per row hide the dot product's latency.
-template <int R>
-static inline void rows_times_bf16_row(const uint16_t* x, int64_t K, const uint16_t* w, float* sums) {
-    __m512 acc[R][2];
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 64) {
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
-        for (int r = 0; r < R; r++) {
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, (__m512bh)_mm512_loadu_si512(x + r * K + k));
-            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, (__m512bh)_mm512_loadu_si512(x + r * K + k + 32));
+// out (M x N, bfloat16) = x (M x K) @ W^T for bfloat16 x and W, M <= 8, K % 32 == 0, summed in float32.
+// For the 16-bit output head while decoding, where reading W from memory is the cost: NB rows of W at
+// a time (independent accumulators hide the dot product's latency) and W prefetched PREFETCH_ROWS rows
+// ahead, without which a batch of 4 read W at half of memory's speed (BENCHMARKS.md). Each output is
+// one accumulator summed over k in order, whatever R and NB: a row's logits do not depend on its batch.
+constexpr int PREFETCH_ROWS = 8;
+
+template <int R, int NB>
+static inline void rows_times_bf16_rows(const uint16_t* x, int64_t K, const uint16_t* w, float* sums) {
+    __m512 acc[R][NB];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < NB; j++) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {  // 32 bfloat16: one cache line of each row of W
+        __m512bh xs[R];
+        for (int r = 0; r < R; r++) xs[r] = (__m512bh)_mm512_loadu_si512(x + r * K + k);
+        for (int j = 0; j < NB; j++) {
+            _mm_prefetch((const char*)(w + (j + PREFETCH_ROWS) * K + k), _MM_HINT_T0);
+            const __m512bh wj = (__m512bh)_mm512_loadu_si512(w + j * K + k);
+            for (int r = 0; r < R; r++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wj, xs[r]);
         }
     }
-    for (int r = 0; r < R; r++) sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < NB; j++) sums[r * NB + j] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
-typedef void (*Bf16RowsKernel)(const uint16_t*, int64_t, const uint16_t*, float*);
-static const Bf16RowsKernel BF16_ROWS[] = {rows_times_bf16_row<1>, rows_times_bf16_row<2>, rows_times_bf16_row<3>,
-                                           rows_times_bf16_row<4>, rows_times_bf16_row<5>, rows_times_bf16_row<6>,
-                                           rows_times_bf16_row<7>, rows_times_bf16_row<8>};
+template <int R>
+static void matmul_bf16_rows(const uint16_t* x, int64_t K, const uint16_t* w, int64_t N, uint16_t* out, int threads) {
+    constexpr int NB = R <= 4 ? 4 : 2;  // at most 16 accumulators
+    const int64_t groups = N / NB;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        float sums[R * NB];
+        rows_times_bf16_rows<R, NB>(x, K, w + g * NB * K, sums);
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < NB; j++) out[r * N + g * NB + j] = bf16_bits(sums[r * NB + j]);
+    }
+    for (int64_t n = groups * NB; n < N; n++) {
+        float sums[R];
+        rows_times_bf16_rows<R, 1>(x, K, w + n * K, sums);
+        for (int r = 0; r < R; r++) out[r * N + n] = bf16_bits(sums[r]);
+    }
+}
+
+typedef void (*Bf16Matmul)(const uint16_t*, int64_t, const uint16_t*, int64_t, uint16_t*, int);
+static const Bf16Matmul BF16_ROWS[] = {matmul_bf16_rows<1>, matmul_bf16_rows<2>, matmul_bf16_rows<3>,
+                                       matmul_bf16_rows<4>, matmul_bf16_rows<5>, matmul_bf16_rows<6>,
+                                       matmul_bf16_rows<7>, matmul_bf16_rows<8>};
 
 extern "C" void matmul_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, uint16_t* out,
                             int threads) {
-    const Bf16RowsKernel kernel = BF16_ROWS[M - 1];
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        float sums[8];
-        kernel(x, K, w + n * K, sums);
-        for (int r = 0; r < M; r++) out[r * N + n] = bf16_bits(sums[r]);
-    }
+    BF16_ROWS[M - 1](x, K, w, N, out, threads);
 }
 #endif
 

@@ -20,7 +20,8 @@ public interfaces (`AttentionInterface`, `AttentionMaskInterface`) and chooses b
 Grouped-query attention is computed on the kv heads as they are (no repeat of keys and values).
 
 In training on CPU, a plain causal attention goes through the CPU flash kernel directly (`_KeptCausalFlash`: its
-output kept through the checkpoint) and, like the query-blocked SDPA, computes in `dispatch.training_attention_dtype`:
+output kept through the checkpoint) and, like the query-blocked SDPA and the soft-capped online softmax, computes in
+`dispatch.training_attention_dtype`:
 float32 for bf16 inputs where the CPU's float32 GEMM is the faster (without AMX: 1.3-1.9x less CPU time per layer
 at 8k-16k tokens).
 """
@@ -111,15 +112,16 @@ def _scores(qb, kb, scale: float, softcap: float | None):
     return t * softcap, t
 
 
-def _forward(q, k, v, mask, scale, softcap, block):
-    """Online softmax over key blocks: output (grouped layout, q's dtype) and log-sum-exp (float32)."""
+def _forward(q, k, v, mask, scale, softcap, block, dtype):
+    """Online softmax over key blocks: output (grouped layout, q's dtype) and log-sum-exp (float32); the
+    products in `dtype`, each block converted on the way in."""
     b, kvh, g, s, d = q.shape
     t = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(b, kvh, g, s, dtype=torch.float32, device=q.device)
     for q0 in range(0, s, block):
         q1 = min(q0 + block, s)
-        qb = q[:, :, :, q0:q1]
+        qb = q[:, :, :, q0:q1].to(dtype)
         m_i = torch.full((b, kvh, g, q1 - q0), -math.inf, device=q.device)
         l_i = torch.zeros_like(m_i)
         acc = torch.zeros(b, kvh, g, q1 - q0, v.shape[-1], device=q.device)
@@ -128,7 +130,7 @@ def _forward(q, k, v, mask, scale, softcap, block):
             part = _blocks(mask, q0, q1, k0, k1)
             if part is False:
                 continue
-            sc, _ = _scores(qb, k[:, :, None, k0:k1], scale, softcap)
+            sc, _ = _scores(qb, k[:, :, None, k0:k1].to(dtype), scale, softcap)
             if part is not None:
                 sc = sc.masked_fill(~part, -math.inf)
             m_new = torch.maximum(m_i, sc.amax(-1))
@@ -136,7 +138,7 @@ def _forward(q, k, v, mask, scale, softcap, block):
             p = torch.exp(sc - m_safe.unsqueeze(-1))
             alpha = torch.exp(m_i - m_safe)
             l_i = l_i * alpha + p.sum(-1)
-            acc = acc * alpha.unsqueeze(-1) + torch.matmul(p.to(v.dtype), v[:, :, None, k0:k1]).float()
+            acc = acc * alpha.unsqueeze(-1) + torch.matmul(p.to(dtype), v[:, :, None, k0:k1].to(dtype)).float()
             m_i = m_new
         empty = l_i == 0  # a query that attends to nothing (padding): output 0, and no gradient
         out[:, :, :, q0:q1] = (acc / torch.where(empty, 1.0, l_i).unsqueeze(-1)).to(q.dtype)
@@ -146,19 +148,20 @@ def _forward(q, k, v, mask, scale, softcap, block):
 
 class _ChunkedAttention(torch.autograd.Function):
     """Flash-style attention in the grouped layout q (b, kv_heads, groups, s, d), k / v (b, kv_heads, t, d):
-    saves q, k, v, the output and the log-sum-exp; backward recomputes each block's scores."""
+    saves q, k, v, the output and the log-sum-exp; backward recomputes each block's scores. The products run
+    in `dtype` (`dispatch.training_attention_dtype`), a block at a time converted; what is saved stays in q's."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, softcap, block):
-        out, lse = _forward(q, k, v, mask, scale, softcap, block)
+    def forward(ctx, q, k, v, mask, scale, softcap, block, dtype):
+        out, lse = _forward(q, k, v, mask, scale, softcap, block, dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mask, ctx.scale, ctx.softcap, ctx.block = mask, scale, softcap, block
+        ctx.mask, ctx.scale, ctx.softcap, ctx.block, ctx.dtype = mask, scale, softcap, block, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        mask, scale, softcap, block = ctx.mask, ctx.scale, ctx.softcap, ctx.block
+        mask, scale, softcap, block, dtype = ctx.mask, ctx.scale, ctx.softcap, ctx.block, ctx.dtype
         s, t = q.shape[3], k.shape[2]
         grad_out = grad_out.contiguous()
         delta = (grad_out.float() * out.float()).sum(-1)  # rowsum(dO * O): softmax's backward term
@@ -167,14 +170,14 @@ class _ChunkedAttention(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         for q0 in range(0, s, block):
             q1 = min(q0 + block, s)
-            qb, gb = q[:, :, :, q0:q1], grad_out[:, :, :, q0:q1]
+            qb, gb = q[:, :, :, q0:q1].to(dtype), grad_out[:, :, :, q0:q1].to(dtype)
             lb, db = lse[:, :, :, q0:q1].unsqueeze(-1), delta[:, :, :, q0:q1].unsqueeze(-1)
             for k0 in range(0, t, block):
                 k1 = min(k0 + block, t)
                 part = _blocks(mask, q0, q1, k0, k1)
                 if part is False:
                     continue
-                kb, vb = k[:, :, None, k0:k1], v[:, :, None, k0:k1]
+                kb, vb = k[:, :, None, k0:k1].to(dtype), v[:, :, None, k0:k1].to(dtype)
                 sc, tanh = _scores(qb, kb, scale, softcap)
                 p = torch.exp(sc - lb)
                 if part is not None:
@@ -183,10 +186,10 @@ class _ChunkedAttention(torch.autograd.Function):
                 ds = p * (torch.matmul(gb, vb.transpose(-1, -2)).float() - db)
                 if tanh is not None:
                     ds = ds * (1 - tanh * tanh)
-                ds = (ds * scale).to(q.dtype)
+                ds = (ds * scale).to(dtype)
                 dq[:, :, :, q0:q1] += torch.matmul(ds, kb).float()
                 dk[:, :, k0:k1] += torch.matmul(ds.transpose(-1, -2), qb).float().sum(2)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def _query_blocks(mask, s: int, t: int, block: int):
@@ -257,11 +260,12 @@ def blocked_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
 
 
 def chunked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask=None,
-                      scale: float | None = None, softcap: float | None = None, block: int | None = None) -> torch.Tensor:
+                      scale: float | None = None, softcap: float | None = None, block: int | None = None,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
     """Softmax attention of query (b, heads, s, d) over key / value (b, kv_heads, t, d), heads a multiple of
     kv_heads, a key block at a time: memory per block, never s x t. `mask`: None (every pair attends), a
     `BlockwiseMask`, or a materialized mask broadcastable to (b, 1, s, t) (bool, True = attend, or additive
-    float). Returns (b, heads, s, d)."""
+    float). `dtype`: what the products compute in (default query's). Returns (b, heads, s, d) in query's dtype."""
     b, h, s, d = query.shape
     kvh = key.shape[1]
     if h % kvh:
@@ -271,7 +275,8 @@ def chunked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     scale = d ** -0.5 if scale is None else scale
     block = BLOCK if block is None else block
     grouped = query.reshape(b, kvh, h // kvh, s, d)
-    out = _ChunkedAttention.apply(grouped, key, value, mask, scale, softcap, block)
+    out = _ChunkedAttention.apply(grouped, key, value, mask, scale, softcap, block,
+                                  query.dtype if dtype is None else dtype)
     return out.reshape(b, h, s, d)
 
 
@@ -425,11 +430,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                          "attention_dropout to 0 (or train shorter sequences).")
     if attention_mask is None and query.shape[2] > 1 and kwargs.get("is_causal", getattr(module, "is_causal", True)):
         attention_mask = _CausalBlocks(key.shape[2] - query.shape[2], query.device)
+    dtype = dispatch.training_attention_dtype(query) if torch.is_grad_enabled() else query.dtype
     if softcap is None:  # a masked long sequence: the fused kernel a block of queries at a time
-        dtype = dispatch.training_attention_dtype(query) if torch.is_grad_enabled() else query.dtype
         out = blocked_sdpa(query, key, value, attention_mask, scaling, dtype=dtype)
     else:  # soft-capped scores, which no fused kernel computes: the online softmax
-        out = chunked_attention(query, key, value, attention_mask, scaling, softcap, BLOCK)
+        out = chunked_attention(query, key, value, attention_mask, scaling, softcap, BLOCK, dtype)
     return out.transpose(1, 2).contiguous(), None
 
 
