@@ -191,10 +191,10 @@ def test_a_bug_in_the_server_is_logged_with_its_traceback_under_the_answers_requ
     path, model, tokenizer, server = olmo2
     caplog.set_level(logging.INFO, logger="nf4tune")
 
-    def broken(request):
+    def broken(requests):
         raise KeyError("no such thing")
 
-    monkeypatch.setattr(server.engine, "submit", broken)
+    monkeypatch.setattr(server.engine, "submit_all", broken)  # what the server queues its requests with
     status, request_id, body = _post(server, {"prompt": "Hi", "max_tokens": 4})
     assert status == 500 and json.loads(body)["error"]["type"] == "server_error"
     [record] = _records(caplog, request_id)

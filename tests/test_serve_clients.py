@@ -44,8 +44,8 @@ def setup(tmp_path_factory):
     host, port = server.address
     client = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="secret", max_retries=0)
     submitted = []
-    real_submit = engine.submit
-    engine.submit = lambda r: submitted.append(r) or real_submit(r)
+    real_submit_all = engine.submit_all  # what `submit` and the server's n choices go through
+    engine.submit_all = lambda requests: submitted.extend(requests) or real_submit_all(requests)
     yield root, base, engine, server, client, submitted
     server.stop()
 

@@ -115,3 +115,24 @@ def test_head_products_in_float32_round_as_the_bfloat16_gemm(monkeypatch):
     # rounded once from float32 sums: within half a bf16 unit (2^-9 relative) of the exact product, plus summation
     assert ((logits.double() - exact_logits).abs() <= exact_logits.abs() * 2**-8 + 1e-3).all()
     assert ((grad.double() - exact_grad).abs() <= exact_grad.abs() * 2**-8 + 1e-3).all()
+
+
+def test_the_compiled_loss_kernels_compile_once_for_one_and_for_several_chunks():
+    """A first sequence of one loss chunk, then one of several: the kernels compiled for the first serve the
+    second (their guards once tied the chunk's targets' base size to the logits' rows, and every run
+    compiled again at its first long sequence)."""
+    if not dispatch.path("loss", torch.zeros(2048, 32000)).fast:
+        pytest.skip("the loss kernels are not compiled here")
+    from torch._dynamo.utils import counters
+
+    vocab = 2 * dispatch.COMPILE_MIN_NUMEL // 96 + 1  # compiled from the first, smaller chunk on
+    head = torch.nn.Linear(64, vocab, bias=False).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    torch._dynamo.reset()
+    frames = []
+    for tokens in (96, 250):  # one chunk of 128 tokens, then two chunks
+        hidden = torch.randn(tokens, 64, generator=gen).to(torch.bfloat16).requires_grad_()
+        targets = torch.randint(0, vocab, (tokens,), generator=gen)
+        loss.chunked_loss_sum(hidden, head, targets, chunk_tokens=128).backward()
+        frames.append(counters["frames"]["ok"])
+    assert frames[1] == frames[0] > 0, frames

@@ -118,6 +118,13 @@ _logsumexp_and_target_fast = Compiled(_logsumexp_and_target)
 _grad_logits_fast = Compiled(_grad_logits)
 
 
+def _chunk(targets: torch.Tensor, start: int, tokens: int) -> torch.Tensor:
+    """A chunk's targets as a tensor of its own, not a view: the compiled kernels' guards would otherwise
+    tie the view's base size to the logits' rows (torch.compile's duck sizing, seen at a first one-chunk
+    sequence), and the first longer sequence would compile them again."""
+    return targets[start:start + tokens].clone()
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Sum of token losses over chunks; d loss / d hidden (and d loss / d head weight, when it
     trains) is computed chunk by chunk in forward and only scaled in backward."""
@@ -129,7 +136,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), chunk_tokens):
             h = hidden[start:start + chunk_tokens].to(weight.dtype)
-            t = targets[start:start + chunk_tokens]
+            t = _chunk(targets, start, chunk_tokens)
             logits = transform(_head_logits(h, weight, bias))
             lse, picked = _logsumexp_and_target_fast(logits, t)
             total += (lse - picked).sum()
@@ -158,7 +165,7 @@ def chunked_loss_sum(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_to
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_tokens):
         logits = transform(head(hidden[start:start + chunk_tokens].to(head.weight.dtype)))
-        lse, picked = _logsumexp_and_target_fast(logits, targets[start:start + chunk_tokens])
+        lse, picked = _logsumexp_and_target_fast(logits, _chunk(targets, start, chunk_tokens))
         total = total + (lse - picked).sum()
     return total
 

@@ -137,6 +137,23 @@ class Engine:
     def submit(self, request: Request) -> Request:
         """Check and queue a request; raises Nf4tuneError for a bad one (ContextTooLong beyond the
         model's context) and QueueFull when `max_queue` requests are already waiting."""
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[Request]) -> list[Request]:
+        """Check every request, then queue them together, so that they start in one batch (one prefill)
+        rather than the first alone and the rest a step later. Raises as `submit` for the first bad one,
+        queueing none."""
+        for request in requests:
+            self._check(request)
+        with self._lock:
+            if len(self._waiting) + len(requests) > self.max_queue:
+                raise QueueFull(f"the server has {len(self._waiting)} requests waiting; retry shortly.")
+            self._waiting.extend(requests)
+            self._lock.notify()
+        return requests
+
+    def _check(self, request: Request) -> None:
+        """Validate and tokenize a request in place (see `submit`)."""
         request.sampling = request.sampling.check()  # normalized: a degenerate temperature decodes greedily
         if not request.prompt:
             raise Nf4tuneError("the prompt is empty; give the model some text to continue.")
@@ -155,12 +172,6 @@ class Engine:
         self._fit_context(request)
         if request.deadline is None and self.request_timeout is not None:
             request.deadline = time.monotonic() + self.request_timeout
-        with self._lock:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"the server has {len(self._waiting)} requests waiting; retry shortly.")
-            self._waiting.append(request)
-            self._lock.notify()
-        return request
 
     def _fit_context(self, request: Request) -> None:
         context, prompt, wanted = self.context_length, request.prompt_tokens, request.sampling.max_new_tokens

@@ -47,7 +47,7 @@ def iter_completions(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
     sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
     engine = Engine(model, tokenizer, adapters, max_batch=batch_size, max_queue=max(1, len(prompts)))
     try:
-        requests = [engine.submit(Request(p, name, sampling, stop=tuple(stop))) for p, name in zip(prompts, names)]
+        requests = engine.submit_all([Request(p, name, sampling, stop=tuple(stop)) for p, name in zip(prompts, names)])
         for request in requests:
             request.wait()
             if request.error:

@@ -267,18 +267,14 @@ class _Handler(GuardedHandler):
         n = params.number(body, "n", 1, int, 1, MAX_CHOICES)
         self.request_id = f"{'chatcmpl' if chat else 'cmpl'}-{self.request_id.removeprefix('req-')}"
         requests, shared = [], queue.Queue()
-        try:
-            for i in range(n):
-                seeded = sampling if sampling.seed is None or i == 0 else dataclasses.replace(sampling, seed=sampling.seed + i)
-                request = Request(prompt, adapter, seeded, stop=params.stops(body), logprobs=logprobs, strict_length=strict,
-                                  probe=lambda: not self._client_gone(),
-                                  id=self.request_id if i == 0 else f"{self.request_id}-{i}")  # the engine logs these
-                request.deltas = _Tagged(shared, i)
-                requests.append(self.app.engine.submit(request))
-        except Exception:
-            for r in requests:
-                r.cancel()
-            raise
+        for i in range(n):
+            seeded = sampling if sampling.seed is None or i == 0 else dataclasses.replace(sampling, seed=sampling.seed + i)
+            request = Request(prompt, adapter, seeded, stop=params.stops(body), logprobs=logprobs, strict_length=strict,
+                              probe=lambda: not self._client_gone(),
+                              id=self.request_id if i == 0 else f"{self.request_id}-{i}")  # the engine logs these
+            request.deltas = _Tagged(shared, i)
+            requests.append(request)
+        self.app.engine.submit_all(requests)  # the n choices start together, or (a bad request) none is queued
         first = requests[0]
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": self.request_id, "created": first.created, "model": model}
