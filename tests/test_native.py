@@ -175,6 +175,25 @@ def test_the_bf16_head_kernel_is_exact_and_batch_invariant(k):
             assert torch.equal(got[i:i + 1], alone[i]), (rows, i)
 
 
+@needs_kernels
+@pytest.mark.parametrize("vocab", [32000, 49152, 100, 7])  # 7 and 100: rows that end off the kernel's 16 lanes
+def test_argmax_kernel_picks_as_torch_does(vocab):
+    """The greedy token: ties (the first maximum), a NaN (its first), +inf, a row of -inf but one."""
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(6, vocab, generator=gen)
+    x[1, ::3] = x[1].max() + 1  # ties: the first wins
+    x[2, vocab // 2], x[2, vocab - 1] = float("nan"), float("nan")
+    x[3, vocab - 1] = float("inf")
+    x[4] = float("-inf")
+    x[4, vocab - 1] = -1e30
+    x[5, -1] = float("nan")
+    assert dispatch.path("argmax", x[0]).fast
+    assert torch.equal(dispatch.argmax(x), x.argmax(-1))
+    assert [int(dispatch.argmax(row)) for row in x] == x.argmax(-1).tolist()
+    assert not dispatch.path("argmax", x.to(torch.bfloat16)).fast  # float32 scores only; others go to torch
+    assert torch.equal(dispatch.argmax(x.to(torch.bfloat16)), x.to(torch.bfloat16).argmax(-1))
+
+
 _TRITON_CHECK = '''
 import torch, nf4tune
 from nf4tune.kernels import cuda as kernels

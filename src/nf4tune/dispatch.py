@@ -55,8 +55,8 @@ TRAIN_MATMUL_ENV = "NF4TUNE_TRAIN_MATMUL"
 REFERENCE, NATIVE, TRITON, COMPILED = "reference", "native-cpu", "triton", "torch.compile"
 STATIC = "static-"  # decode's static-decoder paths: STATIC + one of STATIC_MODES
 STATIC_MODES = ("eager", "compiled", "graphs")
-OPS = ("quantize_4bit", "dequantize_4bit", "matmul_4bit", "rms_norm", "decode_attention", "head_matmul", "loss",
-       "train_compile", "decode")
+OPS = ("quantize_4bit", "dequantize_4bit", "matmul_4bit", "rms_norm", "decode_attention", "head_matmul", "argmax",
+       "loss", "train_compile", "decode")
 # Below this many elements compilation costs more than it saves.
 COMPILE_MIN_NUMEL = 1 << 20
 # Up to this many tokens a layer multiplies through its 4-bit weight directly (the fused kernels); beyond,
@@ -197,6 +197,12 @@ def _cpu_kernel_path(x: torch.Tensor) -> Path:
     return Path(NATIVE, native_library()[1]) if reason is None else Path(REFERENCE, reason)
 
 
+def _argmax_path(x: torch.Tensor) -> Path:
+    if x.dtype != torch.float32:
+        return Path(REFERENCE, f"the kernel takes float32 scores, not {x.dtype}")
+    return _cpu_kernel_path(x)
+
+
 def _head_path(x: torch.Tensor, weight: torch.Tensor) -> Path:
     reason = _native_reason() or native.bf16_matmul_rejects(x, weight)
     if reason is None and not native.has_bf16_matmul():
@@ -250,7 +256,7 @@ def _decode_path(x: torch.Tensor) -> Path:
 
 _PATHS: dict[str, Callable[..., Path]] = {
     "quantize_4bit": _quantize_path, "dequantize_4bit": _dequantize_path, "matmul_4bit": _matmul_path,
-    "rms_norm": _cpu_kernel_path, "decode_attention": _cpu_kernel_path, "head_matmul": _head_path,
+    "rms_norm": _cpu_kernel_path, "decode_attention": _cpu_kernel_path, "head_matmul": _head_path, "argmax": _argmax_path,
     "loss": _loss_path, "train_compile": _train_compile_path, "decode": _decode_path,
 }
 
@@ -428,6 +434,14 @@ def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, -1) (the first maximum of each row; a row's first NaN where it has one): the AVX-512
+    kernel for float32 scores on CPU, 4-5x PyTorch's for a vocabulary's logits (a greedy token's draw)."""
+    if _argmax_path(x).fast:
+        return native.argmax_rows(x.contiguous())
+    return x.argmax(-1)
+
+
 def decode_matmul_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, nested,
                        layout: tensor.QuantLayout) -> torch.Tensor:
     """`matmul_4bit` as the `nf4tune::matmul_4bit` custom op: opaque to `torch.compile` and captured
@@ -471,6 +485,7 @@ def _probes(device: torch.device) -> dict[str, tuple[str, tuple]]:
         "head_matmul": ("1 row x a bf16 head of 4096 columns",
                         (torch.zeros(1, cols, dtype=torch.bfloat16, device=device),
                          torch.zeros(8, cols, dtype=torch.bfloat16, device=device))),
+        "argmax": ("a greedy token: 32000 float32 scores", (one.expand(32000),)),
         "loss": ("a 2048-token chunk of 32000 logits", (one.expand(2048, 32000),)),
         "train_compile": ("training's decoder layers, compile: auto", (torch.device(device),)),
         "decode": ("serving a 4-bit Llama-family model", (one,)),

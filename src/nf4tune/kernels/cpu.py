@@ -4,7 +4,7 @@
 The kernels: `dequantize_4bit` (bit-exact with `blockwise.dequantize_4bit`), `matmul_4bit` (x @ W^T
 with the 4-bit W decoded in registers, for decoding a few tokens at a time), `matmul_f32` (the
 adapters' products while decoding), where the CPU has AVX512-BF16 `matmul_bf16` (for the 16-bit
-output head), and `rms_norm` and `decode_attention` for `serve/decoder.py`. Where the CPU
+output head), `argmax_rows` (greedy tokens), and `rms_norm` and `decode_attention` for `serve/decoder.py`. Where the CPU
 lacks AVX-512, no compiler is found or the build fails, `load()` returns no library (with a warning
 for a failed build), with the reason, and `nf4tune.dispatch` keeps the PyTorch paths; it is also
 what reads NF4TUNE_NATIVE and decides which inputs come here (the `*_rejects` checks below say
@@ -104,6 +104,7 @@ def load() -> tuple[ctypes.CDLL | None, str]:
     lib.matmul_4bit.argtypes = [_P, _INT, _I64, _P, _P, _INT, _INT]
     lib.matmul_f32.argtypes = [_P, _I64, _I64, _P, _I64, _P, _INT]
     lib.rms_norm.argtypes = [_P, _I64, _I64, _P, _F, _P]
+    lib.argmax_rows.argtypes = [_P, _I64, _I64, _P]
     lib.decode_attention.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _F, _P, _INT]
     bf16 = " with AVX512-BF16" if hasattr(lib, "matmul_bf16") else ""
     return lib, f"AVX-512{bf16} kernels built by {Path(compiler).name} ({target})"
@@ -243,6 +244,14 @@ def matmul_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
     _lib().matmul_bf16(x2.data_ptr(), x2.shape[0], k, weight.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
     return out.view(*x.shape[:-1], n)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, -1) of a contiguous float32 CPU tensor (..., N): the first maximum of each row, or its
+    first NaN; int64."""
+    out = torch.empty(x.shape[:-1], dtype=torch.int64)
+    _lib().argmax_rows(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], out.data_ptr())
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import dispatch
 from ..errors import Nf4tuneError
 
 MIN_TEMPERATURE = 1e-4  # below it, greedy: logits up to ~1e34 divided by it stay finite in float32
@@ -63,8 +64,11 @@ def process_logits(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None 
                    generated: list[int] | None = None) -> torch.Tensor:
     """The float32 scores (vocab,) sampling draws from: penalized, tempered and truncated (-inf).
     `seen`: the prompt and reply tokens (repetition penalty); `generated`: the reply's (OpenAI's penalties)."""
-    scores = logits.float().clone()
-    if s.repetition_penalty != 1.0 and seen is not None and seen.numel():
+    scores = logits.float()
+    penalized = s.repetition_penalty != 1.0 and seen is not None and seen.numel()
+    if penalized or (s.penalizes_reply and generated):
+        scores = scores.clone()  # changed in place below; the caller's logits stay as they are
+    if penalized:
         picked = scores[seen]
         scores[seen] = torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
     if s.penalizes_reply and generated:
@@ -91,7 +95,7 @@ def next_token(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None = No
     than letting `multinomial` fail obscurely (on CUDA, with a device-side assert that ends the process)."""
     scores = process_logits(logits, s, seen, generated)
     if s.greedy:
-        return int(scores.argmax())
+        return int(dispatch.argmax(scores))
     probabilities = scores.softmax(-1)
     if not bool(torch.isfinite(probabilities).all()):
         raise Nf4tuneError(f"the next-token scores at temperature {s.temperature:g} are not finite (the logits hold "
