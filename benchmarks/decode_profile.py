@@ -64,7 +64,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.shape == "small" and args.family == "llama":
-            build(Path(tmp))
+            build(Path(tmp), CONFIG)
         else:
             build_family(Path(tmp), args.family, CONFIG if args.shape == "small" else SHAPE_MINI)
         model, _ = nf4tune.load_model(tmp, device="cpu", progress=False)

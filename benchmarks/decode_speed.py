@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import load_bnb  # noqa: E402
 from harness import run_side as run_child
-from train_step import build  # noqa: E402
+from train_step import CONFIG, build  # noqa: E402
 
 SHAPE_MINI = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048)
@@ -257,10 +257,8 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         if args.shape == "small" and args.family == "llama":
-            build(Path(tmp))
+            build(Path(tmp), CONFIG)
         elif args.shape != "7b":
-            from train_step import CONFIG
-
             build_family(Path(tmp), args.family, CONFIG if args.shape == "small" else SHAPE_MINI)
         else:
             build_random(Path(tmp), SHAPE_7B)
