@@ -169,3 +169,23 @@ def test_real_smollm2_replies_with_transformers_greedy_tokens(smollm2_gguf):
         ended = next((i for i, t in enumerate(new) if t in eos), None)
         assert reply.text == tokenizer.decode(new[:ended], skip_special_tokens=True)
         assert reply.tokens == (len(new) if ended is None else ended)
+
+
+def test_prefill_weights_reuse_one_buffer_per_projection_layer_after_layer(tmp_path):
+    """The prefill's dequantized weights: the same values as a fresh dequantization (4-bit and 16-bit bases),
+    written into the memory the layer before used (no fresh weight-sized tensors per layer)."""
+    from nf4tune.runtime.step import ModelStep, dequantized
+
+    path = build_tiny_checkpoint(tmp_path / "llama", "llama", **WIDE)
+    for quant_type in ("nf4", "none"):
+        model, _ = nf4tune.load_model(path, device="cpu", quant_type=quant_type, progress=False)
+        step = ModelStep(model)
+        buffers: dict = {}
+        first = dequantized(step.layers[0], buffers)
+        pointers = {name: t.data_ptr() for name, t in buffers.items()}
+        second = dequantized(step.layers[1], buffers)
+        fresh = dequantized(step.layers[1])
+        assert {id(m) for m in step.layers[1].proj.values()} == set(second) == set(fresh)
+        assert all(torch.equal(second[k], fresh[k]) for k in fresh), quant_type
+        assert {name: t.data_ptr() for name, t in buffers.items()} == pointers
+        assert {w.data_ptr() for w in second.values()} == set(pointers.values()) and len(first) == len(second)

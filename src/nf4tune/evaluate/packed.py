@@ -178,8 +178,9 @@ class PackedScorer:
         ropes = step.ropes(torch.tensor(positions))
         masks = {w: [self._masks(p, rows, w) for (_, p, rows) in layout] for w in {layer.window for layer in step.layers}}
         cache = _PackedCache(step.head_dim, layout, masks)
+        buffers: dict[str, torch.Tensor] = {}  # the dequantized weights' memory, reused layer after layer
         for layer in step.layers:
-            step.block(x, layer, ropes, cache, gemm(dequantized(layer)))
+            step.block(x, layer, ropes, cache, gemm(dequantized(layer, buffers)))
         wanted = [(i, start + length - keep[i], keep[i]) for _, _, rows in layout for i, start, length in rows]
         index = torch.tensor([r for _, first, k in wanted for r in range(first, first + k)])
         logits = step.logits(step.final(x[index]))

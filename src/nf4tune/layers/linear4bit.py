@@ -135,9 +135,13 @@ class Linear4bit(nn.Module):
         """The base weight as the LoRA product takes it: here the 4-bit `quantized_weight`."""
         return self.quantized_weight
 
-    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The base weight in `dtype`, a fresh tensor (what the decoders batch their projections from)."""
-        return self.quantized_weight.dequantize(dtype)
+    def dequantized_weight(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The base weight in `dtype` (what the decoders batch their projections from): a fresh tensor, or
+        written into `out` (a contiguous buffer of at least as many values of `dtype`) and returned as a view."""
+        q = self.quantized_weight
+        if out is None:
+            return q.dequantize(dtype)
+        return dispatch.dequantize_4bit(q.packed, q.float_absmax(), q.shape, q.quant_type, q.blocksize, dtype, out=out)
 
     def fused_matmul(self, x: torch.Tensor):
         """The fused kernel for this weight on x's device (`dispatch.fused_matmul_4bit`), prepared once
@@ -224,8 +228,10 @@ class Linear16bit(Linear4bit):
         """The dense weight as the `nf4tune::` ops take it (quant_type "none": no absmax)."""
         return self.weight, None, None, None, list(self.layout.shape), UNQUANTIZED, 0, 0
 
-    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.weight.to(dtype, copy=True)
+    def dequantized_weight(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            return self.weight.to(dtype, copy=True)
+        return out[:self.weight.numel()].view(self.weight.shape).copy_(self.weight)
 
     def fused_matmul(self, x: torch.Tensor):
         """For a few tokens without autograd, `infer` with the plain matmul (as Linear4bit with its fused
