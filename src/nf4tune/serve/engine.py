@@ -74,10 +74,13 @@ class Engine:
     """Generation for one model with optional named adapters, batched on a worker thread.
 
     `request_timeout` (seconds, None: none): a request's reply ends where it is that long after it
-    was submitted (finish_reason "length"), so no client holds the worker indefinitely."""
+    was submitted (finish_reason "length"), so no client holds the worker indefinitely.
+    `worker=False`: no worker thread; `drain()` generates what was submitted in the caller's thread (for a
+    caller that waits anyway: with several CPU threads, OpenMP wakes a second thread's team of workers at
+    every parallel region, which made each 4-bit matmul of a small model 2.5x slower there, BENCHMARKS.md)."""
 
     def __init__(self, model, tokenizer, adapters: dict[str, str] | None = None, max_batch: int = 8,
-                 max_queue: int = 64, request_timeout: float | None = None):
+                 max_queue: int = 64, request_timeout: float | None = None, worker: bool = True):
         self.model, self.tokenizer = model.eval(), tokenizer
         self._encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.bank = AdapterBank(model, adapters or {}) if adapters else None
@@ -102,8 +105,9 @@ class Engine:
         self.gate = threading.Event()  # cleared, the worker holds back (tests use it to fill the queue)
         self.gate.set()
         self._stopped = False
-        self._worker = threading.Thread(target=self._run, name="nf4tune-engine", daemon=True)
-        self._worker.start()
+        self._worker = threading.Thread(target=self._run, name="nf4tune-engine", daemon=True) if worker else None
+        if self._worker is not None:
+            self._worker.start()
 
     def _choose_decoder(self, model) -> tuple[Decoder | StaticDecoder | GenerateRunner, dispatch.Path]:
         """What requests are decoded by (a decoder, or `GenerateRunner`: transformers' generate) and the path
@@ -203,7 +207,7 @@ class Engine:
             self._stopped = True
             self._lock.notify_all()
         self.gate.set()
-        if self._worker is not threading.current_thread():
+        if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join(timeout)
 
     def _take_batch(self) -> list[Request]:
@@ -234,14 +238,28 @@ class Engine:
             batch = self._take_batch()
             if not batch:
                 return
-            try:
-                self._generate(batch)
-            except Exception as e:  # one bad batch must not take the server down
-                self._failed(batch, e)
-            finally:
-                for r in batch:
-                    if not r.done.is_set():
-                        self._end(r)
+            self._serve(batch)
+
+    def drain(self) -> None:
+        """Generate every submitted request in the calling thread, returning when none is left (an engine
+        made with worker=False; requests that join while a batch decodes are admitted into it)."""
+        if self._worker is not None:
+            raise Nf4tuneError("this engine generates on its worker thread; drain() is for Engine(worker=False).")
+        while True:
+            with self._lock:
+                if self._stopped or not self._waiting:
+                    return
+            self._serve(self._take_batch())
+
+    def _serve(self, batch: list[Request]) -> None:
+        try:
+            self._generate(batch)
+        except Exception as e:  # one bad batch must not take the server down
+            self._failed(batch, e)
+        finally:
+            for r in batch:
+                if not r.done.is_set():
+                    self._end(r)
 
     def _failed(self, requests: list[Request], error: Exception) -> None:
         """Mark the unanswered `requests` failed by `error` and end them; log it with its traceback

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ..errors import Nf4tuneError
+from .sampling import Sampling
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,18 @@ def iter_completions(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
                      stop: Sequence[str] = (), adapter: str | Sequence[str | None] | None = None,
                      adapters: dict[str, str] | None = None, batch_size: int = 8) -> Iterator[Completion]:
     """`generate`'s completions, yielded in the prompts' order as soon as each (and those before it) is
-    done. Stopping the iteration early (or an interruption) stops the generation."""
+    done (generated on a worker thread meanwhile). Stopping the iteration early (or an interruption) stops
+    the generation."""
+    sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    yield from _completions(model, tokenizer, prompts, sampling, stop, adapter, adapters, batch_size, inline=False)
+
+
+def _completions(model, tokenizer, prompts: Sequence[str], sampling: Sampling, stop: Sequence[str], adapter,
+                 adapters: dict[str, str] | None, batch_size: int, inline: bool) -> Iterator[Completion]:
+    """The completions through an engine: generated in this thread before the first is yielded (`inline`:
+    what `generate` waits for anyway, without a second thread's OpenMP team), else on its worker thread."""
     from .engine import Engine
     from .request import Request
-    from .sampling import Sampling
 
     if isinstance(prompts, str):
         raise Nf4tuneError("prompts must be a list of strings; wrap a single prompt in a list.")
@@ -44,10 +53,11 @@ def iter_completions(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
     if any(name is not None for name in names) and not adapters:
         raise Nf4tuneError("adapter names a LoRA adapter from `adapters` ({name: folder}), which is empty; "
                            "pass adapters=..., or load a single adapter with load_model(adapter=...).")
-    sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-    engine = Engine(model, tokenizer, adapters, max_batch=batch_size, max_queue=max(1, len(prompts)))
+    engine = Engine(model, tokenizer, adapters, max_batch=batch_size, max_queue=max(1, len(prompts)), worker=not inline)
     try:
         requests = engine.submit_all([Request(p, name, sampling, stop=tuple(stop)) for p, name in zip(prompts, names)])
+        if inline:
+            engine.drain()
         for request in requests:
             request.wait()
             if request.error:
@@ -77,7 +87,6 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
         records: return `Completion`s (text, tokens, finish_reason) instead of strings.
 
     The tokenizer is not changed. Raises Nf4tuneError for bad settings or a prompt that fails."""
-    done = list(iter_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-                                 adapter=adapter, adapters=adapters, batch_size=batch_size))
+    sampling = Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    done = list(_completions(model, tokenizer, prompts, sampling, stop, adapter, adapters, batch_size, inline=True))
     return done if records else [c.text for c in done]
