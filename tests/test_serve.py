@@ -178,6 +178,32 @@ def test_the_chat_process_exits_cleanly(setup):
         assert done.returncode == 0 and "assistant: " in done.stdout, done.stderr[-500:]
 
 
+def test_the_serve_command_answers_decoding_on_its_main_thread_and_stops_on_ctrl_c(setup):
+    """`nf4tune serve` as a process: it answers a completion (decoded on its main thread, the HTTP server on
+    another) as the engine does in this process, and Ctrl-C (SIGINT) ends it with exit status 0."""
+    import signal
+    import urllib.request
+
+    root, base, engine, server, client = setup
+    process = subprocess.Popen([sys.executable, "-m", "nf4tune.cli.main", "serve", str(base), "--port", "0",
+                                "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("serving "), (line, process.stderr.read() if process.poll() is not None else "")
+        address = line.split(" on ")[1].split(" ")[0]
+        body = json.dumps({"model": "base", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{address}/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            text = json.loads(answer.read())["choices"][0]["text"]
+        model, tokenizer = nf4tune.load_model(base, device="cpu", progress=False)
+        assert text == nf4tune.generate(model, tokenizer, ["Once upon a time"], max_new_tokens=6)[0]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0, process.stderr.read()[-500:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def test_closing_the_engine_ends_a_reply_at_its_next_token(setup):
     root, base, engine, server, client = setup
     model, tokenizer = nf4tune.load_model(base, device="cpu", progress=False)

@@ -386,8 +386,10 @@ def run_serve(args) -> int:
     if args.format_choice == "template" and Path(args.model_path).is_dir() and not _has_chat_template(Path(args.model_path)):
         raise Nf4tuneError(f"--format template: {args.model} has no chat template; use --format guanaco.")
     check_port_free(args.host, args.port)
+    # decoding on this (the main) thread, the HTTP server on its own: a worker thread's OpenMP team would pay a
+    # wake-up at every parallel region beside the one this thread made while loading (BENCHMARKS.md)
     engine = _engine(args, adapters, max_batch=args.max_batch, max_queue=args.max_queue,
-                     request_timeout=args.request_timeout)
+                     request_timeout=args.request_timeout, worker=False)
     try:
         server = Server(engine, base_name=Path(str(args.model)).name or "base", api_key=args.api_key,
                         chat_style=args.format_choice, host=args.host, port=args.port, allowed_hosts=args.allow_host,
@@ -399,8 +401,9 @@ def run_serve(args) -> int:
     host, port = server.address
     print(f"serving {', '.join(server.models())} on http://{host}:{port} (OpenAI API under /v1, chat page at /)",
           flush=True)
+    server.start()
     try:
-        server.httpd.serve_forever()
+        engine.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:

@@ -240,6 +240,13 @@ class Engine:
                 return
             self._serve(batch)
 
+    def serve_forever(self) -> None:
+        """Generate requests as they come, in the calling thread, until `close()` (an engine made with
+        worker=False, whose requests other threads submit: `nf4tune serve` decodes on its main thread)."""
+        if self._worker is not None:
+            raise Nf4tuneError("this engine generates on its worker thread; serve_forever() is for Engine(worker=False).")
+        self._run()
+
     def drain(self) -> None:
         """Generate every submitted request in the calling thread, returning when none is left (an engine
         made with worker=False; requests that join while a batch decodes are admitted into it)."""
