@@ -188,22 +188,12 @@ def _stop_reply(request) -> None:
         pass
 
 
-class _Printed:
-    """A reply's text pieces printed as they come: `Request.deltas` for a reply decoded in this thread."""
-
-    def put(self, piece: str | None) -> None:
-        if piece is not None:
-            print(piece, end="", flush=True)
-
-
 def run_chat(args) -> int:
     _prepare_model(args)
     from ..serve.request import Request
 
     sampling = _sampling(args)
-    # replies decoded on this thread, printed as they come: a worker thread's OpenMP team would pay a wake-up at
-    # every parallel region beside the one this thread made while loading (BENCHMARKS.md)
-    engine = _engine(args, worker=False)
+    engine = _engine(args)
     system, history = args.system, []
     note = "; each message is answered on its own" if args.style in ("raw", "alpaca") else ""
     print(f"nf4tune chat ({args.style} format{note}): {CHAT_COMMANDS}; Ctrl-C stops a reply, Ctrl-D exits",
@@ -239,11 +229,10 @@ def run_chat(args) -> int:
             messages = ([{"role": "system", "content": system}] if system else []) + history
             request, stopped = None, False
             try:  # from here on, Ctrl-C stops the reply and keeps the session
-                request = Request(render(engine.tokenizer, messages, args.style), sampling=sampling)
-                request.deltas = _Printed()
-                engine.submit(request)
+                request = engine.submit(Request(render(engine.tokenizer, messages, args.style), sampling=sampling))
                 print("assistant: ", end="", flush=True)
-                engine.drain()
+                for piece in request.stream():
+                    print(piece, end="", flush=True)
                 print(flush=True)
                 reply = request.wait().text
             except KeyboardInterrupt:
