@@ -185,8 +185,11 @@ def test_the_serve_command_answers_decoding_on_its_main_thread_and_stops_on_ctrl
     import urllib.request
 
     root, base, engine, server, client = setup
+    # Ctrl-C must reach the server as SIGINT even when the suite runs as a background job (started with SIGINT
+    # ignored, which children inherit)
     process = subprocess.Popen([sys.executable, "-m", "nf4tune.cli.main", "serve", str(base), "--port", "0",
-                                "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = process.stdout.readline()
         assert line.startswith("serving "), (line, process.stderr.read() if process.poll() is not None else "")

@@ -215,7 +215,9 @@ class Engine:
         with self._lock:
             while True:
                 while not self._waiting and not self._stopped:
-                    self._lock.wait()
+                    # woken at least twice a second: on the main thread (`serve_forever`), Python runs a signal's
+                    # handler (Ctrl-C) only between bytecodes, and the signal may have reached another thread
+                    self._lock.wait(0.5)
                 if self._stopped:
                     return []
                 for r in [r for r in self._waiting if r.abandoned() or r.expired()]:
