@@ -97,10 +97,6 @@ struct Absmax {
     }
 };
 
-// The 4-bit rows of W are read ahead by this many rows (one cache line per 128 weights): the
-// hardware's prefetcher alone left a batch's matmul waiting on memory (BENCHMARKS.md).
-constexpr int PREFETCH_ROWS_4BIT = 8;
-
 // R rows of x times one row of W: R is a template argument so the accumulators live in registers.
 template <int R>
 static inline float* rows_times_weight_row(const float* x, int64_t K, const uint8_t* row, const Absmax& absmax,
@@ -114,7 +110,6 @@ static inline float* rows_times_weight_row(const float* x, int64_t K, const uint
         __m512 part[R];
         for (int r = 0; r < R; r++) part[r] = _mm512_setzero_ps();
         for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 32) {
-            if (k % 128 == 0) _mm_prefetch((const char*)(row + k / 2 + PREFETCH_ROWS_4BIT * K / 2), _MM_HINT_T0);
             __m128i bytes = _mm_loadu_si128((const __m128i*)(row + k / 2));
             __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
             __m128i lo = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
@@ -165,7 +160,6 @@ static inline float* rows_times_weight_row_bf16(const uint16_t* x, int64_t K, co
     __m512 acc[R];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 128) {
-        _mm_prefetch((const char*)(row + k / 2 + PREFETCH_ROWS_4BIT * K / 2), _MM_HINT_T0);
         __m512i bytes = _mm512_loadu_si512(row + k / 2);
         __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble), lo = _mm512_and_si512(bytes, nibble);
         __m512i hl = _mm512_shuffle_epi8(low_bytes, hi), hh = _mm512_shuffle_epi8(high_bytes, hi);
