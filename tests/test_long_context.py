@@ -303,7 +303,7 @@ def test_kept_outputs_budget_follows_the_length():
 
 
 def test_a_long_step_keeps_fewer_outputs(tiny_checkpoint, monkeypatch):
-    """The regions of a step longer than FULL_BUDGET_TOKENS keep within the shrunk budget."""
+    """The regions of a step longer than FULL_BUDGET_TOKENS keep 4-bit outputs within the shrunk budget."""
     from nf4tune.layers import kept_outputs
 
     model = lora_model(tiny_checkpoint, dropout=0.0)
@@ -313,7 +313,7 @@ def test_a_long_step_keeps_fewer_outputs(tiny_checkpoint, monkeypatch):
         monkeypatch.setattr(kept_outputs, "FULL_BUDGET_TOKENS", full_tokens)
         model.nf4tune.kept_outputs_gib = 40_000 / 2**30  # about the outputs of two layers at 64 tokens
         out = model.model(input_ids=ids, use_cache=False).last_hidden_state
-        held[full_tokens] = kept_outputs.kept_bytes()
+        held[full_tokens] = kept_outputs.kept_bytes(kept_outputs.MATMUL)
         out.sum().backward()
         assert kept_outputs.kept_bytes() == 0
     assert 0 < held[16] <= 40_000 * 16 / 64 < held[10**6]
@@ -369,6 +369,28 @@ def test_kept_causal_attention_skips_its_recompute_with_the_same_gradients(tmp_p
     assert g0 and g0.keys() == g1.keys()
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_attention_is_kept_when_the_4bit_outputs_budget_is_spent(tmp_path, monkeypatch):
+    """Attention keeps from its own budget: with the 4-bit outputs' share at nothing (a long step's shrunk
+    budget, spent), every layer's recompute still skips its attention forward, and the 4-bit outputs are
+    recomputed (none kept)."""
+    from nf4tune.checkpoint.tiny import build_tiny_checkpoint
+    from nf4tune.layers import kept_outputs
+    from nf4tune.models.loss import loss_sum
+
+    model = lora_model(build_tiny_checkpoint(tmp_path / "m", num_key_value_heads=1), dropout=0.0)
+    monkeypatch.setattr(kept_outputs, "budget_bytes", lambda gib, tokens: 0)
+    forward, backward = ca._flash_cpu()
+    calls = []
+    monkeypatch.setattr(ca, "_flash_cpu", lambda: (lambda *a, **k: calls.append(1) or forward(*a, **k), backward))
+    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(9))
+    total, count = loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    held = {pool: kept_outputs.kept_bytes(pool) for pool in (kept_outputs.MATMUL, kept_outputs.ATTENTION)}
+    (total / count).backward()
+    assert len(calls) == model.config.num_hidden_layers  # the first run only, in every layer
+    assert held[kept_outputs.MATMUL] == 0 and held[kept_outputs.ATTENTION] > 0
+    assert kept_outputs.kept_bytes() == 0  # all handed back
 
 
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])

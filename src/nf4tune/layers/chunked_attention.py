@@ -298,8 +298,9 @@ CONVERT_BYTES = 2 << 20
 class _KeptCausalFlash(torch.autograd.Function):
     """Causal attention through the CPU flash kernel whose output and log-sum-exp, the two things its
     backward needs besides q, k and v, are kept through a checkpointed region (`layers.kept_outputs`, as the
-    4-bit layers keep theirs): the region's recompute then skips the attention forward, a quarter of the
-    attention's work in a checkpointed step. The kernel runs in `dtype` (`dispatch.training_attention_dtype`:
+    4-bit layers keep theirs, from a budget of their own that does not shrink with the length): the region's
+    recompute then skips the attention forward, a quarter of the attention's work in a checkpointed step.
+    The kernel runs in `dtype` (`dispatch.training_attention_dtype`:
     float32 for bfloat16 inputs where this CPU's float32 GEMM is the faster, 1.3-1.9x faster here), q, k and v
     converted on the way in a few heads at a time (`CONVERT_BYTES`), forward and backward; what is saved and
     kept stays in q's dtype."""
@@ -325,8 +326,8 @@ class _KeptCausalFlash(torch.autograd.Function):
                     out[:, h0 * groups:h1 * groups], lse[:, h0 * groups:h1 * groups] = o, l_
                     del o, l_
             if region is not None and not region.replaying:
-                region.keep(module, out)
-                region.keep(module, lse)
+                region.keep(module, out, kept_outputs.ATTENTION)
+                region.keep(module, lse, kept_outputs.ATTENTION)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale, ctx.dtype = scale, dtype
         return out

@@ -10,6 +10,12 @@ SwiGLU, the LoRA products). Gradients are unchanged: the kept tensors are the fi
 The price is their memory: per token and layer, the layers' output widths in the compute dtype
 (about 10 x hidden values for a Llama block) against the hidden size alone for plain checkpointing.
 Hence the budget: once it is spent, later layers are recomputed as usual.
+
+CPU training's causal attention keeps its output and log-sum-exp here too (`layers.chunked_attention`),
+from a budget of its own (`ATTENTION`): per byte they spare far more than a matmul's output does (a whole
+attention forward, whose work grows as tokens^2, for hidden + heads values per token), so they are not
+left behind once the 4-bit outputs of the first layers have spent the shared budget, and their budget does
+not shrink with the length.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ DEFAULT_BUDGET_GIB = 1.0  # what `model.nf4tune.kept_outputs_gib` starts at; `nf
 # recompute (the layers' inputs, one layer's activations) rather than on what saves a recompute.
 FULL_BUDGET_TOKENS = 4096
 
+MATMUL, ATTENTION = "matmul", "attention"  # the two pools a region keeps from (see the module doc)
+
 _local = threading.local()
 
 
@@ -40,24 +48,26 @@ def current() -> "KeptOutputs | None":
     return getattr(_local, "region", None)
 
 
-_kept = [0]  # bytes held by all regions (a region that is never replayed gives its share back when freed)
+# bytes held by all regions, per pool (a region that is never replayed gives its share back when freed)
+_kept = {MATMUL: 0, ATTENTION: 0}
 
 
-def kept_bytes() -> int:
-    """Bytes of outputs kept by the live regions and not yet handed back."""
-    return _kept[0]
+def kept_bytes(pool: str | None = None) -> int:
+    """Bytes of outputs kept by the live regions and not yet handed back (in `pool`, or in all)."""
+    return sum(_kept.values()) if pool is None else _kept[pool]
 
 
-def _count(nbytes: int) -> None:
-    _kept[0] += nbytes
+def _count(pool: str, nbytes: int) -> None:
+    _kept[pool] += nbytes
 
 
 class KeptOutputs:
     """The kept outputs of one checkpointed region, in call order: `keep` during its first run,
-    `take` during its recompute. `budget_bytes` caps what all live regions hold at once."""
+    `take` during its recompute. `budget_bytes` caps what all live regions hold at once of the 4-bit
+    outputs (`MATMUL`), `attention_budget_bytes` of attention's (`ATTENTION`)."""
 
-    def __init__(self, budget_bytes: int):
-        self.budget = budget_bytes
+    def __init__(self, budget_bytes: int, attention_budget_bytes: int = 0):
+        self.budgets = {MATMUL: budget_bytes, ATTENTION: attention_budget_bytes}
         self.entries: deque = deque()
         self.replaying = False
 
@@ -72,26 +82,26 @@ class KeptOutputs:
             if replay:  # whatever the recompute did not take (it can stop early) is dropped now
                 self.clear()
 
-    def keep(self, module, output: torch.Tensor) -> None:
-        """During the first run: keep `module`'s output if the budget allows (else record a gap)."""
+    def keep(self, module, output: torch.Tensor, pool: str = MATMUL) -> None:
+        """During the first run: keep `module`'s output if `pool`'s budget allows (else record a gap)."""
         if self.replaying:
             return
         nbytes = output.numel() * output.element_size()
-        if kept_bytes() + nbytes > self.budget:
-            self.entries.append((module, None, 0, 0))
+        if kept_bytes(pool) + nbytes > self.budgets[pool]:
+            self.entries.append((module, None, 0, 0, pool))
             return
         # detached: the kept tensor must not carry the first run's graph; its version counter is shared,
         # so an in-place change after keeping is seen at `take`.
-        self.entries.append((module, output.detach(), output._version, nbytes))
-        _count(nbytes)
+        self.entries.append((module, output.detach(), output._version, nbytes, pool))
+        _count(pool, nbytes)
 
     def take(self, module) -> torch.Tensor | None:
         """During the recompute: `module`'s kept output, or None (recompute it). A module out of order
         or an output changed in place since it was kept drops what is left (always safe)."""
         if not self.replaying or not self.entries:
             return None
-        kept_module, output, version, nbytes = self.entries.popleft()
-        _count(-nbytes)
+        kept_module, output, version, nbytes, pool = self.entries.popleft()
+        _count(pool, -nbytes)
         if kept_module is not module:
             self.clear()
             return None
@@ -102,7 +112,8 @@ class KeptOutputs:
     def clear(self) -> None:
         entries = getattr(self, "entries", None)  # absent if __init__ never ran (a traced, discarded object)
         if entries:
-            _count(-sum(entry[3] for entry in entries))
+            for _, _, _, nbytes, pool in entries:
+                _count(pool, -nbytes)
             entries.clear()
 
     def __del__(self):  # a forward that never got its backward (the graph was dropped)
@@ -117,8 +128,8 @@ class KeepOutputsCheckpoint:
         checkpoint: the checkpoint function to wrap (e.g. `functools.partial(torch.utils.checkpoint.checkpoint,
             use_reentrant=False)`).
         budget_gib: a callable giving the current budget in GiB (read at each call, so changing it
-            takes effect at the next step); 0 is plain checkpointing. A step of more than
-            `FULL_BUDGET_TOKENS` tokens gets a share of it (`budget_bytes`).
+            takes effect at the next step); 0 is plain checkpointing. The 4-bit outputs of a step of more
+            than `FULL_BUDGET_TOKENS` tokens get a share of it (`budget_bytes`); attention's all of it.
     """
 
     def __init__(self, checkpoint, budget_gib):
@@ -127,12 +138,12 @@ class KeepOutputsCheckpoint:
     def __call__(self, function, *args, **kwargs):
         hidden = next((a for a in args if isinstance(a, torch.Tensor)), kwargs.get("hidden_states"))
         tokens = hidden.numel() // hidden.shape[-1] if isinstance(hidden, torch.Tensor) and hidden.dim() else 0
-        budget = budget_bytes(self.budget_gib(), tokens)
+        gib = self.budget_gib()
         # Under torch.compile the 4-bit layers run as one custom op that keeps nothing, and the region's
         # bookkeeping would be a side effect the compiled checkpoint cannot replay: plain checkpointing.
-        if budget <= 0 or torch.compiler.is_compiling():
+        if gib <= 0 or torch.compiler.is_compiling():
             return self.checkpoint(function, *args, **kwargs)
-        region, runs = KeptOutputs(budget), []
+        region, runs = KeptOutputs(budget_bytes(gib, tokens), int(gib * 2**30)), []
 
         def run(*a, **k):
             runs.append(None)
@@ -142,4 +153,5 @@ class KeepOutputsCheckpoint:
         return self.checkpoint(run, *args, **kwargs)
 
 
-__all__ = ["FULL_BUDGET_TOKENS", "KeepOutputsCheckpoint", "KeptOutputs", "budget_bytes", "current", "kept_bytes"]
+__all__ = ["ATTENTION", "FULL_BUDGET_TOKENS", "MATMUL", "KeepOutputsCheckpoint", "KeptOutputs", "budget_bytes", "current",
+           "kept_bytes"]

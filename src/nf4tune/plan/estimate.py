@@ -28,7 +28,9 @@ training adds is sized the way nf4tune trains:
   - while backward runs through a layer, the gradients in flight beside its activations: about
     `BACKWARD_HIDDEN_VALUES` hidden-size values per token (measured on CPU);
   - with checkpointing also the 4-bit layers' outputs kept for the recompute (`layers.kept_outputs`: up to
-    5 x hidden + half the MLP's intermediate values per token and layer, at most its budget);
+    5 x hidden + half the MLP's intermediate values per token and layer, at most its budget) and, on CPU
+    where the long-context layers are present, each layer's attention output and float32 log-sum-exp (hidden
+    + heads values per token and layer, from a budget of their own that does not shrink with the length);
   - logits: the chunked loss holds 1024 tokens x vocabulary of float32 logits, their softmax and
     gradient, never batch x sequence x vocabulary;
   - 0.75 GiB for the CUDA context and allocator slack (none for a CPU run, `device="cpu"`, where the
@@ -200,6 +202,15 @@ def kept_budget_bytes(tokens: int) -> float:
     return kept_outputs.budget_bytes(KEPT_BUDGET_GIB, tokens)
 
 
+def kept_attention_bytes(sizes: "ModelSizes", width: int, tokens: int, device: str) -> float:
+    """What a CPU step's causal attention keeps for the recompute (`layers.chunked_attention`, on its own
+    budget): each layer's output in the compute dtype and log-sum-exp in float32; nothing on a GPU."""
+    if device != "cpu" or not long_context_layers(sizes.model_type):
+        return 0.0
+    per_token = sizes.layers * (width * sizes.hidden + 4 * sizes.heads)
+    return min(KEPT_BUDGET_GIB * 2**30, per_token * tokens)
+
+
 def long_context_layers(model_type: str) -> tuple[int, int] | None:
     """(tokens from which, tokens per chunk) the MLPs of `model_type` run tiled over tokens in training
     (`layers.tiled_mlp`), or None where they do not (a family without nf4tune's long-context layers)."""
@@ -331,7 +342,8 @@ def estimate(model: str | ModelSizes, seq_len: int = 2048, batch: int = 1, r: in
     in_flight = BACKWARD_HIDDEN_VALUES * width * hidden * tokens + sizes.attention_blocks(batch, seq_len)
     full = sum(layer_bytes) + in_flight
     checkpointed = layers * width * hidden * tokens + max(layer_bytes) + in_flight
-    kept = min(kept_budget_bytes(tokens), width * sizes.kept_values() * tokens) if checkpointing else 0.0
+    kept = (min(kept_budget_bytes(tokens), width * sizes.kept_values() * tokens)
+            + kept_attention_bytes(sizes, width, tokens, device)) if checkpointing else 0.0
     logits = 3 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * sizes.vocab
 
     shard = 1 / gpus if strategy == "fsdp" else 1.0  # FSDP splits weights, adapters, states; activations stay per GPU
@@ -414,7 +426,8 @@ def format_table(est: Estimate, args_line: str) -> str:
          else "on the GPU" if est.device == "cuda" else "in host memory"),
         ("activations", est.activations, f"with checkpointing {gib(est.activations_with_checkpointing).strip()}, "
                                          f"without {gib(est.activations_without_checkpointing).strip()}"),
-        ("kept 4-bit outputs", est.kept_outputs, "spare the recompute its matmuls (model.nf4tune.kept_outputs_gib)"),
+        ("kept outputs", est.kept_outputs, "spare the recompute its matmuls, on CPU its attention "
+                                           "(model.nf4tune.kept_outputs_gib)"),
         ("logits", est.logits, "chunked loss"),
     ]
     if est.device == "cuda":
