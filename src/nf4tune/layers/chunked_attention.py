@@ -298,7 +298,7 @@ CONVERT_BYTES = 2 << 20
 class _KeptCausalFlash(torch.autograd.Function):
     """Causal attention through the CPU flash kernel whose output and log-sum-exp, the two things its
     backward needs besides q, k and v, are kept through a checkpointed region (`layers.kept_outputs`, as the
-    4-bit layers keep theirs, from a budget of their own that does not shrink with the length): the region's
+    4-bit layers keep theirs, but before them and up to the unshrunk budget at any length): the region's
     recompute then skips the attention forward, a quarter of the attention's work in a checkpointed step.
     The kernel runs in `dtype` (`dispatch.training_attention_dtype`:
     float32 for bfloat16 inputs where this CPU's float32 GEMM is the faster, 1.3-1.9x faster here), q, k and v

@@ -11,11 +11,12 @@ The price is their memory: per token and layer, the layers' output widths in the
 (about 10 x hidden values for a Llama block) against the hidden size alone for plain checkpointing.
 Hence the budget: once it is spent, later layers are recomputed as usual.
 
-CPU training's causal attention keeps its output and log-sum-exp here too (`layers.chunked_attention`),
-from a budget of its own (`ATTENTION`): per byte they spare far more than a matmul's output does (a whole
-attention forward, whose work grows as tokens^2, for hidden + heads values per token), so they are not
-left behind once the 4-bit outputs of the first layers have spent the shared budget, and their budget does
-not shrink with the length.
+CPU training's causal attention keeps its output and log-sum-exp here too (`layers.chunked_attention`):
+per byte they spare far more than a matmul's output does (a whole attention forward, whose work grows as
+tokens^2, for hidden + heads values per token). So they come first: a 4-bit output is kept only while it and
+everything kept so far (attention's included) fit the budget, and attention's are kept while they alone fit
+the unshrunk budget (`ATTENTION`'s), so a long step whose first layers' 4-bit outputs spent its shrunk
+budget still keeps every layer's attention.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ def _count(pool: str, nbytes: int) -> None:
 
 class KeptOutputs:
     """The kept outputs of one checkpointed region, in call order: `keep` during its first run,
-    `take` during its recompute. `budget_bytes` caps what all live regions hold at once of the 4-bit
-    outputs (`MATMUL`), `attention_budget_bytes` of attention's (`ATTENTION`)."""
+    `take` during its recompute. A 4-bit output (`MATMUL`) is kept while all that the live regions hold
+    stays within `budget_bytes`; attention's (`ATTENTION`) while attention's alone stay within
+    `attention_budget_bytes`."""
 
     def __init__(self, budget_bytes: int, attention_budget_bytes: int = 0):
         self.budgets = {MATMUL: budget_bytes, ATTENTION: attention_budget_bytes}
@@ -87,7 +89,8 @@ class KeptOutputs:
         if self.replaying:
             return
         nbytes = output.numel() * output.element_size()
-        if kept_bytes(pool) + nbytes > self.budgets[pool]:
+        held = kept_bytes(ATTENTION) if pool == ATTENTION else kept_bytes()
+        if held + nbytes > self.budgets[pool]:
             self.entries.append((module, None, 0, 0, pool))
             return
         # detached: the kept tensor must not carry the first run's graph; its version counter is shared,

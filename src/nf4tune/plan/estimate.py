@@ -30,7 +30,7 @@ training adds is sized the way nf4tune trains:
   - with checkpointing also the 4-bit layers' outputs kept for the recompute (`layers.kept_outputs`: up to
     5 x hidden + half the MLP's intermediate values per token and layer, at most its budget) and, on CPU
     where the long-context layers are present, each layer's attention output and float32 log-sum-exp (hidden
-    + heads values per token and layer, from a budget of their own that does not shrink with the length);
+    + heads values per token and layer, first within the budget and beyond it up to the unshrunk budget);
   - logits: the chunked loss holds 1024 tokens x vocabulary of float32 logits, their softmax and
     gradient, never batch x sequence x vocabulary;
   - 0.75 GiB for the CUDA context and allocator slack (none for a CPU run, `device="cpu"`, where the
@@ -342,8 +342,9 @@ def estimate(model: str | ModelSizes, seq_len: int = 2048, batch: int = 1, r: in
     in_flight = BACKWARD_HIDDEN_VALUES * width * hidden * tokens + sizes.attention_blocks(batch, seq_len)
     full = sum(layer_bytes) + in_flight
     checkpointed = layers * width * hidden * tokens + max(layer_bytes) + in_flight
-    kept = (min(kept_budget_bytes(tokens), width * sizes.kept_values() * tokens)
-            + kept_attention_bytes(sizes, width, tokens, device)) if checkpointing else 0.0
+    attention_kept = kept_attention_bytes(sizes, width, tokens, device)  # first, then 4-bit outputs in what is left
+    kept = max(attention_kept, min(kept_budget_bytes(tokens), width * sizes.kept_values() * tokens + attention_kept)
+               ) if checkpointing else 0.0
     logits = 3 * 4 * min(tokens, LOSS_CHUNK_TOKENS) * sizes.vocab
 
     shard = 1 / gpus if strategy == "fsdp" else 1.0  # FSDP splits weights, adapters, states; activations stay per GPU
