@@ -391,6 +391,13 @@ def test_attention_is_kept_when_the_4bit_outputs_budget_is_spent(tmp_path, monke
     assert len(calls) == model.config.num_hidden_layers  # the first run only, in every layer
     assert held[kept_outputs.MATMUL] == 0 and held[kept_outputs.ATTENTION] > 0
     assert kept_outputs.kept_bytes() == 0  # all handed back
+    # `nf4tune estimate --device cpu` counts what was kept: each layer's output and float32 log-sum-exp
+    from nf4tune.plan.estimate import kept_attention_bytes, model_sizes
+
+    sizes = model_sizes(str(tmp_path / "m"))
+    width = 4  # lora_model computes in float32
+    assert kept_attention_bytes(sizes, width, ids.numel(), "cpu") == held[kept_outputs.ATTENTION]
+    assert kept_attention_bytes(sizes, width, ids.numel(), "cuda") == 0
 
 
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
