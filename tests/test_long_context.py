@@ -372,7 +372,7 @@ def test_kept_causal_attention_skips_its_recompute_with_the_same_gradients(tmp_p
 
 
 def test_attention_is_kept_when_the_4bit_outputs_budget_is_spent(tmp_path, monkeypatch):
-    """Attention keeps from its own budget: with the 4-bit outputs' share at nothing (a long step's shrunk
+    """Attention keeps beyond the shared budget: with the 4-bit outputs' share at nothing (a long step's shrunk
     budget, spent), every layer's recompute still skips its attention forward, and the 4-bit outputs are
     recomputed (none kept)."""
     from nf4tune.checkpoint.tiny import build_tiny_checkpoint
@@ -398,6 +398,20 @@ def test_attention_is_kept_when_the_4bit_outputs_budget_is_spent(tmp_path, monke
     width = 4  # lora_model computes in float32
     assert kept_attention_bytes(sizes, width, ids.numel(), "cpu") == held[kept_outputs.ATTENTION]
     assert kept_attention_bytes(sizes, width, ids.numel(), "cuda") == 0
+
+
+def test_4bit_outputs_give_way_to_attention():
+    """A 4-bit output is kept only while everything kept (attention's included) fits the shared budget;
+    attention's while attention's alone fit theirs."""
+    from nf4tune.layers.kept_outputs import ATTENTION, KeptOutputs, kept_bytes
+
+    region, module = KeptOutputs(100, 1000), object()
+    for nbytes, pool in ((80, ATTENTION), (30, "matmul"), (20, "matmul"), (200, ATTENTION), (1, "matmul")):
+        region.keep(module, torch.zeros(nbytes, dtype=torch.uint8), pool)
+    assert [entry[1] is not None for entry in region.entries] == [True, False, True, True, False]
+    assert kept_bytes(ATTENTION) == 280 and kept_bytes() == 300
+    region.clear()
+    assert kept_bytes() == 0
 
 
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])

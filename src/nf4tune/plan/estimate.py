@@ -203,8 +203,9 @@ def kept_budget_bytes(tokens: int) -> float:
 
 
 def kept_attention_bytes(sizes: "ModelSizes", width: int, tokens: int, device: str) -> float:
-    """What a CPU step's causal attention keeps for the recompute (`layers.chunked_attention`, on its own
-    budget): each layer's output in the compute dtype and log-sum-exp in float32; nothing on a GPU."""
+    """What a CPU step's causal attention keeps for the recompute (`layers.chunked_attention`: up to the
+    unshrunk budget, whatever the length): each layer's output in the compute dtype (sized as hidden values
+    per token, heads x head size in most families) and log-sum-exp in float32; nothing on a GPU."""
     if device != "cpu" or not long_context_layers(sizes.model_type):
         return 0.0
     per_token = sizes.layers * (width * sizes.hidden + 4 * sizes.heads)
