@@ -256,3 +256,40 @@ def test_triton_kernels_serve_the_layer_on_cuda():
         assert isinstance(layer._decode_plan, kernels.Matmul4bit)
     reference = x.double() @ q.dequantize(torch.float32).double().t()
     assert (fused.double() - reference).abs().max() <= 8e-3 * reference.abs().max()
+
+
+ENGINE_RELEASES_THE_TEAM = """
+import os, sys, threading, torch
+from nf4tune.checkpoint.tiny import build_tiny_checkpoint
+from nf4tune.models.load import load_model
+from nf4tune.serve.engine import Engine
+from nf4tune.serve.request import Request
+from nf4tune.serve.sampling import Sampling
+
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+
+torch.set_num_threads(3)  # a team of three whatever the cores
+build_tiny_checkpoint(sys.argv[1], "llama")
+model, tokenizer = load_model(sys.argv[1], device="cpu", progress=False)
+torch.ones(1 << 22).sum()  # a parallel region on this thread: its team of three
+loaded = tasks()
+engine = Engine(model, tokenizer)  # its worker thread comes; this thread's two team threads go
+made = tasks()
+print(loaded, made, (engine.submit(Request("ab", sampling=Sampling(4, 0.0))).wait().completion_tokens))
+engine.close()
+"""
+
+
+@pytest.mark.skipif(native._openmp_runtime() is None or not os.path.isdir("/proc/self/task"),
+                    reason="no OpenMP runtime found in /proc/self/maps")
+def test_an_engine_lets_the_openmp_team_of_the_thread_that_loaded_go(tmp_path):
+    """Two OpenMP teams on a CPU of few cores slowed the engine's worker 2.5x (chat's replies); the thread that
+    made the engine keeps none (the worker makes its own when it decodes)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", ENGINE_RELEASES_THE_TEAM, str(tmp_path / "model")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded, made, replied = (int(n) for n in out.stdout.split())
+    assert made == loaded - 2 + 1  # two team threads gone, the worker come
+    assert replied == 4  # and it decodes

@@ -404,6 +404,13 @@ def matmul_4bit(x: torch.Tensor, q) -> torch.Tensor:
     return x @ q.dequantize(x.dtype).t()
 
 
+def release_cpu_threads() -> bool:
+    """Let the calling thread's OpenMP team go before another thread takes over the CPU work (an engine's
+    worker thread): two teams on a CPU of few cores slow each other's parallel regions 2.5x
+    (`kernels.cpu.release_openmp_team`). True where the OpenMP runtime did."""
+    return native.release_openmp_team()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm of float32 rows x (M, K) times the float32 weight, in bfloat16 (into `out` if given)."""
     if x.device.type == "cpu" and native_library()[0] is not None:

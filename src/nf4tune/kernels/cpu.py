@@ -276,3 +276,38 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
                             k_cache.data_ptr(), v_cache.data_ptr(), capacity, slot, starts.data_ptr(), batch, heads,
                             kv_heads, head_dim, scale, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime this process runs PyTorch on (libgomp, libomp or libiomp5, as loaded: the same
+    library, not a second copy), or None where none is loaded or /proc cannot say."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)  # address, permissions, offset, device, inode, path
+        path = fields[5] if len(fields) == 6 else ""
+        if os.path.basename(path).startswith(("libgomp", "libomp", "libiomp5")) and ".so" in path:
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                return None
+    return None
+
+
+def release_openmp_team() -> bool:
+    """Let the calling thread's team of OpenMP threads go (`omp_pause_resource_all`, OpenMP 5.0; the
+    thread's next parallel region makes a new one). True where the runtime did.
+
+    Why: a team lives as long as its thread, idle or not. While the main thread keeps the one it made
+    loading a model, there are more OpenMP threads than CPUs once another thread decodes, and libgomp
+    then wakes a team's threads the slow way at every parallel region: a small 4-bit matmul took 2.5x
+    its time on an engine's worker thread (BENCHMARKS.md)."""
+    runtime = _openmp_runtime()
+    pause = getattr(runtime, "omp_pause_resource_all", None)
+    if pause is None:
+        return False
+    pause.argtypes, pause.restype = [_INT], _INT
+    return pause(1) == 0  # omp_pause_soft

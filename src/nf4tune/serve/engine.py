@@ -107,6 +107,7 @@ class Engine:
         self._stopped = False
         self._worker = threading.Thread(target=self._run, name="nf4tune-engine", daemon=True) if worker else None
         if self._worker is not None:
+            dispatch.release_cpu_threads()  # the team this thread made loading the model would slow the worker's
             self._worker.start()
 
     def _choose_decoder(self, model) -> tuple[Decoder | StaticDecoder | GenerateRunner, dispatch.Path]:
