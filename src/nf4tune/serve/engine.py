@@ -75,9 +75,11 @@ class Engine:
 
     `request_timeout` (seconds, None: none): a request's reply ends where it is that long after it
     was submitted (finish_reason "length"), so no client holds the worker indefinitely.
+    With a worker, the OpenMP team of the thread that makes the engine is let go first: two teams on a CPU of
+    few cores slowed each 4-bit matmul of a small model 2.5x on the worker (BENCHMARKS.md). So a caller that
+    goes on with parallel PyTorch work of its own beside the worker pays that.
     `worker=False`: no worker thread; `drain()` generates what was submitted in the caller's thread (for a
-    caller that waits anyway: with several CPU threads, OpenMP wakes a second thread's team of workers at
-    every parallel region, which made each 4-bit matmul of a small model 2.5x slower there, BENCHMARKS.md)."""
+    caller that waits anyway: one team)."""
 
     def __init__(self, model, tokenizer, adapters: dict[str, str] | None = None, max_batch: int = 8,
                  max_queue: int = 64, request_timeout: float | None = None, worker: bool = True):
