@@ -60,7 +60,7 @@ def main() -> None:
 
     import nf4tune
     from nf4tune.runtime import step
-    from nf4tune.serve import decoder, streaming
+    from nf4tune.serve import batching, decoder, streaming
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.shape == "small" and args.family == "llama":
@@ -85,7 +85,7 @@ def main() -> None:
     timed(step.ModelStep, "embed", "embedding")
     timed(step.ModelStep, "logits", "output head")
     timed(decoder.Decoder, "_prefill_into", PREFILL)
-    timed(decoder, "draw", "token draw (sampling)")
+    timed(batching, "draw", "token draw (sampling)")
     timed(streaming.BatchStreamer, "take", "engine: text per token (streamer)")
     SPENT.clear()
     total = run(args.new_tokens)

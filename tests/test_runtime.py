@@ -145,8 +145,8 @@ def test_generate_batches_as_alone_stops_and_leaves_the_tokenizer_as_it_was(tmp_
 
 
 def test_sampling_draw_is_the_one_token_choice():
-    """Both decoders draw through `serve.decoder.draw`: a greedy row takes the argmax and stops at eos."""
-    from nf4tune.serve.decoder import Row, draw
+    """Both decoders draw through `serve.batching.draw`: a greedy row takes the argmax and stops at eos."""
+    from nf4tune.serve.batching import Row, draw
 
     row = Row([1, 2], Sampling(max_new_tokens=3))
     row.logits = torch.tensor([0.0, 1.0, 3.0, 2.0])

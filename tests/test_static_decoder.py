@@ -124,7 +124,7 @@ def test_gemm_prefill_continues_as_the_token_at_a_time_path_and_transformers_gen
 
 
 def test_rows_of_different_lengths_decode_as_alone_and_join_a_running_batch(model):
-    from nf4tune.serve.decoder import Row
+    from nf4tune.serve.batching import Row
 
     gen = torch.Generator().manual_seed(7)
     prompts = [torch.randint(4, 100, (n,), generator=gen) for n in (9, 4, 6)]

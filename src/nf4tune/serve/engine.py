@@ -35,7 +35,8 @@ import torch
 from .. import dispatch
 from ..errors import Nf4tuneError
 from ..models.adapters import AdapterBank
-from .decoder import Decoder, Row
+from .batching import Row
+from .decoder import Decoder
 from .generate_runner import GenerateRunner
 from .request import Request
 from .sampling import Sampling

@@ -31,7 +31,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..errors import Nf4tuneError
 from ..models.loss import LogitTransform
-from .decoder import Decoder, Row, generate_rows
+from .batching import Row, generate_rows
+from .decoder import Decoder
 from .sampling import Sampling
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ class GenerateRunner:
     def _step(self, rows: list[Row], tokens: list[int], logits: list[torch.Tensor], vocab: int | None, on_step,
               eos_ids: set[int]) -> None:
         """One step's tokens: each live row takes its own (and its logits over its adapter's vocabulary), as
-        `decoder.draw` would give them; `on_step` sees the step and says which rows end there."""
+        `batching.draw` would give them; `on_step` sees the step and says which rows end there."""
         head = self.transform(logits[0].float())[:, :vocab] if logits and len(logits[0]) == len(rows) else None
         live: list[Row | None] = []
         for place, (row, token) in enumerate(zip(rows, tokens)):

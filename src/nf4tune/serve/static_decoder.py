@@ -4,9 +4,8 @@ of fixed shapes, for CUDA, where the step is captured once in a CUDA graph and r
 A decoded token on a GPU is a few hundred tiny kernels; launching them from Python costs more than
 running them. Here every tensor the step touches is allocated once (the KV cache for `batch` rows of
 `capacity` positions, the rotary table, the inputs), the cache is written in place at each row's slot
-held in a tensor, and the step has no data-dependent shapes, so it can be:
-
-The step is `runtime.step.ModelStep`'s block, the cache here one written in place (`attend`).
+held in a tensor, and the step (`runtime.step.ModelStep`'s block over a cache written in place) has no
+data-dependent shapes, so it can be:
 
 - `mode="eager"`: run as written (the reference the others are held to);
 - `mode="compiled"`: compiled whole by `torch.compile(fullgraph=True)` (Inductor fuses the norms,
@@ -38,7 +37,7 @@ import torch
 from .. import dispatch
 from ..layers.linear4bit import Linear4bit
 from ..runtime.step import STATIC_ROPE, ModelStep, attention, prefill, rotate
-from .decoder import Row, continuous_batching, generate_rows
+from .batching import Row, continuous_batching, generate_rows
 from .sampling import Sampling
 
 log = logging.getLogger(__name__)
