@@ -13,6 +13,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <vector>
@@ -29,6 +30,14 @@ static inline uint16_t bf16_bits(float f) {  // round to nearest even, as torch
     uint32_t bits;
     memcpy(&bits, &f, 4);
     return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+static inline float to_float(float f) { return f; }
+static inline float to_float(uint16_t b) {  // bfloat16 is the top half of a float32
+    uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
 }
 
 // float32 -> bfloat16, round to nearest even (inputs are finite: codes times absmax).
@@ -97,112 +106,85 @@ struct Absmax {
     }
 };
 
+// x laid out for `rows_times_weight_row`, float32: within each 128 values of a row, vector s (16 floats)
+// lane i holds x[8i + (s ^ 1)], the weight that nibble s of the kernel's 32-bit lane i codes; the last
+// K % 128 values stay in order.
+template <typename X>
+static void lay_out_x(const X* x, int64_t M, int64_t K, float* out) {
+    const int64_t full = K / 128 * 128;
+    for (int64_t m = 0; m < M; m++, x += K, out += K) {
+        for (int64_t c = 0; c < full; c += 128)
+            for (int s = 0; s < 8; s++)
+                for (int i = 0; i < 16; i++) out[c + 16 * s + i] = to_float(x[c + 8 * i + (s ^ 1)]);
+        for (int64_t c = full; c < K; c++) out[c] = to_float(x[c]);
+    }
+}
+
 // R rows of x times one row of W: R is a template argument so the accumulators live in registers.
+// 128 weights (64 bytes) per step, looked up straight from the loaded bytes: vpermps reads only the low
+// 4 bits of each 32-bit index, so shifting the bytes by 4s looks up nibble s of every lane (8 shifts and
+// 8 lookups, where widening each byte first took twice the shuffles). x is laid out to match
+// (`lay_out_x`); lane i covers weights 8i..8i+7, so one scale per lane covers the block. The 8 products
+// of a step go to 4 independent sums (a chain of 8 waited on the FMA's latency), added in a fixed order
+// whatever R: a row's result does not depend on its batch.
 template <int R>
 static inline float* rows_times_weight_row(const float* x, int64_t K, const uint8_t* row, const Absmax& absmax,
                                            int64_t first_block, int64_t blocksize, __m512 table, float* sums) {
-    float scales[K / blocksize];
+    const __m512i lane_block = _mm512_srli_epi32(
+        _mm512_set_epi32(120, 112, 104, 96, 88, 80, 72, 64, 56, 48, 40, 32, 24, 16, 8, 0), __builtin_ctzll(blocksize));
+    float scales[K / blocksize + 16];  // + 16: a step loads 16 floats and uses the first 1 to 4
     absmax.row(first_block, K / blocksize, scales);
     __m512 acc[R];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < K / blocksize; b++) {
-        // a block's products summed unscaled, then scaled once: one multiply per block
-        __m512 part[R];
-        for (int r = 0; r < R; r++) part[r] = _mm512_setzero_ps();
-        for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 32) {
-            __m128i bytes = _mm_loadu_si128((const __m128i*)(row + k / 2));
-            __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
-            __m128i lo = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
-            __m512 w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), table);
-            __m512 w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), table);
-            for (int r = 0; r < R; r++) {
-                part[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * K + k), part[r]);
-                part[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * K + k + 16), part[r]);
-            }
-        }
-        const __m512 scale = _mm512_set1_ps(scales[b]);
-        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(part[r], scale, acc[r]);
-    }
-    for (int r = 0; r < R; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
-    return sums;
-}
-
-#ifdef __AVX512BF16__
-// The same for bfloat16 x, with bfloat16 dot products (vdpbf16ps: 32 products per instruction) and
-// the codes turned into bfloat16 bit patterns by byte shuffles (vpshufb: 64 lookups per instruction,
-// the low and high byte of each pattern looked up apart). The 16 code values are rounded to
-// bfloat16 once and the absmax scales float32 block sums, so the result differs from the
-// dequantize-then-multiply path by bfloat16 rounding only.
-//
-// 128 weights (64 bytes) per step. The shuffles leave weights in a fixed order: register j, 16-bit
-// element 8l + e holds weight 32l + 16(j & 1) + 2e + (j >> 1). x is laid out once per call in the same
-// order (`shuffle_x`), which a dot product does not mind. 32-bit lane q of the sums then covers
-// weights 32(q / 4) ..+31 of the step, so one block scale per 128-bit lane suffices.
-static void shuffle_x(const uint16_t* x, int64_t count, uint16_t* out) {
-    for (int64_t c = 0; c < count; c += 128)
-        for (int j = 0; j < 4; j++)
-            for (int l = 0; l < 4; l++)
-                for (int e = 0; e < 8; e++)
-                    out[c + 32 * j + 8 * l + e] = x[c + 32 * l + 16 * (j & 1) + 2 * e + (j >> 1)];
-}
-
-template <int R>
-static inline float* rows_times_weight_row_bf16(const uint16_t* x, int64_t K, const uint8_t* row, const Absmax& absmax,
-                                                int64_t first_block, int64_t blocksize, const __m512i* tables,
-                                                float* sums) {
-    const __m512i low_bytes = tables[0], high_bytes = tables[1], nibble = _mm512_set1_epi8(0x0F);
-    // block of each 128-bit lane relative to the step's first block; a row's scales decoded once
-    const __m512i lane_block = _mm512_set_epi32(
-        96 / blocksize, 96 / blocksize, 96 / blocksize, 96 / blocksize, 64 / blocksize, 64 / blocksize, 64 / blocksize,
-        64 / blocksize, 32 / blocksize, 32 / blocksize, 32 / blocksize, 32 / blocksize, 0, 0, 0, 0);
-    float scales[K / blocksize + 16];  // + 16: the step loads 16 floats and uses the first 1 to 4
-    absmax.row(first_block, K / blocksize, scales);
-    __m512 acc[R];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 128) {
-        __m512i bytes = _mm512_loadu_si512(row + k / 2);
-        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble), lo = _mm512_and_si512(bytes, nibble);
-        __m512i hl = _mm512_shuffle_epi8(low_bytes, hi), hh = _mm512_shuffle_epi8(high_bytes, hi);
-        __m512i ll = _mm512_shuffle_epi8(low_bytes, lo), lh = _mm512_shuffle_epi8(high_bytes, lo);
-        __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(hl, hh), w1 = (__m512bh)_mm512_unpackhi_epi8(hl, hh);
-        __m512bh w2 = (__m512bh)_mm512_unpacklo_epi8(ll, lh), w3 = (__m512bh)_mm512_unpackhi_epi8(ll, lh);
+    const int64_t full = K / 128 * 128;
+    for (int64_t k = 0; k < full; k += 128) {
+        const __m512i bytes = _mm512_loadu_si512(row + k / 2);
+        __m512 w[8];
+        for (int s = 0; s < 8; s++) w[s] = _mm512_permutexvar_ps(s ? _mm512_srli_epi32(bytes, 4 * s) : bytes, table);
         const __m512 scale = _mm512_permutexvar_ps(lane_block, _mm512_loadu_ps(scales + k / blocksize));
         for (int r = 0; r < R; r++) {
-            const uint16_t* xr = x + r * K + k;
-            __m512 even = _mm512_dpbf16_ps(_mm512_setzero_ps(), w0, (__m512bh)_mm512_loadu_si512(xr));
-            even = _mm512_dpbf16_ps(even, w1, (__m512bh)_mm512_loadu_si512(xr + 32));
-            __m512 odd = _mm512_dpbf16_ps(_mm512_setzero_ps(), w2, (__m512bh)_mm512_loadu_si512(xr + 64));
-            odd = _mm512_dpbf16_ps(odd, w3, (__m512bh)_mm512_loadu_si512(xr + 96));
-            acc[r] = _mm512_fmadd_ps(_mm512_add_ps(even, odd), scale, acc[r]);
+            const float* xr = x + r * K + k;
+            __m512 p[4];
+            for (int s = 0; s < 4; s++) p[s] = _mm512_mul_ps(w[s], _mm512_loadu_ps(xr + 16 * s));
+            for (int s = 4; s < 8; s++) p[s - 4] = _mm512_fmadd_ps(w[s], _mm512_loadu_ps(xr + 16 * s), p[s - 4]);
+            const __m512 step = _mm512_add_ps(_mm512_add_ps(p[0], p[1]), _mm512_add_ps(p[2], p[3]));
+            acc[r] = _mm512_fmadd_ps(step, scale, acc[r]);
+        }
+    }
+    for (int64_t k = full; k < K; k += 32) {  // the last K % 128 weights (a multiple of 32), in order
+        const __m512 w0 = _mm512_permutexvar_ps(codes16(row + k / 2), table);
+        const __m512 w1 = _mm512_permutexvar_ps(codes16(row + k / 2 + 8), table);
+        const __m512 scale = _mm512_set1_ps(scales[k / blocksize]);
+        for (int r = 0; r < R; r++) {
+            const float* xr = x + r * K + k;
+            const __m512 step = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xr)));
+            acc[r] = _mm512_fmadd_ps(step, scale, acc[r]);
         }
     }
     for (int r = 0; r < R; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
     return sums;
 }
-
-typedef float* (*RowsKernelBf16)(const uint16_t*, int64_t, const uint8_t*, const Absmax&, int64_t, int64_t,
-                                 const __m512i*, float*);
-static const RowsKernelBf16 ROWS_BF16[] = {
-    rows_times_weight_row_bf16<1>, rows_times_weight_row_bf16<2>, rows_times_weight_row_bf16<3>,
-    rows_times_weight_row_bf16<4>, rows_times_weight_row_bf16<5>, rows_times_weight_row_bf16<6>,
-    rows_times_weight_row_bf16<7>, rows_times_weight_row_bf16<8>};
-#endif
 
 typedef float* (*RowsKernel)(const float*, int64_t, const uint8_t*, const Absmax&, int64_t, int64_t, __m512, float*);
 static const RowsKernel ROWS[] = {rows_times_weight_row<1>, rows_times_weight_row<2>, rows_times_weight_row<3>,
                                   rows_times_weight_row<4>, rows_times_weight_row<5>, rows_times_weight_row<6>,
                                   rows_times_weight_row<7>, rows_times_weight_row<8>};
 
-// Runs `kernels[rows - 1]` over 8-row tiles of x and every row of W, in parallel over W's rows.
-template <typename X, typename Table, typename Kernel>
-static void tile_rows(const X* x, int64_t M, int64_t K, const uint8_t* packed, const Absmax& absmax, int64_t N,
-                      int64_t blocksize, Table table, const Kernel* kernels, int out_bf16, void* out, int threads) {
-    for (int64_t m0 = 0; m0 < M; m0 += 8) {
-        const int rows = M - m0 < 8 ? (int)(M - m0) : 8;
-        const Kernel kernel = kernels[rows - 1];
+// Rows of x at most this many at a time: each weight row is decoded once per tile. (8-row tiles ran 1.3x
+// slower on a 2752-wide weight on the 2-core Xeon, and within 10% either way on five other shapes.)
+#ifndef TILE
+#define TILE 4
+#endif
+
+// x (M rows, laid out by `lay_out_x`) @ W^T in TILE-row tiles, in parallel over W's rows.
+static void tile_rows(const float* x, int64_t M, int64_t K, const uint8_t* packed, const Absmax& absmax, int64_t N,
+                      int64_t blocksize, __m512 table, int out_bf16, void* out, int threads) {
+    for (int64_t m0 = 0; m0 < M; m0 += TILE) {
+        const int rows = M - m0 < TILE ? (int)(M - m0) : TILE;
+        const RowsKernel kernel = ROWS[rows - 1];
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            float sums[8];
+            float sums[TILE];
             kernel(x + m0 * K, K, packed + n * (K / 2), absmax, n * (K / blocksize), blocksize, table, sums);
             for (int r = 0; r < rows; r++) {
                 if (out_bf16)
@@ -213,6 +195,18 @@ static void tile_rows(const X* x, int64_t M, int64_t K, const uint8_t* packed, c
         }
     }
 }
+
+// A buffer on a 64-byte boundary, for x laid out once per call: malloc's 16-byte alignment split every
+// 64-byte load of it across two cache lines, which cost up to 1.7x at 4 and 8 rows (BENCHMARKS.md).
+template <typename T>
+struct Aligned {
+    T* ptr;
+    explicit Aligned(int64_t n) : ptr((T*)aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64)) {}
+    ~Aligned() { free(ptr); }
+    Aligned(const Aligned&) = delete;
+    Aligned& operator=(const Aligned&) = delete;
+    T* data() { return ptr; }
+};
 
 // A 4-bit weight as `Matmul4bit` in cpu.py describes it once (a ctypes Structure, same field order).
 struct Weight4bit {
@@ -230,7 +224,8 @@ struct Weight4bit {
 // out (M x N) = x (M x K) @ W^T for a 4-bit W (N x K), x float32 or bfloat16, the sums in float32;
 // out is bfloat16 when x is and out_f32 is 0, else float32 (for a bias or adapter still to be added
 // before the one rounding). Each weight is decoded once in registers and used for up to 8 rows of x:
-// for decoding (M = batch), where reading the weights is the whole cost.
+// for decoding (M = batch), where reading the weights is the whole cost. Which kernel a weight takes
+// depends on its shape only (never on M), so a row's result does not depend on its batch.
 extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, const Weight4bit* w, void* out, int out_f32,
                             int threads) {
     const float* code = w->code;
@@ -240,33 +235,12 @@ extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, const Weight4
     while (((int64_t)1 << shift) < w->group) shift++;
     const Absmax absmax{w->absmax_fp32, w->absmax_codes, w->nested, w->dynamic_table, w->offset, shift};
     const __m512 table = _mm512_loadu_ps(code);
-#ifdef __AVX512BF16__
-    if (bf16 && K % 128 == 0) {
-        uint8_t low[64], high[64];
-        for (int i = 0; i < 64; i++) {
-            low[i] = bf16_bits(code[i % 16]) & 0xFF;
-            high[i] = bf16_bits(code[i % 16]) >> 8;
-        }
-        const __m512i tables[2] = {_mm512_loadu_si512(low), _mm512_loadu_si512(high)};
-        std::vector<uint16_t> xs(M * K);
-        shuffle_x((const uint16_t*)x_in, M * K, xs.data());
-        tile_rows(xs.data(), M, K, packed, absmax, N, blocksize, (const __m512i*)tables, ROWS_BF16, !out_f32, out,
-                  threads);
-        return;
-    }
-#endif
-    std::vector<float> converted;
-    const float* x = (const float*)x_in;
-    if (bf16) {  // widen x once: bfloat16 is the top half of a float32
-        converted.resize(M * K);
-        const uint16_t* xb = (const uint16_t*)x_in;
-        for (int64_t i = 0; i < M * K; i++) {
-            uint32_t bits = (uint32_t)xb[i] << 16;
-            memcpy(&converted[i], &bits, 4);
-        }
-        x = converted.data();
-    }
-    tile_rows(x, M, K, packed, absmax, N, blocksize, table, ROWS, bf16 && !out_f32, out, threads);
+    Aligned<float> xs(M * K);
+    if (bf16)
+        lay_out_x((const uint16_t*)x_in, M, K, xs.data());
+    else
+        lay_out_x((const float*)x_in, M, K, xs.data());
+    tile_rows(xs.data(), M, K, packed, absmax, N, blocksize, table, bf16 && !out_f32, out, threads);
 }
 
 #ifdef __AVX512BF16__
