@@ -42,11 +42,12 @@ def test_dequantize_is_bit_exact_with_the_reference(quant_type, blocksize):
 @needs_kernels
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("shape, blocksize", [((200, 512), 64), ((100, 192), 64), ((40, 512), 32), ((24, 768), 256)])
+@pytest.mark.parametrize("shape, blocksize", [((200, 512), 64), ((100, 192), 64), ((40, 512), 32), ((24, 768), 256),
+                                              ((30, 160), 32)])
 def test_matmul_matches_a_float64_product(quant_type, double_quant, shape, blocksize):
-    # 192 % 128 != 0: the float32 kernel serves bf16 too; blocks of 32 and 256 give each 128-weight
-    # step of the bf16 kernel four scales and one; 100 x 192 has rows whose three blocks straddle two
-    # groups of 256 double-quantized absmax codes
+    # the kernel's 128-weight steps take one scale per 8 weights: blocks of 32 give a step four scales, of 256
+    # one; 192 and 160 leave 64 and 32 weights after the last step (taken 32 at a time); 100 x 192 has rows
+    # whose three blocks straddle two groups of 256 double-quantized absmax codes
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(shape, generator=gen).to(torch.bfloat16)
     q = nf4tune.quantize(w, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
@@ -58,6 +59,8 @@ def test_matmul_matches_a_float64_product(quant_type, double_quant, shape, block
             ref = x.double() @ weight.t()
             assert got.dtype == dtype and got.shape == (rows, shape[0])
             assert (got.double() - ref).abs().max() <= tol * ref.abs().max(), (rows, dtype)
+            # each row alone as in the batch (4-row tiles: 11 rows are three tiles, one partial)
+            assert all(torch.equal(native.matmul_4bit(x[i:i + 1], q)[0], got[i]) for i in range(rows))
     with pytest.raises(ValueError, match="the weight takes"):
         native.matmul_4bit(torch.ones(2, shape[1] // 2), q)
 
@@ -282,7 +285,7 @@ engine.close()
 
 
 @pytest.mark.skipif(native._openmp_runtime() is None or not os.path.isdir("/proc/self/task"),
-                    reason="no OpenMP runtime found in /proc/self/maps")
+                    reason="no libgomp found in /proc/self/maps (PyTorch built with another OpenMP runtime)")
 def test_an_engine_lets_the_openmp_team_of_the_thread_that_loaded_go(tmp_path):
     """Two OpenMP teams on a CPU of few cores slowed the engine's worker 2.5x (chat's replies); the thread that
     made the engine keeps none (the worker makes its own when it decodes)."""

@@ -280,8 +280,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
 
 @functools.lru_cache(maxsize=1)
 def _openmp_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime this process runs PyTorch on (libgomp, libomp or libiomp5, as loaded: the same
-    library, not a second copy), or None where none is loaded or /proc cannot say."""
+    """GNU's OpenMP runtime as this process loaded it (PyTorch's Linux wheels bundle libgomp; the same library,
+    not a second copy), or None where it is not loaded or /proc cannot say. (LLVM's and Intel's runtimes pause
+    every thread's team at once, not the caller's: they are left alone.)"""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
@@ -289,7 +290,7 @@ def _openmp_runtime() -> ctypes.CDLL | None:
     for line in maps.splitlines():
         fields = line.split(maxsplit=5)  # address, permissions, offset, device, inode, path
         path = fields[5] if len(fields) == 6 else ""
-        if os.path.basename(path).startswith(("libgomp", "libomp", "libiomp5")) and ".so" in path:
+        if os.path.basename(path).startswith("libgomp") and ".so" in path:
             try:
                 return ctypes.CDLL(path)
             except OSError:
@@ -298,8 +299,8 @@ def _openmp_runtime() -> ctypes.CDLL | None:
 
 
 def release_openmp_team() -> bool:
-    """Let the calling thread's team of OpenMP threads go (`omp_pause_resource_all`, OpenMP 5.0; the
-    thread's next parallel region makes a new one). True where the runtime did.
+    """Let the calling thread's team of OpenMP threads go (libgomp's `omp_pause_resource_all`, OpenMP 5.0;
+    the thread's next parallel region makes a new one). True where the runtime did.
 
     Why: a team lives as long as its thread, idle or not. While the main thread keeps the one it made
     loading a model, there are more OpenMP threads than CPUs once another thread decodes, and libgomp
