@@ -1,6 +1,7 @@
-"""The continuous-batching loop every decoder runs (`serve.decoder.Decoder`, `serve.static_decoder.StaticDecoder`,
-`serve.generate_runner.GenerateRunner`: one `run(admit, on_step, ...)` contract), its rows and the one
-place a token is drawn. The decoders differ only in how they hold the cache and advance it a token.
+"""The continuous-batching loop of nf4tune's two decoders (`serve.decoder.Decoder` on CPU,
+`serve.static_decoder.StaticDecoder` on CUDA), which differ only in how they hold the cache and advance it a
+token; the rows that every decoder's `run(admit, on_step, ...)` is handed (`serve.generate_runner.GenerateRunner`'s
+too), `generate_rows` (`run` over a fixed batch), and `draw`, the one place a token is chosen.
 """
 
 from __future__ import annotations
