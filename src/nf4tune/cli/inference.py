@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
+import signal
 import sys
 from pathlib import Path
 
@@ -170,13 +172,38 @@ def add_parsers(sub) -> None:
 
 def _read_line(prompt: str) -> str | None:
     """One line from the user, None at end of input (Ctrl-D). A prompt shows only on a terminal."""
+    if sys.stdin.isatty():
+        print(prompt, end="", flush=True)
+        return _read_terminal_line()
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
+
+
+def _read_terminal_line() -> str | None:
+    """A line typed at the terminal, read so that Ctrl-C always interrupts the wait: with `input()`, a Ctrl-C
+    that came between the prompt and its read (or reached another thread than this one, the main thread) was
+    handled without interrupting the read, which then waited for Enter. Here Python's signal handler also writes
+    to a pipe (`signal.set_wakeup_fd`) that the wait watches beside the terminal, so KeyboardInterrupt is raised
+    as soon as the wait ends."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    previous = signal.set_wakeup_fd(wake_w)
     try:
-        if sys.stdin.isatty():
-            return input(prompt)
-        line = sys.stdin.readline()
-        return line.rstrip("\n") if line else None
-    except EOFError:
-        return None
+        line = b""
+        while not line.endswith(b"\n"):
+            ready, _, _ = select.select([sys.stdin.fileno(), wake_r], [], [])
+            if wake_r in ready:
+                os.read(wake_r, 512)  # the signal's Python handler (KeyboardInterrupt for Ctrl-C) runs next
+                continue
+            chunk = os.read(sys.stdin.fileno(), 65536)  # a terminal in line mode hands over one line per read
+            if not chunk:  # Ctrl-D
+                return line.decode(errors="replace") if line else None
+            line += chunk
+        return line[:-1].decode(errors="replace")
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(wake_r)
+        os.close(wake_w)
 
 
 def _stop_reply(request) -> None:
