@@ -19,6 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import build_endless_llama  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,10 +31,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(args.tree) / "src")}
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model"
-        subprocess.run([sys.executable, "-c", "import sys; from nf4tune.checkpoint.tiny import build_tiny_checkpoint; "
-                        "build_tiny_checkpoint(sys.argv[1], 'llama', eos_token_id=10_000, hidden_size=512, "
-                        "intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8)",
-                        str(model)], check=True, env=env, capture_output=True)
+        build_endless_llama(model, env)
         chat = subprocess.Popen([sys.executable, "-m", "nf4tune.cli.main", "chat", str(model), "--device", "cpu",
                                  "--max-new-tokens", "64", "--temperature", "0"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)

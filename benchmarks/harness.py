@@ -100,3 +100,13 @@ def load_peft_bnb(path, device, r: int = 16, alpha: int = 16, dropout: float = 0
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
                                             task_type="CAUSAL_LM"))
+
+
+def build_endless_llama(path, env: dict) -> None:
+    """A random hidden-512, 4-layer Llama with a tiny vocabulary whose end-of-sequence id it never produces (so
+    every reply runs to its token limit), built at `path` by the nf4tune on `env`'s PYTHONPATH (the checkout
+    being measured)."""
+    subprocess.run([sys.executable, "-c", "import sys; from nf4tune.checkpoint.tiny import build_tiny_checkpoint; "
+                    "build_tiny_checkpoint(sys.argv[1], 'llama', eos_token_id=10_000, hidden_size=512, "
+                    "intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8)",
+                    str(path)], check=True, env=env, capture_output=True)

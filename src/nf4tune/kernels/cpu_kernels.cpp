@@ -120,8 +120,8 @@ static void lay_out_x(const X* x, int64_t M, int64_t K, float* out) {
     }
 }
 
-// R rows of x times one row of W: R is a template argument so the accumulators live in registers.
-// 128 weights (64 bytes) per step, looked up straight from the loaded bytes: vpermps reads only the low
+// R rows of x (R <= TILE) times one row of W: R is a template argument so the accumulators live in
+// registers. 128 weights (64 bytes) per step, looked up straight from the loaded bytes: vpermps reads only the low
 // 4 bits of each 32-bit index, so shifting the bytes by 4s looks up nibble s of every lane (8 shifts and
 // 8 lookups, where widening each byte first took twice the shuffles). x is laid out to match
 // (`lay_out_x`); lane i covers weights 8i..8i+7, so one scale per lane covers the block. The 8 products
@@ -166,15 +166,11 @@ static inline float* rows_times_weight_row(const float* x, int64_t K, const uint
 }
 
 typedef float* (*RowsKernel)(const float*, int64_t, const uint8_t*, const Absmax&, int64_t, int64_t, __m512, float*);
-static const RowsKernel ROWS[] = {rows_times_weight_row<1>, rows_times_weight_row<2>, rows_times_weight_row<3>,
-                                  rows_times_weight_row<4>, rows_times_weight_row<5>, rows_times_weight_row<6>,
-                                  rows_times_weight_row<7>, rows_times_weight_row<8>};
-
 // Rows of x at most this many at a time: each weight row is decoded once per tile. (8-row tiles ran 1.3x
 // slower on a 2752-wide weight on the 2-core Xeon, and within 10% either way on five other shapes.)
-#ifndef TILE
-#define TILE 4
-#endif
+constexpr int TILE = 4;
+static const RowsKernel ROWS[TILE] = {rows_times_weight_row<1>, rows_times_weight_row<2>, rows_times_weight_row<3>,
+                                      rows_times_weight_row<4>};
 
 // x (M rows, laid out by `lay_out_x`) @ W^T in TILE-row tiles, in parallel over W's rows.
 static void tile_rows(const float* x, int64_t M, int64_t K, const uint8_t* packed, const Absmax& absmax, int64_t N,
@@ -223,9 +219,9 @@ struct Weight4bit {
 
 // out (M x N) = x (M x K) @ W^T for a 4-bit W (N x K), x float32 or bfloat16, the sums in float32;
 // out is bfloat16 when x is and out_f32 is 0, else float32 (for a bias or adapter still to be added
-// before the one rounding). Each weight is decoded once in registers and used for up to 8 rows of x:
-// for decoding (M = batch), where reading the weights is the whole cost. Which kernel a weight takes
-// depends on its shape only (never on M), so a row's result does not depend on its batch.
+// before the one rounding). Each weight is decoded once in registers per TILE rows of x:
+// for decoding (M = batch), where reading the weights is the whole cost. A row is summed in the same
+// order whatever M and whichever tile it falls in, so its result does not depend on its batch.
 extern "C" void matmul_4bit(const void* x_in, int bf16, int64_t M, const Weight4bit* w, void* out, int out_f32,
                             int threads) {
     const float* code = w->code;
